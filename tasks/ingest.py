@@ -1,0 +1,230 @@
+"""Stage `ingest`: read data.sources, normalize, drop short and duplicate records, split train/validation.
+
+Writes data/prepared/{train,validation}.jsonl (one {"text": ...} per record) and data/prepared/stats.json.
+Run: python -m tasks.ingest
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tasks import tracking
+from tasks.common import PipelineError, atomic_output, run_cli
+from tasks.params import DataParams, load_params
+
+PREPARED_DIR = Path("data/prepared")
+SPLITS = ("train", "validation")
+TEXT_SUFFIXES = {".txt", ".jsonl", ".json", ".csv", ".parquet"}
+
+
+def normalize(text: str) -> str:
+    """Unicode NFC, no trailing whitespace on any line, no empty lines."""
+    lines = (line.rstrip() for line in unicodedata.normalize("NFC", text).splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def record_text(record: Any, fields: list[str], where: str) -> str:
+    """The text of one record: its field(s), a field holding a list of lines joined with newlines."""
+    if isinstance(record, str) and fields == ["text"]:
+        return record
+    if not isinstance(record, dict):
+        raise PipelineError(f"{where}: expected a JSON object with field(s) {fields} (data.text_field)")
+    parts = []
+    for field in fields:
+        if field not in record:
+            have = ", ".join(sorted(map(str, record))) or "none"
+            raise PipelineError(
+                f"{where}: record has no field {field!r} (data.text_field); its fields are: {have}"
+            )
+        value = record[field]
+        parts.append("\n".join(map(str, value)) if isinstance(value, list) else str(value))
+    return "\n".join(parts)
+
+
+def _read_txt(path: Path) -> Iterator[str]:
+    """Paragraphs (blank-line separated) of a text file, streamed line by line."""
+    paragraph: list[str] = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield "".join(paragraph)
+                paragraph = []
+    if paragraph:
+        yield "".join(paragraph)
+
+
+def _read_jsonl(path: Path, fields: list[str]) -> Iterator[str]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PipelineError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or remove the line") from None
+            yield record_text(record, fields, f"{path}:{number}")
+
+
+def _read_json(path: Path, fields: list[str]) -> Iterator[str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PipelineError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    records = data if isinstance(data, list) else [data]
+    for index, record in enumerate(records):
+        yield record_text(record, fields, f"{path}: record {index}")
+
+
+def _read_csv(path: Path, fields: list[str]) -> Iterator[str]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [field for field in fields if field not in (reader.fieldnames or [])]
+        if missing:
+            raise PipelineError(
+                f"{path}: no column {missing[0]!r} (data.text_field); columns are: {', '.join(reader.fieldnames or [])}"
+            )
+        for row in reader:
+            yield "\n".join(row[field] or "" for field in fields)
+
+
+def _read_parquet(path: Path, fields: list[str]) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    missing = [field for field in fields if field not in parquet.schema_arrow.names]
+    if missing:
+        raise PipelineError(f"{path}: no column {missing[0]!r} (data.text_field); columns are: {parquet.schema_arrow.names}")
+    for batch in parquet.iter_batches(columns=fields, batch_size=1024):
+        for record in batch.to_pylist():
+            yield record_text(record, fields, str(path))
+
+
+def _read_hub(spec: str, fields: list[str]) -> Iterator[str]:
+    """`hf:<dataset>[:<config>]`, the train split, streamed from the Hugging Face Hub."""
+    import datasets
+
+    name, _, config = spec.removeprefix("hf:").partition(":")
+    try:
+        records = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        for record in records:
+            yield record_text(record, fields, spec)
+    except PipelineError:
+        raise
+    except Exception as exc:  # the hub client raises many types for "offline" and "no such dataset"
+        raise PipelineError(
+            f"data.sources: cannot load {spec} from the Hugging Face Hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); where the hub is not reachable, "
+            "save the dataset as .jsonl or .parquet and list that path instead"
+        ) from None
+
+
+def resolve_sources(sources: list[str]) -> list[str]:
+    """Expand globs into files (sorted, so the order is reproducible); hub specs pass through."""
+    resolved: list[str] = []
+    for index, source in enumerate(sources):
+        if source.startswith("hf:"):
+            resolved.append(source)
+            continue
+        matches = sorted(glob.glob(source, recursive=True)) if glob.has_magic(source) else [source]
+        files = [m for m in matches if Path(m).is_file()]
+        if not files:
+            what = "matches no files" if glob.has_magic(source) else "does not exist"
+            raise PipelineError(f"data.sources[{index}]: {source!r} {what} (paths are relative to the project root)")
+        for file in files:
+            if Path(file).suffix.lower() not in TEXT_SUFFIXES:
+                raise PipelineError(
+                    f"data.sources[{index}]: {file!r} has an unsupported type; use {', '.join(sorted(TEXT_SUFFIXES))}"
+                )
+        resolved.extend(files)
+    return resolved
+
+
+def read_source(source: str, fields: list[str]) -> Iterator[str]:
+    """Raw record texts of one resolved source."""
+    if source.startswith("hf:"):
+        return _read_hub(source, fields)
+    path = Path(source)
+    readers = {".txt": lambda: _read_txt(path), ".jsonl": lambda: _read_jsonl(path, fields),
+               ".json": lambda: _read_json(path, fields), ".csv": lambda: _read_csv(path, fields),
+               ".parquet": lambda: _read_parquet(path, fields)}
+    return readers[path.suffix.lower()]()
+
+
+def in_validation(text: str, fraction: float, seed: int) -> bool:
+    """Deterministic split by a seeded hash of the text: independent of record order and of other records."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8, key=seed.to_bytes(8, "little", signed=True))
+    return int.from_bytes(digest.digest(), "little") / 2**64 < fraction
+
+
+def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
+    """Read, normalize, deduplicate and split the sources into out_dir. Returns the stats written."""
+    fields = [params.text_field] if isinstance(params.text_field, str) else list(params.text_field)
+    sources = resolve_sources(params.sources)
+    stats: dict[str, Any] = {split: {"records": 0, "chars": 0, "bytes": 0} for split in SPLITS}
+    dropped = {"short": 0, "duplicate": 0}
+    seen: set[bytes] = set()  # 16-byte digests: memory grows with unique records, not with their text
+    with atomic_output(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        handles = {split: (tmp / f"{split}.jsonl").open("w", encoding="utf-8") for split in SPLITS}
+        try:
+            for text in _normalized(sources, fields):
+                if len(text) < params.min_chars:
+                    dropped["short"] += 1
+                    continue
+                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+                if digest in seen:
+                    dropped["duplicate"] += 1
+                    continue
+                seen.add(digest)
+                split = "validation" if in_validation(text, params.validation_fraction, params.seed) else "train"
+                handles[split].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                counts = stats[split]
+                counts["records"] += 1
+                counts["chars"] += len(text)
+                counts["bytes"] += len(text.encode("utf-8"))
+        finally:
+            for handle in handles.values():
+                handle.close()
+        for split in SPLITS:
+            if stats[split]["records"] == 0:
+                raise PipelineError(
+                    f"data.sources: the {split} split is empty ({stats['train']['records'] + stats['validation']['records']} "
+                    "records kept in all); add text, lower data.min_chars or change data.validation_fraction"
+                )
+        stats.update(dropped=dropped, sources=sources)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return stats
+
+
+def _normalized(sources: list[str], fields: list[str]) -> Iterable[str]:
+    for source in sources:
+        try:
+            for raw in read_source(source, fields):
+                yield normalize(raw)
+        except UnicodeDecodeError as exc:
+            raise PipelineError(
+                f"{source}: not valid UTF-8 at byte {exc.start}; convert the file to UTF-8 (e.g. iconv -t UTF-8)"
+            ) from None
+
+
+def main() -> None:
+    params = load_params()
+    run_id = tracking.pipeline_run(params)
+    stats = ingest(params.data)
+    tracking.log_metrics(run_id, {f"ingest/{split}_{key}": stats[split][key]
+                                  for split in SPLITS for key in ("records", "chars", "bytes")})
+    print(f"ingest: {stats['train']['records']} train / {stats['validation']['records']} validation records "
+          f"from {len(stats['sources'])} source(s) -> {PREPARED_DIR}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,205 @@
+"""The pydantic models of params.yaml: the only place the pipeline's settings are parsed and checked.
+
+`load_params()` turns any problem into one `PipelineError` line that names the key, e.g.
+`params.yaml: train.learning_rate: must be greater than 0 (got 0)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks.common import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+BYTE_ALPHABET = 256  # byte-level BPE starts from every byte value
+GPT2_DEFAULT_POSITIONS = 1024
+# GPT2Config fields users may set in model.config, plus `dropout`, which sets the three dropout rates at once.
+GPT2_CONFIG_KEYS = {
+    "n_layer", "n_head", "n_embd", "n_positions", "n_inner", "activation_function", "resid_pdrop",
+    "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range", "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "tie_word_embeddings", "dropout",
+}
+
+
+class Section(BaseModel):
+    """A params.yaml section: unknown keys are errors, values are not coerced across types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DataParams(Section):
+    sources: list[str] = Field(min_length=1, description="paths, globs or hf:<dataset>[:<config>]")
+    text_field: str | list[str] = Field("text", description="record field(s) holding the text")
+    validation_fraction: float = Field(0.1, gt=0, lt=1)
+    seed: int = 0
+    min_chars: int = Field(1, ge=0, description="records shorter than this (after normalizing) are dropped")
+
+
+class TokenizerParams(Section):
+    kind: Literal["bpe", "pretrained"] = "bpe"
+    vocab_size: int = Field(4096, gt=0)
+    min_frequency: int = Field(2, ge=1)
+    block_size: int = Field(128, ge=2)
+
+
+class ModelParams(Section):
+    init: Literal["scratch", "pretrained"] = "scratch"
+    name_or_path: str = "gpt2"
+    config: dict[str, Any] = Field(default_factory=dict, description="GPT2Config overrides")
+
+    @field_validator("config")
+    @classmethod
+    def known_config_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - GPT2_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown GPT2Config field {unknown[0]!r}; known: {', '.join(sorted(GPT2_CONFIG_KEYS))}")
+        for key in ("n_layer", "n_head", "n_embd", "n_positions"):
+            if key in value and (not isinstance(value[key], int) or value[key] <= 0):
+                raise ValueError(f"{key} must be a positive integer (got {value[key]!r})")
+        return value
+
+
+class TrainParams(Section):
+    max_steps: int = Field(1000, description="optimizer steps; -1 trains for `epochs` instead")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(16, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    logging_steps: int = Field(10, gt=0)
+    eval_steps: int = Field(200, gt=0)
+
+    @field_validator("max_steps")
+    @classmethod
+    def steps_or_epochs(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError(f"must be a positive number of steps, or -1 to train for `epochs` (got {value})")
+        return value
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(16, gt=0)
+
+
+class RegisterParams(Section):
+    model_name: str = Field("gpt2-lm", min_length=1)
+
+
+class MlflowParams(Section):
+    experiment: str = Field("gpt2-pipeline", min_length=1)
+
+
+with warnings.catch_warnings():
+    # `register` is a stage name (and params section) that pydantic notes also names ABCMeta.register.
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class Params(Section):
+        data: DataParams
+        tokenizer: TokenizerParams = TokenizerParams()
+        model: ModelParams = ModelParams()
+        train: TrainParams = TrainParams()
+        evaluate: EvaluateParams = EvaluateParams()
+        register: RegisterParams = RegisterParams()
+        mlflow: MlflowParams = MlflowParams()
+
+        @model_validator(mode="after")
+        def consistent(self) -> Params:
+            cfg = self.model.config
+            if self.model.init == "scratch":
+                positions = cfg.get("n_positions", GPT2_DEFAULT_POSITIONS)
+                if self.tokenizer.block_size > positions:
+                    raise ValueError(
+                        f"tokenizer.block_size: {self.tokenizer.block_size} exceeds model.config.n_positions "
+                        f"({positions}); lower block_size or raise n_positions"
+                    )
+            n_embd, n_head = cfg.get("n_embd", 768), cfg.get("n_head", 12)
+            if n_embd % n_head:
+                raise ValueError(f"model.config.n_embd ({n_embd}) must be divisible by model.config.n_head ({n_head})")
+            if self.tokenizer.kind == "bpe" and self.tokenizer.vocab_size <= BYTE_ALPHABET:
+                raise ValueError(
+                    f"tokenizer.vocab_size: {self.tokenizer.vocab_size} is too small for byte-level BPE; "
+                    f"it needs at least {BYTE_ALPHABET + 1} (256 bytes + <|endoftext|>)"
+                )
+            return self
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-3` is a string; accept it as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One readable line for one pydantic error."""
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key; check its spelling against the documented params"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error" and not key:
+        return message
+    return f"{key}: {message.lower()[:1] + message[1:]} (got {error.get('input')!r})"
+
+
+def parse_params(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
+    """Validate an already loaded params mapping; raise PipelineError with one line on the first problem."""
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{source}: expected a mapping of sections (data, tokenizer, model, ...)")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise PipelineError(f"{source}: {_describe(exc.errors()[0])}") from None
+
+
+def load_params(path: Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: not found; run from the project root, next to dvc.yaml") from None
+    try:
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise PipelineError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_params(raw, str(path))
+
+
+def params_hash(path: Path = PARAMS_FILE) -> str:
+    """Short content hash of params.yaml: lineage that says exactly which settings made a model."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def flatten(params: Params) -> dict[str, str]:
+    """`{"train.learning_rate": "0.001", ...}`: the MLflow params of a run."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            flat[prefix] = str(value)
+
+    walk("", params.model_dump())
+    return flat

@@ -1,0 +1,154 @@
+"""Stage `tokenize`: train (or load) the tokenizer, then cut both splits into block_size blocks.
+
+Writes models/tokenizer/ (loadable by AutoTokenizer.from_pretrained) and data/tokenized/ (a DatasetDict with
+`train` and `validation`, columns `input_ids` and `token_bytes`, saved with save_to_disk).
+Run: python -m tasks.tokenize
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks import tracking
+from tasks.common import PipelineError, atomic_output, run_cli
+from tasks.ingest import PREPARED_DIR, SPLITS
+from tasks.params import ModelParams, TokenizerParams, load_params
+
+TOKENIZER_DIR = Path("models/tokenizer")
+TOKENIZED_DIR = Path("data/tokenized")
+EOS = "<|endoftext|>"
+MAP_BATCH = 1000  # records per batched map call; group_texts drops at most block_size-1 tokens per batch
+
+
+def _train_texts(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            yield json.loads(line)["text"]
+
+
+def train_bpe(train_path: Path, params: TokenizerParams):
+    """A byte-level BPE (GPT-2's scheme) trained on the train split, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=params.vocab_size, min_frequency=params.min_frequency,
+                                  special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(_train_texts(train_path), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    # transformers 5 builds an empty tokenizer on some paths without complaint: check the vocabulary came along.
+    if len(tokenizer) != bpe.get_vocab_size() or len(tokenizer) <= 256:
+        raise PipelineError(f"tokenizer has {len(tokenizer)} tokens after training, expected {bpe.get_vocab_size()}")
+    return tokenizer
+
+
+def load_pretrained_tokenizer(name_or_path: str):
+    """The tokenizer of model.name_or_path (a hub id or a local save_pretrained folder)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as exc:
+        raise PipelineError(
+            f"model.name_or_path: cannot load a tokenizer from {name_or_path!r} ({str(exc).splitlines()[0]}); "
+            "offline, point it at a local save_pretrained folder"
+        ) from None
+    if tokenizer.eos_token_id is None:
+        raise PipelineError(f"model.name_or_path: the tokenizer of {name_or_path!r} has no end-of-text token")
+    return tokenizer
+
+
+def byte_lengths(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:
+    """UTF-8 bytes each token accounts for, so that a record's tokens sum to the bytes they cover.
+
+    Byte-level BPE can split one character over two tokens (both then report its offsets); taking the
+    running maximum of the end offsets gives each byte to exactly one token.
+    """
+    ends = np.maximum.accumulate(np.fromiter((end for _, end in offsets), dtype=np.int64, count=len(offsets)))
+    if not text.isascii():
+        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        widths = 1 + (codepoints >= 0x80) + (codepoints >= 0x800) + (codepoints >= 0x10000)
+        ends = np.concatenate([[0], np.cumsum(widths)])[ends]
+    return np.diff(ends, prepend=0)
+
+
+def encode_and_group(batch: dict[str, list], tokenizer, block_size: int) -> dict[str, list]:
+    """Tokenize records, end each with end-of-text, concatenate and cut into blocks (run_clm's group_texts).
+
+    The end-of-text token counts as one byte: it stands for the separator between records.
+    """
+    encoded = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    ids, sizes = [], []
+    for text, record_ids, offsets in zip(batch["text"], encoded["input_ids"], encoded["offset_mapping"], strict=True):
+        ids.append(np.asarray(record_ids + [tokenizer.eos_token_id], dtype=np.int32))
+        sizes.append(np.append(byte_lengths(text, offsets), 1).astype(np.uint16))
+    all_ids, all_sizes = np.concatenate(ids), np.concatenate(sizes)
+    usable = len(all_ids) // block_size * block_size
+    return {"input_ids": all_ids[:usable].reshape(-1, block_size).tolist(),
+            "token_bytes": all_sizes[:usable].reshape(-1, block_size).tolist()}
+
+
+def tokenize(tokenizer_params: TokenizerParams, model_params: ModelParams, prepared_dir: Path = PREPARED_DIR,
+             tokenizer_dir: Path = TOKENIZER_DIR, tokenized_dir: Path = TOKENIZED_DIR) -> dict[str, Any]:
+    """Build the tokenizer and the block datasets; returns blocks and tokens per split."""
+    import datasets
+
+    for split in SPLITS:
+        if not (prepared_dir / f"{split}.jsonl").exists():
+            raise PipelineError(f"{prepared_dir / f'{split}.jsonl'}: not found; run the ingest stage first (dvc repro)")
+    if tokenizer_params.kind == "bpe":
+        tokenizer = train_bpe(prepared_dir / "train.jsonl", tokenizer_params)
+    else:
+        tokenizer = load_pretrained_tokenizer(model_params.name_or_path)
+    block_size = tokenizer_params.block_size
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "token_bytes": datasets.Sequence(datasets.Value("uint16"))})
+    datasets.disable_progress_bars()
+    # The Arrow cache of load_dataset/map lives in a scratch folder next to the output and goes away after it.
+    scratch = Path(tempfile.mkdtemp(prefix=".tokenize-", dir=tokenized_dir.parent if tokenized_dir.parent.exists() else None))
+    try:
+        raw = datasets.load_dataset("json", cache_dir=str(scratch),
+                                    data_files={s: str(prepared_dir / f"{s}.jsonl") for s in SPLITS})
+        blocks = raw.map(encode_and_group, batched=True, batch_size=MAP_BATCH, remove_columns=raw["train"].column_names,
+                         fn_kwargs={"tokenizer": tokenizer, "block_size": block_size}, features=features)
+        for split in SPLITS:
+            if len(blocks[split]) == 0:
+                raise PipelineError(
+                    f"{prepared_dir / f'{split}.jsonl'}: fewer tokens than one block (tokenizer.block_size="
+                    f"{block_size}); add text or lower block_size"
+                )
+        with atomic_output(tokenized_dir) as tmp:
+            blocks.save_to_disk(str(tmp))
+        stats: dict[str, Any] = {"vocab_size": len(tokenizer), "block_size": block_size}
+        for split in SPLITS:
+            stats[f"{split}_blocks"] = len(blocks[split])
+            stats[f"{split}_tokens"] = len(blocks[split]) * block_size
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    with atomic_output(tokenizer_dir) as tmp:
+        tokenizer.save_pretrained(str(tmp))
+    return stats
+
+
+def main() -> None:
+    params = load_params()
+    run_id = tracking.pipeline_run(params)
+    stats = tokenize(params.tokenizer, params.model)
+    tracking.log_metrics(run_id, {f"tokenize/{key}": value for key, value in stats.items()})
+    print(f"tokenize: vocabulary {stats['vocab_size']}, {stats['train_blocks']} train / "
+          f"{stats['validation_blocks']} validation blocks of {stats['block_size']} -> {TOKENIZED_DIR}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,156 @@
+"""MLflow helpers: the pipeline's one run, lineage tags and registry aliases.
+
+One MLflow run per pipeline execution. `dvc repro` starts every stage as its own process, so the first stage
+that runs creates the run and records its id in RUN_FILE; later stages find it there, and `register` ends it.
+A finished run, one on another tracking server or one made from other params is never reused. Everything
+goes through an explicit run id and MlflowClient, never MLflow's thread-local active run (Prefect runs tasks
+in threads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.common import PipelineError
+from tasks.params import Params, flatten, params_hash
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+ARTIFACTS_DIR = Path("mlartifacts")
+RUN_FILE = Path(".mlflow-run.json")
+RESUMABLE = ("RUNNING", "FAILED")  # a stage that failed leaves the run to be finished by the next attempt
+RUN_ID_ENV = "GPT2_PIPELINE_RUN_ID"
+FLOW_RUN_ENV = "GPT2_PIPELINE_PREFECT_FLOW_RUN_ID"
+DVC_LOCK = Path("dvc.lock")
+# Outputs whose dvc.lock hashes identify a model's data: (stage, path, tag name).
+LINEAGE_OUTS = (("ingest", "data/prepared", "data_md5"), ("tokenize", "data/tokenized", "tokenized_md5"),
+                ("train", "models/gpt2", "model_md5"))
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set (a shared server), else a SQLite file in the project."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def mlflow_module():
+    """mlflow, imported with its usage telemetry off: the pipeline talks only to the configured tracking server."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    return mlflow
+
+
+def client():
+    return mlflow_module().MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
+
+
+def experiment_id(name: str) -> str:
+    """Get or create the experiment; the local default keeps its artifacts in ./mlartifacts."""
+    mlflow_client = client()
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = ARTIFACTS_DIR.resolve().as_uri() if tracking_uri() == DEFAULT_TRACKING_URI else None
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def pipeline_run(params: Params) -> str:
+    """The id of this pipeline execution's MLflow run: the one handed on, or a new one."""
+    require_tracking_server()
+    run_id = os.environ.get(RUN_ID_ENV) or _resumable_run(params)
+    if run_id is None:
+        run_id = _start_run(params)
+    flow_run = os.environ.get(FLOW_RUN_ENV)
+    if flow_run:
+        client().set_tag(run_id, "prefect_flow_run_id", flow_run)
+    return run_id
+
+
+def _resumable_run(params: Params) -> str | None:
+    if not RUN_FILE.exists():
+        return None
+    recorded = json.loads(RUN_FILE.read_text())
+    if recorded.get("tracking_uri") != tracking_uri():
+        return None
+    try:
+        run = client().get_run(recorded["run_id"])
+    except Exception:  # deleted run or a reset store: start afresh
+        return None
+    if run.info.status not in RESUMABLE or run.data.tags.get("params_hash") != params_hash():
+        return None
+    return run.info.run_id
+
+
+def _start_run(params: Params) -> str:
+    from mlflow.entities import Param
+
+    mlflow_client = client()
+    tags = {"params_hash": params_hash(), **git_lineage()}
+    run = mlflow_client.create_run(experiment_id(params.mlflow.experiment), tags=tags, run_name=_run_name())
+    run_id = run.info.run_id
+    mlflow_client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in flatten(params).items()])
+    RUN_FILE.write_text(json.dumps({"tracking_uri": tracking_uri(), "run_id": run_id}) + "\n")
+    return run_id
+
+
+def _run_name() -> str:
+    return time.strftime("pipeline-%Y%m%d-%H%M%S")
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Log several metrics at one step in one request."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+    client().log_batch(run_id, metrics=batch, synchronous=True)
+
+
+def git_lineage() -> dict[str, str]:
+    """The git commit and whether tracked files differ from it (dvc.lock aside: dvc repro rewrites it)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
+    return {"git_commit": commit.strip(), "git_dirty": str(bool(status.strip())).lower()}
+
+
+def dvc_lineage(lock_path: Path = DVC_LOCK) -> dict[str, str]:
+    """md5 of the prepared data, tokenized data and model from dvc.lock, where recorded."""
+    if not lock_path.exists():
+        return {}
+    stages = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {})
+    tags = {}
+    for stage, path, tag in LINEAGE_OUTS:
+        for out in stages.get(stage, {}).get("outs", []):
+            if out.get("path") == path and "md5" in out:
+                tags[tag] = out["md5"]
+    return tags
+
+
+def lineage_tags(run_id: str) -> dict[str, str]:
+    """Everything that says where a model came from: commit, data hashes, params hash, run ids."""
+    tags: dict[str, Any] = {**git_lineage(), **dvc_lineage(), "params_hash": params_hash(), "mlflow_run_id": run_id}
+    flow_run = os.environ.get(FLOW_RUN_ENV)
+    if flow_run:
+        tags["prefect_flow_run_id"] = flow_run
+    return {key: str(value) for key, value in tags.items()}
+
+
+def require_tracking_server() -> None:
+    """Fail before any work when a configured tracking server does not answer."""
+    try:
+        client().search_experiments(max_results=1)
+    except Exception as exc:
+        raise PipelineError(
+            f"MLflow tracking server {tracking_uri()} is not reachable ({type(exc).__name__}); "
+            "start it or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
+        ) from None
