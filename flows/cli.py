@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -15,8 +17,11 @@ from tasks.params import PARAMS_FILE, load_params
 from tasks.register import REGISTERED_FILE
 from tasks.train import METRICS_FILE as TRAIN_METRICS
 
-app = typer.Typer(help="Build your own GPT-2: DVC-tracked stages, run by Prefect, recorded in MLflow.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Build your own GPT-2: DVC-tracked stages, run by Prefect, recorded in MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 def fail(message: str) -> None:
@@ -25,8 +30,15 @@ def fail(message: str) -> None:
 
 
 @app.command()
-def run(params: Path = typer.Option(None, help="A params file to use instead of params.yaml (copied over it, "
-                                                "so that dvc.lock records it; `git checkout params.yaml` restores)")):
+def run(
+    params: Annotated[
+        Path | None,
+        typer.Option(
+            help="A params file to use instead of params.yaml (copied over it, "
+            "so that dvc.lock records it; `git checkout params.yaml` restores)"
+        ),
+    ] = None,
+):
     """Run the training-pipeline flow on Prefect (an ephemeral local server unless PREFECT_API_URL is set)."""
     from flows.pipeline import training_pipeline
 
@@ -67,8 +79,8 @@ def summary():
         f"evaluated perplexity {scores['perplexity']:.2f}, bits/byte {scores['bits_per_byte']:.3f} "
         f"on {scores['eval_tokens']} validation tokens\n"
         f"registered {registered['model_uri']} as models:/{name}@{alias} (run {registered['run_id']})\n\n"
-        f"MLflow UI:  {Path(sys.executable).parent}/mlflow ui --backend-store-uri {tracking.tracking_uri()}\n"
-        f"Load it:    mlflow.transformers.load_model(\"models:/{name}@{alias}\")  "
+        f"MLflow UI:  {os.path.relpath(Path(sys.executable).parent)}/mlflow ui --backend-store-uri {tracking.tracking_uri()}\n"
+        f'Load it:    mlflow.transformers.load_model("models:/{name}@{alias}")  '
         f"(with MLFLOW_TRACKING_URI={tracking.tracking_uri()})"
     )
 

@@ -34,8 +34,9 @@ def stage_env(flow_run_id: str | None) -> dict[str, str]:
 def run_stage(stage: str, flow_run_id: str | None) -> None:
     """Run one DVC stage (skipped by DVC when its inputs are unchanged), streaming its output to the log."""
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    with subprocess.Popen(command, env=stage_env(flow_run_id), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as process:
+    with subprocess.Popen(
+        command, env=stage_env(flow_run_id), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
         lines = []
         for line in process.stdout or []:
             lines.append(line.rstrip())

@@ -35,8 +35,13 @@ class Score:
 
     def metrics(self) -> dict[str, float]:
         loss = self.nll / self.tokens
-        return {"eval_loss": loss, "perplexity": math.exp(loss), "bits_per_byte": self.nll / math.log(2) / self.bytes,
-                "eval_tokens": self.tokens, "eval_bytes": self.bytes}
+        return {
+            "eval_loss": loss,
+            "perplexity": math.exp(loss),
+            "bits_per_byte": self.nll / math.log(2) / self.bytes,
+            "eval_tokens": self.tokens,
+            "eval_bytes": self.bytes,
+        }
 
 
 def score_blocks(model, blocks, batch_size: int, device: str) -> Score:
@@ -63,8 +68,9 @@ def load_validation(tokenized_dir: Path = TOKENIZED_DIR):
     return datasets.load_from_disk(str(tokenized_dir))["validation"].with_format("torch")
 
 
-def evaluate(model_dir: Path = MODEL_DIR, tokenized_dir: Path = TOKENIZED_DIR, batch_size: int = 16,
-             device: str = "auto") -> dict[str, Any]:
+def evaluate(
+    model_dir: Path = MODEL_DIR, tokenized_dir: Path = TOKENIZED_DIR, batch_size: int = 16, device: str = "auto"
+) -> dict[str, Any]:
     """Score the saved model on the validation blocks."""
     from transformers import GPT2LMHeadModel
 
@@ -80,8 +86,10 @@ def main() -> None:
     metrics = evaluate(batch_size=params.evaluate.batch_size, device=params.train.device)
     write_json(METRICS_FILE, metrics)
     tracking.log_metrics(run_id, {f"eval/{key}": value for key, value in metrics.items()})
-    print(f"evaluate: perplexity {metrics['perplexity']:.2f}, bits/byte {metrics['bits_per_byte']:.4f} "
-          f"over {metrics['eval_tokens']} tokens -> {METRICS_FILE}")
+    print(
+        f"evaluate: perplexity {metrics['perplexity']:.2f}, bits/byte {metrics['bits_per_byte']:.4f} "
+        f"over {metrics['eval_tokens']} tokens -> {METRICS_FILE}"
+    )
 
 
 if __name__ == "__main__":

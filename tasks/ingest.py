@@ -40,9 +40,7 @@ def record_text(record: Any, fields: list[str], where: str) -> str:
     for field in fields:
         if field not in record:
             have = ", ".join(sorted(map(str, record))) or "none"
-            raise PipelineError(
-                f"{where}: record has no field {field!r} (data.text_field); its fields are: {have}"
-            )
+            raise PipelineError(f"{where}: record has no field {field!r} (data.text_field); its fields are: {have}")
         value = record[field]
         parts.append("\n".join(map(str, value)) if isinstance(value, list) else str(value))
     return "\n".join(parts)
@@ -102,7 +100,9 @@ def _read_parquet(path: Path, fields: list[str]) -> Iterator[str]:
     parquet = pq.ParquetFile(path)
     missing = [field for field in fields if field not in parquet.schema_arrow.names]
     if missing:
-        raise PipelineError(f"{path}: no column {missing[0]!r} (data.text_field); columns are: {parquet.schema_arrow.names}")
+        raise PipelineError(
+            f"{path}: no column {missing[0]!r} (data.text_field); columns are: {parquet.schema_arrow.names}"
+        )
     for batch in parquet.iter_batches(columns=fields, batch_size=1024):
         for record in batch.to_pylist():
             yield record_text(record, fields, str(path))
@@ -153,9 +153,13 @@ def read_source(source: str, fields: list[str]) -> Iterator[str]:
     if source.startswith("hf:"):
         return _read_hub(source, fields)
     path = Path(source)
-    readers = {".txt": lambda: _read_txt(path), ".jsonl": lambda: _read_jsonl(path, fields),
-               ".json": lambda: _read_json(path, fields), ".csv": lambda: _read_csv(path, fields),
-               ".parquet": lambda: _read_parquet(path, fields)}
+    readers = {
+        ".txt": lambda: _read_txt(path),
+        ".jsonl": lambda: _read_jsonl(path, fields),
+        ".json": lambda: _read_json(path, fields),
+        ".csv": lambda: _read_csv(path, fields),
+        ".parquet": lambda: _read_parquet(path, fields),
+    }
     return readers[path.suffix.lower()]()
 
 
@@ -194,11 +198,12 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
         finally:
             for handle in handles.values():
                 handle.close()
+        kept = stats["train"]["records"] + stats["validation"]["records"]
         for split in SPLITS:
             if stats[split]["records"] == 0:
                 raise PipelineError(
-                    f"data.sources: the {split} split is empty ({stats['train']['records'] + stats['validation']['records']} "
-                    "records kept in all); add text, lower data.min_chars or change data.validation_fraction"
+                    f"data.sources: the {split} split is empty ({kept} records kept in all); "
+                    "add text, lower data.min_chars or change data.validation_fraction"
                 )
         stats.update(dropped=dropped, sources=sources)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -220,10 +225,14 @@ def main() -> None:
     params = load_params()
     run_id = tracking.pipeline_run(params)
     stats = ingest(params.data)
-    tracking.log_metrics(run_id, {f"ingest/{split}_{key}": stats[split][key]
-                                  for split in SPLITS for key in ("records", "chars", "bytes")})
-    print(f"ingest: {stats['train']['records']} train / {stats['validation']['records']} validation records "
-          f"from {len(stats['sources'])} source(s) -> {PREPARED_DIR}")
+    tracking.log_metrics(
+        run_id,
+        {f"ingest/{split}_{key}": stats[split][key] for split in SPLITS for key in ("records", "chars", "bytes")},
+    )
+    print(
+        f"ingest: {stats['train']['records']} train / {stats['validation']['records']} validation records "
+        f"from {len(stats['sources'])} source(s) -> {PREPARED_DIR}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,22 @@ BYTE_ALPHABET = 256  # byte-level BPE starts from every byte value
 GPT2_DEFAULT_POSITIONS = 1024
 # GPT2Config fields users may set in model.config, plus `dropout`, which sets the three dropout rates at once.
 GPT2_CONFIG_KEYS = {
-    "n_layer", "n_head", "n_embd", "n_positions", "n_inner", "activation_function", "resid_pdrop",
-    "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range", "scale_attn_weights",
-    "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "tie_word_embeddings", "dropout",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "n_positions",
+    "n_inner",
+    "activation_function",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "layer_norm_epsilon",
+    "initializer_range",
+    "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx",
+    "reorder_and_upcast_attn",
+    "tie_word_embeddings",
+    "dropout",
 }
 
 

@@ -30,14 +30,17 @@ def pip_requirements() -> list[str]:
 def model_card(model_name: str, eval_metrics: dict[str, Any]) -> str:
     """A short card: what the model is, its validation scores, and how to load it."""
     scores = "\n".join(f"- {key}: {value:.4g}" for key, value in eval_metrics.items())
-    return (f"# {model_name}\n\nA GPT-2 language model (transformers `GPT2LMHeadModel`) trained by gpt2-pipeline.\n\n"
-            f"## Validation\n\n{scores}\n\n## Load\n\n"
-            f"`mlflow.transformers.load_model(\"models:/{model_name}@{CHALLENGER}\")`, or "
-            "`GPT2LMHeadModel.from_pretrained(folder)` on the pipeline's models/gpt2/.\n")
+    return (
+        f"# {model_name}\n\nA GPT-2 language model (transformers `GPT2LMHeadModel`) trained by gpt2-pipeline.\n\n"
+        f"## Validation\n\n{scores}\n\n## Load\n\n"
+        f'`mlflow.transformers.load_model("models:/{model_name}@{CHALLENGER}")`, or '
+        "`GPT2LMHeadModel.from_pretrained(folder)` on the pipeline's models/gpt2/.\n"
+    )
 
 
-def register(model_name: str, run_id: str, model_dir: Path = MODEL_DIR,
-             eval_metrics: dict[str, Any] | None = None) -> dict[str, str]:
+def register(
+    model_name: str, run_id: str, model_dir: Path = MODEL_DIR, eval_metrics: dict[str, Any] | None = None
+) -> dict[str, str]:
     """Log the model folder with the transformers flavor, register it, alias it challenger, tag its lineage."""
     from huggingface_hub import ModelCard
     from transformers import AutoTokenizer, GPT2LMHeadModel
@@ -50,13 +53,18 @@ def register(model_name: str, run_id: str, model_dir: Path = MODEL_DIR,
     # MLflow's log-from-folder path breaks on transformers 5's pipeline registry: hand it loaded components.
     # An absolute path and our own card keep MLflow from asking the Hugging Face Hub for a card and license.
     folder = str(model_dir.resolve())
-    components = {"model": GPT2LMHeadModel.from_pretrained(folder, use_safetensors=True),
-                  "tokenizer": AutoTokenizer.from_pretrained(folder)}
+    components = {
+        "model": GPT2LMHeadModel.from_pretrained(folder, use_safetensors=True),
+        "tokenizer": AutoTokenizer.from_pretrained(folder),
+    }
     # Resume the pipeline's run by its explicit id (this stage is its own process); leaving the block ends it.
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
-            transformers_model=components, name="model", task="text-generation",
-            pip_requirements=pip_requirements(), registered_model_name=model_name,
+            transformers_model=components,
+            name="model",
+            task="text-generation",
+            pip_requirements=pip_requirements(),
+            registered_model_name=model_name,
             model_card=ModelCard(model_card(model_name, eval_metrics or {})),
         )
     model_version = str(info.registered_model_version)
@@ -65,8 +73,13 @@ def register(model_name: str, run_id: str, model_dir: Path = MODEL_DIR,
     tags = {**tracking.lineage_tags(run_id), **{f"eval_{k}": str(v) for k, v in (eval_metrics or {}).items()}}
     for key, value in tags.items():
         client.set_model_version_tag(model_name, model_version, key, value)
-    return {"name": model_name, "version": model_version, "alias": CHALLENGER, "run_id": run_id,
-            "model_uri": f"models:/{model_name}/{model_version}"}
+    return {
+        "name": model_name,
+        "version": model_version,
+        "alias": CHALLENGER,
+        "run_id": run_id,
+        "model_uri": f"models:/{model_name}/{model_version}",
+    }
 
 
 def main() -> None:

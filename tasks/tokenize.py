@@ -42,9 +42,13 @@ def train_bpe(train_path: Path, params: TokenizerParams):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=params.vocab_size, min_frequency=params.min_frequency,
-                                  special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=params.vocab_size,
+        min_frequency=params.min_frequency,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(_train_texts(train_path), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS)
     # transformers 5 builds an empty tokenizer on some paths without complaint: check the vocabulary came along.
@@ -91,16 +95,23 @@ def encode_and_group(batch: dict[str, list], tokenizer, block_size: int) -> dict
     encoded = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids, sizes = [], []
     for text, record_ids, offsets in zip(batch["text"], encoded["input_ids"], encoded["offset_mapping"], strict=True):
-        ids.append(np.asarray(record_ids + [tokenizer.eos_token_id], dtype=np.int32))
+        ids.append(np.asarray([*record_ids, tokenizer.eos_token_id], dtype=np.int32))
         sizes.append(np.append(byte_lengths(text, offsets), 1).astype(np.uint16))
     all_ids, all_sizes = np.concatenate(ids), np.concatenate(sizes)
     usable = len(all_ids) // block_size * block_size
-    return {"input_ids": all_ids[:usable].reshape(-1, block_size).tolist(),
-            "token_bytes": all_sizes[:usable].reshape(-1, block_size).tolist()}
+    return {
+        "input_ids": all_ids[:usable].reshape(-1, block_size).tolist(),
+        "token_bytes": all_sizes[:usable].reshape(-1, block_size).tolist(),
+    }
 
 
-def tokenize(tokenizer_params: TokenizerParams, model_params: ModelParams, prepared_dir: Path = PREPARED_DIR,
-             tokenizer_dir: Path = TOKENIZER_DIR, tokenized_dir: Path = TOKENIZED_DIR) -> dict[str, Any]:
+def tokenize(
+    tokenizer_params: TokenizerParams,
+    model_params: ModelParams,
+    prepared_dir: Path = PREPARED_DIR,
+    tokenizer_dir: Path = TOKENIZER_DIR,
+    tokenized_dir: Path = TOKENIZED_DIR,
+) -> dict[str, Any]:
     """Build the tokenizer and the block datasets; returns blocks and tokens per split."""
     import datasets
 
@@ -112,16 +123,29 @@ def tokenize(tokenizer_params: TokenizerParams, model_params: ModelParams, prepa
     else:
         tokenizer = load_pretrained_tokenizer(model_params.name_or_path)
     block_size = tokenizer_params.block_size
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "token_bytes": datasets.Sequence(datasets.Value("uint16"))})
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "token_bytes": datasets.Sequence(datasets.Value("uint16")),
+        }
+    )
     datasets.disable_progress_bars()
     # The Arrow cache of load_dataset/map lives in a scratch folder next to the output and goes away after it.
-    scratch = Path(tempfile.mkdtemp(prefix=".tokenize-", dir=tokenized_dir.parent if tokenized_dir.parent.exists() else None))
+    scratch = Path(
+        tempfile.mkdtemp(prefix=".tokenize-", dir=tokenized_dir.parent if tokenized_dir.parent.exists() else None)
+    )
     try:
-        raw = datasets.load_dataset("json", cache_dir=str(scratch),
-                                    data_files={s: str(prepared_dir / f"{s}.jsonl") for s in SPLITS})
-        blocks = raw.map(encode_and_group, batched=True, batch_size=MAP_BATCH, remove_columns=raw["train"].column_names,
-                         fn_kwargs={"tokenizer": tokenizer, "block_size": block_size}, features=features)
+        raw = datasets.load_dataset(
+            "json", cache_dir=str(scratch), data_files={s: str(prepared_dir / f"{s}.jsonl") for s in SPLITS}
+        )
+        blocks = raw.map(
+            encode_and_group,
+            batched=True,
+            batch_size=MAP_BATCH,
+            remove_columns=raw["train"].column_names,
+            fn_kwargs={"tokenizer": tokenizer, "block_size": block_size},
+            features=features,
+        )
         for split in SPLITS:
             if len(blocks[split]) == 0:
                 raise PipelineError(
@@ -146,8 +170,10 @@ def main() -> None:
     run_id = tracking.pipeline_run(params)
     stats = tokenize(params.tokenizer, params.model)
     tracking.log_metrics(run_id, {f"tokenize/{key}": value for key, value in stats.items()})
-    print(f"tokenize: vocabulary {stats['vocab_size']}, {stats['train_blocks']} train / "
-          f"{stats['validation_blocks']} validation blocks of {stats['block_size']} -> {TOKENIZED_DIR}")
+    print(
+        f"tokenize: vocabulary {stats['vocab_size']}, {stats['train_blocks']} train / "
+        f"{stats['validation_blocks']} validation blocks of {stats['block_size']} -> {TOKENIZED_DIR}"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ RUN_ID_ENV = "GPT2_PIPELINE_RUN_ID"
 FLOW_RUN_ENV = "GPT2_PIPELINE_PREFECT_FLOW_RUN_ID"
 DVC_LOCK = Path("dvc.lock")
 # Outputs whose dvc.lock hashes identify a model's data: (stage, path, tag name).
-LINEAGE_OUTS = (("ingest", "data/prepared", "data_md5"), ("tokenize", "data/tokenized", "tokenized_md5"),
-                ("train", "models/gpt2", "model_md5"))
+LINEAGE_OUTS = (
+    ("ingest", "data/prepared", "data_md5"),
+    ("tokenize", "data/tokenized", "tokenized_md5"),
+    ("train", "models/gpt2", "model_md5"),
+)
 
 
 def tracking_uri() -> str:
@@ -116,8 +119,12 @@ def git_lineage() -> dict[str, str]:
     """The git commit and whether tracked files differ from it (dvc.lock aside: dvc repro rewrites it)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"],
-                                capture_output=True, text=True, check=True).stdout
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return {"git_commit": "unknown", "git_dirty": "unknown"}
     return {"git_commit": commit.strip(), "git_dirty": str(bool(status.strip())).lower()}

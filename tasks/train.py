@@ -25,8 +25,12 @@ METRICS_FILE = Path("metrics/train.json")
 PLOT_FILE = Path("plots/train_loss.csv")
 CHECKPOINT_DIR = Path("checkpoints/train")
 VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: faster matmuls, as nanoGPT does
-LOGGED = {"loss": "train/loss", "eval_loss": "train/eval_loss", "learning_rate": "train/learning_rate",
-          "grad_norm": "train/grad_norm"}
+LOGGED = {
+    "loss": "train/loss",
+    "eval_loss": "train/eval_loss",
+    "learning_rate": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+}
 
 
 def resolve_device(setting: str) -> str:
@@ -69,24 +73,33 @@ def build_model(model_params: ModelParams, tokenizer, block_size: int):
 
     eos = tokenizer.eos_token_id
     if model_params.init == "scratch":
-        config = GPT2Config(vocab_size=padded_vocab(len(tokenizer)), bos_token_id=eos, eos_token_id=eos,
-                            **config_overrides(model_params))
+        config = GPT2Config(
+            vocab_size=padded_vocab(len(tokenizer)),
+            bos_token_id=eos,
+            eos_token_id=eos,
+            **config_overrides(model_params),
+        )
         model = GPT2LMHeadModel(config)
     else:
         try:
-            model = GPT2LMHeadModel.from_pretrained(model_params.name_or_path, use_safetensors=True,
-                                                    **config_overrides(model_params))
+            model = GPT2LMHeadModel.from_pretrained(
+                model_params.name_or_path, use_safetensors=True, **config_overrides(model_params)
+            )
         except OSError as exc:
             raise PipelineError(
                 f"model.name_or_path: cannot load {model_params.name_or_path!r} ({str(exc).splitlines()[0]}); "
                 "offline, point it at a local save_pretrained folder"
             ) from None
         if model.config.n_positions < block_size:
-            raise PipelineError(f"tokenizer.block_size: {block_size} exceeds the n_positions "
-                                f"({model.config.n_positions}) of {model_params.name_or_path!r}; lower block_size")
+            raise PipelineError(
+                f"tokenizer.block_size: {block_size} exceeds the n_positions "
+                f"({model.config.n_positions}) of {model_params.name_or_path!r}; lower block_size"
+            )
         if model.config.vocab_size != len(tokenizer):
-            print(f"train: resizing token embeddings from {model.config.vocab_size} to {len(tokenizer)} "
-                  "to match the tokenizer")
+            print(
+                f"train: resizing token embeddings from {model.config.vocab_size} to {len(tokenizer)} "
+                "to match the tokenizer"
+            )
             model.resize_token_embeddings(len(tokenizer))
     model.generation_config.pad_token_id = eos
     return model
@@ -112,8 +125,10 @@ def _callback(run_id: str, curve: list[tuple[int, float]], max_steps: int):
                 tracking.log_metrics(run_id, metrics, step=state.global_step)
             if "loss" in logs:
                 curve.append((state.global_step, logs["loss"]))
-                print(f"train: step {state.global_step}/{max_steps} loss {logs['loss']:.4f} "
-                      f"lr {logs.get('learning_rate', 0):.2e}")
+                print(
+                    f"train: step {state.global_step}/{max_steps} loss {logs['loss']:.4f} "
+                    f"lr {logs.get('learning_rate', 0):.2e}"
+                )
             if "eval_loss" in logs:
                 print(f"train: step {state.global_step} eval_loss {logs['eval_loss']:.4f}")
 
@@ -124,20 +139,41 @@ def training_arguments(params: TrainParams, device: str, precision: str):
     from transformers import TrainingArguments
 
     return TrainingArguments(
-        output_dir=str(CHECKPOINT_DIR), max_steps=params.max_steps, num_train_epochs=params.epochs,
-        per_device_train_batch_size=params.batch_size, per_device_eval_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.grad_accum, learning_rate=params.learning_rate,
-        lr_scheduler_type=params.lr_scheduler, warmup_steps=params.warmup_steps, weight_decay=params.weight_decay,
-        max_grad_norm=params.max_grad_norm, seed=params.seed, data_seed=params.seed,
-        bf16=precision == "bf16", fp16=precision == "fp16", use_cpu=device == "cpu",
-        logging_steps=params.logging_steps, eval_strategy="steps", eval_steps=params.eval_steps,
-        save_strategy="no", report_to="none", disable_tqdm=True, remove_unused_columns=False,
+        output_dir=str(CHECKPOINT_DIR),
+        max_steps=params.max_steps,
+        num_train_epochs=params.epochs,
+        per_device_train_batch_size=params.batch_size,
+        per_device_eval_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.grad_accum,
+        learning_rate=params.learning_rate,
+        lr_scheduler_type=params.lr_scheduler,
+        warmup_steps=params.warmup_steps,
+        weight_decay=params.weight_decay,
+        max_grad_norm=params.max_grad_norm,
+        seed=params.seed,
+        data_seed=params.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        logging_steps=params.logging_steps,
+        eval_strategy="steps",
+        eval_steps=params.eval_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
         dataloader_pin_memory=device == "cuda",
     )
 
 
-def train(params: Params, run_id: str, tokenizer_dir: Path = TOKENIZER_DIR, tokenized_dir: Path = TOKENIZED_DIR,
-          model_dir: Path = MODEL_DIR, plot_file: Path = PLOT_FILE) -> dict[str, Any]:
+def train(
+    params: Params,
+    run_id: str,
+    tokenizer_dir: Path = TOKENIZER_DIR,
+    tokenized_dir: Path = TOKENIZED_DIR,
+    model_dir: Path = MODEL_DIR,
+    plot_file: Path = PLOT_FILE,
+) -> dict[str, Any]:
     """Train, save the model folder and the loss curve; returns the train metrics."""
     import datasets
     from transformers import AutoTokenizer, PrinterCallback, Trainer, set_seed
@@ -152,12 +188,19 @@ def train(params: Params, run_id: str, tokenizer_dir: Path = TOKENIZER_DIR, toke
     model = build_model(params.model, tokenizer, params.tokenizer.block_size)
     args = training_arguments(params.train, device, precision)
     curve: list[tuple[int, float]] = []
-    trainer = Trainer(model=model, args=args, data_collator=_collate, train_dataset=blocks["train"],
-                      eval_dataset=blocks["validation"],
-                      callbacks=[_callback(run_id, curve, params.train.max_steps)])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=_collate,
+        train_dataset=blocks["train"],
+        eval_dataset=blocks["validation"],
+        callbacks=[_callback(run_id, curve, params.train.max_steps)],
+    )
     trainer.remove_callback(PrinterCallback)  # our callback prints one readable line per logging step
-    print(f"train: {model.num_parameters():,} parameters on {device} ({precision}), "
-          f"{len(blocks['train'])} blocks of {params.tokenizer.block_size}")
+    print(
+        f"train: {model.num_parameters():,} parameters on {device} ({precision}), "
+        f"{len(blocks['train'])} blocks of {params.tokenizer.block_size}"
+    )
     started = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - started
@@ -167,9 +210,17 @@ def train(params: Params, run_id: str, tokenizer_dir: Path = TOKENIZER_DIR, toke
     _write_curve(curve, plot_file)
     steps = result.global_step
     tokens = steps * params.train.batch_size * params.train.grad_accum * params.tokenizer.block_size
-    return {"train_loss": curve[-1][1], "train_loss_first": curve[0][1], "steps": steps, "tokens_seen": tokens,
-            "tokens_per_second": tokens / seconds, "seconds": seconds, "parameters": model.num_parameters(),
-            "device": device, "precision": precision}
+    return {
+        "train_loss": curve[-1][1],
+        "train_loss_first": curve[0][1],
+        "steps": steps,
+        "tokens_seen": tokens,
+        "tokens_per_second": tokens / seconds,
+        "seconds": seconds,
+        "parameters": model.num_parameters(),
+        "device": device,
+        "precision": precision,
+    }
 
 
 def _save(model, tokenizer, model_dir: Path) -> None:
@@ -192,8 +243,10 @@ def main() -> None:
     write_json(METRICS_FILE, metrics)
     numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, int | float) and k != "train_loss"}
     tracking.log_metrics(run_id, numeric, step=metrics["steps"])
-    print(f"train: {metrics['steps']} steps, loss {metrics['train_loss_first']:.3f} -> {metrics['train_loss']:.3f}, "
-          f"{metrics['tokens_per_second']:.0f} tokens/s -> {MODEL_DIR}")
+    print(
+        f"train: {metrics['steps']} steps, loss {metrics['train_loss_first']:.3f} -> {metrics['train_loss']:.3f}, "
+        f"{metrics['tokens_per_second']:.0f} tokens/s -> {MODEL_DIR}"
+    )
 
 
 if __name__ == "__main__":

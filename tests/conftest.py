@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny params, a tiny prepared corpus, and a copy of the project to run DVC in."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Small enough to train in seconds on two CPU cores, big enough to learn something.
+TINY_OVERRIDES = {
+    "tokenizer": {"vocab_size": 512, "block_size": 64},
+    "model": {"config": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64, "dropout": 0.0}},
+    "train": {
+        "max_steps": 150,
+        "batch_size": 8,
+        "learning_rate": 3.0e-3,
+        "warmup_steps": 10,
+        "logging_steps": 10,
+        "eval_steps": 50,
+    },
+}
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def default_params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def tiny_params() -> dict:
+    return merge(default_params(), TINY_OVERRIDES)
+
+
+def write_params(folder: Path, params: dict) -> None:
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+
+
+def tool_env() -> dict[str, str]:
+    """This interpreter's tools first on PATH (dvc runs `python -m tasks.<stage>`); the local MLflow store."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run(args: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=env or tool_env(), capture_output=True, text=True, timeout=1200)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
+    return result
+
+
+def copy_project(parent: Path) -> Path:
+    """The project's tracked files in a fresh git repository under parent, as a newcomer's clone has them."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    dest = parent / "project"
+    for name in files:
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    for args in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+    ):
+        subprocess.run(args, cwd=dest, check=True)
+    return dest
+
+
+@pytest.fixture
+def prepared(tmp_path: Path) -> Path:
+    """A prepared-data folder (as ingest writes it) of a few hundred short English and Chinese records."""
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    lines = (ROOT / "data/samples/tinyshakespeare.txt").read_text(encoding="utf-8").split("\n\n")[:300]
+    poems = json.loads((ROOT / "data/samples/tang300.json").read_text(encoding="utf-8"))[:40]
+    texts = lines + ["\n".join(p["paragraphs"]) for p in poems]
+    for split, chunk in (("train", texts[::2]), ("validation", texts[1::2])):
+        with (folder / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
+            for text in chunk:
+                handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    return folder

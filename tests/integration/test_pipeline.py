@@ -1,0 +1,122 @@
+"""End to end on a fresh copy of the project: `dvc repro`, then the Prefect flow, against real MLflow and DVC."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import datasets
+import pytest
+import yaml
+
+from tests.conftest import BIN, copy_project, merge, run, tiny_params, tool_env, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def mlflow_client(project):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project}/mlflow.db"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def untrained_perplexity(project) -> float:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tasks.evaluate import score_blocks
+
+    model = GPT2LMHeadModel(GPT2Config.from_pretrained(project / "models/gpt2"))
+    blocks = datasets.load_from_disk(str(project / "data/tokenized"))["validation"].with_format("torch")
+    return score_blocks(model, blocks, 16, "cpu").metrics()["perplexity"]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The project copied, set to a tiny model, run once with `dvc repro`."""
+    project = copy_project(tmp_path_factory.mktemp("e2e"))
+    write_params(project, tiny_params())
+    run([str(BIN / "dvc"), "repro"], project)
+    return project
+
+
+def test_dvc_repro_registers_a_model_that_loads_and_generates(pipeline):
+    import mlflow
+
+    registered = json.loads((pipeline / "registered.json").read_text())
+    assert registered["name"] == "gpt2-lm" and registered["model_uri"] == f"models:/gpt2-lm/{registered['version']}"
+    client = mlflow_client(pipeline)
+    version = client.get_model_version_by_alias("gpt2-lm", "challenger")
+    assert str(version.version) == registered["version"] and version.run_id == registered["run_id"]
+    lock = yaml.safe_load((pipeline / "dvc.lock").read_text())["stages"]
+    model_md5 = next(o["md5"] for o in lock["train"]["outs"] if o["path"] == "models/gpt2")
+    assert version.tags["model_md5"] == model_md5
+    assert version.tags["git_dirty"] == "true"  # the tiny params differ from the copy's commit
+    assert len(version.tags["git_commit"]) == 40 and len(version.tags["params_hash"]) == 16
+    assert {"data_md5", "tokenized_md5", "eval_perplexity"} <= set(version.tags)
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline}/mlflow.db")
+    generator = mlflow.transformers.load_model("models:/gpt2-lm@challenger")
+    text = generator("ROMEO:", max_new_tokens=20, do_sample=False)[0]["generated_text"]
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:") + 5
+
+
+def test_one_mlflow_run_holds_params_curve_metrics_and_model(pipeline):
+    registered = json.loads((pipeline / "registered.json").read_text())
+    client = mlflow_client(pipeline)
+    runs = client.search_runs([client.get_experiment_by_name("gpt2-pipeline").experiment_id])
+    assert len(runs) == 1
+    run_data = runs[0]
+    assert run_data.info.run_id == registered["run_id"] and run_data.info.status == "FINISHED"
+    assert run_data.data.params["train.max_steps"] == "150" and run_data.data.params["model.config.n_layer"] == "2"
+    losses = client.get_metric_history(run_data.info.run_id, "train/loss")
+    assert [m.step for m in losses] == list(range(10, 151, 10))
+    assert losses[-1].value < losses[0].value - 1.0
+    eval_json = json.loads((pipeline / "metrics/eval.json").read_text())
+    assert run_data.data.metrics["eval/perplexity"] == pytest.approx(eval_json["perplexity"])
+    assert run_data.data.metrics["ingest/train_records"] > 6000
+
+
+def test_perplexity_far_below_the_untrained_model(pipeline):
+    metrics = json.loads((pipeline / "metrics/eval.json").read_text())
+    assert set(metrics) >= {"perplexity", "bits_per_byte", "eval_loss", "eval_tokens"}
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    assert metrics["perplexity"] < untrained_perplexity(pipeline) / 2
+
+
+def test_second_repro_runs_nothing(pipeline):
+    started = time.perf_counter()
+    result = run([str(BIN / "dvc"), "repro"], pipeline)
+    assert "Data and pipelines are up to date." in result.stdout
+    assert time.perf_counter() - started < 10
+
+
+def test_bad_params_stop_with_one_line_and_keep_outputs(pipeline):
+    model_before = (pipeline / "models/gpt2/model.safetensors").read_bytes()
+    write_params(pipeline, merge(tiny_params(), {"train": {"learning_rate": 0}}))
+    try:
+        result = run([str(BIN / "dvc"), "repro"], pipeline, check=False)
+    finally:
+        write_params(pipeline, tiny_params())
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: params.yaml")]
+    assert errors == ["error: params.yaml: train.learning_rate: input should be greater than 0 (got 0)"]
+    assert (pipeline / "models/gpt2/model.safetensors").read_bytes() == model_before
+
+
+def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(pipeline):
+    train_metrics = (pipeline / "metrics/train.json").read_text()
+    write_params(pipeline, merge(tiny_params(), {"evaluate": {"batch_size": 4}}))
+    env = tool_env()
+    env["PREFECT_HOME"] = str(pipeline / ".prefect")
+    result = run([str(BIN / "python"), "-m", "flows.pipeline"], pipeline, env=env)
+    assert "Stage 'train' didn't change, skipping" in result.stdout + result.stderr
+    assert (pipeline / "metrics/train.json").read_text() == train_metrics  # not retrained
+    registered = json.loads((pipeline / "registered.json").read_text())
+    client = mlflow_client(pipeline)
+    version = client.get_model_version_by_alias("gpt2-lm", "challenger")
+    assert str(version.version) == registered["version"] == "2"
+    assert len(version.tags["prefect_flow_run_id"]) == 36  # a UUID
+    new_run = client.get_run(registered["run_id"])
+    assert new_run.data.params["evaluate.batch_size"] == "4"
+    assert new_run.data.tags["prefect_flow_run_id"] == version.tags["prefect_flow_run_id"]

@@ -1,0 +1,116 @@
+"""The ingest stage on small inputs: formats, normalization, deduplication, the split, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks.common import PipelineError
+from tasks.ingest import in_validation, ingest, normalize, record_text, resolve_sources
+from tasks.params import DataParams
+
+
+def params(sources, **kw) -> DataParams:
+    return DataParams(sources=[str(s) for s in sources], **kw)
+
+
+def read_split(folder, split):
+    return [json.loads(line)["text"] for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+
+
+def test_normalize_nfc_trailing_space_and_empty_lines():
+    assert normalize("cafe\u0301  \n\n  \nline two\t\n") == "caf\u00e9\nline two"
+
+
+def test_record_text_joins_fields_and_lists():
+    poem = {"title": "靜夜思", "paragraphs": ["床前明月光，疑是地上霜。", "舉頭望明月，低頭思故鄉。"]}
+    assert (
+        record_text(poem, ["title", "paragraphs"], "x") == "靜夜思\n床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。"
+    )
+
+
+def test_missing_field_names_file_and_fields(tmp_path):
+    source = tmp_path / "a.jsonl"
+    source.write_text('{"body": "hello there"}\n')
+    with pytest.raises(PipelineError) as info:
+        ingest(params([source]), tmp_path / "out")
+    assert str(info.value) == f"{source}:1: record has no field 'text' (data.text_field); its fields are: body"
+
+
+def test_malformed_jsonl_line_is_reported_with_its_number(tmp_path):
+    source = tmp_path / "a.jsonl"
+    source.write_text('{"text": "fine"}\n{"text": broken}\n')
+    with pytest.raises(PipelineError, match=rf"^{source}:2: not valid JSON"):
+        ingest(params([source]), tmp_path / "out")
+
+
+def test_csv_without_the_column(tmp_path):
+    source = tmp_path / "a.csv"
+    source.write_text("title,body\nx,y\n")
+    with pytest.raises(PipelineError, match=r"no column 'text' \(data.text_field\); columns are: title, body"):
+        ingest(params([source]), tmp_path / "out")
+
+
+def test_missing_path_and_empty_glob(tmp_path):
+    with pytest.raises(PipelineError, match=r"data.sources\[0\]: '.*nope.txt' does not exist"):
+        resolve_sources([str(tmp_path / "nope.txt")])
+    with pytest.raises(PipelineError, match=r"data.sources\[1\]: '.*\*.parquet' matches no files"):
+        resolve_sources(["hf:wikitext", str(tmp_path / "*.parquet")])
+
+
+def test_formats_dedup_min_chars_and_stats(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "a.txt").write_text(
+        "first paragraph\nstill first\n\nsecond paragraph\n\nok\n\nfirst paragraph\nstill first\n"
+    )
+    (tmp_path / "b.csv").write_text("text\nfrom a csv row\n")
+    pq.write_table(pa.table({"text": ["from parquet", "漢字也算"]}), tmp_path / "c.parquet")
+    (tmp_path / "d.json").write_text(json.dumps([{"text": "from a json array"}]))
+    stats = ingest(params([tmp_path / "*.*"], min_chars=3, validation_fraction=0.5), tmp_path / "out")
+    texts = read_split(tmp_path / "out", "train") + read_split(tmp_path / "out", "validation")
+    assert sorted(texts) == sorted(
+        [
+            "first paragraph\nstill first",
+            "second paragraph",
+            "from a csv row",
+            "from parquet",
+            "漢字也算",
+            "from a json array",
+        ]
+    )
+    assert stats["dropped"] == {"short": 1, "duplicate": 1}
+    total_bytes = stats["train"]["bytes"] + stats["validation"]["bytes"]
+    assert total_bytes == sum(len(t.encode()) for t in texts)
+    assert stats["train"]["chars"] + stats["validation"]["chars"] == sum(len(t) for t in texts)
+
+
+def test_split_is_deterministic_and_near_the_fraction():
+    texts = [f"record number {i}" for i in range(5000)]
+    picked = [in_validation(t, 0.1, seed=7) for t in texts]
+    assert picked == [in_validation(t, 0.1, seed=7) for t in texts]
+    assert 0.08 < sum(picked) / len(picked) < 0.12
+    assert picked != [in_validation(t, 0.1, seed=8) for t in texts]
+
+
+def test_empty_validation_split_is_an_error(tmp_path):
+    source = tmp_path / "a.txt"
+    source.write_text("only one record here\n")
+    with pytest.raises(PipelineError, match="split is empty"):
+        ingest(params([source], validation_fraction=0.01), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_utf8_is_refused_with_a_fix(tmp_path):
+    source = tmp_path / "a.txt"
+    source.write_bytes(b"good text\n\n\xff\xfe bad bytes\n")
+    with pytest.raises(PipelineError, match=r"not valid UTF-8 at byte \d+; convert the file to UTF-8"):
+        ingest(params([source]), tmp_path / "out")
+
+
+def test_hub_source_offline_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PipelineError, match=r"cannot load hf:no-such/dataset from the Hugging Face Hub .*save the"):
+        ingest(params(["hf:no-such/dataset"]), tmp_path / "out")

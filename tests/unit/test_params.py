@@ -1,0 +1,77 @@
+"""params.yaml validation: one line naming the key, for every kind of mistake."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from tasks.common import PipelineError
+from tasks.params import flatten, load_params, parse_params
+from tests.conftest import ROOT, default_params, merge
+
+
+def error_for(overrides: dict) -> str:
+    with pytest.raises(PipelineError) as info:
+        parse_params(merge(default_params(), overrides))
+    return str(info.value)
+
+
+def test_the_shipped_params_files_are_valid():
+    assert load_params(ROOT / "params.yaml").model.config["n_layer"] == 4
+    tang = load_params(ROOT / "params/tang-poetry.yaml")
+    assert tang.data.text_field == ["title", "paragraphs"]
+
+
+def test_unknown_key_is_named():
+    assert error_for({"train": {"learnig_rate": 0.1}}) == (
+        "params.yaml: train.learnig_rate: unknown key; check its spelling against the documented params"
+    )
+
+
+def test_wrong_type_is_named_with_the_value():
+    message = error_for({"train": {"batch_size": "sixteen"}})
+    assert message.startswith("params.yaml: train.batch_size: ") and "'sixteen'" in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"train": {"learning_rate": 0}}, "params.yaml: train.learning_rate: input should be greater than 0 (got 0)"),
+        ({"data": {"validation_fraction": 1.0}}, "params.yaml: data.validation_fraction: input should be less than 1"),
+        ({"train": {"max_steps": 0}}, "params.yaml: train.max_steps: must be a positive number of steps"),
+        (
+            {"tokenizer": {"block_size": 256}},
+            "params.yaml: tokenizer.block_size: 256 exceeds model.config.n_positions (128)",
+        ),
+        (
+            {"model": {"config": {"n_embd": 100, "n_head": 3}}},
+            "params.yaml: model.config.n_embd (100) must be divisible",
+        ),
+        ({"model": {"config": {"n_layers": 2}}}, "params.yaml: model.config: unknown GPT2Config field 'n_layers'"),
+        ({"tokenizer": {"vocab_size": 200}}, "params.yaml: tokenizer.vocab_size: 200 is too small for byte-level BPE"),
+        ({"train": {"device": "tpu"}}, "params.yaml: train.device: input should be 'auto', 'cpu' or 'cuda'"),
+    ],
+)
+def test_impossible_values_are_refused(overrides, expected):
+    assert error_for(overrides).startswith(expected)
+
+
+def test_exponent_floats_are_floats(tmp_path):
+    raw = default_params()
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw).replace("learning_rate: 0.002", "learning_rate: 1e-3"))
+    assert load_params(path).train.learning_rate == pytest.approx(1e-3)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("data:\n  sources: [a\n")
+    with pytest.raises(PipelineError, match=r"params.yaml:\d+: not valid YAML"):
+        load_params(path)
+
+
+def test_flatten_gives_dotted_mlflow_params():
+    flat = flatten(load_params(ROOT / "params.yaml"))
+    assert flat["train.learning_rate"] == "0.002"
+    assert flat["model.config.n_embd"] == "128"
+    assert flat["data.sources"] == "['data/samples/tinyshakespeare.txt']"

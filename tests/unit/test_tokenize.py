@@ -1,0 +1,61 @@
+"""The tokenize stage: a real byte-level BPE, blocks of block_size, bytes accounted exactly."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from tasks.common import PipelineError
+from tasks.params import ModelParams, TokenizerParams
+from tasks.tokenize import byte_lengths, tokenize
+
+
+@pytest.mark.parametrize("text", ["plain ascii text", "床前明月光，疑是地上霜。", "mixed 漢字 and 😀 emoji"])
+def test_token_bytes_sum_to_the_text_bytes(text):
+    offsets = [(i, i + 1) for i in range(len(text))]
+    assert byte_lengths(text, offsets).sum() == len(text.encode("utf-8"))
+    # A character split over two tokens (both reporting its offsets) is counted once.
+    split = [(0, 1), (0, 1)] + [(i, i + 1) for i in range(1, len(text))]
+    assert byte_lengths(text, split).sum() == len(text.encode("utf-8"))
+
+
+def test_tokenize_writes_a_loadable_tokenizer_and_blocks(prepared, tmp_path):
+    stats = tokenize(
+        TokenizerParams(vocab_size=400, block_size=32),
+        ModelParams(),
+        prepared,
+        tmp_path / "tokenizer",
+        tmp_path / "tokenized",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
+    assert len(tokenizer) == stats["vocab_size"] == 400
+    assert tokenizer.eos_token == "<|endoftext|>"
+    text = "床前明月光 and Shakespeare"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: CJK round-trips
+    blocks = datasets.load_from_disk(str(tmp_path / "tokenized"))
+    assert set(blocks) == {"train", "validation"}
+    ids = np.array(blocks["validation"]["input_ids"])
+    assert ids.shape == (stats["validation_blocks"], 32) and ids.max() < 400
+    assert (ids == tokenizer.eos_token_id).sum() > 0  # records are separated by end-of-text
+    # Every byte of the validation text is in some block, bar the remainder dropped at the end.
+    source_bytes = sum(
+        len(line.encode()) + 1
+        for line in datasets.load_dataset("json", data_files=str(prepared / "validation.jsonl"))["train"]["text"]
+    )
+    covered = int(np.array(blocks["validation"]["token_bytes"]).sum())
+    assert source_bytes - 32 * 4 < covered <= source_bytes
+    assert not list(tmp_path.glob(".tokenize-*")), "the Arrow scratch cache is removed"
+
+
+def test_a_corpus_smaller_than_one_block_is_refused(prepared, tmp_path):
+    with pytest.raises(PipelineError, match=r"train.jsonl: fewer tokens than one block \(tokenizer.block_size="):
+        tokenize(
+            TokenizerParams(vocab_size=300, block_size=100000),
+            ModelParams(),
+            prepared,
+            tmp_path / "tokenizer",
+            tmp_path / "tokenized",
+        )
+    assert not (tmp_path / "tokenized").exists()
