@@ -73,13 +73,14 @@ def summary():
         outputs[path] = json.loads(path.read_text())
     trained, scores, registered = outputs[TRAIN_METRICS], outputs[EVAL_METRICS], outputs[REGISTERED_FILE]
     name, alias = registered["name"], registered["alias"]
+    mlflow_bin = os.path.relpath(Path(sys.executable).parent / "mlflow")
     typer.echo(
         f"trained   {trained['steps']} steps on {trained['device']}, train loss {trained['train_loss_first']:.3f} -> "
         f"{trained['train_loss']:.3f}, {trained['tokens_per_second']:.0f} tokens/s, {trained['seconds']:.0f} s\n"
         f"evaluated perplexity {scores['perplexity']:.2f}, bits/byte {scores['bits_per_byte']:.3f} "
         f"on {scores['eval_tokens']} validation tokens\n"
         f"registered {registered['model_uri']} as models:/{name}@{alias} (run {registered['run_id']})\n\n"
-        f"MLflow UI:  {os.path.relpath(Path(sys.executable).parent)}/mlflow ui --backend-store-uri {tracking.tracking_uri()}\n"
+        f"MLflow UI:  {mlflow_bin} ui --backend-store-uri {tracking.tracking_uri()}\n"
         f'Load it:    mlflow.transformers.load_model("models:/{name}@{alias}")  '
         f"(with MLFLOW_TRACKING_URI={tracking.tracking_uri()})"
     )
