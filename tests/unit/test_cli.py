@@ -22,7 +22,8 @@ def test_run_refuses_a_bad_params_file_and_keeps_params_yaml(tmp_path, monkeypat
     result = runner.invoke(app, ["run", "--params", str(bad)])
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        f"error: {bad}: model.config.n_embd (130) must be divisible by model.config.n_head (4)")
+        f"error: {bad}: model.config.n_embd (130) must be divisible by model.config.n_head (4)"
+    )
     assert (tmp_path / "params.yaml").read_text() == before
 
 
@@ -36,13 +37,32 @@ def test_summary_without_a_run_says_what_to_do(tmp_path, monkeypatch):
 def test_summary_prints_metrics_and_the_model(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics/train.json").write_text(json.dumps(
-        {"steps": 10, "device": "cpu", "train_loss_first": 8.0, "train_loss": 5.5, "tokens_per_second": 100.0,
-         "seconds": 3.0}))
-    (tmp_path / "metrics/eval.json").write_text(json.dumps(
-        {"perplexity": 81.25, "bits_per_byte": 1.9, "eval_tokens": 1000}))
-    (tmp_path / "registered.json").write_text(json.dumps(
-        {"name": "gpt2-lm", "version": "3", "alias": "challenger", "run_id": "abc", "model_uri": "models:/gpt2-lm/3"}))
+    (tmp_path / "metrics/train.json").write_text(
+        json.dumps(
+            {
+                "steps": 10,
+                "device": "cpu",
+                "train_loss_first": 8.0,
+                "train_loss": 5.5,
+                "tokens_per_second": 100.0,
+                "seconds": 3.0,
+            }
+        )
+    )
+    (tmp_path / "metrics/eval.json").write_text(
+        json.dumps({"perplexity": 81.25, "bits_per_byte": 1.9, "eval_tokens": 1000})
+    )
+    (tmp_path / "registered.json").write_text(
+        json.dumps(
+            {
+                "name": "gpt2-lm",
+                "version": "3",
+                "alias": "challenger",
+                "run_id": "abc",
+                "model_uri": "models:/gpt2-lm/3",
+            }
+        )
+    )
     result = runner.invoke(app, ["summary"])
     assert result.exit_code == 0
     assert "evaluated perplexity 81.25, bits/byte 1.900 on 1000 validation tokens" in result.stdout
