@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 DEBUG_ENV = "GPT2_PIPELINE_DEBUG"
+# Special tokens of the tokenizers the pipeline trains: end of text after every record, a separator between
+# dialogue turns (as GPT2-chitchat does), unknown for characters below the char tokenizer's min_frequency.
+EOS, SEP, UNK = "<|endoftext|>", "[SEP]", "[UNK]"
 
 
 class PipelineError(Exception):

@@ -32,93 +32,107 @@ def normalize(text: str) -> str:
 
 def record_text(record: Any, fields: list[str], where: str) -> str:
     """The text of one record: its field(s), a field holding a list of lines joined with newlines."""
-    if isinstance(record, str) and fields == ["text"]:
+    if isinstance(record, str):
         return record
     if not isinstance(record, dict):
         raise PipelineError(f"{where}: expected a JSON object with field(s) {fields} (data.text_field)")
     parts = []
     for field in fields:
-        if field not in record:
-            have = ", ".join(sorted(map(str, record))) or "none"
-            raise PipelineError(f"{where}: record has no field {field!r} (data.text_field); its fields are: {have}")
-        value = record[field]
+        value = _field(record, field, where)
         parts.append("\n".join(map(str, value)) if isinstance(value, list) else str(value))
     return "\n".join(parts)
 
 
-def _read_txt(path: Path) -> Iterator[str]:
+def record_turns(record: Any, fields: list[str], where: str) -> list[str]:
+    """The turns of one dialogue record (data.format: dialog): the record itself, or its field, is a list."""
+    turns = (
+        record if isinstance(record, list) else _field(record, fields[0], where) if isinstance(record, dict) else None
+    )
+    if not isinstance(turns, list) or not all(isinstance(turn, str) for turn in turns):
+        raise PipelineError(
+            f"{where}: a dialogue record must be a list of turns (strings), or an object whose field "
+            f"{fields[0]!r} (data.text_field) is one"
+        )
+    return turns
+
+
+def _field(record: dict, field: str, where: str) -> Any:
+    if field not in record:
+        have = ", ".join(sorted(map(str, record))) or "none"
+        raise PipelineError(f"{where}: record has no field {field!r} (data.text_field); its fields are: {have}")
+    return record[field]
+
+
+Located = tuple[str, Any]  # (where the record is: file:line, the raw record)
+
+
+def _read_txt(path: Path) -> Iterator[Located]:
     """Paragraphs (blank-line separated) of a text file, streamed line by line."""
     paragraph: list[str] = []
     with path.open(encoding="utf-8") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, 1):
             if line.strip():
                 paragraph.append(line)
             elif paragraph:
-                yield "".join(paragraph)
+                yield f"{path}:{number}", "".join(paragraph)
                 paragraph = []
     if paragraph:
-        yield "".join(paragraph)
+        yield str(path), "".join(paragraph)
 
 
-def _read_jsonl(path: Path, fields: list[str]) -> Iterator[str]:
+def _read_jsonl(path: Path, columns: list[str]) -> Iterator[Located]:
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield f"{path}:{number}", json.loads(line)
             except json.JSONDecodeError as exc:
                 raise PipelineError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or remove the line") from None
-            yield record_text(record, fields, f"{path}:{number}")
 
 
-def _read_json(path: Path, fields: list[str]) -> Iterator[str]:
+def _read_json(path: Path, columns: list[str]) -> Iterator[Located]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    records = data if isinstance(data, list) else [data]
-    for index, record in enumerate(records):
-        yield record_text(record, fields, f"{path}: record {index}")
+    for index, record in enumerate(data if isinstance(data, list) else [data]):
+        yield f"{path}: record {index}", record
 
 
-def _read_csv(path: Path, fields: list[str]) -> Iterator[str]:
+def _read_csv(path: Path, columns: list[str]) -> Iterator[Located]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = [field for field in fields if field not in (reader.fieldnames or [])]
-        if missing:
-            raise PipelineError(
-                f"{path}: no column {missing[0]!r} (data.text_field); columns are: {', '.join(reader.fieldnames or [])}"
-            )
+        _require_columns(path, columns, reader.fieldnames or [])
         for row in reader:
-            yield "\n".join(row[field] or "" for field in fields)
+            yield f"{path}:{reader.line_num}", row
 
 
-def _read_parquet(path: Path, fields: list[str]) -> Iterator[str]:
+def _read_parquet(path: Path, columns: list[str]) -> Iterator[Located]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
-    missing = [field for field in fields if field not in parquet.schema_arrow.names]
-    if missing:
-        raise PipelineError(
-            f"{path}: no column {missing[0]!r} (data.text_field); columns are: {parquet.schema_arrow.names}"
-        )
-    for batch in parquet.iter_batches(columns=fields, batch_size=1024):
+    _require_columns(path, columns, parquet.schema_arrow.names)
+    for batch in parquet.iter_batches(columns=columns, batch_size=1024):
         for record in batch.to_pylist():
-            yield record_text(record, fields, str(path))
+            yield str(path), record
 
 
-def _read_hub(spec: str, fields: list[str]) -> Iterator[str]:
+def _require_columns(path: Path, columns: list[str], have: list[str]) -> None:
+    missing = [column for column in columns if column not in have]
+    if missing:
+        raise PipelineError(f"{path}: no column {missing[0]!r} (data.text_field); columns are: {', '.join(have)}")
+
+
+def _read_hub(spec: str, columns: list[str]) -> Iterator[Located]:
     """`hf:<dataset>[:<config>]`, the train split, streamed from the Hugging Face Hub."""
     import datasets
 
     name, _, config = spec.removeprefix("hf:").partition(":")
     try:
-        records = datasets.load_dataset(name, config or None, split="train", streaming=True)
-        for record in records:
-            yield record_text(record, fields, spec)
-    except PipelineError:
-        raise
+        yield from (
+            (spec, record) for record in datasets.load_dataset(name, config or None, split="train", streaming=True)
+        )
     except Exception as exc:  # the hub client raises many types for "offline" and "no such dataset"
         raise PipelineError(
             f"data.sources: cannot load {spec} from the Hugging Face Hub ({type(exc).__name__}: "
@@ -148,8 +162,8 @@ def resolve_sources(sources: list[str]) -> list[str]:
     return resolved
 
 
-def read_source(source: str, fields: list[str]) -> Iterator[str]:
-    """Raw record texts of one resolved source."""
+def read_source(source: str, fields: list[str]) -> Iterator[Located]:
+    """The raw records of one resolved source, each with where it is."""
     if source.startswith("hf:"):
         return _read_hub(source, fields)
     path = Path(source)
@@ -180,7 +194,8 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
         tmp.mkdir(parents=True)
         handles = {split: (tmp / f"{split}.jsonl").open("w", encoding="utf-8") for split in SPLITS}
         try:
-            for text in _normalized(sources, fields):
+            for record in _normalized(sources, fields, params.format == "dialog"):
+                text = record["text"]
                 if len(text) < params.min_chars:
                     dropped["short"] += 1
                     continue
@@ -190,7 +205,7 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
                     continue
                 seen.add(digest)
                 split = "validation" if in_validation(text, params.validation_fraction, params.seed) else "train"
-                handles[split].write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
                 counts = stats[split]
                 counts["records"] += 1
                 counts["chars"] += len(text)
@@ -210,11 +225,16 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
     return stats
 
 
-def _normalized(sources: list[str], fields: list[str]) -> Iterable[str]:
+def _normalized(sources: list[str], fields: list[str], dialog: bool) -> Iterable[dict[str, Any]]:
+    """Prepared records: {"text"}, or for dialogues {"text", "turns"} with the turns also joined by newlines."""
     for source in sources:
         try:
-            for raw in read_source(source, fields):
-                yield normalize(raw)
+            for where, raw in read_source(source, fields):
+                if dialog:
+                    turns = [turn for turn in map(normalize, record_turns(raw, fields, where)) if turn]
+                    yield {"text": "\n".join(turns), "turns": turns}
+                else:
+                    yield {"text": normalize(record_text(raw, fields, where))}
         except UnicodeDecodeError as exc:
             raise PipelineError(
                 f"{source}: not valid UTF-8 at byte {exc.start}; convert the file to UTF-8 (e.g. iconv -t UTF-8)"

@@ -15,9 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tasks.common import PipelineError
+from tasks.common import EOS, SEP, UNK, PipelineError
 
 PARAMS_FILE = Path("params.yaml")
+CHAR_SPECIALS = (UNK, EOS, SEP)  # the char tokenizer's special tokens, in id order
 BYTE_ALPHABET = 256  # byte-level BPE starts from every byte value
 GPT2_DEFAULT_POSITIONS = 1024
 # GPT2Config fields users may set in model.config, plus `dropout`, which sets the three dropout rates at once.
@@ -53,10 +54,11 @@ class DataParams(Section):
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     seed: int = 0
     min_chars: int = Field(1, ge=0, description="records shorter than this (after normalizing) are dropped")
+    format: Literal["text", "dialog"] = Field("text", description="dialog: each record is a list of turns")
 
 
 class TokenizerParams(Section):
-    kind: Literal["bpe", "pretrained"] = "bpe"
+    kind: Literal["bpe", "char", "pretrained"] = "bpe"
     vocab_size: int = Field(4096, gt=0)
     min_frequency: int = Field(2, ge=1)
     block_size: int = Field(128, ge=2)
@@ -94,6 +96,15 @@ class TrainParams(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     logging_steps: int = Field(10, gt=0)
     eval_steps: int = Field(200, gt=0)
+    checkpoint_every: int = Field(
+        200, gt=0, description="steps between resumable checkpoints; a multiple of eval_steps"
+    )
+    keep_checkpoints: int = Field(2, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
+    num_processes: int = Field(1, gt=0, description="> 1 runs data-parallel under torchrun")
+    torch_compile: bool = False
+    gradient_checkpointing: bool = False
+    dataloader_workers: int = Field(0, ge=0)
 
     @field_validator("max_steps")
     @classmethod
@@ -141,10 +152,20 @@ with warnings.catch_warnings():
             n_embd, n_head = cfg.get("n_embd", 768), cfg.get("n_head", 12)
             if n_embd % n_head:
                 raise ValueError(f"model.config.n_embd ({n_embd}) must be divisible by model.config.n_head ({n_head})")
-            if self.tokenizer.kind == "bpe" and self.tokenizer.vocab_size <= BYTE_ALPHABET:
+            if self.train.checkpoint_every % self.train.eval_steps:
+                raise ValueError(
+                    f"train.checkpoint_every: {self.train.checkpoint_every} must be a multiple of train.eval_steps "
+                    f"({self.train.eval_steps}), so that the best evaluated model is always in a checkpoint"
+                )
+            if self.tokenizer.kind == "char" and self.tokenizer.vocab_size <= len(CHAR_SPECIALS):
+                raise ValueError(
+                    f"tokenizer.vocab_size: {self.tokenizer.vocab_size} leaves no room for characters beside "
+                    f"the special tokens {', '.join(CHAR_SPECIALS)}"
+                )
+            if self.tokenizer.kind == "bpe" and self.tokenizer.vocab_size < BYTE_ALPHABET + 2:
                 raise ValueError(
                     f"tokenizer.vocab_size: {self.tokenizer.vocab_size} is too small for byte-level BPE; "
-                    f"it needs at least {BYTE_ALPHABET + 1} (256 bytes + <|endoftext|>)"
+                    f"it needs at least {BYTE_ALPHABET + 2} (256 bytes, {EOS} and {SEP})"
                 )
             return self
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,12 @@ from typing import Any
 import numpy as np
 
 from tasks import tracking
-from tasks.common import PipelineError, atomic_output, run_cli
+from tasks.common import EOS, SEP, UNK, PipelineError, atomic_output, run_cli
 from tasks.ingest import PREPARED_DIR, SPLITS
-from tasks.params import ModelParams, TokenizerParams, load_params
+from tasks.params import CHAR_SPECIALS, ModelParams, TokenizerParams, load_params
 
 TOKENIZER_DIR = Path("models/tokenizer")
 TOKENIZED_DIR = Path("data/tokenized")
-EOS = "<|endoftext|>"
 MAP_BATCH = 1000  # records per batched map call; group_texts drops at most block_size-1 tokens per batch
 
 
@@ -36,7 +36,6 @@ def _train_texts(path: Path) -> Iterator[str]:
 def train_bpe(train_path: Path, params: TokenizerParams):
     """A byte-level BPE (GPT-2's scheme) trained on the train split, wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -45,24 +44,54 @@ def train_bpe(train_path: Path, params: TokenizerParams):
     trainer = trainers.BpeTrainer(
         vocab_size=params.vocab_size,
         min_frequency=params.min_frequency,
-        special_tokens=[EOS],
+        special_tokens=[EOS, SEP],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(_train_texts(train_path), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+    return _wrap(bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS, sep_token=SEP)
+
+
+def train_char(train_path: Path, params: TokenizerParams):
+    """A character-level vocabulary (GPT2-Chinese's scheme): every character seen at least min_frequency times,
+    the most frequent first up to vocab_size, the rest [UNK]."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    counts: Counter[str] = Counter()
+    for text in _train_texts(train_path):
+        counts.update(text)
+    room = params.vocab_size - len(CHAR_SPECIALS)
+    kept = [char for char, count in counts.most_common(room) if count >= params.min_frequency]
+    vocab = {token: index for index, token in enumerate([*CHAR_SPECIALS, *kept])}
+    chars = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    chars.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token a character
+    chars.decoder = decoders.Fuse()  # characters join with nothing between them
+    return _wrap(chars, bos_token=EOS, eos_token=EOS, unk_token=UNK, sep_token=SEP)
+
+
+def _wrap(trained, **special_tokens):
+    """A trained `tokenizers` object as a transformers tokenizer, its vocabulary checked."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=trained, clean_up_tokenization_spaces=False, **special_tokens)
     # transformers 5 builds an empty tokenizer on some paths without complaint: check the vocabulary came along.
-    if len(tokenizer) != bpe.get_vocab_size() or len(tokenizer) <= 256:
-        raise PipelineError(f"tokenizer has {len(tokenizer)} tokens after training, expected {bpe.get_vocab_size()}")
+    if len(tokenizer) != trained.get_vocab_size() or len(tokenizer) <= len(special_tokens):
+        raise PipelineError(
+            f"tokenizer has {len(tokenizer)} tokens after training, expected {trained.get_vocab_size()}"
+        )
     return tokenizer
 
 
-def load_pretrained_tokenizer(name_or_path: str):
-    """The tokenizer of model.name_or_path (a hub id or a local save_pretrained folder)."""
+def load_pretrained_tokenizer(name_or_path: str, dialog: bool):
+    """The tokenizer of model.name_or_path (a hub id, a local folder or an MLflow model URI).
+
+    Dialogue data needs a separator: one is added when the tokenizer has none (train then resizes embeddings).
+    """
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        with tracking.model_source(name_or_path) as source:
+            tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer))
     except OSError as exc:
         raise PipelineError(
             f"model.name_or_path: cannot load a tokenizer from {name_or_path!r} ({str(exc).splitlines()[0]}); "
@@ -70,6 +99,9 @@ def load_pretrained_tokenizer(name_or_path: str):
         ) from None
     if tokenizer.eos_token_id is None:
         raise PipelineError(f"model.name_or_path: the tokenizer of {name_or_path!r} has no end-of-text token")
+    if dialog and tokenizer.sep_token_id is None:
+        tokenizer.add_special_tokens({"sep_token": SEP})
+        print(f"tokenize: added the separator {SEP} to the tokenizer of {name_or_path} for dialogue turns")
     return tokenizer
 
 
@@ -90,13 +122,20 @@ def byte_lengths(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:
 def encode_and_group(batch: dict[str, list], tokenizer, block_size: int) -> dict[str, list]:
     """Tokenize records, end each with end-of-text, concatenate and cut into blocks (run_clm's group_texts).
 
-    The end-of-text token counts as one byte: it stands for the separator between records.
+    A dialogue record's turns are joined with the separator token. End-of-text and separator count as one
+    byte each: they stand for the newline between records and between turns.
     """
-    encoded = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    records = batch["turns"] if "turns" in batch else [[text] for text in batch["text"]]
+    turns = [turn for record in records for turn in record]
+    encoded = tokenizer(turns, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    pieces = iter(zip(turns, encoded["input_ids"], encoded["offset_mapping"], strict=True))
     ids, sizes = [], []
-    for text, record_ids, offsets in zip(batch["text"], encoded["input_ids"], encoded["offset_mapping"], strict=True):
-        ids.append(np.asarray([*record_ids, tokenizer.eos_token_id], dtype=np.int32))
-        sizes.append(np.append(byte_lengths(text, offsets), 1).astype(np.uint16))
+    for record in records:
+        for index in range(len(record)):
+            text, turn_ids, offsets = next(pieces)
+            end = tokenizer.eos_token_id if index == len(record) - 1 else tokenizer.sep_token_id
+            ids.append(np.asarray([*turn_ids, end], dtype=np.int32))
+            sizes.append(np.append(byte_lengths(text, offsets), 1).astype(np.uint16))
     all_ids, all_sizes = np.concatenate(ids), np.concatenate(sizes)
     usable = len(all_ids) // block_size * block_size
     return {
@@ -105,12 +144,22 @@ def encode_and_group(batch: dict[str, list], tokenizer, block_size: int) -> dict
     }
 
 
+def build_tokenizer(tokenizer_params: TokenizerParams, model_params: ModelParams, train_path: Path, dialog: bool):
+    """Train a bpe or char tokenizer on the train split, or load the pretrained model's."""
+    if tokenizer_params.kind == "bpe":
+        return train_bpe(train_path, tokenizer_params)
+    if tokenizer_params.kind == "char":
+        return train_char(train_path, tokenizer_params)
+    return load_pretrained_tokenizer(model_params.name_or_path, dialog)
+
+
 def tokenize(
     tokenizer_params: TokenizerParams,
     model_params: ModelParams,
     prepared_dir: Path = PREPARED_DIR,
     tokenizer_dir: Path = TOKENIZER_DIR,
     tokenized_dir: Path = TOKENIZED_DIR,
+    dialog: bool = False,
 ) -> dict[str, Any]:
     """Build the tokenizer and the block datasets; returns blocks and tokens per split."""
     import datasets
@@ -118,10 +167,7 @@ def tokenize(
     for split in SPLITS:
         if not (prepared_dir / f"{split}.jsonl").exists():
             raise PipelineError(f"{prepared_dir / f'{split}.jsonl'}: not found; run the ingest stage first (dvc repro)")
-    if tokenizer_params.kind == "bpe":
-        tokenizer = train_bpe(prepared_dir / "train.jsonl", tokenizer_params)
-    else:
-        tokenizer = load_pretrained_tokenizer(model_params.name_or_path)
+    tokenizer = build_tokenizer(tokenizer_params, model_params, prepared_dir / "train.jsonl", dialog)
     block_size = tokenizer_params.block_size
     features = datasets.Features(
         {
@@ -168,7 +214,7 @@ def tokenize(
 def main() -> None:
     params = load_params()
     run_id = tracking.pipeline_run(params)
-    stats = tokenize(params.tokenizer, params.model)
+    stats = tokenize(params.tokenizer, params.model, dialog=params.data.format == "dialog")
     tracking.log_metrics(run_id, {f"tokenize/{key}": value for key, value in stats.items()})
     print(
         f"tokenize: vocabulary {stats['vocab_size']}, {stats['train_blocks']} train / "

@@ -12,7 +12,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +119,17 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     client().log_batch(run_id, metrics=batch, synchronous=True)
 
 
+def last_logged_steps(run_id: str, keys: list[str]) -> dict[str, int]:
+    """The highest step logged so far for each metric of a run (a resumed stage continues after it)."""
+    mlflow_client = client()
+    steps = {}
+    for key in keys:
+        history = mlflow_client.get_metric_history(run_id, key)
+        if history:
+            steps[key] = max(metric.step for metric in history)
+    return steps
+
+
 def git_lineage() -> dict[str, str]:
     """The git commit and whether tracked files differ from it (dvc.lock aside: dvc repro rewrites it)."""
     try:
@@ -161,3 +176,37 @@ def require_tracking_server() -> None:
             f"MLflow tracking server {tracking_uri()} is not reachable ({type(exc).__name__}); "
             "start it or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
         ) from None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where from_pretrained finds a model and its tokenizer."""
+
+    model: str
+    tokenizer: str
+
+
+MLFLOW_URI_PREFIXES = ("models:/", "runs:/")
+
+
+@contextmanager
+def model_source(name_or_path: str) -> Iterator[ModelSource]:
+    """A hub id or a local folder as is; an MLflow model URI (`models:/gpt2-lm@champion`) downloaded for the
+    duration of the block, its transformers-flavor layout (model/, components/tokenizer/) resolved."""
+    if not name_or_path.startswith(MLFLOW_URI_PREFIXES):
+        yield ModelSource(name_or_path, name_or_path)
+        return
+    mlflow = mlflow_module()
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+    with tempfile.TemporaryDirectory(prefix="gpt2-source-") as scratch:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=name_or_path, dst_path=scratch))
+        except Exception as exc:  # MLflow raises its own, REST and OS errors for a missing model or alias
+            raise PipelineError(
+                f"model.name_or_path: {name_or_path} is not in the MLflow registry at {tracking_uri()} "
+                f"({str(exc).splitlines()[0][:200]}); list versions and aliases in the MLflow UI"
+            ) from None
+        if not (local / "model" / "config.json").exists():
+            raise PipelineError(f"model.name_or_path: {name_or_path} is not a transformers model logged by register")
+        yield ModelSource(str(local / "model"), str(local / "components" / "tokenizer"))

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from transformers import TrainerCallback
 
-from tasks import tracking
+from tasks import checkpoints, throughput, tracking
 from tasks.common import PipelineError, atomic_output, run_cli, write_json
 from tasks.params import ModelParams, Params, TrainParams, load_params
 from tasks.tokenize import TOKENIZED_DIR, TOKENIZER_DIR
@@ -25,12 +29,6 @@ METRICS_FILE = Path("metrics/train.json")
 PLOT_FILE = Path("plots/train_loss.csv")
 CHECKPOINT_DIR = Path("checkpoints/train")
 VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: faster matmuls, as nanoGPT does
-LOGGED = {
-    "loss": "train/loss",
-    "eval_loss": "train/eval_loss",
-    "learning_rate": "train/learning_rate",
-    "grad_norm": "train/grad_norm",
-}
 
 
 def resolve_device(setting: str) -> str:
@@ -77,14 +75,16 @@ def build_model(model_params: ModelParams, tokenizer, block_size: int):
             vocab_size=padded_vocab(len(tokenizer)),
             bos_token_id=eos,
             eos_token_id=eos,
+            attn_implementation="sdpa",
             **config_overrides(model_params),
         )
         model = GPT2LMHeadModel(config)
     else:
         try:
-            model = GPT2LMHeadModel.from_pretrained(
-                model_params.name_or_path, use_safetensors=True, **config_overrides(model_params)
-            )
+            with tracking.model_source(model_params.name_or_path) as source:
+                model = GPT2LMHeadModel.from_pretrained(
+                    source.model, use_safetensors=True, attn_implementation="sdpa", **config_overrides(model_params)
+                )
         except OSError as exc:
             raise PipelineError(
                 f"model.name_or_path: cannot load {model_params.name_or_path!r} ({str(exc).splitlines()[0]}); "
@@ -95,7 +95,7 @@ def build_model(model_params: ModelParams, tokenizer, block_size: int):
                 f"tokenizer.block_size: {block_size} exceeds the n_positions "
                 f"({model.config.n_positions}) of {model_params.name_or_path!r}; lower block_size"
             )
-        if model.config.vocab_size != len(tokenizer):
+        if model.config.vocab_size not in (len(tokenizer), padded_vocab(len(tokenizer))):
             print(
                 f"train: resizing token embeddings from {model.config.vocab_size} to {len(tokenizer)} "
                 "to match the tokenizer"
@@ -106,40 +106,70 @@ def build_model(model_params: ModelParams, tokenizer, block_size: int):
 
 
 def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Blocks are all block_size long: stack them; the model shifts labels itself."""
+    """Blocks are all block_size long: stack them; the model shifts labels itself.
+
+    The first label of each block is masked: no token predicts it, and the Trainer divides the summed loss by
+    the number of unmasked labels, which would otherwise understate the loss by a factor (T-1)/T.
+    """
     ids = torch.stack([row["input_ids"] for row in rows]).long()
-    return {"input_ids": ids, "labels": ids}
+    labels = ids.clone()
+    labels[:, 0] = -100
+    return {"input_ids": ids, "labels": labels}
 
 
-def _callback(run_id: str, curve: list[tuple[int, float]], max_steps: int):
-    from transformers import TrainerCallback
+class MlflowLogger(TrainerCallback):
+    """Each logging step to the pipeline's MLflow run, by id: loss, learning rate, gradient norm, eval loss,
+    tokens/s and MFU, and one readable line on stdout. After a resume, steps the run already holds are skipped,
+    so no metric step is logged twice."""
 
-    class MlflowCurve(TrainerCallback):
-        """Sends each logging step to the pipeline's run (by id) and keeps the loss curve for plots/."""
+    KEYS: ClassVar[dict[str, str]] = {
+        "loss": "train/loss",
+        "eval_loss": "train/eval_loss",
+        "learning_rate": "train/learning_rate",
+        "grad_norm": "train/grad_norm",
+    }
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            metrics = {LOGGED[key]: value for key, value in logs.items() if key in LOGGED}
-            if metrics:
-                tracking.log_metrics(run_id, metrics, step=state.global_step)
-            if "loss" in logs:
-                curve.append((state.global_step, logs["loss"]))
-                print(
-                    f"train: step {state.global_step}/{max_steps} loss {logs['loss']:.4f} "
-                    f"lr {logs.get('learning_rate', 0):.2e}"
-                )
-            if "eval_loss" in logs:
-                print(f"train: step {state.global_step} eval_loss {logs['eval_loss']:.4f}")
+    def __init__(self, run_id: str, meter: throughput.Meter, max_steps: int):
+        self.run_id, self.meter, self.max_steps = run_id, meter, max_steps
+        self.logged: dict[str, int] = {}
 
-    return MlflowCurve()
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            keys = [*self.KEYS.values(), "train/tokens_per_second", "train/mfu"]
+            self.logged = tracking.last_logged_steps(self.run_id, keys)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.meter.step_began()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.meter.step_ended()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        step = state.global_step
+        metrics = {self.KEYS[key]: value for key, value in logs.items() if key in self.KEYS}
+        if "loss" in logs:
+            metrics.update(self.meter.interval())
+            print(
+                f"train: step {step}/{self.max_steps} loss {logs['loss']:.4f} lr {logs.get('learning_rate', 0):.2e} "
+                f"{metrics.get('train/tokens_per_second', 0):.0f} tokens/s MFU {metrics.get('train/mfu', 0):.1%}"
+            )
+        if "eval_loss" in logs:
+            print(f"train: step {step} eval_loss {logs['eval_loss']:.4f}")
+        fresh = {key: value for key, value in metrics.items() if step > self.logged.get(key, -1)}
+        if fresh:
+            tracking.log_metrics(self.run_id, fresh, step=step)
 
 
-def training_arguments(params: TrainParams, device: str, precision: str):
+def training_arguments(params: TrainParams, device: str, precision: str, output_dir: Path = CHECKPOINT_DIR):
+    """The Trainer's settings: checkpoints every checkpoint_every steps, the best evaluated model kept, and on a
+    GPU the fast path (TF32 matmuls, fused AdamW, pinned memory)."""
     from transformers import TrainingArguments
 
+    cuda = device == "cuda"
     return TrainingArguments(
-        output_dir=str(CHECKPOINT_DIR),
+        output_dir=str(output_dir),
         max_steps=params.max_steps,
         num_train_epochs=params.epochs,
         per_device_train_batch_size=params.batch_size,
@@ -153,16 +183,27 @@ def training_arguments(params: TrainParams, device: str, precision: str):
         seed=params.seed,
         data_seed=params.seed,
         bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=device == "cpu",
+        fp16=precision == "fp16",  # the Trainer scales the loss for fp16
+        use_cpu=not cuda,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        torch_compile=params.torch_compile,
+        activation_checkpointing=params.gradient_checkpointing,
         logging_steps=params.logging_steps,
         eval_strategy="steps",
         eval_steps=params.eval_steps,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=params.checkpoint_every,
+        save_total_limit=params.keep_checkpoints,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
-        dataloader_pin_memory=device == "cuda",
+        dataloader_num_workers=params.dataloader_workers,
+        dataloader_pin_memory=cuda,
+        ddp_backend=("nccl" if cuda else "gloo") if "LOCAL_RANK" in os.environ else None,
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -173,51 +214,72 @@ def train(
     tokenized_dir: Path = TOKENIZED_DIR,
     model_dir: Path = MODEL_DIR,
     plot_file: Path = PLOT_FILE,
+    checkpoint_dir: Path = CHECKPOINT_DIR,
 ) -> dict[str, Any]:
-    """Train, save the model folder and the loss curve; returns the train metrics."""
+    """Train (resuming from the last checkpoint of the same settings), save the model folder and the loss
+    curve; returns the train metrics. Under torchrun only the first process writes and logs."""
     import datasets
-    from transformers import AutoTokenizer, PrinterCallback, Trainer, set_seed
+    from transformers import AutoTokenizer, EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
 
     if not (tokenized_dir / "dataset_dict.json").exists():
         raise PipelineError(f"{tokenized_dir}: not found; run the tokenize stage first (dvc repro)")
     device = resolve_device(params.train.device)
     precision = resolve_precision(params.train.precision, device)
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls where the GPU has them
     set_seed(params.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     blocks = datasets.load_from_disk(str(tokenized_dir)).select_columns(["input_ids"]).with_format("torch")
     model = build_model(params.model, tokenizer, params.tokenizer.block_size)
-    args = training_arguments(params.train, device, precision)
-    curve: list[tuple[int, float]] = []
+    args = training_arguments(params.train, device, precision, checkpoint_dir)
+    # Under torchrun the launcher has already cleaned the folder: workers only look for a checkpoint.
+    resume_from = checkpoints.prepare(
+        checkpoint_dir, checkpoints.fingerprint(params, tokenized_dir), clean="LOCAL_RANK" not in os.environ
+    )
+    tokens_per_step = params.train.batch_size * params.train.grad_accum * params.tokenizer.block_size * args.world_size
+    meter = throughput.Meter(model, tokens_per_step, params.tokenizer.block_size, args.world_size, device, precision)
+    callbacks = [MlflowLogger(run_id, meter, params.train.max_steps)]
+    if params.train.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.train.early_stopping_patience))
     trainer = Trainer(
         model=model,
         args=args,
         data_collator=_collate,
         train_dataset=blocks["train"],
         eval_dataset=blocks["validation"],
-        callbacks=[_callback(run_id, curve, params.train.max_steps)],
+        callbacks=callbacks,
     )
-    trainer.remove_callback(PrinterCallback)  # our callback prints one readable line per logging step
-    print(
-        f"train: {model.num_parameters():,} parameters on {device} ({precision}), "
-        f"{len(blocks['train'])} blocks of {params.tokenizer.block_size}"
-    )
+    trainer.remove_callback(PrinterCallback)  # MlflowLogger prints one readable line per logging step
+    if args.process_index == 0:
+        print(
+            f"train: {model.num_parameters():,} parameters on {device} ({precision}) x {args.world_size} process(es), "
+            f"{len(blocks['train'])} blocks of {params.tokenizer.block_size}"
+            + (f", resuming from {resume_from}" if resume_from else "")
+        )
     started = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
+    curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     if not curve or not math.isfinite(curve[-1][1]):
         raise PipelineError("train: the loss is not finite; lower train.learning_rate or check the data")
-    _save(model, tokenizer, model_dir)
+    if not trainer.is_world_process_zero():
+        return {}
+    _save(trainer.model, tokenizer, model_dir)
     _write_curve(curve, plot_file)
+    checkpoints.clear(checkpoint_dir)  # finished: the next run, with whatever params, starts afresh
     steps = result.global_step
-    tokens = steps * params.train.batch_size * params.train.grad_accum * params.tokenizer.block_size
+    evals = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     return {
         "train_loss": curve[-1][1],
         "train_loss_first": curve[0][1],
+        "best_eval_loss": min(evals) if evals else None,
         "steps": steps,
-        "tokens_seen": tokens,
-        "tokens_per_second": tokens / seconds,
+        "tokens_seen": steps * meter.tokens_per_step,
+        "tokens_per_second": meter.mean_tokens_per_second(),
+        "mfu": meter.mean_mfu(),
         "seconds": seconds,
         "parameters": model.num_parameters(),
+        "processes": args.world_size,
         "device": device,
         "precision": precision,
     }
@@ -236,16 +298,41 @@ def _write_curve(curve: list[tuple[int, float]], plot_file: Path) -> None:
         writer.writerows(curve)
 
 
+def launch_processes(params: Params, run_id: str) -> int:
+    """Rerun this stage under torchrun with train.num_processes workers, all writing to one MLflow run."""
+    checkpoints.prepare(CHECKPOINT_DIR, checkpoints.fingerprint(params, TOKENIZED_DIR))
+    env = {**os.environ, tracking.RUN_ID_ENV: run_id, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={params.train.num_processes}",
+        "-m",
+        "tasks.train",
+    ]
+    return subprocess.run(command, env=env, check=False).returncode
+
+
 def main() -> None:
     params = load_params()
-    run_id = tracking.pipeline_run(params)
+    distributed = "LOCAL_RANK" in os.environ
+    first = os.environ.get("RANK", "0") == "0"
+    run_id = tracking.pipeline_run(params) if first else os.environ[tracking.RUN_ID_ENV]
+    if params.train.num_processes > 1 and not distributed:
+        code = launch_processes(params, run_id)
+        if code:
+            raise PipelineError(f"train: a torchrun worker failed (exit status {code}); see its output above")
+        return
     metrics = train(params, run_id)
+    if not first:
+        return
     write_json(METRICS_FILE, metrics)
     numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, int | float) and k != "train_loss"}
     tracking.log_metrics(run_id, numeric, step=metrics["steps"])
     print(
         f"train: {metrics['steps']} steps, loss {metrics['train_loss_first']:.3f} -> {metrics['train_loss']:.3f}, "
-        f"{metrics['tokens_per_second']:.0f} tokens/s -> {MODEL_DIR}"
+        f"{metrics['tokens_per_second']:.0f} tokens/s, MFU {metrics['mfu']:.1%} -> {MODEL_DIR}"
     )
 
 

@@ -102,3 +102,14 @@ def prepared(tmp_path: Path) -> Path:
             for text in chunk:
                 handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     return folder
+
+
+@pytest.fixture
+def mlflow_run(tmp_path, monkeypatch) -> str:
+    """A real run in a throwaway SQLite MLflow store; MLFLOW_TRACKING_URI points at it for the test."""
+    from tasks import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    client = tracking.client()
+    experiment = client.create_experiment("tests", artifact_location=(tmp_path / "artifacts").as_uri())
+    return client.create_run(experiment).info.run_id

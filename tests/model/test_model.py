@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from tasks import tracking
 from tasks.common import PipelineError
 from tasks.evaluate import evaluate, score_blocks
 from tasks.params import ModelParams, parse_params
@@ -70,26 +71,29 @@ def test_unreachable_hub_model_says_use_a_local_folder(tokenized, monkeypatch):
         build_model(ModelParams(init="pretrained", name_or_path="no-such-org/gpt2-x"), tokenizer, 64)
 
 
-def test_training_lowers_loss_and_perplexity(tokenized, tmp_path, monkeypatch):
-    logged = []
-    monkeypatch.setattr("tasks.tracking.log_metrics", lambda run_id, metrics, step=0: logged.append((step, metrics)))
-    params = parse_params(merge(tiny_params(), {"train": {"max_steps": 60, "eval_steps": 30}}))
+def test_training_lowers_loss_and_perplexity(tokenized, tmp_path, mlflow_run):
+    params = parse_params(merge(tiny_params(), {"train": {"max_steps": 60, "eval_steps": 30, "checkpoint_every": 30}}))
     metrics = train(
         params,
-        "run-id",
+        mlflow_run,
         tokenized / "tokenizer",
         tokenized / "tokenized",
         tmp_path / "model",
         tmp_path / "plots/train_loss.csv",
+        tmp_path / "checkpoints",
     )
     assert metrics["steps"] == 60 and metrics["tokens_seen"] == 60 * 8 * 64
-    assert metrics["train_loss"] < metrics["train_loss_first"] - 1.0
+    assert metrics["train_loss"] < 0.9 * metrics["train_loss_first"]
+    assert 0 < metrics["mfu"] < 1 and metrics["tokens_per_second"] > 0
     assert (tmp_path / "model/model.safetensors").exists() and (tmp_path / "model/tokenizer.json").exists()
     assert json.loads((tmp_path / "model/generation_config.json").read_text())["eos_token_id"] == 0
+    assert not (tmp_path / "checkpoints").exists(), "a finished run leaves no checkpoints for the next one"
     rows = (tmp_path / "plots/train_loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss" and len(rows) == 1 + 6
-    assert {"train/loss", "train/learning_rate"} <= set(logged[0][1]) and logged[0][0] == 10
-    assert any("train/eval_loss" in m for _, m in logged)
+    client = tracking.client()
+    for key in ("train/loss", "train/learning_rate", "train/tokens_per_second", "train/mfu"):
+        assert [m.step for m in client.get_metric_history(mlflow_run, key)] == [10, 20, 30, 40, 50, 60], key
+    assert [m.step for m in client.get_metric_history(mlflow_run, "train/eval_loss")] == [30, 60]
     trained = evaluate(tmp_path / "model", tokenized / "tokenized", batch_size=8, device="cpu")
     untrained = score_blocks(
         GPT2LMHeadModel(GPT2LMHeadModel.from_pretrained(tmp_path / "model").config),

@@ -114,3 +114,22 @@ def test_hub_source_offline_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PipelineError, match=r"cannot load hf:no-such/dataset from the Hugging Face Hub .*save the"):
         ingest(params(["hf:no-such/dataset"]), tmp_path / "out")
+
+
+def test_dialog_records_keep_their_turns(tmp_path):
+    source = tmp_path / "chat.jsonl"
+    source.write_text(
+        json.dumps(["你好", "你好呀  ", ""], ensure_ascii=False)
+        + "\n"
+        + json.dumps({"dialog": ["在吗", "在"]}, ensure_ascii=False)
+        + "\n"
+    )
+    with pytest.raises(PipelineError, match=r"chat.jsonl:2: record has no field 'text'"):
+        ingest(params([source], format="dialog"), tmp_path / "out")
+    source.write_text(json.dumps(["你好", "你好呀  ", ""], ensure_ascii=False) + "\n" + '["ok", 3]\n')
+    with pytest.raises(PipelineError, match=r"chat.jsonl:2: a dialogue record must be a list of turns"):
+        ingest(params([source], format="dialog", text_field="dialog"), tmp_path / "out")
+    source.write_text("\n".join(json.dumps({"dialog": [f"问{i}", f"答{i}"]}, ensure_ascii=False) for i in range(50)))
+    ingest(params([source], format="dialog", text_field="dialog", validation_fraction=0.2), tmp_path / "out")
+    records = [json.loads(line) for line in (tmp_path / "out/train.jsonl").read_text().splitlines()]
+    assert all(r["turns"] == r["text"].split("\n") and len(r["turns"]) == 2 for r in records)

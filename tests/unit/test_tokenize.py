@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import numpy as np
 import pytest
@@ -59,3 +61,43 @@ def test_a_corpus_smaller_than_one_block_is_refused(prepared, tmp_path):
             tmp_path / "tokenized",
         )
     assert not (tmp_path / "tokenized").exists()
+
+
+def test_char_tokenizer_one_token_a_character(prepared, tmp_path):
+    stats = tokenize(
+        TokenizerParams(kind="char", vocab_size=5000, min_frequency=2, block_size=32),
+        ModelParams(),
+        prepared,
+        tmp_path / "tokenizer",
+        tmp_path / "tokenized",
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
+    assert len(tokenizer) == stats["vocab_size"] < 5000  # only characters seen at least twice
+    assert tokenizer.convert_ids_to_tokens([0, 1, 2]) == ["[UNK]", "<|endoftext|>", "[SEP]"]
+    line = "明月光 and light"
+    ids = tokenizer(line, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(line)
+    assert tokenizer.decode(ids) == line
+    assert tokenizer.convert_ids_to_tokens(tokenizer("𝔘")["input_ids"]) == ["[UNK]"]
+
+
+def test_dialog_turns_are_joined_with_the_separator(tmp_path):
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    dialog = {"text": "你好\n你好呀，吃了吗\n吃了", "turns": ["你好", "你好呀，吃了吗", "吃了"]}
+    for split in ("train", "validation"):
+        (folder / f"{split}.jsonl").write_text((json.dumps(dialog, ensure_ascii=False) + "\n") * 4)
+    tokenize(
+        TokenizerParams(kind="char", vocab_size=100, min_frequency=1, block_size=16),
+        ModelParams(),
+        folder,
+        tmp_path / "tokenizer",
+        tmp_path / "tokenized",
+        dialog=True,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
+    blocks = datasets.load_from_disk(str(tmp_path / "tokenized"))["train"]
+    stream = [i for block in blocks["input_ids"] for i in block]
+    assert tokenizer.decode(stream[:14]) == "你好[SEP]你好呀，吃了吗[SEP]吃了<|endoftext|>"
+    record_bytes = len("你好\n你好呀，吃了吗\n吃了\n".encode())
+    assert sum(blocks["token_bytes"][0][:14]) == record_bytes

@@ -1,0 +1,111 @@
+"""Training throughput and model FLOPs utilization (MFU), as nanoGPT computes them.
+
+FLOPs per token = 6N + 12·L·H·Q·T (N parameters without the position embeddings, L layers, H heads, Q head
+size, T block size). The peak comes from a table of GPUs, or, for a CPU or an unlisted GPU, from a matmul
+measured once on the device itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+# Dense peak TFLOP/s: (bf16/fp16 tensor cores, TF32 tensor cores, plain fp32). Longer names first: "H100 PCIe"
+# must match before "H100", "L40S" before "L4".
+PEAK_TFLOPS = (
+    ("H200", (989.0, 494.0, 67.0)),
+    ("H100 PCIe", (756.0, 378.0, 51.0)),
+    ("H100 NVL", (835.0, 418.0, 60.0)),
+    ("H100", (989.0, 494.0, 67.0)),
+    ("A100", (312.0, 156.0, 19.5)),
+    ("L40S", (362.0, 183.0, 91.6)),
+    ("L4", (121.0, 60.0, 30.3)),
+    ("A10", (125.0, 62.5, 31.2)),
+    ("V100", (125.0, 15.7, 15.7)),
+    ("T4", (65.0, 8.1, 8.1)),
+)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def flops_per_token(config, parameters: int, block_size: int) -> float:
+    """Training FLOPs per token: forward and backward through the weights (6N) and through attention."""
+    head_size = config.n_embd // config.n_head
+    return 6 * parameters + 12 * config.n_layer * config.n_head * head_size * block_size
+
+
+def counted_parameters(model) -> int:
+    """All parameters but the position embeddings (the token embeddings are the tied output layer's)."""
+    return model.num_parameters() - model.transformer.wpe.weight.numel()
+
+
+def table_peak(device_name: str, precision: str, tf32: bool) -> float | None:
+    for name, (half, tensor_fp32, plain_fp32) in PEAK_TFLOPS:
+        if name in device_name:
+            if precision in ("bf16", "fp16"):
+                return half * 1e12
+            return (tensor_fp32 if tf32 else plain_fp32) * 1e12
+    return None
+
+
+@functools.cache
+def measured_peak(device: str, precision: str) -> float:
+    """FLOP/s of a square matmul on this device in this precision: the achievable peak where no table applies."""
+    size = 4096 if device == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=DTYPES[precision])
+    b = torch.randn(size, size, device=device, dtype=DTYPES[precision])
+    a @ b  # warm-up: kernels chosen, memory allocated
+    repeats = 5
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def peak_flops(device: str, precision: str) -> float:
+    """The peak FLOP/s of one device: the table for a known GPU, a measurement otherwise."""
+    if device == "cuda":
+        tf32 = torch.get_float32_matmul_precision() != "highest"
+        peak = table_peak(torch.cuda.get_device_name(), precision, tf32)
+        if peak:
+            return peak
+    return measured_peak(device, precision)
+
+
+class Meter:
+    """Tokens/s and MFU over the time spent inside training steps (evaluation and checkpoints excluded)."""
+
+    def __init__(self, model, tokens_per_step: int, block_size: int, world_size: int, device: str, precision: str):
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token(model.config, counted_parameters(model), block_size)
+        self.peak = peak_flops(device, precision) * world_size
+        self.busy = self.total_busy = 0.0
+        self.steps = self.total_steps = 0
+        self._began = 0.0
+
+    def step_began(self) -> None:
+        self._began = time.perf_counter()
+
+    def step_ended(self) -> None:
+        self.busy += time.perf_counter() - self._began
+        self.steps += 1
+
+    def interval(self) -> dict[str, float]:
+        """Throughput since the previous call; the interval's counts move into the totals."""
+        if not self.steps or self.busy <= 0:
+            return {}
+        rate = self.steps * self.tokens_per_step / self.busy
+        self.total_busy += self.busy
+        self.total_steps += self.steps
+        self.busy, self.steps = 0.0, 0
+        return {"train/tokens_per_second": rate, "train/mfu": rate * self.flops_per_token / self.peak}
+
+    def mean_tokens_per_second(self) -> float:
+        self.interval()
+        return self.total_steps * self.tokens_per_step / self.total_busy if self.total_busy else 0.0
+
+    def mean_mfu(self) -> float:
+        return self.mean_tokens_per_second() * self.flops_per_token / self.peak
