@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -73,7 +72,9 @@ def summary():
         outputs[path] = json.loads(path.read_text())
     trained, scores, registered = outputs[TRAIN_METRICS], outputs[EVAL_METRICS], outputs[REGISTERED_FILE]
     name, alias = registered["name"], registered["alias"]
-    mlflow_bin = os.path.relpath(Path(sys.executable).parent / "mlflow")
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    if mlflow_bin.is_relative_to(Path.cwd()):
+        mlflow_bin = mlflow_bin.relative_to(Path.cwd())
     typer.echo(
         f"trained   {trained['steps']} steps on {trained['device']}, train loss {trained['train_loss_first']:.3f} -> "
         f"{trained['train_loss']:.3f}, {trained['tokens_per_second']:.0f} tokens/s, {trained['seconds']:.0f} s\n"
@@ -84,6 +85,41 @@ def summary():
         f'Load it:    mlflow.transformers.load_model("models:/{name}@{alias}")  '
         f"(with MLFLOW_TRACKING_URI={tracking.tracking_uri()})"
     )
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="text to continue")],
+    model: Annotated[str, typer.Option(help="a save_pretrained folder or an MLflow URI (models:/gpt2-lm@champion)")] = (
+        "models/gpt2"
+    ),
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0)] = 50,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
+    seed: int = 0,
+):
+    """Continue a prompt with a trained model (sampling with a fixed seed, so the same call gives the same text)."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel, set_seed
+
+    try:
+        with tracking.model_source(model) as source:
+            lm = GPT2LMHeadModel.from_pretrained(source.model, use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
+    except (OSError, PipelineError) as exc:
+        fail(str(exc).splitlines()[0])
+    set_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    output = lm.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature or None,
+        top_k=top_k,
+        top_p=top_p,
+        pad_token_id=tokenizer.eos_token_id,
+    )
+    typer.echo(tokenizer.decode(output[0], skip_special_tokens=True))
 
 
 if __name__ == "__main__":

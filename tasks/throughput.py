@@ -66,13 +66,17 @@ def measured_peak(device: str, precision: str) -> float:
 
 
 def peak_flops(device: str, precision: str) -> float:
-    """The peak FLOP/s of one device: the table for a known GPU, a measurement otherwise."""
+    """The peak FLOP/s of one device: the table for a known GPU, a measurement otherwise.
+
+    A measured peak is the faster of fp32 and the training precision: a CPU without native bf16 emulates it,
+    and its real peak is still its fp32 rate.
+    """
     if device == "cuda":
         tf32 = torch.get_float32_matmul_precision() != "highest"
         peak = table_peak(torch.cuda.get_device_name(), precision, tf32)
         if peak:
             return peak
-    return measured_peak(device, precision)
+    return max(measured_peak(device, "fp32"), measured_peak(device, precision))
 
 
 class Meter:

@@ -61,6 +61,14 @@ def test_dvc_repro_registers_a_model_that_loads_and_generates(pipeline):
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:") + 5
 
 
+def test_generate_from_the_registry_and_from_the_folder(pipeline):
+    command = [str(BIN / "gpt2-pipeline"), "generate", "--prompt", "KING:", "--max-new-tokens", "20"]
+    from_registry = run([*command, "--model", "models:/gpt2-lm@challenger"], pipeline).stdout
+    from_folder = run([*command, "--model", "models/gpt2"], pipeline).stdout
+    assert from_registry.startswith("KING:") and len(from_registry.strip()) > len("KING:") + 10
+    assert from_registry == from_folder  # the same weights and the same seed give the same text
+
+
 def test_one_mlflow_run_holds_params_curve_metrics_and_model(pipeline):
     registered = json.loads((pipeline / "registered.json").read_text())
     client = mlflow_client(pipeline)
@@ -120,3 +128,34 @@ def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(pipeline):
     new_run = client.get_run(registered["run_id"])
     assert new_run.data.params["evaluate.batch_size"] == "4"
     assert new_run.data.tags["prefect_flow_run_id"] == version.tags["prefect_flow_run_id"]
+
+
+def test_continue_training_the_registered_model_from_its_mlflow_uri(pipeline):
+    first_run = json.loads((pipeline / "metrics/train.json").read_text())
+    perplexity_before = json.loads((pipeline / "metrics/eval.json").read_text())["perplexity"]
+    params = merge(
+        tiny_params(),
+        {
+            "tokenizer": {"kind": "pretrained"},
+            "model": {"init": "pretrained", "name_or_path": "models:/gpt2-lm@challenger", "config": {}},
+            "train": {
+                "max_steps": 30,
+                "warmup_steps": 0,
+                "learning_rate": 1.0e-3,
+                "eval_steps": 30,
+                "checkpoint_every": 30,
+            },
+        },
+    )
+    write_params(pipeline, params)
+    run([str(BIN / "dvc"), "repro"], pipeline)
+    continued = json.loads((pipeline / "metrics/train.json").read_text())
+    # It starts where the registered model left off, not from an untrained model's loss.
+    assert continued["train_loss_first"] < first_run["train_loss_first"] - 0.5
+    assert json.loads((pipeline / "metrics/eval.json").read_text())["perplexity"] < perplexity_before * 1.05
+    assert json.loads((pipeline / "registered.json").read_text())["version"] == "3"
+
+    write_params(pipeline, merge(params, {"model": {"name_or_path": "models:/gpt2-lm@no-such-alias"}}))
+    result = run([str(BIN / "dvc"), "repro"], pipeline, check=False)
+    assert result.returncode != 0
+    assert "error: model.name_or_path: models:/gpt2-lm@no-such-alias is not in the MLflow registry" in result.stderr

@@ -83,9 +83,7 @@ def test_chinese_dialogue_trains_with_a_char_tokenizer(tmp_path):
     project = copy_project(tmp_path)
     turns = [["你好", "你好呀，今天天气不错"], ["吃饭了吗", "吃了，你呢", "我也吃了"], ["在忙什么", "在看书"]]
     lines = [
-        json.dumps({"dialog": [f"{t}{i}" for t in dialog]}, ensure_ascii=False)
-        for i in range(300)
-        for dialog in turns
+        json.dumps({"dialog": [f"{t}{i}" for t in dialog]}, ensure_ascii=False) for i in range(300) for dialog in turns
     ]
     (project / "data/samples/chat.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     params = merge(

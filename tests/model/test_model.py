@@ -102,3 +102,31 @@ def test_training_lowers_loss_and_perplexity(tokenized, tmp_path, mlflow_run):
         "cpu",
     ).metrics()
     assert trained["perplexity"] < untrained["perplexity"] / 2
+
+
+def test_early_stopping_keeps_the_best_model(tokenized, tmp_path, mlflow_run):
+    # A learning rate far too high makes the validation loss climb after its first evaluations.
+    unstable = {
+        "learning_rate": 0.05,
+        "lr_scheduler": "constant_with_warmup",
+        "warmup_steps": 0,
+        "max_steps": 300,
+        "eval_steps": 10,
+        "checkpoint_every": 10,
+        "early_stopping_patience": 2,
+    }
+    params = parse_params(merge(tiny_params(), {"train": unstable}))
+    metrics = train(
+        params,
+        mlflow_run,
+        tokenized / "tokenizer",
+        tokenized / "tokenized",
+        tmp_path / "model",
+        tmp_path / "plots.csv",
+        tmp_path / "checkpoints",
+    )
+    evals = [m.value for m in tracking.client().get_metric_history(mlflow_run, "train/eval_loss")]
+    assert metrics["steps"] < 300 and len(evals) == metrics["steps"] // 10
+    assert min(evals[-2:]) > min(evals) == metrics["best_eval_loss"]  # stopped after two evaluations no better
+    kept = evaluate(tmp_path / "model", tokenized / "tokenized", batch_size=8, device="cpu")
+    assert kept["eval_loss"] == pytest.approx(metrics["best_eval_loss"], rel=1e-4)

@@ -1,0 +1,141 @@
+"""Tokens/s of the project's training path (tasks.train: Trainer, its arguments, collator and callbacks)
+against a bare PyTorch loop (forward, backward, AdamW step, zero_grad) on the same model, batch and block.
+
+The two alternate for several rounds in one process, so machine noise hits both alike; each round times
+`--steps` steps after `--warmup` untimed ones. Prints tokens/s of both, the ratio and the project path's MFU.
+Run: python bench/train_throughput.py [--layers 6 --width 256 --block 256 --batch 8 --precision fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback
+
+from tasks import throughput
+from tasks.params import TrainParams
+from tasks.train import _collate, resolve_device, resolve_precision, training_arguments
+
+VOCAB = 4096
+
+
+class StepClock(TrainerCallback):
+    """Wall time from the end of the last warm-up step to the end of the last step: all per-step overhead in."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.started, self.ended = warmup, 0.0, 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup:
+            self.started = time.perf_counter()
+        self.ended = time.perf_counter()
+
+
+def make_model(layers: int, width: int, block: int) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_layer=layers,
+        n_head=width // 32,
+        n_embd=width,
+        n_positions=block,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="sdpa",
+    )
+    return GPT2LMHeadModel(config)
+
+
+def project_path(args, blocks, device: str, precision: str) -> float:
+    """tokens/s through the Trainer exactly as the train stage configures it (no eval or checkpoint in range)."""
+    params = TrainParams(
+        max_steps=args.warmup + args.steps,
+        batch_size=args.batch,
+        learning_rate=1e-3,
+        logging_steps=10,
+        eval_steps=10**6,
+        checkpoint_every=10**6,
+        device=args.device,
+        precision=args.precision,
+    )
+    clock = StepClock(args.warmup)
+    with tempfile.TemporaryDirectory() as scratch:
+        trainer = Trainer(
+            model=make_model(args.layers, args.width, args.block),
+            args=training_arguments(params, device, precision, Path(scratch)),
+            data_collator=_collate,
+            eval_dataset=blocks,
+            train_dataset=blocks,
+            callbacks=[clock],
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    return args.steps * args.batch * args.block / (clock.ended - clock.started)
+
+
+def bare_loop(args, blocks, device: str, precision: str) -> float:
+    """tokens/s of the plainest correct loop over the same blocks."""
+    model = make_model(args.layers, args.width, args.block).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = blocks["input_ids"]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    started = 0.0
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            started = time.perf_counter()
+        batch = ids[step * args.batch % len(ids) :][: args.batch].to(device).long()
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return args.steps * args.batch * args.block / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    datasets.disable_progress_bars()
+    rng = np.random.default_rng(0)
+    count = (args.warmup + args.steps) * args.batch
+    blocks = datasets.Dataset.from_dict({"input_ids": rng.integers(0, VOCAB, (count, args.block), dtype=np.int32)})
+    blocks = blocks.with_format("torch")
+    ours, bare = [], []
+    for round_ in range(args.rounds):
+        ours.append(project_path(args, blocks, device, precision))
+        bare.append(bare_loop(args, blocks, device, precision))
+        print(f"round {round_ + 1}: project {ours[-1]:,.0f} tokens/s, bare {bare[-1]:,.0f} tokens/s")
+    model = make_model(args.layers, args.width, args.block)
+    flops = throughput.flops_per_token(model.config, throughput.counted_parameters(model), args.block)
+    peak = throughput.peak_flops(device, precision)
+    project, reference = statistics.median(ours), statistics.median(bare)
+    print(
+        f"GPT-2 {args.layers}x{args.width}, block {args.block}, batch {args.batch}, {device} {precision}: "
+        f"project {project:,.0f} tokens/s, bare loop {reference:,.0f} tokens/s, ratio {project / reference:.3f}, "
+        f"project MFU {project * flops / peak:.1%} (peak {peak / 1e12:.2f} TFLOP/s)"
+    )
+
+
+if __name__ == "__main__":
+    main()
