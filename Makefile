@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 # dvc runs each stage's `python -m tasks.<stage>` through PATH: make that the project's interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+bench: install
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf data/prepared data/tokenized models checkpoints registered.json mlflow.db mlartifacts .mlflow-run.json

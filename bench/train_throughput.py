@@ -3,7 +3,7 @@ against a bare PyTorch loop (forward, backward, AdamW step, zero_grad) on the sa
 
 The two alternate for several rounds in one process, so machine noise hits both alike; each round times
 `--steps` steps after `--warmup` untimed ones. Prints tokens/s of both, the ratio and the project path's MFU.
-Run: python bench/train_throughput.py [--layers 6 --width 256 --block 256 --batch 8 --precision fp32]
+Run: python bench/train_throughput.py [--layers 6 --width 256 --heads 8 --block 256 --batch 8 --precision fp32]
 """
 
 from __future__ import annotations
@@ -38,12 +38,12 @@ class StepClock(TrainerCallback):
         self.ended = time.perf_counter()
 
 
-def make_model(layers: int, width: int, block: int) -> GPT2LMHeadModel:
+def make_model(layers: int, width: int, heads: int, block: int) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=VOCAB,
         n_layer=layers,
-        n_head=width // 32,
+        n_head=heads,
         n_embd=width,
         n_positions=block,
         resid_pdrop=0.0,
@@ -69,7 +69,7 @@ def project_path(args, blocks, device: str, precision: str) -> float:
     clock = StepClock(args.warmup)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(
-            model=make_model(args.layers, args.width, args.block),
+            model=make_model(args.layers, args.width, args.heads, args.block),
             args=training_arguments(params, device, precision, Path(scratch)),
             data_collator=_collate,
             eval_dataset=blocks,
@@ -83,7 +83,7 @@ def project_path(args, blocks, device: str, precision: str) -> float:
 
 def bare_loop(args, blocks, device: str, precision: str) -> float:
     """tokens/s of the plainest correct loop over the same blocks."""
-    model = make_model(args.layers, args.width, args.block).to(device).train()
+    model = make_model(args.layers, args.width, args.heads, args.block).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = blocks["input_ids"]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -106,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
@@ -126,7 +127,7 @@ def main() -> None:
         ours.append(project_path(args, blocks, device, precision))
         bare.append(bare_loop(args, blocks, device, precision))
         print(f"round {round_ + 1}: project {ours[-1]:,.0f} tokens/s, bare {bare[-1]:,.0f} tokens/s")
-    model = make_model(args.layers, args.width, args.block)
+    model = make_model(args.layers, args.width, args.heads, args.block)
     flops = throughput.flops_per_token(model.config, throughput.counted_parameters(model), args.block)
     peak = throughput.peak_flops(device, precision)
     project, reference = statistics.median(ours), statistics.median(bare)
