@@ -88,6 +88,66 @@ def summary():
 
 
 @app.command()
+def promote():
+    """Run the promote-model flow: @champion moves to @challenger only if it has fewer bits per byte."""
+    from flows.promote import promote_model
+
+    try:
+        decision = promote_model()
+    except PipelineError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(decision, indent=2))
+
+
+@app.command()
+def rollback():
+    """Move @champion back to @previous-champion."""
+    from tasks.promote import rollback as roll_back
+
+    try:
+        result = roll_back(load_params().register.model_name)
+    except PipelineError as exc:
+        fail(str(exc))
+    typer.echo(f"@champion is version {result['champion_version']} again (was {result['replaced_version']})")
+
+
+@app.command()
+def models():
+    """A table of the registered model's versions: aliases, scores and lineage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    name = load_params().register.model_name
+    client = tracking.client()
+    versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    if not versions:
+        fail(f"no versions of {name} at {tracking.tracking_uri()}; run the pipeline first (make run)")
+    # search_model_versions leaves ModelVersion.aliases empty; the registered model holds the mapping.
+    by_version: dict[str, list[str]] = {}
+    for alias, number in client.get_registered_model(name).aliases.items():
+        by_version.setdefault(str(number), []).append(f"@{alias}")
+    table = Table(title=f"{name} at {tracking.tracking_uri()}")
+    for column in ("version", "aliases", "bits/byte", "perplexity", "promotion", "git commit", "run"):
+        table.add_column(column)
+    for version in versions:
+        tags = version.tags
+        table.add_row(
+            str(version.version),
+            " ".join(sorted(by_version.get(str(version.version), []))),
+            _number(tags.get("eval_bits_per_byte"), ".4f"),
+            _number(tags.get("eval_perplexity"), ".2f"),
+            {"True": "promoted", "False": "kept out"}.get(tags.get("promotion_promoted", ""), ""),
+            tags.get("git_commit", "")[:8] + ("*" if tags.get("git_dirty") == "true" else ""),
+            version.run_id[:8],
+        )
+    Console(width=160).print(table)
+
+
+def _number(text: str | None, spec: str) -> str:
+    return format(float(text), spec) if text else ""
+
+
+@app.command()
 def generate(
     prompt: Annotated[str, typer.Option(help="text to continue")],
     model: Annotated[str, typer.Option(help="a save_pretrained folder or an MLflow URI (models:/gpt2-lm@champion)")] = (
@@ -100,7 +160,10 @@ def generate(
     seed: int = 0,
 ):
     """Continue a prompt with a trained model (sampling with a fixed seed, so the same call gives the same text)."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel, set_seed
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from tasks.evaluate import sample
+    from tasks.params import GenerationParams
 
     try:
         with tracking.model_source(model) as source:
@@ -108,18 +171,10 @@ def generate(
             tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
     except (OSError, PipelineError) as exc:
         fail(str(exc).splitlines()[0])
-    set_seed(seed)
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    output = lm.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature or None,
-        top_k=top_k,
-        top_p=top_p,
-        pad_token_id=tokenizer.eos_token_id,
+    settings = GenerationParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     )
-    typer.echo(tokenizer.decode(output[0], skip_special_tokens=True))
+    typer.echo(sample(lm, tokenizer, [prompt], settings)[0]["text"])
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """Stage `evaluate`: validation perplexity and bits per byte of the trained model.
 
-Perplexity is exp(total NLL / total predicted tokens) over every block of the validation split, never a mean
-of batch means; bits per byte divides the same NLL (in bits) by the UTF-8 bytes of the predicted tokens, so
-models with different tokenizers compare. Writes metrics/eval.json.
+Perplexity is exp(total NLL / total predicted tokens) over the whole validation split, never a mean of
+batch means, scored in windows of block_size tokens that advance by evaluate.stride (each token scored
+once). Bits per byte divides the same NLL (in bits) by the UTF-8 bytes of the predicted tokens, so models
+with different tokenizers compare. Writes metrics/eval.json.
 Run: python -m tasks.evaluate
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +20,12 @@ import torch.nn.functional as F
 
 from tasks import tracking
 from tasks.common import PipelineError, run_cli, write_json
-from tasks.params import load_params
+from tasks.params import GenerationParams, load_params
 from tasks.tokenize import TOKENIZED_DIR
 from tasks.train import MODEL_DIR, resolve_device
 
 METRICS_FILE = Path("metrics/eval.json")
+SAMPLES_FILE = Path("reports/samples.json")
 
 
 @dataclass
@@ -32,6 +35,7 @@ class Score:
     nll: float = 0.0  # natural-log negative log-likelihood, summed over predicted tokens
     tokens: int = 0
     bytes: int = 0
+    chars: int = 0
 
     def metrics(self) -> dict[str, float]:
         loss = self.nll / self.tokens
@@ -39,25 +43,57 @@ class Score:
             "eval_loss": loss,
             "perplexity": math.exp(loss),
             "bits_per_byte": self.nll / math.log(2) / self.bytes,
+            "bits_per_char": self.nll / math.log(2) / self.chars,
             "eval_tokens": self.tokens,
             "eval_bytes": self.bytes,
         }
 
 
-def score_blocks(model, blocks, batch_size: int, device: str) -> Score:
-    """Sum the NLL of every token after the first of each block; logits live one batch at a time."""
+def windows(total: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window over a stream of `total` tokens.
+
+    The transformers perplexity guide's sliding window: each window scores only the tokens after the previous
+    window's end, the ones before serving as context. With stride == block_size the windows are the blocks.
+    """
+    spans, previous_end = [], 0
+    for begin in range(0, total - 1, stride):
+        end = min(begin + block_size, total)
+        spans.append((begin, end, max(previous_end, begin + 1)))
+        previous_end = end
+        if end == total:
+            break
+    return spans
+
+
+def score(model, blocks, block_size: int, stride: int, batch_size: int, device: str) -> Score:
+    """Sum the NLL of every scored token of the validation stream (its blocks end to end), a batch of windows
+    at a time: logits never outlive their batch, so memory is flat in the number of validation tokens."""
+    ids = blocks["input_ids"].reshape(-1).long()
+    sizes = {unit: blocks[f"token_{unit}"].reshape(-1).long() for unit in ("bytes", "chars")}
+    spans = windows(len(ids), block_size, stride)
     model.to(device).eval()
-    score = Score()
+    result = Score()
     with torch.inference_mode():
-        for start in range(0, len(blocks), batch_size):
-            batch = blocks[start : start + batch_size]
-            ids = batch["input_ids"].to(device).long()
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="sum")
-            score.nll += nll.item()
-            score.tokens += ids[:, 1:].numel()
-            score.bytes += int(batch["token_bytes"][:, 1:].sum())
-    return score
+        for start in range(0, len(spans), batch_size):
+            batch = spans[start : start + batch_size]
+            for length in sorted({end - begin for begin, end, _ in batch}):  # only the last window is shorter
+                same = [span for span in batch if span[1] - span[0] == length]
+                _score_windows(model, ids, sizes, same, device, result)
+    return result
+
+
+def _score_windows(model, ids, sizes: dict, spans, device: str, result: Score) -> None:
+    window_ids = torch.stack([ids[begin:end] for begin, end, _ in spans])
+    positions = torch.arange(1, window_ids.size(1)).unsqueeze(0)  # targets: window positions 1..length-1
+    first = torch.tensor([scored - begin for begin, _, scored in spans]).unsqueeze(1)
+    scored = positions >= first
+    logits = model(input_ids=window_ids.to(device)).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.transpose(1, 2), window_ids[:, 1:].to(device), reduction="none").cpu()
+    result.nll += float(nll[scored].sum())
+    result.tokens += int(scored.sum())
+    for unit, per_token in sizes.items():
+        window_sizes = torch.stack([per_token[begin:end] for begin, end, _ in spans])[:, 1:]
+        setattr(result, unit, getattr(result, unit) + int(window_sizes[scored].sum()))
 
 
 def load_validation(tokenized_dir: Path = TOKENIZED_DIR):
@@ -69,23 +105,60 @@ def load_validation(tokenized_dir: Path = TOKENIZED_DIR):
 
 
 def evaluate(
-    model_dir: Path = MODEL_DIR, tokenized_dir: Path = TOKENIZED_DIR, batch_size: int = 16, device: str = "auto"
+    model_dir: Path = MODEL_DIR,
+    tokenized_dir: Path = TOKENIZED_DIR,
+    batch_size: int = 16,
+    device: str = "auto",
+    stride: int | None = None,
 ) -> dict[str, Any]:
-    """Score the saved model on the validation blocks."""
+    """Score the saved model on the validation stream; stride None means non-overlapping blocks."""
     from transformers import GPT2LMHeadModel
 
     if not (model_dir / "config.json").exists():
         raise PipelineError(f"{model_dir}: no model there; run the train stage first (dvc repro)")
     model = GPT2LMHeadModel.from_pretrained(str(model_dir), use_safetensors=True)
-    return score_blocks(model, load_validation(tokenized_dir), batch_size, resolve_device(device)).metrics()
+    blocks = load_validation(tokenized_dir)[:]
+    block_size = blocks["input_ids"].shape[1]
+    return score(model, blocks, block_size, stride or block_size, batch_size, resolve_device(device)).metrics()
+
+
+def sample(model, tokenizer, prompts: list[str], settings: GenerationParams) -> list[dict[str, str]]:
+    """Continue each prompt with generate(); a fixed seed makes the same settings give the same text."""
+    from transformers import set_seed
+
+    model.eval()
+    samples = []
+    for prompt in prompts:
+        set_seed(settings.seed)
+        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=settings.max_new_tokens,
+            do_sample=settings.temperature > 0,
+            temperature=settings.temperature or None,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            repetition_penalty=settings.repetition_penalty,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+        samples.append({"prompt": prompt, "text": tokenizer.decode(output[0], skip_special_tokens=True)})
+    return samples
 
 
 def main() -> None:
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
     params = load_params()
     run_id = tracking.pipeline_run(params)
-    metrics = evaluate(batch_size=params.evaluate.batch_size, device=params.train.device)
+    metrics = evaluate(batch_size=params.evaluate.batch_size, device=params.train.device, stride=params.evaluate.stride)
     write_json(METRICS_FILE, metrics)
     tracking.log_metrics(run_id, {f"eval/{key}": value for key, value in metrics.items()})
+    model = GPT2LMHeadModel.from_pretrained(str(MODEL_DIR), use_safetensors=True)
+    samples = sample(
+        model, AutoTokenizer.from_pretrained(str(MODEL_DIR)), params.evaluate.prompts, params.evaluate.generation
+    )
+    write_json(SAMPLES_FILE, samples)
+    tracking.client().log_text(run_id, json.dumps(samples, indent=2, ensure_ascii=False), "samples.json")
     print(
         f"evaluate: perplexity {metrics['perplexity']:.2f}, bits/byte {metrics['bits_per_byte']:.4f} "
         f"over {metrics['eval_tokens']} tokens -> {METRICS_FILE}"

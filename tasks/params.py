@@ -114,12 +114,29 @@ class TrainParams(Section):
         return value
 
 
+class GenerationParams(Section):
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(0.8, ge=0, description="0: greedy")
+    top_k: int = Field(50, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int = 0
+
+
 class EvaluateParams(Section):
     batch_size: int = Field(16, gt=0)
+    prompts: list[str] = Field(default_factory=lambda: ["\n"], description="sample generations, logged to MLflow")
+    generation: GenerationParams = GenerationParams()
+    stride: int | None = Field(None, gt=0, description="sliding-window step; null: block_size (no overlap)")
 
 
 class RegisterParams(Section):
     model_name: str = Field("gpt2-lm", min_length=1)
+
+
+class PromoteParams(Section):
+    min_improvement: float = Field(0.01, ge=0, lt=1, description="fraction fewer bits per byte than the champion")
+    eval_path: str | None = Field(None, description="a prepared-style JSONL to score on; null: the validation split")
 
 
 class MlflowParams(Section):
@@ -137,6 +154,7 @@ with warnings.catch_warnings():
         train: TrainParams = TrainParams()
         evaluate: EvaluateParams = EvaluateParams()
         register: RegisterParams = RegisterParams()
+        promote: PromoteParams = PromoteParams()
         mlflow: MlflowParams = MlflowParams()
 
         @model_validator(mode="after")
@@ -156,6 +174,11 @@ with warnings.catch_warnings():
                 raise ValueError(
                     f"train.checkpoint_every: {self.train.checkpoint_every} must be a multiple of train.eval_steps "
                     f"({self.train.eval_steps}), so that the best evaluated model is always in a checkpoint"
+                )
+            if self.evaluate.stride and self.evaluate.stride > self.tokenizer.block_size:
+                raise ValueError(
+                    f"evaluate.stride: {self.evaluate.stride} exceeds tokenizer.block_size "
+                    f"({self.tokenizer.block_size}); tokens between windows would never be scored"
                 )
             if self.tokenizer.kind == "char" and self.tokenizer.vocab_size <= len(CHAR_SPECIALS):
                 raise ValueError(

@@ -1,12 +1,15 @@
 """Stage `register`: log models/gpt2/ to the pipeline's MLflow run and register it as a new model version.
 
 The version gets alias `challenger`, lineage tags (git, dvc.lock hashes, params hash, run ids) and the eval
-metrics as tags; the run is then ended. Writes registered.json (name, version, run_id, model_uri).
+metrics as tags, and a model card (README.md in the logged model folder and the run); the run is then ended.
+Writes registered.json (name, version, run_id, model_uri).
 Run: python -m tasks.register
 """
 
 from __future__ import annotations
 
+import json
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,10 @@ from typing import Any
 from tasks import tracking
 from tasks.common import PipelineError, read_json, run_cli, write_json
 from tasks.evaluate import METRICS_FILE as EVAL_METRICS
-from tasks.params import load_params
+from tasks.evaluate import SAMPLES_FILE
+from tasks.ingest import PREPARED_DIR
+from tasks.params import Params, load_params
+from tasks.train import METRICS_FILE as TRAIN_METRICS
 from tasks.train import MODEL_DIR
 
 REGISTERED_FILE = Path("registered.json")
@@ -27,26 +33,63 @@ def pip_requirements() -> list[str]:
     return [f"{package}=={version(package)}" for package in REQUIREMENTS]
 
 
-def model_card(model_name: str, eval_metrics: dict[str, Any]) -> str:
-    """A short card: what the model is, its validation scores, and how to load it."""
-    scores = "\n".join(f"- {key}: {value:.4g}" for key, value in eval_metrics.items())
-    return (
-        f"# {model_name}\n\nA GPT-2 language model (transformers `GPT2LMHeadModel`) trained by gpt2-pipeline.\n\n"
-        f"## Validation\n\n{scores}\n\n## Load\n\n"
-        f'`mlflow.transformers.load_model("models:/{model_name}@{CHALLENGER}")`, or '
-        "`GPT2LMHeadModel.from_pretrained(folder)` on the pipeline's models/gpt2/.\n"
+def model_card(model_name: str, params: Params, eval_metrics: dict[str, Any], lineage: dict[str, str]) -> str:
+    """The model card: data and its hashes, tokenizer, config, training, scores, samples, and how to load it."""
+    stats = read_json(PREPARED_DIR / "stats.json", "ingest")
+    trained = read_json(TRAIN_METRICS, "train")
+    samples = read_json(SAMPLES_FILE, "evaluate")
+    config = json.loads((MODEL_DIR / "config.json").read_text())
+    shape = ", ".join(f"{key} {config[key]}" for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"))
+    scores = "\n".join(f"| {key} | {value:.6g} |" for key, value in eval_metrics.items())
+    examples = "\n\n".join(f"```\n{item['text']}\n```" for item in samples)
+    hashes = ", ".join(
+        f"{key} `{lineage[key]}`" for key in ("data_md5", "tokenized_md5", "model_md5") if key in lineage
     )
+    return f"""# {model_name}
+
+A GPT-2 language model (transformers `GPT2LMHeadModel`) built by gpt2-pipeline.
+
+## Data
+Sources: {", ".join(stats["sources"])}; {stats["train"]["records"]} train and {stats["validation"]["records"]}
+validation records ({stats["train"]["bytes"]:,} and {stats["validation"]["bytes"]:,} UTF-8 bytes). DVC hashes: {hashes}.
+
+## Model
+Tokenizer: {params.tokenizer.kind}, {params.tokenizer.vocab_size} tokens asked,
+block size {params.tokenizer.block_size}.
+Initialization: {params.model.init}{"" if params.model.init == "scratch" else f" from {params.model.name_or_path}"};
+{shape}. Trained {trained["steps"]} steps, {trained["tokens_seen"]:,} tokens, on {trained["device"]}
+({trained["precision"]}). Git commit {lineage.get("git_commit", "unknown")} (dirty: {lineage.get("git_dirty")}),
+params hash {lineage.get("params_hash")}, MLflow run {lineage.get("mlflow_run_id")}.
+
+## Validation
+| metric | value |
+| --- | --- |
+{scores}
+
+## Samples
+{examples}
+
+## Load
+```python
+import mlflow
+generator = mlflow.transformers.load_model("models:/{model_name}@{CHALLENGER}")
+```
+or `GPT2LMHeadModel.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)` on the pipeline's models/gpt2/.
+"""
 
 
-def register(
-    model_name: str, run_id: str, model_dir: Path = MODEL_DIR, eval_metrics: dict[str, Any] | None = None
-) -> dict[str, str]:
-    """Log the model folder with the transformers flavor, register it, alias it challenger, tag its lineage."""
+def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[str, str]:
+    """Log the model folder with the transformers flavor and its card, register it, alias it challenger, tag its
+    lineage and scores."""
     from huggingface_hub import ModelCard
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     if not (model_dir / "model.safetensors").exists():
         raise PipelineError(f"{model_dir}: no model.safetensors there; run the train stage first (dvc repro)")
+    model_name = params.register.model_name
+    eval_metrics = read_json(EVAL_METRICS, "evaluate")
+    lineage = tracking.lineage_tags(run_id)
+    card = model_card(model_name, params, eval_metrics, lineage)
     mlflow = tracking.mlflow_module()
     mlflow.set_tracking_uri(tracking.tracking_uri())
     mlflow.set_registry_uri(tracking.tracking_uri())
@@ -65,12 +108,18 @@ def register(
             task="text-generation",
             pip_requirements=pip_requirements(),
             registered_model_name=model_name,
-            model_card=ModelCard(model_card(model_name, eval_metrics or {})),
+            model_card=ModelCard(card),
         )
+        client = tracking.client()
+        client.log_text(run_id, card, "README.md")
+        # The card also goes into the logged model's save_pretrained folder, as a hub model's README.md would.
+        with tempfile.TemporaryDirectory() as scratch:
+            readme = Path(scratch) / "README.md"
+            readme.write_text(card, encoding="utf-8")
+            client.log_model_artifact(info.model_id, str(readme), "model")
     model_version = str(info.registered_model_version)
-    client = tracking.client()
     client.set_registered_model_alias(model_name, CHALLENGER, model_version)
-    tags = {**tracking.lineage_tags(run_id), **{f"eval_{k}": str(v) for k, v in (eval_metrics or {}).items()}}
+    tags = {**lineage, **{f"eval_{k}": str(v) for k, v in eval_metrics.items()}}
     for key, value in tags.items():
         client.set_model_version_tag(model_name, model_version, key, value)
     return {
@@ -85,7 +134,7 @@ def register(
 def main() -> None:
     params = load_params()
     run_id = tracking.pipeline_run(params)
-    registered = register(params.register.model_name, run_id, eval_metrics=read_json(EVAL_METRICS, "evaluate"))
+    registered = register(params, run_id)
     write_json(REGISTERED_FILE, registered)
     print(f"register: {registered['model_uri']} (alias @{CHALLENGER}) from run {run_id} -> {REGISTERED_FILE}")
 

@@ -1,7 +1,7 @@
 """Stage `tokenize`: train (or load) the tokenizer, then cut both splits into block_size blocks.
 
 Writes models/tokenizer/ (loadable by AutoTokenizer.from_pretrained) and data/tokenized/ (a DatasetDict with
-`train` and `validation`, columns `input_ids` and `token_bytes`, saved with save_to_disk).
+`train` and `validation`, columns `input_ids`, `token_bytes` and `token_chars`, saved with save_to_disk).
 Run: python -m tasks.tokenize
 """
 
@@ -105,18 +105,19 @@ def load_pretrained_tokenizer(name_or_path: str, dialog: bool):
     return tokenizer
 
 
-def byte_lengths(text: str, offsets: list[tuple[int, int]]) -> np.ndarray:
-    """UTF-8 bytes each token accounts for, so that a record's tokens sum to the bytes they cover.
+def span_lengths(text: str, offsets: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes and characters each token accounts for, so that a record's tokens sum to its text.
 
     Byte-level BPE can split one character over two tokens (both then report its offsets); taking the
-    running maximum of the end offsets gives each byte to exactly one token.
+    running maximum of the end offsets gives each character, and its bytes, to exactly one token.
     """
     ends = np.maximum.accumulate(np.fromiter((end for _, end in offsets), dtype=np.int64, count=len(offsets)))
-    if not text.isascii():
-        codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        widths = 1 + (codepoints >= 0x80) + (codepoints >= 0x800) + (codepoints >= 0x10000)
-        ends = np.concatenate([[0], np.cumsum(widths)])[ends]
-    return np.diff(ends, prepend=0)
+    chars = np.diff(ends, prepend=0)
+    if text.isascii():
+        return chars, chars
+    codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    widths = 1 + (codepoints >= 0x80) + (codepoints >= 0x800) + (codepoints >= 0x10000)
+    return np.diff(np.concatenate([[0], np.cumsum(widths)])[ends], prepend=0), chars
 
 
 def encode_and_group(batch: dict[str, list], tokenizer, block_size: int) -> dict[str, list]:
@@ -129,18 +130,19 @@ def encode_and_group(batch: dict[str, list], tokenizer, block_size: int) -> dict
     turns = [turn for record in records for turn in record]
     encoded = tokenizer(turns, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     pieces = iter(zip(turns, encoded["input_ids"], encoded["offset_mapping"], strict=True))
-    ids, sizes = [], []
+    ids, sizes, chars = [], [], []
     for record in records:
         for index in range(len(record)):
             text, turn_ids, offsets = next(pieces)
             end = tokenizer.eos_token_id if index == len(record) - 1 else tokenizer.sep_token_id
             ids.append(np.asarray([*turn_ids, end], dtype=np.int32))
-            sizes.append(np.append(byte_lengths(text, offsets), 1).astype(np.uint16))
-    all_ids, all_sizes = np.concatenate(ids), np.concatenate(sizes)
-    usable = len(all_ids) // block_size * block_size
+            turn_bytes, turn_chars = span_lengths(text, offsets)
+            sizes.append(np.append(turn_bytes, 1).astype(np.uint16))
+            chars.append(np.append(turn_chars, 1).astype(np.uint16))
+    usable = sum(map(len, ids)) // block_size * block_size
     return {
-        "input_ids": all_ids[:usable].reshape(-1, block_size).tolist(),
-        "token_bytes": all_sizes[:usable].reshape(-1, block_size).tolist(),
+        name: np.concatenate(column)[:usable].reshape(-1, block_size).tolist()
+        for name, column in (("input_ids", ids), ("token_bytes", sizes), ("token_chars", chars))
     }
 
 
@@ -173,6 +175,7 @@ def tokenize(
         {
             "input_ids": datasets.Sequence(datasets.Value("int32")),
             "token_bytes": datasets.Sequence(datasets.Value("uint16")),
+            "token_chars": datasets.Sequence(datasets.Value("uint16")),
         }
     )
     datasets.disable_progress_bars()

@@ -260,7 +260,8 @@ def train(
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
     curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
-    if not curve or not math.isfinite(curve[-1][1]):
+    curve = curve or [(result.global_step, result.training_loss)]  # fewer steps than logging_steps
+    if not math.isfinite(curve[-1][1]):
         raise PipelineError("train: the loss is not finite; lower train.learning_rate or check the data")
     if not trainer.is_world_process_zero():
         return {}

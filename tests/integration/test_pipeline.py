@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 import datasets
 import pytest
@@ -25,11 +26,11 @@ def mlflow_client(project):
 def untrained_perplexity(project) -> float:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from tasks.evaluate import score_blocks
+    from tasks.evaluate import score
 
     model = GPT2LMHeadModel(GPT2Config.from_pretrained(project / "models/gpt2"))
-    blocks = datasets.load_from_disk(str(project / "data/tokenized"))["validation"].with_format("torch")
-    return score_blocks(model, blocks, 16, "cpu").metrics()["perplexity"]
+    blocks = datasets.load_from_disk(str(project / "data/tokenized"))["validation"].with_format("torch")[:]
+    return score(model, blocks, 64, 64, 16, "cpu").metrics()["perplexity"]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +84,18 @@ def test_one_mlflow_run_holds_params_curve_metrics_and_model(pipeline):
     eval_json = json.loads((pipeline / "metrics/eval.json").read_text())
     assert run_data.data.metrics["eval/perplexity"] == pytest.approx(eval_json["perplexity"])
     assert run_data.data.metrics["ingest/train_records"] > 6000
+    assert {"samples.json", "README.md"} <= {a.path for a in client.list_artifacts(run_data.info.run_id)}
+    card = Path(client.download_artifacts(run_data.info.run_id, "README.md", str(pipeline / ".."))).read_text()
+    model_md5 = client.get_model_version_by_alias("gpt2-lm", "challenger").tags["model_md5"]
+    assert "data/samples/tinyshakespeare.txt" in card and model_md5 in card and "ROMEO:" in card
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{pipeline}/mlflow.db")
+    local = Path(mlflow.artifacts.download_artifacts("models:/gpt2-lm@challenger", dst_path=str(pipeline / "dl")))
+    assert (local / "model" / "README.md").read_text() == card
+    samples = json.loads((pipeline / "reports/samples.json").read_text())
+    assert [s["prompt"] for s in samples] == ["ROMEO:", "First Citizen:"]
+    assert all(s["text"].startswith(s["prompt"]) for s in samples)
 
 
 def test_perplexity_far_below_the_untrained_model(pipeline):

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from tasks import tracking
 from tasks.common import PipelineError
-from tasks.evaluate import evaluate, score_blocks
+from tasks.evaluate import evaluate, score, windows
 from tasks.params import ModelParams, parse_params
 from tasks.tokenize import tokenize
 from tasks.train import build_model, padded_vocab, train
@@ -35,14 +35,58 @@ def tiny_model(vocab: int = 512) -> GPT2LMHeadModel:
 def test_perplexity_is_token_weighted_over_the_whole_split():
     model = tiny_model()
     ids = torch.randint(0, 512, (5, 64))
-    blocks = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "token_bytes": [[2] * 64] * 5})
-    score = score_blocks(model, blocks.with_format("torch"), batch_size=2, device="cpu")  # batches of 2, 2, 1
+    blocks = datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "token_bytes": [[2] * 64] * 5, "token_chars": [[1] * 64] * 5}
+    )
+    result = score(model, blocks.with_format("torch")[:], 64, 64, batch_size=2, device="cpu")  # batches of 2, 2, 1
     with torch.no_grad():
         direct = model(input_ids=ids, labels=ids).loss.item()  # mean over all 5 * 63 predicted tokens
-    metrics = score.metrics()
-    assert score.tokens == 5 * 63 and score.bytes == 5 * 63 * 2
+    metrics = result.metrics()
+    assert result.tokens == 5 * 63 and result.bytes == 5 * 63 * 2
     assert metrics["perplexity"] == pytest.approx(math.exp(direct), rel=1e-4)
     assert metrics["bits_per_byte"] == pytest.approx(direct / math.log(2) / 2, rel=1e-4)
+    assert metrics["bits_per_char"] == pytest.approx(direct / math.log(2), rel=1e-4)
+
+
+def evaluate_untrained(model_dir, tokenized_dir) -> dict:
+    model = GPT2LMHeadModel(GPT2LMHeadModel.from_pretrained(model_dir).config)
+    blocks = datasets.load_from_disk(str(tokenized_dir))["validation"].with_format("torch")[:]
+    return score(model, blocks, 64, 64, 8, "cpu").metrics()
+
+
+def test_windows_score_every_token_once():
+    assert windows(10, 4, 4) == [(0, 4, 1), (4, 8, 5), (8, 10, 9)]  # blocks: the first of each unscored
+    assert windows(10, 4, 2) == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]  # tokens 1..9 once each
+
+
+def test_sliding_window_matches_a_direct_computation_and_lowers_perplexity():
+    model = tiny_model()
+    pattern = (torch.arange(64) % 37).unsqueeze(0)  # a model that has learned something, so context helps
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(40):
+        model(input_ids=pattern, labels=pattern).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    torch.manual_seed(1)
+    stream = torch.randint(0, 37, (4 * 64,))
+    ones = torch.ones(4, 64, dtype=torch.long)
+    blocks = {"input_ids": stream.reshape(4, 64), "token_bytes": ones, "token_chars": ones}
+    strided = score(model, blocks, 64, 16, batch_size=3, device="cpu")
+    direct_nll, direct_tokens = 0.0, 0
+    with torch.no_grad():  # the guide's loop, one window at a time, labels masked outside the scored tokens
+        for begin, end, first in windows(len(stream), 64, 16):
+            labels = stream[begin:end].clone()
+            labels[: first - begin] = -100
+            count = int((labels[1:] != -100).sum())
+            direct_nll += (
+                model(input_ids=stream[begin:end].unsqueeze(0), labels=labels.unsqueeze(0)).loss.item() * count
+            )
+            direct_tokens += count
+    assert strided.tokens == direct_tokens == len(stream) - 1 == strided.bytes
+    assert strided.metrics()["perplexity"] == pytest.approx(math.exp(direct_nll / direct_tokens), rel=1e-4)
+    blockwise = score(model, blocks, 64, 64, batch_size=3, device="cpu")
+    assert strided.metrics()["perplexity"] < blockwise.metrics()["perplexity"]
 
 
 def test_scratch_model_pads_the_vocabulary(tokenized):
@@ -71,17 +115,22 @@ def test_unreachable_hub_model_says_use_a_local_folder(tokenized, monkeypatch):
         build_model(ModelParams(init="pretrained", name_or_path="no-such-org/gpt2-x"), tokenizer, 64)
 
 
-def test_training_lowers_loss_and_perplexity(tokenized, tmp_path, mlflow_run):
-    params = parse_params(merge(tiny_params(), {"train": {"max_steps": 60, "eval_steps": 30, "checkpoint_every": 30}}))
-    metrics = train(
+def train_here(params, run_id: str, tokenized, tmp_path) -> dict:
+    """The train stage with every input and output in the test's folders."""
+    return train(
         params,
-        mlflow_run,
+        run_id,
         tokenized / "tokenizer",
         tokenized / "tokenized",
         tmp_path / "model",
         tmp_path / "plots/train_loss.csv",
         tmp_path / "checkpoints",
     )
+
+
+def test_training_lowers_loss_and_perplexity(tokenized, tmp_path, mlflow_run):
+    params = parse_params(merge(tiny_params(), {"train": {"max_steps": 60, "eval_steps": 30, "checkpoint_every": 30}}))
+    metrics = train_here(params, mlflow_run, tokenized, tmp_path)
     assert metrics["steps"] == 60 and metrics["tokens_seen"] == 60 * 8 * 64
     assert metrics["train_loss"] < 0.9 * metrics["train_loss_first"]
     assert 0 < metrics["mfu"] < 1 and metrics["tokens_per_second"] > 0
@@ -95,12 +144,7 @@ def test_training_lowers_loss_and_perplexity(tokenized, tmp_path, mlflow_run):
         assert [m.step for m in client.get_metric_history(mlflow_run, key)] == [10, 20, 30, 40, 50, 60], key
     assert [m.step for m in client.get_metric_history(mlflow_run, "train/eval_loss")] == [30, 60]
     trained = evaluate(tmp_path / "model", tokenized / "tokenized", batch_size=8, device="cpu")
-    untrained = score_blocks(
-        GPT2LMHeadModel(GPT2LMHeadModel.from_pretrained(tmp_path / "model").config),
-        datasets.load_from_disk(str(tokenized / "tokenized"))["validation"].with_format("torch"),
-        8,
-        "cpu",
-    ).metrics()
+    untrained = evaluate_untrained(tmp_path / "model", tokenized / "tokenized")
     assert trained["perplexity"] < untrained["perplexity"] / 2
 
 
@@ -116,15 +160,7 @@ def test_early_stopping_keeps_the_best_model(tokenized, tmp_path, mlflow_run):
         "early_stopping_patience": 2,
     }
     params = parse_params(merge(tiny_params(), {"train": unstable}))
-    metrics = train(
-        params,
-        mlflow_run,
-        tokenized / "tokenizer",
-        tokenized / "tokenized",
-        tmp_path / "model",
-        tmp_path / "plots.csv",
-        tmp_path / "checkpoints",
-    )
+    metrics = train_here(params, mlflow_run, tokenized, tmp_path)
     evals = [m.value for m in tracking.client().get_metric_history(mlflow_run, "train/eval_loss")]
     assert metrics["steps"] < 300 and len(evals) == metrics["steps"] // 10
     assert min(evals[-2:]) > min(evals) == metrics["best_eval_loss"]  # stopped after two evaluations no better

@@ -11,16 +11,17 @@ from transformers import AutoTokenizer
 
 from tasks.common import PipelineError
 from tasks.params import ModelParams, TokenizerParams
-from tasks.tokenize import byte_lengths, tokenize
+from tasks.tokenize import span_lengths, tokenize
 
 
 @pytest.mark.parametrize("text", ["plain ascii text", "床前明月光，疑是地上霜。", "mixed 漢字 and 😀 emoji"])
-def test_token_bytes_sum_to_the_text_bytes(text):
+def test_token_bytes_and_chars_sum_to_the_text(text):
     offsets = [(i, i + 1) for i in range(len(text))]
-    assert byte_lengths(text, offsets).sum() == len(text.encode("utf-8"))
+    token_bytes, token_chars = span_lengths(text, offsets)
+    assert token_bytes.sum() == len(text.encode("utf-8")) and token_chars.sum() == len(text)
     # A character split over two tokens (both reporting its offsets) is counted once.
     split = [(0, 1), (0, 1)] + [(i, i + 1) for i in range(1, len(text))]
-    assert byte_lengths(text, split).sum() == len(text.encode("utf-8"))
+    assert [lengths.sum() for lengths in span_lengths(text, split)] == [len(text.encode("utf-8")), len(text)]
 
 
 def test_tokenize_writes_a_loadable_tokenizer_and_blocks(prepared, tmp_path):
@@ -101,3 +102,4 @@ def test_dialog_turns_are_joined_with_the_separator(tmp_path):
     assert tokenizer.decode(stream[:14]) == "你好[SEP]你好呀，吃了吗[SEP]吃了<|endoftext|>"
     record_bytes = len("你好\n你好呀，吃了吗\n吃了\n".encode())
     assert sum(blocks["token_bytes"][0][:14]) == record_bytes
+    assert sum(blocks["token_chars"][0][:14]) == len("你好\n你好呀，吃了吗\n吃了\n")

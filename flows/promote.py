@@ -1,0 +1,30 @@
+"""Prefect flow `promote-model`: score @challenger against @champion and move @champion if it wins.
+
+Run: python -m flows.promote (or gpt2-pipeline promote); the flow only wires tasks.promote.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from tasks import promote as promotion
+from tasks.params import load_params
+
+
+@flow(name="promote-model", log_prints=True)
+def promote_model() -> dict:
+    """Promote the challenger when it is better by promote.min_improvement; returns the decision."""
+    params = load_params()
+    text = Path(params.promote.eval_path) if params.promote.eval_path else promotion.DEFAULT_TEXT
+    decision = promotion.promote(
+        params.register.model_name, params.promote.min_improvement, text, params.tokenizer.block_size
+    )
+    verb = "promoted to @champion" if decision["promoted"] else "not promoted"
+    print(f"version {decision['challenger_version']} {verb}: {decision['reason']}")
+    return decision
+
+
+if __name__ == "__main__":
+    promote_model()

@@ -1,0 +1,133 @@
+"""Promotion: `@champion` moves to `@challenger` only when the challenger is measurably better.
+
+Both models are scored on the same frozen text (the challenger's validation split, or promote.eval_path), each
+with its own tokenizer, in bits per byte, which compares models across tokenizers. The decision, both scores
+and the threshold are recorded as tags on the challenger's version. A file lock serializes promotions from one
+workspace, and the champion is read again inside it, so two promotions at once never leave `@champion` on the
+model that lost. Rollback moves `@champion` back to `@previous-champion`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks import tracking
+from tasks.common import PipelineError
+from tasks.evaluate import score
+from tasks.ingest import PREPARED_DIR
+from tasks.tokenize import encode_and_group
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+LOCK_FILE = Path(".promote.lock")
+DEFAULT_TEXT = PREPARED_DIR / "validation.jsonl"
+
+
+def frozen_texts(path: Path) -> list[str]:
+    """The records of a prepared JSONL file (one {"text": ...} a line): the text both models are scored on."""
+    if not path.exists():
+        raise PipelineError(f"{path}: not found; run the pipeline first or set promote.eval_path")
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def bits_per_byte(model_uri: str, texts: list[str], block_size: int, batch_size: int = 16) -> float:
+    """Bits per byte of a registered model on texts, tokenized with the model's own tokenizer."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    with tracking.model_source(model_uri) as source:
+        model = GPT2LMHeadModel.from_pretrained(source.model, use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
+    block = min(block_size, model.config.n_positions)
+    blocks = {key: torch.tensor(value) for key, value in encode_and_group({"text": texts}, tokenizer, block).items()}
+    if not len(blocks["input_ids"]):
+        raise PipelineError(f"the promotion text is shorter than one block of {block} tokens for {model_uri}")
+    return score(model, blocks, block, block, batch_size, "cpu").metrics()["bits_per_byte"]
+
+
+def decide(challenger: float, champion: float | None, min_improvement: float) -> tuple[bool, str]:
+    """Promote when there is no champion, or when the challenger's bits per byte are lower by min_improvement
+    (a fraction of the champion's)."""
+    if champion is None:
+        return True, "no champion yet"
+    gain = (champion - challenger) / champion
+    if gain >= min_improvement:
+        return True, f"{gain:.2%} fewer bits per byte than the champion (needed {min_improvement:.2%})"
+    return False, f"{gain:.2%} fewer bits per byte than the champion; {min_improvement:.2%} needed"
+
+
+@contextmanager
+def promotion_lock(path: Path = LOCK_FILE) -> Iterator[None]:
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    try:
+        return str(tracking.client().get_model_version_by_alias(name, alias).version)
+    except Exception:  # MLflow raises RestException for an alias that is not set
+        return None
+
+
+def promote(name: str, min_improvement: float, text_path: Path = DEFAULT_TEXT, block_size: int = 128) -> dict[str, Any]:
+    """Compare @challenger with @champion and move @champion when the challenger wins; returns the decision."""
+    texts = frozen_texts(text_path)
+    text_hash = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    with promotion_lock():
+        challenger = alias_version(name, CHALLENGER)
+        if challenger is None:
+            raise PipelineError(f"{name} has no @{CHALLENGER}; run the pipeline to register one")
+        champion = alias_version(name, CHAMPION)
+        if champion == challenger:
+            return {
+                "promoted": False,
+                "reason": f"version {challenger} is already @{CHAMPION}",
+                "challenger_version": challenger,
+                "champion_version": champion,
+            }
+        scores = {"challenger": bits_per_byte(f"models:/{name}/{challenger}", texts, block_size)}
+        scores["champion"] = bits_per_byte(f"models:/{name}/{champion}", texts, block_size) if champion else None
+        promoted, reason = decide(scores["challenger"], scores["champion"], min_improvement)
+        client = tracking.client()
+        if promoted:
+            if champion:
+                client.set_registered_model_alias(name, PREVIOUS, champion)
+            client.set_registered_model_alias(name, CHAMPION, challenger)
+        decision = {
+            "promoted": promoted,
+            "reason": reason,
+            "challenger_version": challenger,
+            "champion_version": champion,
+            "challenger_bits_per_byte": scores["challenger"],
+            "champion_bits_per_byte": scores["champion"],
+            "min_improvement": min_improvement,
+            "eval_text_sha256": text_hash,
+        }
+        for key, value in decision.items():
+            client.set_model_version_tag(name, challenger, f"promotion_{key}", str(value))
+    return decision
+
+
+def rollback(name: str) -> dict[str, str]:
+    """Move @champion back to @previous-champion."""
+    with promotion_lock():
+        previous = alias_version(name, PREVIOUS)
+        current = alias_version(name, CHAMPION)
+        if previous is None:
+            raise PipelineError(f"{name} has no @{PREVIOUS} to roll back to")
+        client = tracking.client()
+        client.set_registered_model_alias(name, CHAMPION, previous)
+        client.delete_registered_model_alias(name, PREVIOUS)
+        if current:
+            client.set_model_version_tag(name, current, "rolled_back_from_champion", "true")
+    return {"champion_version": previous, "replaced_version": current or ""}
