@@ -131,9 +131,15 @@ def sample(model, tokenizer, prompts: list[str], settings: GenerationParams) -> 
     for prompt in prompts:
         set_seed(settings.seed)
         inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        # GPT-2 has no positions beyond n_positions: the prompt and what it generates must fit in them.
+        room = model.config.n_positions - inputs["input_ids"].shape[1]
+        if room < 1:
+            raise PipelineError(
+                f"evaluate.prompts: {prompt[:40]!r} fills the model's {model.config.n_positions} positions; shorten it"
+            )
         output = model.generate(
             **inputs,
-            max_new_tokens=settings.max_new_tokens,
+            max_new_tokens=min(settings.max_new_tokens, room),
             do_sample=settings.temperature > 0,
             temperature=settings.temperature or None,
             top_k=settings.top_k,

@@ -166,3 +166,17 @@ def test_early_stopping_keeps_the_best_model(tokenized, tmp_path, mlflow_run):
     assert min(evals[-2:]) > min(evals) == metrics["best_eval_loss"]  # stopped after two evaluations no better
     kept = evaluate(tmp_path / "model", tokenized / "tokenized", batch_size=8, device="cpu")
     assert kept["eval_loss"] == pytest.approx(metrics["best_eval_loss"], rel=1e-4)
+
+
+def test_samples_fit_in_the_model_positions(tokenized):
+    from tasks.evaluate import sample
+    from tasks.params import GenerationParams
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenized / "tokenizer"))
+    model = build_model(parse_params(tiny_params()).model, tokenizer, 64)  # 64 positions
+    settings = GenerationParams(max_new_tokens=500, temperature=1.0, top_k=0, top_p=1.0)
+    [generated] = sample(model, tokenizer, ["ROMEO:"], settings)  # 500 new tokens would overrun: capped
+    assert generated["prompt"] == "ROMEO:" and generated["text"].startswith("ROMEO:")
+    assert sample(model, tokenizer, ["ROMEO:"], settings) == [generated]  # the fixed seed repeats itself
+    with pytest.raises(PipelineError, match=r"evaluate.prompts: .* fills the model's 64 positions; shorten it"):
+        sample(model, tokenizer, ["ROMEO: " * 64], settings)
