@@ -330,6 +330,8 @@ def main() -> None:
         return
     write_json(METRICS_FILE, metrics)
     numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, int | float) and k != "train_loss"}
+    for key in ("tokens_per_second", "mfu"):  # the per-interval curves already use these names at this step
+        numeric[f"train/mean_{key}"] = numeric.pop(f"train/{key}")
     tracking.log_metrics(run_id, numeric, step=metrics["steps"])
     print(
         f"train: {metrics['steps']} steps, loss {metrics['train_loss_first']:.3f} -> {metrics['train_loss']:.3f}, "

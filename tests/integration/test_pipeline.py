@@ -81,6 +81,9 @@ def test_one_mlflow_run_holds_params_curve_metrics_and_model(pipeline):
     losses = client.get_metric_history(run_data.info.run_id, "train/loss")
     assert [m.step for m in losses] == list(range(10, 151, 10))
     assert losses[-1].value < losses[0].value - 1.0
+    for key in ("train/mfu", "train/tokens_per_second"):  # one value a logging step, none twice
+        assert [m.step for m in client.get_metric_history(run_data.info.run_id, key)] == list(range(10, 151, 10))
+    assert 0 < run_data.data.metrics["train/mean_mfu"] < 1
     eval_json = json.loads((pipeline / "metrics/eval.json").read_text())
     assert run_data.data.metrics["eval/perplexity"] == pytest.approx(eval_json["perplexity"])
     assert run_data.data.metrics["ingest/train_records"] > 6000
