@@ -104,19 +104,25 @@ def load_validation(tokenized_dir: Path = TOKENIZED_DIR):
     return datasets.load_from_disk(str(tokenized_dir))["validation"].with_format("torch")
 
 
+def load_model(model_dir: Path = MODEL_DIR):
+    """The trained model and its tokenizer, from the train stage's save_pretrained folder."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    if not (model_dir / "config.json").exists():
+        raise PipelineError(f"{model_dir}: no model there; run the train stage first (dvc repro)")
+    return GPT2LMHeadModel.from_pretrained(str(model_dir), use_safetensors=True), AutoTokenizer.from_pretrained(
+        str(model_dir)
+    )
+
+
 def evaluate(
-    model_dir: Path = MODEL_DIR,
+    model,
     tokenized_dir: Path = TOKENIZED_DIR,
     batch_size: int = 16,
     device: str = "auto",
     stride: int | None = None,
 ) -> dict[str, Any]:
-    """Score the saved model on the validation stream; stride None means non-overlapping blocks."""
-    from transformers import GPT2LMHeadModel
-
-    if not (model_dir / "config.json").exists():
-        raise PipelineError(f"{model_dir}: no model there; run the train stage first (dvc repro)")
-    model = GPT2LMHeadModel.from_pretrained(str(model_dir), use_safetensors=True)
+    """Score a model on the validation stream; stride None means non-overlapping blocks."""
     blocks = load_validation(tokenized_dir)[:]
     block_size = blocks["input_ids"].shape[1]
     return score(model, blocks, block_size, stride or block_size, batch_size, resolve_device(device)).metrics()
@@ -152,17 +158,14 @@ def sample(model, tokenizer, prompts: list[str], settings: GenerationParams) -> 
 
 
 def main() -> None:
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
     params = load_params()
     run_id = tracking.pipeline_run(params)
-    metrics = evaluate(batch_size=params.evaluate.batch_size, device=params.train.device, stride=params.evaluate.stride)
+    model, tokenizer = load_model()
+    evaluation = params.evaluate
+    metrics = evaluate(model, batch_size=evaluation.batch_size, device=params.train.device, stride=evaluation.stride)
     write_json(METRICS_FILE, metrics)
     tracking.log_metrics(run_id, {f"eval/{key}": value for key, value in metrics.items()})
-    model = GPT2LMHeadModel.from_pretrained(str(MODEL_DIR), use_safetensors=True)
-    samples = sample(
-        model, AutoTokenizer.from_pretrained(str(MODEL_DIR)), params.evaluate.prompts, params.evaluate.generation
-    )
+    samples = sample(model, tokenizer, evaluation.prompts, evaluation.generation)
     write_json(SAMPLES_FILE, samples)
     tracking.client().log_text(run_id, json.dumps(samples, indent=2, ensure_ascii=False), "samples.json")
     print(

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from tasks import tracking
 from tasks.common import PipelineError
-from tasks.evaluate import evaluate, score, windows
+from tasks.evaluate import evaluate, load_model, score, windows
 from tasks.params import ModelParams, parse_params
 from tasks.tokenize import tokenize
 from tasks.train import build_model, padded_vocab, train
@@ -143,7 +143,7 @@ def test_training_lowers_loss_and_perplexity(tokenized, tmp_path, mlflow_run):
     for key in ("train/loss", "train/learning_rate", "train/tokens_per_second", "train/mfu"):
         assert [m.step for m in client.get_metric_history(mlflow_run, key)] == [10, 20, 30, 40, 50, 60], key
     assert [m.step for m in client.get_metric_history(mlflow_run, "train/eval_loss")] == [30, 60]
-    trained = evaluate(tmp_path / "model", tokenized / "tokenized", batch_size=8, device="cpu")
+    trained = evaluate(load_model(tmp_path / "model")[0], tokenized / "tokenized", batch_size=8, device="cpu")
     untrained = evaluate_untrained(tmp_path / "model", tokenized / "tokenized")
     assert trained["perplexity"] < untrained["perplexity"] / 2
 
@@ -164,7 +164,7 @@ def test_early_stopping_keeps_the_best_model(tokenized, tmp_path, mlflow_run):
     evals = [m.value for m in tracking.client().get_metric_history(mlflow_run, "train/eval_loss")]
     assert metrics["steps"] < 300 and len(evals) == metrics["steps"] // 10
     assert min(evals[-2:]) > min(evals) == metrics["best_eval_loss"]  # stopped after two evaluations no better
-    kept = evaluate(tmp_path / "model", tokenized / "tokenized", batch_size=8, device="cpu")
+    kept = evaluate(load_model(tmp_path / "model")[0], tokenized / "tokenized", batch_size=8, device="cpu")
     assert kept["eval_loss"] == pytest.approx(metrics["best_eval_loss"], rel=1e-4)
 
 
