@@ -9,10 +9,11 @@ from typing import Annotated
 
 import typer
 
+from flows import workspace
 from tasks import tracking
 from tasks.common import PipelineError, atomic_output
 from tasks.evaluate import METRICS_FILE as EVAL_METRICS
-from tasks.params import PARAMS_FILE, load_params
+from tasks.params import PARAMS_FILE, apply_overrides, load_params, parse_override, read_raw
 from tasks.register import REGISTERED_FILE
 from tasks.train import METRICS_FILE as TRAIN_METRICS
 
@@ -37,6 +38,16 @@ def run(
             "so that dvc.lock records it; `git checkout params.yaml` restores)"
         ),
     ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            "-S",
+            help="KEY=VALUE: change a params key for this run only (repeatable, as `dvc exp run -S`); "
+            "the run happens in .runs/<hash>/ and params.yaml stays as committed",
+        ),
+    ] = None,
+    promote: Annotated[bool, typer.Option(help="run promote-model after registering")] = False,
 ):
     """Run the training-pipeline flow on Prefect (an ephemeral local server unless PREFECT_API_URL is set)."""
     from flows.pipeline import training_pipeline
@@ -45,13 +56,29 @@ def run(
         if params is not None:
             use_params(params)
         load_params()
+        overrides = dict(parse_override(item) for item in set_ or [])
+        if overrides:
+            apply_overrides(read_raw(), overrides)
     except PipelineError as exc:
         fail(str(exc))
     try:
-        training_pipeline()
-    except RuntimeError as exc:
+        training_pipeline(overrides=overrides, promote=promote)
+    except (RuntimeError, PipelineError) as exc:
         fail(str(exc))
-    summary()
+    show_summary(workspace.RUNS_DIR / workspace.overrides_key(overrides) if overrides else Path())
+
+
+@app.command()
+def serve(
+    prefect_file: Annotated[Path, typer.Option(help="the deployments to serve")] = Path("prefect.yaml"),
+):
+    """Serve prefect.yaml's deployments (nightly training, on-demand promotion) from this process until stopped."""
+    from flows.deployments import serve as serve_deployments
+
+    try:
+        serve_deployments(prefect_file)
+    except PipelineError as exc:
+        fail(str(exc))
 
 
 def use_params(path: Path) -> None:
@@ -65,11 +92,15 @@ def use_params(path: Path) -> None:
 @app.command()
 def summary():
     """Print the last run's metrics, the registered model and how to look at both."""
+    show_summary(Path())
+
+
+def show_summary(root: Path) -> None:
     outputs = {}
     for path in (TRAIN_METRICS, EVAL_METRICS, REGISTERED_FILE):
-        if not path.exists():
-            fail(f"{path}: not found; run the pipeline first (make run)")
-        outputs[path] = json.loads(path.read_text())
+        if not (root / path).exists():
+            fail(f"{root / path}: not found; run the pipeline first (make run)")
+        outputs[path] = json.loads((root / path).read_text())
     trained, scores, registered = outputs[TRAIN_METRICS], outputs[EVAL_METRICS], outputs[REGISTERED_FILE]
     name, alias = registered["name"], registered["alias"]
     mlflow_bin = Path(sys.executable).parent / "mlflow"

@@ -1,7 +1,10 @@
 """Prefect flow `training-pipeline`: one task per DVC stage, in order, each run through `dvc repro`.
 
 DVC decides whether a stage has anything to do (an unchanged stage is skipped); Prefect gives the run a
-name, logs, retries and schedules. The flow holds no ML logic. Run: python -m flows.pipeline
+name, logs, retries and schedules. The flow holds no ML logic. With `overrides` the stages run in a run
+workspace (flows/workspace.py), leaving the project's params.yaml as committed. With `promote` the
+`promote-model` flow runs as a subflow once the new version is registered.
+Run: python -m flows.pipeline, gpt2-pipeline run, or a deployment (prefect.yaml, gpt2-pipeline serve).
 """
 
 from __future__ import annotations
@@ -10,32 +13,51 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, task
 from prefect.runtime import flow_run
+from prefect.tasks import exponential_backoff
 
+from flows import workspace
+from flows.promote import promote_model
 from tasks import tracking
 from tasks.common import read_json
 from tasks.register import REGISTERED_FILE
 
 STAGES = ("ingest", "tokenize", "train", "evaluate", "register")
+BAD_INPUT_EXIT = 2  # tasks.common.run_cli: bad params or data; retrying cannot help
+TRAIN_RETRIES = 2  # a crashed or preempted training resumes from its last checkpoint
+TRAIN_RETRY_DELAYS = exponential_backoff(backoff_factor=30)(TRAIN_RETRIES)  # 30 s, then 60 s
 
 
-def stage_env(flow_run_id: str | None) -> dict[str, str]:
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, message: str):
+        super().__init__(f"stage {stage} failed: {message}")
+        self.returncode = returncode
+
+
+def stage_env(flow_run_id: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment a stage runs in: this interpreter's tools first, the flow run id for MLflow lineage."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if flow_run_id:
         env[tracking.FLOW_RUN_ENV] = flow_run_id
+    env.update(extra or {})
     return env
 
 
+def worth_retrying(task, task_run, state) -> bool:
+    """Retry crashes and faults, not bad input: the same params would fail the same way."""
+    return not (isinstance(state.data, StageFailed) and state.data.returncode == BAD_INPUT_EXIT)
+
+
 @task(name="dvc-stage", task_run_name="{stage}")
-def run_stage(stage: str, flow_run_id: str | None) -> None:
+def run_stage(stage: str, cwd: str, env: dict[str, str]) -> None:
     """Run one DVC stage (skipped by DVC when its inputs are unchanged), streaming its output to the log."""
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     with subprocess.Popen(
-        command, env=stage_env(flow_run_id), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as process:
         lines = []
         for line in process.stdout or []:
@@ -43,17 +65,39 @@ def run_stage(stage: str, flow_run_id: str | None) -> None:
             print(line.rstrip())
     if process.returncode != 0:
         errors = [line for line in lines if line.startswith("error:")] or lines[-1:]
-        raise RuntimeError(f"stage {stage} failed: {errors[-1] if errors else 'no output'}")
+        raise StageFailed(stage, process.returncode, errors[-1] if errors else "no output")
+
+
+run_train_stage = run_stage.with_options(
+    retries=TRAIN_RETRIES, retry_delay_seconds=TRAIN_RETRY_DELAYS, retry_condition_fn=worth_retrying
+)
 
 
 @flow(name="training-pipeline", log_prints=True)
-def training_pipeline() -> str:
-    """ingest -> tokenize -> train -> evaluate -> register; returns the registered model URI."""
-    flow_run_id = flow_run.get_id()
+def training_pipeline(overrides: dict[str, Any] | None = None, promote: bool = False) -> str:
+    """ingest -> tokenize -> train -> evaluate -> register [-> promote]; returns the registered model URI.
+
+    Args:
+        overrides: params.yaml keys to change for this run only, e.g. {"train.max_steps": 200}.
+        promote: run the promote-model flow once the new version is registered.
+    """
+    overrides = overrides or {}
+    project = Path.cwd()
+    cwd, extra = project, {}
+    if overrides:
+        stale = workspace.uncommitted(project)
+        if stale:
+            print(f"warning: the run uses the committed HEAD; uncommitted changes not included: {', '.join(stale)}")
+        cwd, extra = workspace.prepare(project, overrides), workspace.environment(project, overrides)
+        print(f"overrides {overrides} run in {cwd.relative_to(project)}")
+    env = stage_env(flow_run.get_id(), extra)
     for stage in STAGES:
-        run_stage(stage, flow_run_id)
-    registered = read_json(REGISTERED_FILE, "register")
+        runner = run_train_stage if stage == "train" else run_stage
+        runner(stage, str(cwd), env)
+    registered = read_json(cwd / REGISTERED_FILE, "register")
     print(f"registered {registered['model_uri']} (@{registered['alias']})")
+    if promote:
+        promote_model(workdir=str(cwd))
     return registered["model_uri"]
 
 

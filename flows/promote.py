@@ -10,16 +10,21 @@ from pathlib import Path
 from prefect import flow
 
 from tasks import promote as promotion
-from tasks.params import load_params
+from tasks.params import PARAMS_FILE, load_params
 
 
 @flow(name="promote-model", log_prints=True)
-def promote_model() -> dict:
-    """Promote the challenger when it is better by promote.min_improvement; returns the decision."""
-    params = load_params()
+def promote_model(workdir: str = ".") -> dict:
+    """Promote the challenger when it is better by promote.min_improvement; returns the decision.
+
+    Args:
+        workdir: the project (or run workspace) whose params.yaml and validation text to use.
+    """
+    root = Path(workdir)
+    params = load_params(root / PARAMS_FILE)
     text = Path(params.promote.eval_path) if params.promote.eval_path else promotion.DEFAULT_TEXT
     decision = promotion.promote(
-        params.register.model_name, params.promote.min_improvement, text, params.tokenizer.block_size
+        params.register.model_name, params.promote.min_improvement, root / text, params.tokenizer.block_size
     )
     verb = "promoted to @champion" if decision["promoted"] else "not promoted"
     print(f"version {decision['challenger_version']} {verb}: {decision['reason']}")

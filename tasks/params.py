@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 import warnings
@@ -240,6 +241,38 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
         where = f":{mark.line + 1}" if mark else ""
         raise PipelineError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     return parse_params(raw, str(path))
+
+
+def read_raw(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """params.yaml as a plain mapping, validated first so that a bad file is reported as itself."""
+    load_params(path)
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.max_steps=5` -> ("train.max_steps", 5): the value is read as YAML, as `dvc exp run -S` does."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise PipelineError(f"override {text!r}: expected KEY=VALUE, for example train.max_steps=200")
+    return key.strip(), yaml.load(value, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of raw params with dotted-key overrides set; every key must name a key params.yaml has."""
+    merged = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        section = merged
+        for depth, part in enumerate(parents):
+            section = section.get(part) if isinstance(section, dict) else None
+            if not isinstance(section, dict):
+                raise PipelineError(f"override {dotted}: {'.'.join(parents[: depth + 1])} is not a section of params")
+        if leaf not in section:
+            known = ", ".join(sorted(section)) or "none"
+            raise PipelineError(f"override {dotted}: unknown key; keys there: {known}")
+        section[leaf] = value
+    parse_params(merged, source="override")
+    return merged
 
 
 def params_hash(path: Path = PARAMS_FILE) -> str:

@@ -31,6 +31,7 @@ RUN_FILE = Path(".mlflow-run.json")
 RESUMABLE = ("RUNNING", "FAILED")  # a stage that failed leaves the run to be finished by the next attempt
 RUN_ID_ENV = "GPT2_PIPELINE_RUN_ID"
 FLOW_RUN_ENV = "GPT2_PIPELINE_PREFECT_FLOW_RUN_ID"
+OVERRIDES_ENV = "GPT2_PIPELINE_OVERRIDES"  # JSON of the dotted-key overrides a run workspace applied
 DVC_LOCK = Path("dvc.lock")
 # Outputs whose dvc.lock hashes identify a model's data: (stage, path, tag name).
 LINEAGE_OUTS = (
@@ -63,8 +64,16 @@ def experiment_id(name: str) -> str:
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    location = ARTIFACTS_DIR.resolve().as_uri() if tracking_uri() == DEFAULT_TRACKING_URI else None
-    return mlflow_client.create_experiment(name, artifact_location=location)
+    return mlflow_client.create_experiment(name, artifact_location=_local_artifacts(tracking_uri()))
+
+
+def _local_artifacts(uri: str) -> str | None:
+    """A SQLite store keeps its artifacts in mlartifacts/ beside the database file, wherever a stage runs
+    (a run workspace under .runs/ shares the project's store); a server decides for itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///"))
+    return (database.parent / ARTIFACTS_DIR).resolve().as_uri()
 
 
 def pipeline_run(params: Params) -> str:
@@ -101,7 +110,8 @@ def _start_run(params: Params) -> str:
     tags = {"params_hash": params_hash(), **git_lineage()}
     run = mlflow_client.create_run(experiment_id(params.mlflow.experiment), tags=tags, run_name=_run_name())
     run_id = run.info.run_id
-    mlflow_client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in flatten(params).items()])
+    logged = {**flatten(params), "overrides": os.environ.get(OVERRIDES_ENV) or "{}"}
+    mlflow_client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in logged.items()])
     RUN_FILE.write_text(json.dumps({"tracking_uri": tracking_uri(), "run_id": run_id}) + "\n")
     return run_id
 

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from tasks.common import PipelineError
-from tasks.params import flatten, load_params, parse_params
+from tasks.params import apply_overrides, flatten, load_params, parse_override, parse_params
 from tests.conftest import ROOT, default_params, merge
 
 
@@ -75,3 +75,25 @@ def test_flatten_gives_dotted_mlflow_params():
     assert flat["train.learning_rate"] == "0.002"
     assert flat["model.config.n_embd"] == "128"
     assert flat["data.sources"] == "['data/samples/tinyshakespeare.txt']"
+
+
+def test_overrides_parse_as_dvc_set_param_does():
+    assert parse_override("train.max_steps=200") == ("train.max_steps", 200)
+    assert parse_override("train.learning_rate=1e-3") == ("train.learning_rate", 0.001)
+    assert parse_override("data.sources=[a.txt, b.json]") == ("data.sources", ["a.txt", "b.json"])
+    with pytest.raises(PipelineError, match=r"override 'train\.max_steps': expected KEY=VALUE"):
+        parse_override("train.max_steps")
+
+
+def test_overrides_change_a_copy_and_are_validated():
+    raw = default_params()
+    changed = apply_overrides(raw, {"train.max_steps": 7, "model.config.n_layer": 1})
+    assert (changed["train"]["max_steps"], changed["model"]["config"]["n_layer"]) == (7, 1)
+    assert raw["train"]["max_steps"] == 1000
+    with pytest.raises(PipelineError) as unknown:
+        apply_overrides(raw, {"train.max_step": 7})
+    assert str(unknown.value).startswith("override train.max_step: unknown key; keys there: batch_size, ")
+    with pytest.raises(PipelineError, match=r"^override train\.max_steps\.x: train\.max_steps is not a section"):
+        apply_overrides(raw, {"train.max_steps.x": 7})
+    with pytest.raises(PipelineError, match=r"^override: train\.learning_rate: input should be greater than 0"):
+        apply_overrides(raw, {"train.learning_rate": 0})

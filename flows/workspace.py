@@ -1,0 +1,81 @@
+"""Run workspaces: where a run with parameter overrides executes, so the committed params.yaml never changes.
+
+A run with overrides (`gpt2-pipeline run --set train.max_steps=200`, or a deployment run's `overrides`)
+executes in `.runs/<hash of the overrides>/`: a git checkout of the project's committed HEAD whose params.yaml
+has the overrides applied, sharing the project's DVC cache and (by default) its MLflow store. The project's
+own params.yaml, dvc.lock and outputs stay as they were, so a plain `dvc repro` still reproduces the committed
+params. The same overrides reuse the same workspace: DVC skips the stages already done there and a retried or
+rerun training resumes from its checkpoint. This plays the part of `dvc exp run --temp --set-param`, which
+would delete its temporary copy, checkpoints included, when a run fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks import tracking
+from tasks.common import PipelineError, atomic_output
+from tasks.params import PARAMS_FILE, apply_overrides, read_raw
+
+RUNS_DIR = Path(".runs")
+
+
+def overrides_key(overrides: dict[str, Any]) -> str:
+    """A short name for one set of overrides, independent of key order."""
+    canonical = json.dumps(overrides, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def prepare(project: Path, overrides: dict[str, Any]) -> Path:
+    """The run workspace for these overrides, at the project's committed HEAD, params written; created once."""
+    params = apply_overrides(read_raw(project / PARAMS_FILE), overrides)
+    workspace = project / RUNS_DIR / overrides_key(overrides)
+    if not (workspace / ".git").exists():
+        workspace.mkdir(parents=True, exist_ok=True)
+        _git(workspace, "init", "--quiet")
+    # Reset tracked files to the project's commit; untracked outputs (data, models, checkpoints) stay.
+    _git(workspace, "fetch", "--quiet", "--no-tags", str(project.resolve()), "HEAD")
+    _git(workspace, "reset", "--quiet", "--hard", "FETCH_HEAD")
+    _share_dvc_cache(project, workspace)
+    with atomic_output(workspace / PARAMS_FILE) as tmp:
+        tmp.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return workspace
+
+
+def uncommitted(project: Path) -> list[str]:
+    """Tracked files changed since HEAD, which a run workspace does not see (dvc.lock and metrics aside)."""
+    changed = _git(project, "status", "--porcelain", "--untracked-files=no").splitlines()
+    paths = [line[3:] for line in changed]
+    return [path for path in paths if path != "dvc.lock" and not path.startswith(("metrics/", "plots/", "reports/"))]
+
+
+def _share_dvc_cache(project: Path, workspace: Path) -> None:
+    """Point the workspace's DVC at the project's cache, so data and models are stored once."""
+    config = workspace / ".dvc" / "config.local"
+    cache = (project / ".dvc" / "cache").resolve()
+    config.write_text(f"[cache]\n    dir = {cache}\n", encoding="utf-8")
+
+
+def environment(project: Path, overrides: dict[str, Any]) -> dict[str, str]:
+    """Environment additions for stages run in a workspace: the overrides for MLflow, the project's store."""
+    env = {tracking.OVERRIDES_ENV: json.dumps(overrides, sort_keys=True, ensure_ascii=False, default=str)}
+    if tracking.tracking_uri() == tracking.DEFAULT_TRACKING_URI:
+        database = (project / tracking.DEFAULT_TRACKING_URI.removeprefix("sqlite:///")).resolve()
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{database}"
+    return env
+
+
+def _git(cwd: Path, *args: str) -> str:
+    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise PipelineError(
+            f"{cwd}: git {args[0]} failed ({detail}); runs with overrides need the project in git with a commit"
+        )
+    return result.stdout
