@@ -48,6 +48,9 @@ def run(
         ),
     ] = None,
     promote: Annotated[bool, typer.Option(help="run promote-model after registering")] = False,
+    remote: Annotated[
+        str | None, typer.Option(help="a DVC remote: pull existing outputs first, push the new ones after")
+    ] = None,
 ):
     """Run the training-pipeline flow on Prefect (an ephemeral local server unless PREFECT_API_URL is set)."""
     from flows.pipeline import training_pipeline
@@ -62,7 +65,7 @@ def run(
     except PipelineError as exc:
         fail(str(exc))
     try:
-        training_pipeline(overrides=overrides, promote=promote)
+        training_pipeline(overrides=overrides, promote=promote, remote=remote)
     except (RuntimeError, PipelineError) as exc:
         fail(str(exc))
     show_summary(workspace.RUNS_DIR / workspace.overrides_key(overrides) if overrides else Path())

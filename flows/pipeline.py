@@ -52,6 +52,19 @@ def worth_retrying(task, task_run, state) -> bool:
     return not (isinstance(state.data, StageFailed) and state.data.returncode == BAD_INPUT_EXIT)
 
 
+@task(name="dvc-remote", task_run_name="dvc {action}")
+def sync_remote(action: str, remote: str, cwd: str, env: dict[str, str]) -> None:
+    """`dvc pull` what the remote already has (missing outputs are fine: the stages make them) or `dvc push`."""
+    command = [sys.executable, "-m", "dvc", action, "--remote", remote]
+    if action == "pull":
+        command.append("--allow-missing")
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    print(result.stdout.strip())
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StageFailed(f"dvc {action}", result.returncode, f"{detail} (remote {remote!r}; see `dvc remote list`)")
+
+
 @task(name="dvc-stage", task_run_name="{stage}")
 def run_stage(stage: str, cwd: str, env: dict[str, str]) -> None:
     """Run one DVC stage (skipped by DVC when its inputs are unchanged), streaming its output to the log."""
@@ -74,12 +87,13 @@ run_train_stage = run_stage.with_options(
 
 
 @flow(name="training-pipeline", log_prints=True)
-def training_pipeline(overrides: dict[str, Any] | None = None, promote: bool = False) -> str:
+def training_pipeline(overrides: dict[str, Any] | None = None, promote: bool = False, remote: str | None = None) -> str:
     """ingest -> tokenize -> train -> evaluate -> register [-> promote]; returns the registered model URI.
 
     Args:
         overrides: params.yaml keys to change for this run only, e.g. {"train.max_steps": 200}.
         promote: run the promote-model flow once the new version is registered.
+        remote: a DVC remote to pull existing outputs from first and push the new ones to afterwards.
     """
     overrides = overrides or {}
     project = Path.cwd()
@@ -91,9 +105,13 @@ def training_pipeline(overrides: dict[str, Any] | None = None, promote: bool = F
         cwd, extra = workspace.prepare(project, overrides), workspace.environment(project, overrides)
         print(f"overrides {overrides} run in {cwd.relative_to(project)}")
     env = stage_env(flow_run.get_id(), extra)
+    if remote:
+        sync_remote("pull", remote, str(cwd), env)
     for stage in STAGES:
         runner = run_train_stage if stage == "train" else run_stage
         runner(stage, str(cwd), env)
+    if remote:
+        sync_remote("push", remote, str(cwd), env)
     registered = read_json(cwd / REGISTERED_FILE, "register")
     print(f"registered {registered['model_uri']} (@{registered['alias']})")
     if promote:

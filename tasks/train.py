@@ -319,7 +319,8 @@ def main() -> None:
     params = load_params()
     distributed = "LOCAL_RANK" in os.environ
     first = os.environ.get("RANK", "0") == "0"
-    run_id = tracking.pipeline_run(params) if first else os.environ[tracking.RUN_ID_ENV]
+    # Only rank 0 logs; other ranks need no run id (a multi-node torchrun started outside this stage has none).
+    run_id = tracking.pipeline_run(params) if first else os.environ.get(tracking.RUN_ID_ENV, "")
     if params.train.num_processes > 1 and not distributed:
         code = launch_processes(params, run_id)
         if code:

@@ -1,0 +1,112 @@
+"""infra/ and prefect.yaml: no Docker engine or cluster runs here, so check that every file parses and that
+every service, volume, variable, parameter and template placeholder it names exists."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from flows.deployments import load_deployments, runner_deployments
+from tests.conftest import ROOT
+
+INFRA = ROOT / "infra"
+
+
+def compose() -> dict:
+    return yaml.safe_load((INFRA / "docker-compose.yml").read_text())
+
+
+def test_compose_references_only_services_and_volumes_it_defines():
+    config = compose()
+    services = config["services"]
+    for name, service in services.items():
+        depends = service.get("depends_on", [])
+        assert set(depends) <= set(services), f"{name} depends on an unknown service"
+        for mount in service.get("volumes", []):
+            source = mount.split(":")[0]
+            if source.startswith("."):
+                assert (INFRA / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in config["volumes"], f"{name} uses undeclared volume {source}"
+        if "build" in service:
+            assert (ROOT / service["build"]["dockerfile"]).is_file()
+    assert {"postgres", "minio", "mlflow", "prefect-server", "worker"} <= set(services)
+    assert "--app-name basic-auth" in services["mlflow"]["command"]
+
+
+def test_compose_credentials_come_only_from_documented_variables():
+    text = (INFRA / "docker-compose.yml").read_text()
+    used = set(re.findall(r"(?<!\$)\$\{(\w+)", text))
+    documented = {line.split("=")[0] for line in (INFRA / ".env.example").read_text().splitlines() if "=" in line}
+    assert used == documented
+    assert all(line.endswith("=") for line in (INFRA / ".env.example").read_text().splitlines() if "=" in line)
+    # $$NAME is expanded inside the container: it must be in that service's environment.
+    for name, service in compose()["services"].items():
+        command = service.get("command", "") + service.get("entrypoint", "")
+        for variable in re.findall(r"\$\$(\w+)", command):
+            assert variable in service.get("environment", {}), f"{name}: ${variable} is not in its environment"
+    assert "password" not in (INFRA / "mlflow/basic_auth.ini").read_text().split("[mlflow]")[1]
+
+
+@pytest.mark.skipif(
+    shutil.which("docker") is None
+    or subprocess.run(["docker", "compose", "version"], capture_output=True, check=False).returncode != 0,
+    reason="no docker compose plugin here",
+)
+def test_docker_compose_config_accepts_the_file():
+    env = {name: "x" for name in ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")}
+    env |= {"MLFLOW_ADMIN_USER": "x", "MLFLOW_ADMIN_PASSWORD": "x", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        ["docker", "compose", "-f", str(INFRA / "docker-compose.yml"), "config", "--quiet"],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def test_job_template_placeholders_are_declared_variables_and_it_asks_for_gpus():
+    template = json.loads((INFRA / "k8s/base-job-template.json").read_text())
+    placeholders = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", json.dumps(template["job_configuration"])))
+    assert placeholders == set(template["variables"]["properties"])
+    container = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+
+
+def test_deployments_name_real_flows_parameters_and_template_variables():
+    variables = json.loads((INFRA / "k8s/base-job-template.json").read_text())["variables"]["properties"]
+    for path in (ROOT / "prefect.yaml", INFRA / "prefect.yaml"):
+        for entry in load_deployments(path):
+            from prefect.flows import load_flow_from_entrypoint
+
+            flow = load_flow_from_entrypoint(str(ROOT / entry["entrypoint"]))
+            accepted = set(inspect.signature(flow.fn).parameters)
+            assert set(entry.get("parameters", {})) <= accepted, f"{path}: {entry['name']}"
+            if entry["work_pool"]["name"] == "gpt2-k8s":
+                assert set(entry["work_pool"]["job_variables"]) <= set(variables)
+    served = {d.name: d for d in runner_deployments(ROOT / "prefect.yaml")}
+    assert served["nightly"].concurrency_limit == 1 and served["nightly"].parameters["promote"] is True
+
+
+def test_multinode_job_rendezvous_names_its_own_service_and_sizes_agree():
+    service, job = yaml.safe_load_all((INFRA / "k8s/train-multinode.yaml").read_text())
+    spec = job["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert spec["subdomain"] == service["metadata"]["name"] == service["spec"]["selector"]["job-name"]
+    assert f"{job['metadata']['name']}-0.{service['metadata']['name']}:29500" in container["args"][0]
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == int(env["NODES"])
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == int(env["GPUS_PER_NODE"])
+
+
+def test_dockerfile_pins_torch_as_the_makefile_does_before_installing_the_project():
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    pin = re.search(r"^TORCH := (\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert dockerfile.index(f"pip install {pin}") < dockerfile.index("pip install -e")
+    assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", dockerfile, re.M)
+    for source in re.findall(r"^COPY (\S+) ", dockerfile, re.M):
+        assert source == "." or (ROOT / source).exists(), source
