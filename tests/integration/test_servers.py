@@ -133,6 +133,28 @@ def test_deployment_is_scheduled_with_a_concurrency_limit(stack):
     assert deployment["parameters"] == {"overrides": {}, "promote": True}
 
 
+def test_kubernetes_pool_accepts_the_job_template_and_the_gpu_deployment(stack):
+    template = stack.project / "infra/k8s/base-job-template.json"
+    stack.cli(str(BIN / "prefect"), "work-pool", "create", "gpt2-k8s", "--type", "kubernetes",
+              "--base-job-template", str(template))  # fmt: skip
+    env = {**stack.env, "GPT2_PIPELINE_IMAGE": "registry.example/gpt2-pipeline:1"}
+    deploy = [
+        str(BIN / "prefect"),
+        "--no-prompt",
+        "deploy",
+        "--prefect-file",
+        "infra/prefect.yaml",
+        "-n",
+        "nightly-k8s",
+    ]
+    run(deploy, stack.project, env=env)
+    deployment = stack.deployment("training-pipeline/nightly-k8s")
+    assert deployment["work_pool_name"] == "gpt2-k8s"
+    assert deployment["job_variables"]["gpus"] == 8
+    assert deployment["job_variables"]["image"] == "registry.example/gpt2-pipeline:1"
+    assert deployment["parameters"]["overrides"] == {"train.num_processes": 8}
+
+
 def test_a_triggered_run_registers_a_model_that_loads_from_the_server(stack, monkeypatch):
     flow_run = stack.wait_completed(
         stack.trigger("training-pipeline/nightly", {"overrides": {**TINY_MODEL, "train.seed": 1}})
