@@ -11,6 +11,7 @@ would delete its temporary copy, checkpoints included, when a run fails.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import subprocess
@@ -43,6 +44,7 @@ def prepare(project: Path, overrides: dict[str, Any]) -> Path:
     _git(workspace, "fetch", "--quiet", "--no-tags", str(project.resolve()), "HEAD")
     _git(workspace, "reset", "--quiet", "--hard", "FETCH_HEAD")
     _share_dvc_cache(project, workspace)
+    params["data"]["sources"] = [_source_for(workspace, project, source) for source in params["data"]["sources"]]
     with atomic_output(workspace / PARAMS_FILE) as tmp:
         tmp.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return workspace
@@ -53,6 +55,14 @@ def uncommitted(project: Path) -> list[str]:
     changed = _git(project, "status", "--porcelain", "--untracked-files=no").splitlines()
     paths = [line[3:] for line in changed]
     return [path for path in paths if path != "dvc.lock" and not path.startswith(("metrics/", "plots/", "reports/"))]
+
+
+def _source_for(workspace: Path, project: Path, source: str) -> str:
+    """A relative source that only the project has (data kept out of git) is read from the project."""
+    if source.startswith("hf:") or Path(source).is_absolute() or glob.glob(str(workspace / source), recursive=True):
+        return source
+    in_project = str(project.resolve() / source)
+    return in_project if glob.glob(in_project, recursive=True) else source
 
 
 def _share_dvc_cache(project: Path, workspace: Path) -> None:

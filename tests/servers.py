@@ -118,3 +118,16 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.
                 return
         time.sleep(1)
     raise RuntimeError(f"{url}: no answer in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def still_running(processes: list, ports: list[int]) -> list[str]:
+    """What outlived its stop: any of processes (psutil.Process) still alive, any port still listened on."""
+    import psutil
+
+    alive = [
+        f"pid {p.pid} {' '.join(p.cmdline()[:4])}"
+        for p in processes
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    ]
+    listening = {c.laddr.port for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+    return alive + [f"port {port} still listened on" for port in ports if port in listening]

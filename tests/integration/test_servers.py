@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import BIN, copy_project, merge, run, tiny_params, tool_env, write_params
-from tests.servers import LOOPBACK, free_port, postgres, process, stop_group, wait_http
+from tests.servers import LOOPBACK, free_port, postgres, process, still_running, stop_group, wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
@@ -119,10 +119,10 @@ def stack(tmp_path_factory):
             with process(worker_cmd, base / "worker.log", env, cwd=project) as worker:
                 stack.worker = worker
                 yield stack
-    leftovers = [
-        p.info for p in psutil.process_iter(["pid", "cmdline"]) if str(base) in " ".join(p.info["cmdline"] or [])
-    ]
-    assert leftovers == [], f"processes left behind: {leftovers}"
+                started = psutil.Process().children(recursive=True)  # servers, worker, flow runs, stages
+        postgres_port = int(databases["mlflow"].rsplit(":", 1)[1].split("/")[0])
+    left = still_running(started, [mlflow_port, prefect_port, postgres_port])
+    assert left == [], f"left behind: {left}"
 
 
 def test_deployment_is_scheduled_with_a_concurrency_limit(stack):

@@ -1,0 +1,63 @@
+"""Run workspaces for overrides, and the train task's retry policy."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from prefect.states import Failed
+
+from flows import workspace
+from flows.pipeline import BAD_INPUT_EXIT, TRAIN_RETRY_DELAYS, StageFailed, run_train_stage, worth_retrying
+from tasks.common import PipelineError
+from tests.conftest import copy_project, run
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return copy_project(tmp_path_factory.mktemp("workspace"))
+
+
+def test_overrides_go_to_a_workspace_and_leave_the_project_params_alone(project):
+    committed = (project / "params.yaml").read_bytes()
+    (project / "extra").mkdir(exist_ok=True)
+    (project / "extra/mine.txt").write_text("data kept out of git\n")
+    overrides = {"train.max_steps": 7, "data.sources": ["extra/mine.txt", "data/samples/tang300.json"]}
+
+    folder = workspace.prepare(project, overrides)
+
+    assert folder == project / ".runs" / workspace.overrides_key(overrides)
+    assert (project / "params.yaml").read_bytes() == committed
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    assert params["train"]["max_steps"] == 7
+    # Untracked data is read from the project; tracked data from the workspace's own checkout.
+    assert params["data"]["sources"] == [str(project / "extra/mine.txt"), "data/samples/tang300.json"]
+    assert run(["git", "status", "--porcelain"], folder).stdout.split() == ["M", "params.yaml"]
+    assert f"dir = {project / '.dvc/cache'}" in (folder / ".dvc/config.local").read_text()
+    assert workspace.prepare(project, dict(reversed(overrides.items()))) == folder  # key order does not matter
+
+
+def test_a_workspace_follows_the_project_to_its_new_commit(project):
+    folder = workspace.prepare(project, {"train.seed": 5})
+    (project / "NOTES.md").write_text("new\n")
+    run(["git", "add", "NOTES.md"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "notes"], project)
+    (project / "README.md").write_text("changed, not committed\n")
+    assert workspace.uncommitted(project) == ["README.md"]
+    assert workspace.prepare(project, {"train.seed": 5}) == folder
+    assert (folder / "NOTES.md").read_text() == "new\n"
+    assert (folder / "README.md").read_text() != "changed, not committed\n"
+
+
+def test_bad_overrides_fail_before_any_workspace_exists(tmp_path):
+    project = copy_project(tmp_path)
+    with pytest.raises(PipelineError, match=r"^override train\.max_step: unknown key"):
+        workspace.prepare(project, {"train.max_step": 7})
+    assert not (project / ".runs").exists()
+
+
+def test_train_retries_faults_with_backoff_but_not_bad_input():
+    assert run_train_stage.retries == 2 and TRAIN_RETRY_DELAYS == [30, 60]
+    crash = Failed(data=StageFailed("train", 1, "killed"))
+    bad_params = Failed(data=StageFailed("train", BAD_INPUT_EXIT, "error: params.yaml: ..."))
+    assert worth_retrying(None, None, crash) is True
+    assert worth_retrying(None, None, bad_params) is False
