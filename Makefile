@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 # dvc runs each stage's `python -m tasks.<stage>` through PATH: make that the project's interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint audit bench clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Security: bandit on the project's code (medium and high findings fail), pip-audit on the installed packages.
+audit: install
+	$(BIN)/bandit -q -ll -r tasks flows
+	$(BIN)/pip-audit --progress-spinner off
 
 bench: install
 	$(BIN)/python bench/train_throughput.py

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +13,7 @@ import typer
 
 from flows import workspace
 from tasks import tracking
-from tasks.common import PipelineError, atomic_output
+from tasks.common import DEBUG_ENV, PipelineError, atomic_output, unexpected
 from tasks.evaluate import METRICS_FILE as EVAL_METRICS
 from tasks.params import PARAMS_FILE, apply_overrides, load_params, parse_override, read_raw
 from tasks.register import REGISTERED_FILE
@@ -21,10 +23,37 @@ app = typer.Typer(
     help="Build your own GPT-2: DVC-tracked stages, run by Prefect, recorded in MLflow.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
 
 
+@app.callback()
+def options(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help=f"show tracebacks, the stages' too (same as {DEBUG_ENV}=1)")
+    ] = False,
+):
+    if verbose:
+        os.environ[DEBUG_ENV] = "1"  # the stages run under dvc inherit it
+
+
+def main() -> None:
+    """The console script: any error is one line; the traceback only with --verbose."""
+    try:
+        app()
+    except Exception as exc:
+        if os.environ.get(DEBUG_ENV) == "1":
+            traceback.print_exc()
+        if isinstance(exc, PipelineError):
+            typer.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        typer.echo(f"error: {unexpected(exc)}", err=True)
+        sys.exit(1)
+
+
 def fail(message: str) -> None:
+    if os.environ.get(DEBUG_ENV) == "1" and sys.exc_info()[0] is not None:
+        traceback.print_exc()
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
@@ -115,9 +144,9 @@ def show_summary(root: Path) -> None:
         f"evaluated perplexity {scores['perplexity']:.2f}, bits/byte {scores['bits_per_byte']:.3f} "
         f"on {scores['eval_tokens']} validation tokens\n"
         f"registered {registered['model_uri']} as models:/{name}@{alias} (run {registered['run_id']})\n\n"
-        f"MLflow UI:  {mlflow_bin} ui --backend-store-uri {tracking.tracking_uri()}\n"
+        f"MLflow UI:  {mlflow_bin} ui --backend-store-uri {tracking.shown_uri()}\n"
         f'Load it:    mlflow.transformers.load_model("models:/{name}@{alias}")  '
-        f"(with MLFLOW_TRACKING_URI={tracking.tracking_uri()})"
+        f"(with MLFLOW_TRACKING_URI={tracking.shown_uri()})"
     )
 
 
@@ -155,12 +184,12 @@ def models():
     client = tracking.client()
     versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
     if not versions:
-        fail(f"no versions of {name} at {tracking.tracking_uri()}; run the pipeline first (make run)")
+        fail(f"no versions of {name} at {tracking.shown_uri()}; run the pipeline first (make run)")
     # search_model_versions leaves ModelVersion.aliases empty; the registered model holds the mapping.
     by_version: dict[str, list[str]] = {}
     for alias, number in client.get_registered_model(name).aliases.items():
         by_version.setdefault(str(number), []).append(f"@{alias}")
-    table = Table(title=f"{name} at {tracking.tracking_uri()}")
+    table = Table(title=f"{name} at {tracking.shown_uri()}")
     for column in ("version", "aliases", "bits/byte", "perplexity", "promotion", "git commit", "run"):
         table.add_column(column)
     for version in versions:
@@ -201,8 +230,8 @@ def generate(
 
     try:
         with tracking.model_source(model) as source:
-            lm = GPT2LMHeadModel.from_pretrained(source.model, use_safetensors=True)
-            tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
+            lm = GPT2LMHeadModel.from_pretrained(source.model, use_safetensors=True)  # nosec B615
+            tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)  # nosec B615
     except (OSError, PipelineError) as exc:
         fail(str(exc).splitlines()[0])
     settings = GenerationParams(
@@ -212,4 +241,4 @@ def generate(
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -22,6 +24,18 @@ class PipelineError(Exception):
     """A problem the user can fix; its message is the one line they see."""
 
 
+class Stopped(Exception):
+    """SIGTERM (a scheduler, Kubernetes, `kill`) or Ctrl-C: the stage stops, keeping every finished output."""
+
+    def __init__(self, message: str = "", signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise Stopped(signum=signum)
+
+
 @contextmanager
 def atomic_output(dest: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `dest` to write into; on success it replaces `dest` in one rename.
@@ -34,19 +48,41 @@ def atomic_output(dest: Path) -> Iterator[Path]:
     _remove(tmp)
     try:
         yield tmp
-        if tmp.is_dir() and dest.is_dir():
-            # Directories cannot be swapped in one rename: move the old one aside first, then drop it.
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            _remove(old)
-            dest.rename(old)
-            tmp.rename(dest)
-            _remove(old)
-        else:
-            if dest.is_dir():
-                shutil.rmtree(dest)
-            tmp.replace(dest)
+        _swap_in(tmp, dest)
+    except Exception as exc:
+        if _disk_full(exc):
+            raise PipelineError(
+                f"{dest}: the disk filled up while writing it ({exc}); free space on {dest.parent.resolve()} "
+                f"and rerun; the previous {dest} is kept"
+            ) from None
+        raise
     finally:
         _remove(tmp)
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    """Replace dest with tmp: a file in one rename, a folder by moving the old one aside first."""
+    if tmp.is_dir() and dest.is_dir():
+        # Directories cannot be swapped in one rename: move the old one aside first, then drop it.
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        _remove(old)
+        dest.rename(old)
+        tmp.rename(dest)
+        _remove(old)
+    else:
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        tmp.replace(dest)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Out of space or over a file-size limit; safetensors reports it as its own error with the OS code."""
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL
+    return any(f"(os error {code})" in str(exc) for code in DISK_FULL)
 
 
 def _remove(path: Path) -> None:
@@ -74,7 +110,9 @@ def run_cli(main: Callable[[], Any]) -> None:
     """Run a stage's main(): a PipelineError becomes one line on stderr and exit status 2.
 
     The traceback is shown only with GPT2_PIPELINE_DEBUG=1, so the line users see stays the first thing they read.
+    SIGTERM and Ctrl-C unwind the stage (temporary outputs are removed, finished ones kept) and exit 128 + signal.
     """
+    signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         main()
     except PipelineError as exc:
@@ -82,6 +120,21 @@ def run_cli(main: Callable[[], Any]) -> None:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except (Stopped, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        detail = (
+            str(exc) or f"stopped by {signal.Signals(signum).name} before it finished; its previous outputs are kept"
+        )
+        print(f"error: {detail}; rerun `dvc repro` to continue", file=sys.stderr)
+        sys.exit(128 + signum)
+    except Exception as exc:  # a fault nobody anticipated: still one line, the traceback on request
+        if os.environ.get(DEBUG_ENV) == "1":
+            traceback.print_exc()
+        print(f"error: {unexpected(exc)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def unexpected(exc: BaseException) -> str:
+    """One line for an exception the pipeline did not anticipate, and how to see more."""
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no message"
+    return f"{type(exc).__name__}: {first} (set {DEBUG_ENV}=1 or pass --verbose for the traceback)"

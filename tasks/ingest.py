@@ -6,10 +6,12 @@ Run: python -m tasks.ingest
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import hashlib
 import json
+import sys
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +24,9 @@ from tasks.params import DataParams, load_params
 PREPARED_DIR = Path("data/prepared")
 SPLITS = ("train", "validation")
 TEXT_SUFFIXES = {".txt", ".jsonl", ".json", ".csv", ".parquet"}
+# A longer paragraph of a .txt file is cut into records of this many characters (an extra end-of-text token
+# every 64 Ki characters costs nothing; holding a 1 GB line without breaks in memory would).
+MAX_RECORD_CHARS = 1 << 16
 
 
 def normalize(text: str) -> str:
@@ -67,17 +72,24 @@ Located = tuple[str, Any]  # (where the record is: file:line, the raw record)
 
 
 def _read_txt(path: Path) -> Iterator[Located]:
-    """Paragraphs (blank-line separated) of a text file, streamed line by line."""
+    """Paragraphs (blank-line separated) of a text file, streamed: a paragraph, or a single line, longer than
+    MAX_RECORD_CHARS becomes several records, so a file with no line breaks never has to fit in memory."""
     paragraph: list[str] = []
+    size, number = 0, 1
     with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                paragraph.append(line)
+        while chunk := handle.readline(MAX_RECORD_CHARS):
+            if chunk.strip():
+                paragraph.append(chunk)
+                size += len(chunk)
             elif paragraph:
                 yield f"{path}:{number}", "".join(paragraph)
-                paragraph = []
+                paragraph, size = [], 0
+            if size >= MAX_RECORD_CHARS:
+                yield f"{path}:{number}", "".join(paragraph)
+                paragraph, size = [], 0
+            number += chunk.endswith("\n")
     if paragraph:
-        yield str(path), "".join(paragraph)
+        yield f"{path}:{number}", "".join(paragraph)
 
 
 def _read_jsonl(path: Path, columns: list[str]) -> Iterator[Located]:
@@ -131,7 +143,8 @@ def _read_hub(spec: str, columns: list[str]) -> Iterator[Located]:
     name, _, config = spec.removeprefix("hf:").partition(":")
     try:
         yield from (
-            (spec, record) for record in datasets.load_dataset(name, config or None, split="train", streaming=True)
+            (spec, record)
+            for record in datasets.load_dataset(name, config or None, split="train", streaming=True)  # nosec B615
         )
     except Exception as exc:  # the hub client raises many types for "offline" and "no such dataset"
         raise PipelineError(
@@ -190,11 +203,12 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
     stats: dict[str, Any] = {split: {"records": 0, "chars": 0, "bytes": 0} for split in SPLITS}
     dropped = {"short": 0, "duplicate": 0}
     seen: set[bytes] = set()  # 16-byte digests: memory grows with unique records, not with their text
+    empty: list[str] = []
     with atomic_output(out_dir) as tmp:
         tmp.mkdir(parents=True)
         handles = {split: (tmp / f"{split}.jsonl").open("w", encoding="utf-8") for split in SPLITS}
         try:
-            for record in _normalized(sources, fields, params.format == "dialog"):
+            for record in _normalized(sources, fields, params.format == "dialog", empty):
                 text = record["text"]
                 if len(text) < params.min_chars:
                     dropped["short"] += 1
@@ -214,6 +228,10 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
             for handle in handles.values():
                 handle.close()
         kept = stats["train"]["records"] + stats["validation"]["records"]
+        if kept == 0 and empty:
+            raise PipelineError(
+                f"data.sources: no text in {', '.join(empty)} (empty, or only whitespace); add text or list other files"
+            )
         for split in SPLITS:
             if stats[split]["records"] == 0:
                 raise PipelineError(
@@ -225,20 +243,45 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
     return stats
 
 
-def _normalized(sources: list[str], fields: list[str], dialog: bool) -> Iterable[dict[str, Any]]:
-    """Prepared records: {"text"}, or for dialogues {"text", "turns"} with the turns also joined by newlines."""
+def _normalized(sources: list[str], fields: list[str], dialog: bool, empty: list[str]) -> Iterable[dict[str, Any]]:
+    """Prepared records: {"text"}, or for dialogues {"text", "turns"} with the turns also joined by newlines.
+    Sources that hold no text at all are added to `empty` and named on stderr."""
     for source in sources:
+        count = 0
         try:
             for where, raw in read_source(source, fields):
                 if dialog:
                     turns = [turn for turn in map(normalize, record_turns(raw, fields, where)) if turn]
-                    yield {"text": "\n".join(turns), "turns": turns}
+                    record = {"text": "\n".join(turns), "turns": turns}
                 else:
-                    yield {"text": normalize(record_text(raw, fields, where))}
-        except UnicodeDecodeError as exc:
+                    record = {"text": normalize(record_text(raw, fields, where))}
+                count += bool(record["text"])
+                yield record
+        except UnicodeDecodeError:
+            line, offset = first_invalid_utf8(Path(source))
             raise PipelineError(
-                f"{source}: not valid UTF-8 at byte {exc.start}; convert the file to UTF-8 (e.g. iconv -t UTF-8)"
+                f"{source}:{line}: not valid UTF-8 (byte {offset} of the file); convert it to UTF-8 "
+                "(e.g. iconv -f <encoding> -t UTF-8) or remove the file from data.sources"
             ) from None
+        if count == 0:
+            empty.append(source)
+            print(f"warning: {source}: no text (empty, or only whitespace)", file=sys.stderr)
+
+
+def first_invalid_utf8(path: Path) -> tuple[int, int]:
+    """(line, byte offset) of the first byte sequence in path that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                bad = offset + max(exc.start - len(decoder.getstate()[0]), 0)
+                return line + block[: bad - offset].count(b"\n"), bad
+            offset += len(block)
+            line += block.count(b"\n")
+    return line, offset
 
 
 def main() -> None:

@@ -235,7 +235,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found; run from the project root, next to dvc.yaml") from None
     try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        raw = yaml.load(text, Loader=_Loader)  # noqa: S506  # nosec B506
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -246,7 +246,7 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
 def read_raw(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """params.yaml as a plain mapping, validated first so that a bad file is reported as itself."""
     load_params(path)
-    return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506  # nosec B506
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -254,7 +254,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise PipelineError(f"override {text!r}: expected KEY=VALUE, for example train.max_steps=200")
-    return key.strip(), yaml.load(value, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    return key.strip(), yaml.load(value, Loader=_Loader)  # noqa: S506  # nosec B506
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

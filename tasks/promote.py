@@ -42,8 +42,8 @@ def bits_per_byte(model_uri: str, texts: list[str], block_size: int, batch_size:
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     with tracking.model_source(model_uri) as source:
-        model = GPT2LMHeadModel.from_pretrained(source.model, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
+        model = GPT2LMHeadModel.from_pretrained(source.model, use_safetensors=True)  # nosec B615
+        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)  # nosec B615
     block = min(block_size, model.config.n_positions)
     blocks = {key: torch.tensor(value) for key, value in encode_and_group({"text": texts}, tokenizer, block).items()}
     if not len(blocks["input_ids"]):

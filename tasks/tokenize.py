@@ -91,7 +91,7 @@ def load_pretrained_tokenizer(name_or_path: str, dialog: bool):
 
     try:
         with tracking.model_source(name_or_path) as source:
-            tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer))
+            tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer))  # nosec B615
     except OSError as exc:
         raise PipelineError(
             f"model.name_or_path: cannot load a tokenizer from {name_or_path!r} ({str(exc).splitlines()[0]}); "
@@ -184,7 +184,7 @@ def tokenize(
         tempfile.mkdtemp(prefix=".tokenize-", dir=tokenized_dir.parent if tokenized_dir.parent.exists() else None)
     )
     try:
-        raw = datasets.load_dataset(
+        raw = datasets.load_dataset(  # nosec B615
             "json", cache_dir=str(scratch), data_files={s: str(prepared_dir / f"{s}.jsonl") for s in SPLITS}
         )
         blocks = raw.map(
@@ -201,16 +201,17 @@ def tokenize(
                     f"{prepared_dir / f'{split}.jsonl'}: fewer tokens than one block (tokenizer.block_size="
                     f"{block_size}); add text or lower block_size"
                 )
-        with atomic_output(tokenized_dir) as tmp:
-            blocks.save_to_disk(str(tmp))
+        # Both outputs are written first and swapped in together: a stop in between never pairs the new blocks
+        # with the old tokenizer.
+        with atomic_output(tokenized_dir) as blocks_tmp, atomic_output(tokenizer_dir) as tokenizer_tmp:
+            blocks.save_to_disk(str(blocks_tmp))
+            tokenizer.save_pretrained(str(tokenizer_tmp))
         stats: dict[str, Any] = {"vocab_size": len(tokenizer), "block_size": block_size}
         for split in SPLITS:
             stats[f"{split}_blocks"] = len(blocks[split])
             stats[f"{split}_tokens"] = len(blocks[split]) * block_size
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    with atomic_output(tokenizer_dir) as tmp:
-        tokenizer.save_pretrained(str(tmp))
     return stats
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -28,6 +29,7 @@ from tasks.params import Params, flatten, params_hash
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACTS_DIR = Path("mlartifacts")
 RUN_FILE = Path(".mlflow-run.json")
+HEALTH_TIMEOUT_S = 10
 RESUMABLE = ("RUNNING", "FAILED")  # a stage that failed leaves the run to be finished by the next attempt
 RUN_ID_ENV = "GPT2_PIPELINE_RUN_ID"
 FLOW_RUN_ENV = "GPT2_PIPELINE_PREFECT_FLOW_RUN_ID"
@@ -44,6 +46,11 @@ LINEAGE_OUTS = (
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI when set (a shared server), else a SQLite file in the project."""
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def shown_uri(uri: str | None = None) -> str:
+    """The tracking URI as logs and messages show it: a password in it (user:password@host) becomes ***."""
+    return re.sub(r"(//[^/@:]+:)[^/@]+@", r"\1***@", uri or tracking_uri())
 
 
 def mlflow_module():
@@ -92,7 +99,7 @@ def _resumable_run(params: Params) -> str | None:
     if not RUN_FILE.exists():
         return None
     recorded = json.loads(RUN_FILE.read_text())
-    if recorded.get("tracking_uri") != tracking_uri():
+    if recorded.get("tracking_uri") != shown_uri():  # stored without its password
         return None
     try:
         run = client().get_run(recorded["run_id"])
@@ -112,7 +119,7 @@ def _start_run(params: Params) -> str:
     run_id = run.info.run_id
     logged = {**flatten(params), "overrides": os.environ.get(OVERRIDES_ENV) or "{}"}
     mlflow_client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in logged.items()])
-    RUN_FILE.write_text(json.dumps({"tracking_uri": tracking_uri(), "run_id": run_id}) + "\n")
+    RUN_FILE.write_text(json.dumps({"tracking_uri": shown_uri(), "run_id": run_id}) + "\n")
     return run_id
 
 
@@ -178,12 +185,21 @@ def lineage_tags(run_id: str) -> dict[str, str]:
 
 
 def require_tracking_server() -> None:
-    """Fail before any work when a configured tracking server does not answer."""
+    """Fail before any work when a configured tracking server does not answer.
+
+    An HTTP server is asked for /health with a short timeout first: MLflow's client retries a refused
+    connection with backoff for minutes before it gives up.
+    """
+    uri = tracking_uri()
     try:
+        if uri.startswith(("http://", "https://")):
+            import httpx
+
+            httpx.get(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S).raise_for_status()
         client().search_experiments(max_results=1)
     except Exception as exc:
         raise PipelineError(
-            f"MLflow tracking server {tracking_uri()} is not reachable ({type(exc).__name__}); "
+            f"MLflow tracking server {shown_uri(uri)} is not reachable ({type(exc).__name__}); "
             "start it or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
         ) from None
 
@@ -214,7 +230,7 @@ def model_source(name_or_path: str) -> Iterator[ModelSource]:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=name_or_path, dst_path=scratch))
         except Exception as exc:  # MLflow raises its own, REST and OS errors for a missing model or alias
             raise PipelineError(
-                f"model.name_or_path: {name_or_path} is not in the MLflow registry at {tracking_uri()} "
+                f"model.name_or_path: {name_or_path} is not in the MLflow registry at {shown_uri()} "
                 f"({str(exc).splitlines()[0][:200]}); list versions and aliases in the MLflow UI"
             ) from None
         if not (local / "model" / "config.json").exists():

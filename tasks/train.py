@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from tasks import checkpoints, throughput, tracking
-from tasks.common import PipelineError, atomic_output, run_cli, write_json
+from tasks.common import PipelineError, Stopped, atomic_output, run_cli, write_json
 from tasks.params import ModelParams, Params, TrainParams, load_params
 from tasks.tokenize import TOKENIZED_DIR, TOKENIZER_DIR
 
@@ -82,7 +83,7 @@ def build_model(model_params: ModelParams, tokenizer, block_size: int):
     else:
         try:
             with tracking.model_source(model_params.name_or_path) as source:
-                model = GPT2LMHeadModel.from_pretrained(
+                model = GPT2LMHeadModel.from_pretrained(  # nosec B615
                     source.model, use_safetensors=True, attn_implementation="sdpa", **config_overrides(model_params)
                 )
         except OSError as exc:
@@ -145,6 +146,7 @@ class MlflowLogger(TrainerCallback):
         self.meter.step_ended()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        check_finite(logs or {}, state.global_step)
         if not state.is_world_process_zero or not logs:
             return
         step = state.global_step
@@ -160,6 +162,34 @@ class MlflowLogger(TrainerCallback):
         fresh = {key: value for key, value in metrics.items() if step > self.logged.get(key, -1)}
         if fresh:
             tracking.log_metrics(self.run_id, fresh, step=step)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM during training ends it at the next step boundary with a checkpoint, so a rerun resumes there."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        signal.signal(signal.SIGTERM, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signum is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def check_finite(logs: dict[str, float], step: int) -> None:
+    """Stop at the first logged loss that is nan or inf: nothing after it can be trusted or registered."""
+    for key in ("loss", "eval_loss"):  # not grad_norm: fp16 loss scaling skips inf-gradient steps by design
+        value = logs.get(key)
+        if value is not None and not math.isfinite(value):
+            raise PipelineError(
+                f"train: {key} became {value} at step {step}; lower train.learning_rate, raise "
+                "train.warmup_steps or keep train.max_grad_norm set (fp32 is the most stable precision); "
+                "models/gpt2 keeps the previous model and nothing was registered"
+            )
 
 
 def training_arguments(params: TrainParams, device: str, precision: str, output_dir: Path = CHECKPOINT_DIR):
@@ -228,7 +258,7 @@ def train(
     if device == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls where the GPU has them
     set_seed(params.train.seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))  # nosec B615
     blocks = datasets.load_from_disk(str(tokenized_dir)).select_columns(["input_ids"]).with_format("torch")
     model = build_model(params.model, tokenizer, params.tokenizer.block_size)
     args = training_arguments(params.train, device, precision, checkpoint_dir)
@@ -238,7 +268,8 @@ def train(
     )
     tokens_per_step = params.train.batch_size * params.train.grad_accum * params.tokenizer.block_size * args.world_size
     meter = throughput.Meter(model, tokens_per_step, params.tokenizer.block_size, args.world_size, device, precision)
-    callbacks = [MlflowLogger(run_id, meter, params.train.max_steps)]
+    stop = StopOnSignal()
+    callbacks = [MlflowLogger(run_id, meter, params.train.max_steps), stop]
     if params.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.train.early_stopping_patience))
     trainer = Trainer(
@@ -259,6 +290,12 @@ def train(
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
+    if stop.signum is not None:
+        raise Stopped(
+            f"train stopped by SIGTERM at step {result.global_step}; its checkpoint is in {checkpoint_dir} and "
+            f"{model_dir} keeps the previous model",
+            stop.signum,
+        )
     curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     curve = curve or [(result.global_step, result.training_loss)]  # fewer steps than logging_steps
     if not math.isfinite(curve[-1][1]):

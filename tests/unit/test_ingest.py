@@ -7,7 +7,16 @@ import json
 import pytest
 
 from tasks.common import PipelineError
-from tasks.ingest import in_validation, ingest, normalize, record_text, resolve_sources
+from tasks.ingest import (
+    MAX_RECORD_CHARS,
+    first_invalid_utf8,
+    in_validation,
+    ingest,
+    normalize,
+    read_source,
+    record_text,
+    resolve_sources,
+)
 from tasks.params import DataParams
 
 
@@ -106,8 +115,22 @@ def test_empty_validation_split_is_an_error(tmp_path):
 def test_invalid_utf8_is_refused_with_a_fix(tmp_path):
     source = tmp_path / "a.txt"
     source.write_bytes(b"good text\n\n\xff\xfe bad bytes\n")
-    with pytest.raises(PipelineError, match=r"not valid UTF-8 at byte \d+; convert the file to UTF-8"):
+    with pytest.raises(PipelineError, match=r"a\.txt:3: not valid UTF-8 \(byte 11 of the file\); convert it to UTF-8"):
         ingest(params([source]), tmp_path / "out")
+
+
+def test_the_offset_of_bad_bytes_is_exact_across_read_blocks(tmp_path):
+    source = tmp_path / "big.txt"
+    good = ("line of text é\n" * 200_000).encode()  # over 1 MiB, with multi-byte characters across block ends
+    source.write_bytes(good + b"\xff")
+    assert first_invalid_utf8(source) == (200_001, len(good))
+
+
+def test_a_text_without_line_breaks_becomes_records_of_bounded_size(tmp_path):
+    source = tmp_path / "one-line.txt"
+    source.write_text("x" * (MAX_RECORD_CHARS * 2 + 5))
+    records = [text for _, text in read_source(str(source), ["text"])]
+    assert [len(r) for r in records] == [MAX_RECORD_CHARS, MAX_RECORD_CHARS, 5]
 
 
 def test_hub_source_offline_says_what_to_do(monkeypatch, tmp_path):

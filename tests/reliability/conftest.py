@@ -1,0 +1,91 @@
+"""A trained project that bad input and faults must leave intact, and the checks that say so."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import BIN, copy_project, merge, run, tiny_params, tool_env, write_params
+
+# What an earlier successful run left that nothing may lose or corrupt.
+KEPT = ("data/prepared", "data/tokenized", "models/tokenizer", "models/gpt2", "registered.json", "dvc.lock")
+RELIABILITY_PARAMS = {"train": {"max_steps": 60, "eval_steps": 20, "checkpoint_every": 20}}
+
+
+def digest(project: Path) -> dict[str, str]:
+    """A hash of every kept output, of the DVC cache's file list and of the registry's versions."""
+    found = {}
+    for name in KEPT:
+        path = project / name
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        sha = hashlib.sha256()
+        for file in files:
+            sha.update(str(file.relative_to(project)).encode() + file.read_bytes())
+        found[name] = sha.hexdigest()
+    found["dvc cache"] = str(sorted(p.name for p in (project / ".dvc/cache").rglob("*") if p.is_file()))
+    found["registry"] = str(registry_versions(project))
+    return found
+
+
+def registry_versions(project: Path) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    return sorted(str(v.version) for v in client.search_model_versions("name='gpt2-lm'"))
+
+
+def leftovers(project: Path) -> list[str]:
+    """Temporary outputs (atomic_output's .name.tmp-PID / .name.old-PID) that a failure left behind."""
+    pattern = re.compile(r"^\..+\.(tmp|old)-\d+$")
+    return [str(p.relative_to(project)) for p in project.rglob(".*") if pattern.match(p.name) and ".dvc" not in p.parts]
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+
+
+class Trained:
+    """A project copy after one successful tiny run: break it, run, check, restore."""
+
+    def __init__(self, project: Path):
+        self.project = project
+        self.params = merge(tiny_params(), RELIABILITY_PARAMS)
+        self.baseline = digest(project)
+
+    def repro(self, params_overrides: dict | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+        write_params(self.project, merge(self.params, params_overrides or {}))
+        try:
+            return run([str(BIN / "dvc"), "repro"], self.project, check=False, env=env)
+        finally:
+            write_params(self.project, self.params)
+
+    def assert_failed_cleanly(self, result: subprocess.CompletedProcess, message: str) -> str:
+        """Non-zero exit, exactly one error line matching message, no traceback, nothing lost."""
+        assert result.returncode != 0, result.stdout[-2000:]
+        lines = error_lines(result)
+        assert len(lines) == 1, (result.stdout + result.stderr)[-3000:]
+        assert re.search(message, lines[0]), lines[0]
+        assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+        assert digest(self.project) == self.baseline
+        assert leftovers(self.project) == []
+        return lines[0]
+
+
+@pytest.fixture(scope="package")
+def trained(tmp_path_factory) -> Trained:
+    project = copy_project(tmp_path_factory.mktemp("reliability"))
+    params = merge(tiny_params(), RELIABILITY_PARAMS)
+    write_params(project, params)
+    run([str(BIN / "dvc"), "repro"], project)
+    assert yaml.safe_load((project / "params.yaml").read_text()) == params
+    return Trained(project)
+
+
+@pytest.fixture
+def env() -> dict[str, str]:
+    return tool_env()
