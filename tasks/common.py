@@ -121,17 +121,41 @@ def run_cli(main: Callable[[], Any]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except (Stopped, KeyboardInterrupt) as exc:
-        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
-        detail = (
-            str(exc) or f"stopped by {signal.Signals(signum).name} before it finished; its previous outputs are kept"
-        )
-        print(f"error: {detail}; rerun `dvc repro` to continue", file=sys.stderr)
-        sys.exit(128 + signum)
+        _exit_stopped(exc)
     except Exception as exc:  # a fault nobody anticipated: still one line, the traceback on request
+        stop = _stop_within(exc)
+        if stop is not None:  # a library (datasets) wrapped the stop in an error of its own
+            _exit_stopped(stop)
         if os.environ.get(DEBUG_ENV) == "1":
             traceback.print_exc()
-        print(f"error: {unexpected(exc)}", file=sys.stderr)
+        if _disk_full(exc):  # outside atomic_output, e.g. a training checkpoint (skipped on resume when partial)
+            print(
+                f"error: the disk filled up while writing ({exc}); free space on {Path.cwd()} and rerun; "
+                "finished outputs are kept",
+                file=sys.stderr,
+            )
+        else:
+            print(f"error: {unexpected(exc)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _stop_within(exc: BaseException | None) -> Stopped | None:
+    """The Stopped that caused exc, however deep in its chain of causes."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Stopped):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _exit_stopped(exc: BaseException) -> None:
+    signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+    name = signal.Signals(signum).name
+    detail = str(exc) or f"stopped by {name} before it finished; its previous outputs are kept"
+    print(f"error: {detail}; rerun `dvc repro` to continue", file=sys.stderr)
+    sys.exit(128 + signum)
 
 
 def unexpected(exc: BaseException) -> str:

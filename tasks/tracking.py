@@ -56,6 +56,8 @@ def shown_uri(uri: str | None = None) -> str:
 def mlflow_module():
     """mlflow, imported with its usage telemetry off: the pipeline talks only to the configured tracking server."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow prints "View run at <tracking URI>" with the URI's password in it; the stages print their own lines.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     import mlflow
 
     return mlflow
@@ -71,7 +73,13 @@ def experiment_id(name: str) -> str:
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return mlflow_client.create_experiment(name, artifact_location=_local_artifacts(tracking_uri()))
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=_local_artifacts(tracking_uri()))
+    except Exception:  # another pipeline created it a moment ago (two workspaces, one server)
+        experiment = mlflow_client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def _local_artifacts(uri: str) -> str | None:

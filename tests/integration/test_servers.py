@@ -43,7 +43,7 @@ class Stack:
         response.raise_for_status()
         return response.json()["id"]
 
-    def wait_completed(self, flow_run_id: str, timeout: float = 420) -> dict:
+    def wait_completed(self, flow_run_id: str, timeout: float = 900) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             flow_run = self.api.get(f"/flow_runs/{flow_run_id}").json()
@@ -155,7 +155,7 @@ def test_kubernetes_pool_accepts_the_job_template_and_the_gpu_deployment(stack):
     assert deployment["parameters"]["overrides"] == {"train.num_processes": 8}
 
 
-def test_a_triggered_run_registers_a_model_that_loads_from_the_server(stack, monkeypatch):
+def test_a_triggered_run_registers_a_model_that_loads_from_the_server(stack):
     flow_run = stack.wait_completed(
         stack.trigger("training-pipeline/nightly", {"overrides": {**TINY_MODEL, "train.seed": 1}})
     )
@@ -169,10 +169,17 @@ def test_a_triggered_run_registers_a_model_that_loads_from_the_server(stack, mon
     assert json.loads(params["overrides"]) == {**TINY_MODEL, "train.seed": 1}
     assert client.get_run(version.run_id).info.artifact_uri.startswith("mlflow-artifacts:/")  # uploaded over HTTP
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)
     import mlflow
 
-    pipe = mlflow.transformers.load_model("models:/gpt2-lm@champion")
+    # Earlier tests in this process may have set MLflow's global URIs; this load must go to the server.
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(stack.mlflow_url)
+    mlflow.set_registry_uri(stack.mlflow_url)
+    try:
+        pipe = mlflow.transformers.load_model("models:/gpt2-lm@champion")
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
     assert pipe.model.config.n_layer == 1
     text = pipe("ROMEO:", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
@@ -184,7 +191,7 @@ def test_two_runs_at_once_serialize_and_register_two_versions(stack):
     ids = [
         stack.trigger("training-pipeline/nightly", {"overrides": {**TINY_MODEL, "train.seed": seed}}) for seed in (2, 3)
     ]
-    runs = sorted((stack.wait_completed(i, timeout=600) for i in ids), key=lambda r: r["start_time"])
+    runs = sorted((stack.wait_completed(i, timeout=1200) for i in ids), key=lambda r: r["start_time"])
     assert runs[0]["end_time"] <= runs[1]["start_time"], "the two runs trained at the same time"
     assert "AwaitingConcurrencySlot" in stack.state_names(runs[1]["id"])
 

@@ -1,0 +1,145 @@
+"""Faults: a tracking server that is down, a full disk, SIGTERM, a loss that explodes. One line each, and what
+was already made (data, model, DVC cache, registry) survives; the next run carries on from it."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import BIN, copy_project, merge, run, tiny_params, tool_env, write_params
+from tests.reliability.conftest import RELIABILITY_PARAMS, digest, error_lines, leftovers
+from tests.servers import LOOPBACK, free_port, process, wait_http
+
+pytestmark = pytest.mark.slow
+
+
+def test_mlflow_down_at_the_start_fails_before_training(trained):
+    env = {**tool_env(), "MLFLOW_TRACKING_URI": f"http://{LOOPBACK}:{free_port()}"}
+    started = time.monotonic()
+    result = trained.repro({"train": {"seed": 7}}, env=env)  # train is stale: it would retrain
+    trained.assert_failed_cleanly(
+        result, r"MLflow tracking server http://127\.0\.0\.1:\d+ is not reachable \(ConnectError\); start it"
+    )
+    assert time.monotonic() - started < 60
+    assert "train: step" not in result.stdout
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_model(trained):
+    """A file-size limit (RLIMIT_FSIZE) makes the model's weights the write that fails, as a full disk would."""
+    bigger = {"model": {"config": {"n_embd": 384, "n_head": 4}}, "train": {"max_steps": 2, "seed": 11}}
+    write_params(trained.project, merge(trained.params, bigger))
+    limit = max(4 << 20, (trained.project / "mlflow.db").stat().st_size + (2 << 20))
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    try:
+        result = subprocess.run(
+            [str(BIN / "python"), "-m", "tasks.train"], cwd=trained.project, env=tool_env(),
+            capture_output=True, text=True, preexec_fn=limit_file_size, timeout=600, check=False,
+        )  # fmt: skip
+    finally:
+        write_params(trained.project, trained.params)
+    # The first write over the limit is the final checkpoint's or the model's; either way one line, nothing lost.
+    line = trained.assert_failed_cleanly(result, r"^error: (models/gpt2: )?the disk filled up while writing")
+    assert "File too large" in line and "and rerun;" in line
+
+
+def test_nan_loss_stops_training_and_registers_nothing(trained):
+    result = trained.repro({"train": {"learning_rate": 1.0e6, "max_grad_norm": 1.0e9, "warmup_steps": 0}})
+    trained.assert_failed_cleanly(
+        result, r"^error: train: (eval_)?loss became (nan|inf) at step \d+; lower train\.learning_rate"
+    )
+
+
+@pytest.fixture(scope="module")
+def stoppable(tmp_path_factory) -> Path:
+    """A project of its own: these tests finish the runs they interrupt, which changes its outputs."""
+    project = copy_project(tmp_path_factory.mktemp("sigterm"))
+    write_params(project, merge(tiny_params(), RELIABILITY_PARAMS))
+    run([str(BIN / "dvc"), "repro"], project)
+    return project
+
+
+def start_repro(project: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "dvc"), "repro"], cwd=project, env=tool_env(), start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def terminate_when(proc: subprocess.Popen, stage: str, ready, timeout: float = 300) -> str:
+    """SIGTERM the stage's process (`kill PID`, a scheduler stopping it) once ready(); dvc reports its exit."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, "the stage finished or never got there"
+        time.sleep(0.05)
+    (target,) = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if f"tasks.{stage}" in " ".join(p.cmdline())
+    ]
+    target.send_signal(signal.SIGTERM)
+    return proc.communicate(timeout=300)[0]
+
+
+def test_sigterm_during_tokenize_keeps_the_old_outputs_and_a_rerun_finishes(stoppable):
+    write_params(stoppable, merge(tiny_params(), merge(RELIABILITY_PARAMS, {"tokenizer": {"vocab_size": 600}})))
+    before = digest(stoppable)
+    output = terminate_when(start_repro(stoppable), "tokenize", lambda: any((stoppable / "data").glob(".tokenize-*")))
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert lines == ["error: stopped by SIGTERM before it finished; its previous outputs are kept; "
+                     "rerun `dvc repro` to continue"], output[-2000:]  # fmt: skip
+    assert digest(stoppable) == before and leftovers(stoppable) == []
+    assert list((stoppable / "data").glob(".tokenize-*")) == []
+    run([str(BIN / "dvc"), "repro"], stoppable)
+    assert json.loads((stoppable / "models/tokenizer/tokenizer.json").read_text())["model"]["vocab"].__len__() == 600
+
+
+def test_sigterm_during_training_saves_a_checkpoint_that_the_rerun_resumes(stoppable):
+    write_params(stoppable, merge(tiny_params(), merge(RELIABILITY_PARAMS, {"train": {"max_steps": 400}})))
+    model_before = digest(stoppable)["models/gpt2"]
+    checkpoint = stoppable / "checkpoints/train/checkpoint-20"
+    output = terminate_when(start_repro(stoppable), "train", checkpoint.exists)
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: train stopped by SIGTERM at step "), output[-2000:]
+    stopped_at = int(lines[0].split("at step ")[1].split(";")[0])
+    assert (stoppable / f"checkpoints/train/checkpoint-{stopped_at}").is_dir()
+    assert digest(stoppable)["models/gpt2"] == model_before and "Traceback" not in output
+    rerun = run([str(BIN / "dvc"), "repro"], stoppable)
+    assert f"resuming from checkpoints/train/checkpoint-{stopped_at}" in rerun.stdout
+    assert json.loads((stoppable / "metrics/train.json").read_text())["steps"] == 400
+
+
+def test_mlflow_down_at_registration_keeps_the_model_and_registers_it_later(tmp_path):
+    project = copy_project(tmp_path)
+    write_params(project, merge(tiny_params(), RELIABILITY_PARAMS))
+    port = free_port()
+    env = {**tool_env(), "MLFLOW_TRACKING_URI": f"http://{LOOPBACK}:{port}"}
+    server = [
+        str(BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "store"),
+    ]  # fmt: skip
+
+    def serving():
+        return process(server, tmp_path / "mlflow.log", env)
+
+    with serving() as proc:
+        wait_http(f"{env['MLFLOW_TRACKING_URI']}/health", proc, tmp_path / "mlflow.log")
+        run([str(BIN / "dvc"), "repro", "evaluate"], project, env=env)
+    model = digest(project)["models/gpt2"]
+    down = run([str(BIN / "dvc"), "repro"], project, check=False, env=env)
+    assert down.returncode != 0 and len(error_lines(down)) == 1, down.stderr[-2000:]
+    assert "MLflow tracking server http://127.0.0.1" in error_lines(down)[0]
+    assert digest(project)["models/gpt2"] == model and not (project / "registered.json").exists()
+    with serving() as proc:
+        wait_http(f"{env['MLFLOW_TRACKING_URI']}/health", proc, tmp_path / "mlflow.log")
+        later = run([str(BIN / "dvc"), "repro"], project, env=env).stdout
+    assert "Running stage 'register'" in later and "Running stage 'train'" not in later
+    assert json.loads((project / "registered.json").read_text())["version"] == "1"
+    assert digest(project)["models/gpt2"] == model
