@@ -24,8 +24,11 @@ class PipelineError(Exception):
     """A problem the user can fix; its message is the one line they see."""
 
 
-class Stopped(Exception):
-    """SIGTERM (a scheduler, Kubernetes, `kill`) or Ctrl-C: the stage stops, keeping every finished output."""
+class Stopped(BaseException):
+    """SIGTERM (a scheduler, Kubernetes, `kill`) or Ctrl-C: the stage stops, keeping every finished output.
+
+    A BaseException, as KeyboardInterrupt is, so that libraries' `except Exception` blocks cannot swallow it.
+    """
 
     def __init__(self, message: str = "", signum: int = signal.SIGTERM):
         super().__init__(message)
