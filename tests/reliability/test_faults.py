@@ -4,6 +4,7 @@ was already made (data, model, DVC cache, registry) survives; the next run carri
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -69,23 +70,38 @@ def stoppable(tmp_path_factory) -> Path:
 
 
 def start_repro(project: Path) -> subprocess.Popen:
+    # DVC runs each stage through $SHELL, else /bin/sh: dash forks the stage's python (bash execs it), so the
+    # tree below dvc differs by machine. Take dash, the deeper one, which is what CI without $SHELL sees.
     return subprocess.Popen(
-        [str(BIN / "dvc"), "repro"], cwd=project, env=tool_env(), start_new_session=True,
+        [str(BIN / "dvc"), "repro"], cwd=project, env={**tool_env(), "SHELL": "/bin/sh"}, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+
+
+def stage_process(proc: subprocess.Popen, stage: str) -> psutil.Process:
+    """The python running `-m tasks.<stage>`: not the shell around it, nor a worker it forked."""
+    running = [
+        p for p in psutil.Process(proc.pid).children(recursive=True)
+        if p.name().startswith("python") and f"tasks.{stage}" in " ".join(p.cmdline())
+    ]  # fmt: skip
+    pids = {p.pid for p in running}
+    (target,) = [p for p in running if p.ppid() not in pids]
+    return target
 
 
 def terminate_when(proc: subprocess.Popen, stage: str, ready, timeout: float = 300) -> str:
     """SIGTERM the stage's process (`kill PID`, a scheduler stopping it) once ready(); dvc reports its exit."""
     deadline = time.monotonic() + timeout
-    while not ready():
-        assert proc.poll() is None and time.monotonic() < deadline, "the stage finished or never got there"
-        time.sleep(0.05)
-    (target,) = [
-        p for p in psutil.Process(proc.pid).children(recursive=True) if f"tasks.{stage}" in " ".join(p.cmdline())
-    ]
-    target.send_signal(signal.SIGTERM)
-    return proc.communicate(timeout=300)[0]
+    try:
+        while not ready():
+            assert proc.poll() is None and time.monotonic() < deadline, "the stage finished or never got there"
+            time.sleep(0.05)
+        stage_process(proc, stage).send_signal(signal.SIGTERM)
+        return proc.communicate(timeout=300)[0]
+    finally:  # a failed test must not leave a dvc repro holding the project's lock for the next one
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def test_sigterm_during_tokenize_keeps_the_old_outputs_and_a_rerun_finishes(stoppable):
