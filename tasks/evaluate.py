@@ -26,6 +26,7 @@ from tasks.train import MODEL_DIR, resolve_device
 
 METRICS_FILE = Path("metrics/eval.json")
 SAMPLES_FILE = Path("reports/samples.json")
+COLUMNS = ("input_ids", "token_bytes", "token_chars")
 
 
 @dataclass
@@ -67,17 +68,24 @@ def windows(total: int, block_size: int, stride: int) -> list[tuple[int, int, in
 
 def score(model, blocks, block_size: int, stride: int, batch_size: int, device: str) -> Score:
     """Sum the NLL of every scored token of the validation stream (its blocks end to end), a batch of windows
-    at a time: logits never outlive their batch, so memory is flat in the number of validation tokens."""
-    ids = blocks["input_ids"].reshape(-1).long()
-    sizes = {unit: blocks[f"token_{unit}"].reshape(-1).long() for unit in ("bytes", "chars")}
-    spans = windows(len(ids), block_size, stride)
+    at a time. `blocks` is a torch-formatted Dataset (memory-mapped Arrow) or a dict of tensors; each batch
+    reads only the blocks its windows cover, and logits never outlive their batch, so memory is flat in the
+    number of validation tokens."""
+    count = len(blocks) if not isinstance(blocks, dict) else len(blocks["input_ids"])
+    spans = windows(count * block_size, block_size, stride)
     model.to(device).eval()
     result = Score()
     with torch.inference_mode():
         for start in range(0, len(spans), batch_size):
-            batch = spans[start : start + batch_size]
-            for length in sorted({end - begin for begin, end, _ in batch}):  # only the last window is shorter
-                same = [span for span in batch if span[1] - span[0] == length]
+            batch = spans[start : start + batch_size]  # windows ascend, so the first begins and the last ends
+            first, last = batch[0][0] // block_size, (batch[-1][1] - 1) // block_size + 1
+            rows = {key: blocks[key][first:last] for key in COLUMNS} if isinstance(blocks, dict) else blocks[first:last]
+            ids = rows["input_ids"].reshape(-1).long()
+            sizes = {unit: rows[f"token_{unit}"].reshape(-1).long() for unit in ("bytes", "chars")}
+            offset = first * block_size
+            local = [(begin - offset, end - offset, scored - offset) for begin, end, scored in batch]
+            for length in sorted({end - begin for begin, end, _ in local}):  # only the last window is shorter
+                same = [span for span in local if span[1] - span[0] == length]
                 _score_windows(model, ids, sizes, same, device, result)
     return result
 
@@ -123,8 +131,8 @@ def evaluate(
     stride: int | None = None,
 ) -> dict[str, Any]:
     """Score a model on the validation stream; stride None means non-overlapping blocks."""
-    blocks = load_validation(tokenized_dir)[:]
-    block_size = blocks["input_ids"].shape[1]
+    blocks = load_validation(tokenized_dir)
+    block_size = len(blocks[0]["input_ids"])
     return score(model, blocks, block_size, stride or block_size, batch_size, resolve_device(device)).metrics()
 
 

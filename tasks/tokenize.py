@@ -7,6 +7,7 @@ Run: python -m tasks.tokenize
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ from tasks.params import CHAR_SPECIALS, ModelParams, TokenizerParams, load_param
 
 TOKENIZER_DIR = Path("models/tokenizer")
 TOKENIZED_DIR = Path("data/tokenized")
+CHAR_PATTERN = r"[\s\S]"  # the char tokenizer's pre-tokenizer: every character on its own
 MAP_BATCH = 1000  # records per batched map call; group_texts drops at most block_size-1 tokens per batch
 
 
@@ -64,7 +66,7 @@ def train_char(train_path: Path, params: TokenizerParams):
     kept = [char for char, count in counts.most_common(room) if count >= params.min_frequency]
     vocab = {token: index for index, token in enumerate([*CHAR_SPECIALS, *kept])}
     chars = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    chars.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token a character
+    chars.pre_tokenizer = pre_tokenizers.Split(Regex(CHAR_PATTERN), behavior="isolated")  # one token a character
     chars.decoder = decoders.Fuse()  # characters join with nothing between them
     return _wrap(chars, bos_token=EOS, eos_token=EOS, unk_token=UNK, sep_token=SEP)
 
@@ -115,34 +117,91 @@ def span_lengths(text: str, offsets: list[tuple[int, int]]) -> tuple[np.ndarray,
     chars = np.diff(ends, prepend=0)
     if text.isascii():
         return chars, chars
+    return np.diff(np.concatenate([[0], np.cumsum(utf8_widths(text))])[ends], prepend=0), chars
+
+
+def utf8_widths(text: str) -> np.ndarray:
+    """The UTF-8 length of each character of text."""
     codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-    widths = 1 + (codepoints >= 0x80) + (codepoints >= 0x800) + (codepoints >= 0x10000)
-    return np.diff(np.concatenate([[0], np.cumsum(widths)])[ends], prepend=0), chars
+    return 1 + (codepoints >= 0x80) + (codepoints >= 0x800) + (codepoints >= 0x10000)
 
 
-def encode_and_group(batch: dict[str, list], tokenizer, block_size: int) -> dict[str, list]:
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes byte b as one printable character; this maps each back to its byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = (b for b in range(256) if b not in printable)
+    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(shifted)}
+
+
+class TokenSizes:
+    """Bytes and characters per token for a whole batch at once, the same sums as span_lengths.
+
+    Offsets cost a Python tuple per token, several times the encoding itself; the two tokenizers this pipeline
+    trains need none: a byte-level BPE token always stands for the same bytes (a table by id, each character
+    counted where its first byte is), and a char token is one character of the text. Any other tokenizer
+    (a normalizer, a prefix space, another model) goes through the offsets.
+    """
+
+    def __init__(self, backend):
+        spec = json.loads(backend.to_str())
+        pre, plain = spec.get("pre_tokenizer") or {}, spec.get("normalizer") is None
+        self.mode = "offsets"
+        if plain and pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space"):
+            try:
+                self.bytes, self.chars = self._byte_level_table(backend)
+                self.mode = "table"
+            except KeyError:  # a vocabulary entry outside the byte alphabet: not GPT-2's scheme after all
+                pass
+        elif plain and spec["model"]["type"] == "WordLevel" and pre.get("pattern") == {"Regex": CHAR_PATTERN}:
+            self.mode = "char"
+
+    @staticmethod
+    def _byte_level_table(backend) -> tuple[np.ndarray, np.ndarray]:
+        alphabet = byte_level_alphabet()
+        added = {index: token.content for index, token in backend.get_added_tokens_decoder().items()}
+        sizes = np.zeros((2, backend.get_vocab_size(with_added_tokens=True)), dtype=np.uint16)
+        for token, index in backend.get_vocab(with_added_tokens=True).items():
+            raw = added[index].encode("utf-8") if index in added else bytes(alphabet[char] for char in token)
+            sizes[:, index] = len(raw), sum(1 for byte in raw if byte & 0xC0 != 0x80)  # non-continuation bytes
+        return sizes[0], sizes[1]
+
+    def __call__(self, texts: list[str], encodings, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.mode == "table":
+            return self.bytes[ids], self.chars[ids]
+        joined = "".join(texts) if self.mode == "char" else ""
+        if len(joined) == len(ids):  # else a special token's text stood in a record as several characters
+            return utf8_widths(joined).astype(np.uint16), np.ones(len(joined), dtype=np.uint16)
+        pairs = [span_lengths(text, encoding.offsets) for text, encoding in zip(texts, encodings, strict=True)]
+        return tuple(np.concatenate([pair[unit] for pair in pairs] or [[]]).astype(np.uint16) for unit in (0, 1))
+
+
+def encode_and_group(
+    batch: dict[str, list], tokenizer, block_size: int, sizes: TokenSizes | None = None
+) -> dict[str, np.ndarray]:
     """Tokenize records, end each with end-of-text, concatenate and cut into blocks (run_clm's group_texts).
 
     A dialogue record's turns are joined with the separator token. End-of-text and separator count as one
-    byte each: they stand for the newline between records and between turns.
+    byte each: they stand for the newline between records and between turns. Pass `sizes` when calling
+    batch after batch: building it walks the whole vocabulary.
     """
     records = batch["turns"] if "turns" in batch else [[text] for text in batch["text"]]
     turns = [turn for record in records for turn in record]
-    encoded = tokenizer(turns, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    pieces = iter(zip(turns, encoded["input_ids"], encoded["offset_mapping"], strict=True))
-    ids, sizes, chars = [], [], []
-    for record in records:
-        for index in range(len(record)):
-            text, turn_ids, offsets = next(pieces)
-            end = tokenizer.eos_token_id if index == len(record) - 1 else tokenizer.sep_token_id
-            ids.append(np.asarray([*turn_ids, end], dtype=np.int32))
-            turn_bytes, turn_chars = span_lengths(text, offsets)
-            sizes.append(np.append(turn_bytes, 1).astype(np.uint16))
-            chars.append(np.append(turn_chars, 1).astype(np.uint16))
-    usable = sum(map(len, ids)) // block_size * block_size
+    sizes = sizes or TokenSizes(tokenizer.backend_tokenizer)
+    encodings = tokenizer.backend_tokenizer.encode_batch(turns, add_special_tokens=False)
+    lengths = np.fromiter((len(encoding.ids) for encoding in encodings), dtype=np.int64, count=len(encodings))
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=lengths.sum())
+    token_bytes, token_chars = sizes(turns, encodings, ids)
+    # After each turn: the separator, or end-of-text after a record's last turn (1 byte, 1 character each).
+    last = np.zeros(len(turns), dtype=bool)
+    last[np.cumsum([len(record) for record in records]) - 1] = True
+    ends = np.where(last, tokenizer.eos_token_id, tokenizer.sep_token_id if not last.all() else 0)
+    at = np.cumsum(lengths)
+    ids = np.insert(ids, at, ends.astype(np.int32))
+    usable = len(ids) // block_size * block_size
     return {
-        name: np.concatenate(column)[:usable].reshape(-1, block_size).tolist()
-        for name, column in (("input_ids", ids), ("token_bytes", sizes), ("token_chars", chars))
+        "input_ids": ids[:usable].reshape(-1, block_size),
+        "token_bytes": np.insert(token_bytes, at, 1).astype(np.uint16)[:usable].reshape(-1, block_size),
+        "token_chars": np.insert(token_chars, at, 1).astype(np.uint16)[:usable].reshape(-1, block_size),
     }
 
 
@@ -192,7 +251,11 @@ def tokenize(
             batched=True,
             batch_size=MAP_BATCH,
             remove_columns=raw["train"].column_names,
-            fn_kwargs={"tokenizer": tokenizer, "block_size": block_size},
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "block_size": block_size,
+                "sizes": TokenSizes(tokenizer.backend_tokenizer),
+            },
             features=features,
         )
         for split in SPLITS:

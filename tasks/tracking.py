@@ -30,6 +30,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ARTIFACTS_DIR = Path("mlartifacts")
 RUN_FILE = Path(".mlflow-run.json")
 HEALTH_TIMEOUT_S = 10
+MAX_METRICS_PER_BATCH = 1000  # the most metrics MLflow's log_batch takes in one request
 RESUMABLE = ("RUNNING", "FAILED")  # a stage that failed leaves the run to be finished by the next attempt
 RUN_ID_ENV = "GPT2_PIPELINE_RUN_ID"
 FLOW_RUN_ENV = "GPT2_PIPELINE_PREFECT_FLOW_RUN_ID"
@@ -137,11 +138,17 @@ def _run_name() -> str:
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     """Log several metrics at one step in one request."""
+    log_metric_steps(run_id, [(step, int(time.time() * 1000), metrics)])
+
+
+def log_metric_steps(run_id: str, entries: list[tuple[int, int, dict[str, float]]]) -> None:
+    """Log (step, timestamp in ms, metrics) entries gathered over several steps, MLflow's limit of 1,000 metrics
+    a request at a time."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-    client().log_batch(run_id, metrics=batch, synchronous=True)
+    batch = [Metric(key, float(value), at, step) for step, at, metrics in entries for key, value in metrics.items()]
+    for start in range(0, len(batch), MAX_METRICS_PER_BATCH):
+        client().log_batch(run_id, metrics=batch[start : start + MAX_METRICS_PER_BATCH], synchronous=True)
 
 
 def last_logged_steps(run_id: str, keys: list[str]) -> dict[str, int]:

@@ -7,6 +7,7 @@ Run: python -m tasks.train
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -120,8 +121,9 @@ def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 class MlflowLogger(TrainerCallback):
     """Each logging step to the pipeline's MLflow run, by id: loss, learning rate, gradient norm, eval loss,
-    tokens/s and MFU, and one readable line on stdout. After a resume, steps the run already holds are skipped,
-    so no metric step is logged twice."""
+    tokens/s and MFU, and one readable line on stdout. The metrics are sent in batches, every FLUSH_SECONDS,
+    before each checkpoint and at the end. After a resume, steps the run already holds are skipped, so no
+    metric step is logged twice."""
 
     KEYS: ClassVar[dict[str, str]] = {
         "loss": "train/loss",
@@ -130,9 +132,13 @@ class MlflowLogger(TrainerCallback):
         "grad_norm": "train/grad_norm",
     }
 
+    FLUSH_SECONDS = 5.0  # one request every few seconds, not one a logging step: MLflow costs ~10 ms a call
+
     def __init__(self, run_id: str, meter: throughput.Meter, max_steps: int):
         self.run_id, self.meter, self.max_steps = run_id, meter, max_steps
         self.logged: dict[str, int] = {}
+        self.pending: list[tuple[int, int, dict[str, float]]] = []
+        self.flushed_at = -math.inf  # the first logging step goes out at once: the UI shows the run started
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -144,6 +150,8 @@ class MlflowLogger(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.meter.step_ended()
+        if control.should_save:  # flushed before each checkpoint (see on_log)
+            self.flush()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         check_finite(logs or {}, state.global_step)
@@ -161,7 +169,19 @@ class MlflowLogger(TrainerCallback):
             print(f"train: step {step} eval_loss {logs['eval_loss']:.4f}")
         fresh = {key: value for key, value in metrics.items() if step > self.logged.get(key, -1)}
         if fresh:
-            tracking.log_metrics(self.run_id, fresh, step=step)
+            self.pending.append((step, int(time.time() * 1000), fresh))
+        # A run resumed from a checkpoint logs only the steps after it: what came before must be sent first.
+        if control.should_save or time.monotonic() - self.flushed_at >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            tracking.log_metric_steps(self.run_id, self.pending)
+            self.pending = []
+        self.flushed_at = time.monotonic()
 
 
 class StopOnSignal(TrainerCallback):
@@ -268,8 +288,8 @@ def train(
     )
     tokens_per_step = params.train.batch_size * params.train.grad_accum * params.tokenizer.block_size * args.world_size
     meter = throughput.Meter(model, tokens_per_step, params.tokenizer.block_size, args.world_size, device, precision)
-    stop = StopOnSignal()
-    callbacks = [MlflowLogger(run_id, meter, params.train.max_steps), stop]
+    stop, logger = StopOnSignal(), MlflowLogger(run_id, meter, params.train.max_steps)
+    callbacks = [stop, logger]  # the logger sees the stop's checkpoint request and flushes before it
     if params.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.train.early_stopping_patience))
     trainer = Trainer(
@@ -288,7 +308,12 @@ def train(
             + (f", resuming from {resume_from}" if resume_from else "")
         )
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except BaseException:
+        with contextlib.suppress(Exception):  # keep what was measured before a nan or a crash; the error wins
+            logger.flush()
+        raise
     seconds = time.perf_counter() - started
     if stop.signum is not None:
         raise Stopped(

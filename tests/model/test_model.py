@@ -180,3 +180,24 @@ def test_samples_fit_in_the_model_positions(tokenized):
     assert sample(model, tokenizer, ["ROMEO:"], settings) == [generated]  # the fixed seed repeats itself
     with pytest.raises(PipelineError, match=r"evaluate.prompts: .* fills the model's 64 positions; shorten it"):
         sample(model, tokenizer, ["ROMEO: " * 64], settings)
+
+
+def test_metrics_go_to_mlflow_in_batches_and_before_each_checkpoint(tokenized, tmp_path, mlflow_run, monkeypatch):
+    """Logging every step must not cost a request every step; a checkpoint never holds steps MLflow lacks."""
+    requests = []  # (steps sent, checkpoints on disk at that moment)
+    send = tracking.log_metric_steps
+
+    def counted(run_id, entries):
+        on_disk = {int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("checkpoint-*")}
+        requests.append(({step for step, _, _ in entries}, on_disk))
+        send(run_id, entries)
+
+    monkeypatch.setattr(tracking, "log_metric_steps", counted)
+    steps = {"max_steps": 60, "logging_steps": 1, "eval_steps": 20, "checkpoint_every": 20}
+    train_here(parse_params(merge(tiny_params(), {"train": steps})), mlflow_run, tokenized, tmp_path)
+    history = tracking.client().get_metric_history(mlflow_run, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 61))  # every step, once
+    assert len(requests) <= 10, f"{len(requests)} requests for 60 logging steps"
+    for checkpoint in (20, 40):  # step 20 went out before checkpoint-20 was written
+        sent_with = [on_disk for sent, on_disk in requests if checkpoint in sent]
+        assert sent_with and checkpoint not in sent_with[0], requests

@@ -8,6 +8,8 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -110,3 +112,13 @@ def test_dockerfile_pins_torch_as_the_makefile_does_before_installing_the_projec
     assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", dockerfile, re.M)
     for source in re.findall(r"^COPY (\S+) ", dockerfile, re.M):
         assert source == "." or (ROOT / source).exists(), source
+
+
+def test_dvc_reads_the_projects_remote_config_with_the_default_install():
+    """.dvc/config names the MinIO remote: a plain install must still run `dvc version`, `dvc remote list`."""
+    dvc = str(Path(sys.executable).parent / "dvc")
+    version = subprocess.run([dvc, "version"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert version.returncode == 0, version.stderr[-1000:]
+    assert re.search(r"Supports:[\s\S]*\bs3\b", version.stdout), version.stdout
+    remotes = subprocess.run([dvc, "remote", "list"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert re.match(r"minio\s+s3://dvc", remotes), remotes

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from tasks.common import PipelineError
 from tasks.params import ModelParams, TokenizerParams
-from tasks.tokenize import span_lengths, tokenize
+from tasks.tokenize import TokenSizes, encode_and_group, span_lengths, tokenize, train_bpe, train_char
 
 
 @pytest.mark.parametrize("text", ["plain ascii text", "床前明月光，疑是地上霜。", "mixed 漢字 and 😀 emoji"])
@@ -103,3 +103,35 @@ def test_dialog_turns_are_joined_with_the_separator(tmp_path):
     record_bytes = len("你好\n你好呀，吃了吗\n吃了\n".encode())
     assert sum(blocks["token_bytes"][0][:14]) == record_bytes
     assert sum(blocks["token_chars"][0][:14]) == len("你好\n你好呀，吃了吗\n吃了\n")
+
+
+TRICKY = ["床前明月光，疑是地上霜。", "mixed 漢字 and 😀 emoji, é", "a literal <|endoftext|> and [SEP] in text", "  "]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_batch_sizes_match_the_offsets_record_by_record(prepared, kind):
+    """The vectorized sizes (a byte table for byte-level BPE, UTF-8 widths for char) equal the offsets' sums."""
+    trainer = train_bpe if kind == "bpe" else train_char
+    tokenizer = trainer(prepared / "train.jsonl", TokenizerParams(kind=kind, vocab_size=400, min_frequency=1))
+    sizes = TokenSizes(tokenizer.backend_tokenizer)
+    assert sizes.mode == {"bpe": "table", "char": "char"}[kind]
+    offsets = TokenSizes.__new__(TokenSizes)
+    offsets.mode = "offsets"
+    for text in TRICKY:
+        encodings = tokenizer.backend_tokenizer.encode_batch([text], add_special_tokens=False)
+        ids = np.asarray(encodings[0].ids)
+        fast, exact = sizes([text], encodings, ids), offsets([text], encodings, ids)
+        assert [int(a.sum()) for a in fast] == [int(a.sum()) for a in exact] == [len(text.encode()), len(text)], text
+        assert len(fast[0]) == len(ids)
+
+
+def test_other_tokenizers_fall_back_to_offsets(prepared):
+    """A normalizer changes the text the tokens stand for: only the offsets tell the original bytes."""
+    from tokenizers import normalizers
+
+    tokenizer = train_bpe(prepared / "train.jsonl", TokenizerParams(vocab_size=400, min_frequency=1))
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert TokenSizes(tokenizer.backend_tokenizer).mode == "offsets"
+    blocks = encode_and_group({"text": ["ÉCOLE Été"] * 8}, tokenizer, 1)  # blocks of 1: nothing cut off
+    assert int(blocks["token_bytes"].sum()) == len("ÉCOLE Été\n".encode()) * 8
+    assert int(blocks["token_chars"].sum()) == len("ÉCOLE Été\n") * 8

@@ -1,0 +1,123 @@
+"""Throughput and peak memory of the tokenize stage as the corpus grows, against a bare `tokenizers` loop.
+
+For each size a synthetic corpus (the bundled Shakespeare and Tang poems, shuffled and repeated) is written as
+the ingest stage's JSONL. The same BPE tokenizer (4,096 tokens, trained once on the smallest corpus and saved
+as a folder) then goes through
+  - the stage: `tasks.tokenize.tokenize` with `tokenizer.kind: pretrained` pointing at that folder (read the
+    JSONL, encode with offsets, count bytes and characters per token, cut blocks, write Arrow to disk), and
+  - the bare reference: read the same JSONL, `Tokenizer.encode_batch` 1,000 records at a time, count tokens.
+Each runs in a child process whose whole process tree's RSS is sampled. MB/s counts UTF-8 text bytes.
+Run: python bench/tokenize_scaling.py [--sizes 10,100] [--large]   (--large adds 1,000 MB)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.measure import MB, ROOT, machine, run_measured, write_corpus
+
+BLOCK = 128
+BATCH = 1000
+
+
+def stage(work: Path) -> None:
+    from tasks.params import ModelParams, TokenizerParams
+    from tasks.tokenize import tokenize
+
+    started = time.perf_counter()
+    stats = tokenize(
+        TokenizerParams(kind="pretrained", block_size=BLOCK),
+        ModelParams(init="pretrained", name_or_path=str(work / "tokenizer")),
+        prepared_dir=work / "prepared",
+        tokenizer_dir=work / "out/tokenizer",
+        tokenized_dir=work / "out/tokenized",
+    )
+    print(
+        json.dumps(
+            {"seconds": time.perf_counter() - started, "tokens": stats["train_tokens"] + stats["validation_tokens"]}
+        )
+    )
+
+
+def bare(work: Path) -> None:
+    from tokenizers import Tokenizer
+
+    started = time.perf_counter()
+    tokenizer, tokens = Tokenizer.from_file(str(work / "tokenizer/tokenizer.json")), 0
+    for split in ("train", "validation"):
+        with (work / f"prepared/{split}.jsonl").open(encoding="utf-8") as handle:
+            batch = []
+            for line in handle:
+                batch.append(json.loads(line)["text"])
+                if len(batch) == BATCH:
+                    tokens += sum(len(e.ids) + 1 for e in tokenizer.encode_batch(batch, add_special_tokens=False))
+                    batch = []
+            tokens += sum(len(e.ids) + 1 for e in tokenizer.encode_batch(batch, add_special_tokens=False))
+    print(json.dumps({"seconds": time.perf_counter() - started, "tokens": tokens}))
+
+
+def train_tokenizer(work: Path) -> None:
+    from tasks.params import TokenizerParams
+    from tasks.tokenize import train_bpe
+
+    train_bpe(work / "prepared/train.jsonl", TokenizerParams(vocab_size=4096)).save_pretrained(str(work / "tokenizer"))
+
+
+def measure(work: Path, size_mb: int, tokenizer: Path) -> dict:
+    prepared = work / "prepared"
+    text_bytes = write_corpus(prepared / "train.jsonl", size_mb * MB * 99 // 100, seed=size_mb)
+    text_bytes += write_corpus(prepared / "validation.jsonl", size_mb * MB // 100, seed=size_mb + 1)
+    shutil.copytree(tokenizer, work / "tokenizer")
+    row = {"size_mb": size_mb, "text_mb": text_bytes / MB}
+    for name in ("bare", "stage"):  # bare first: it warms the page cache for both alike
+        run = run_measured([__file__, f"_{name}", str(work)], cwd=ROOT)
+        inner = json.loads(run.output.strip().splitlines()[-1])
+        row[name] = {"seconds": inner["seconds"], "peak_rss_mb": run.peak_rss / MB, "tokens": inner["tokens"],
+                     "mb_per_s": text_bytes / MB / inner["seconds"]}  # fmt: skip
+        shutil.rmtree(work / "out", ignore_errors=True)
+    row["ratio"] = row["stage"]["mb_per_s"] / row["bare"]["mb_per_s"]
+    shutil.rmtree(prepared)
+    shutil.rmtree(work / "tokenizer")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10,100", help="corpus sizes in MB, comma-separated")
+    parser.add_argument("--large", action="store_true", help="add the 1,000 MB corpus (minutes, ~3 GB of disk)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    sizes = [int(size) for size in args.sizes.split(",")] + ([1000] if args.large else [])
+    print(f"machine: {machine()}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-tokenize-") as scratch:
+        tokenizer_work = Path(scratch) / "tokenizer-source"
+        write_corpus(tokenizer_work / "prepared/train.jsonl", 10 * MB)
+        run_measured([__file__, "_train", str(tokenizer_work)], cwd=ROOT)
+        for size in sizes:
+            row = measure(Path(scratch) / f"{size}mb", size, tokenizer_work / "tokenizer")
+            rows.append(row)
+            print(
+                f"{size:>5} MB: stage {row['stage']['mb_per_s']:.2f} MB/s ({row['stage']['seconds']:.1f} s, peak RSS "
+                f"{row['stage']['peak_rss_mb']:,.0f} MB), bare encode_batch {row['bare']['mb_per_s']:.2f} MB/s "
+                f"({row['bare']['seconds']:.1f} s, {row['bare']['peak_rss_mb']:,.0f} MB), ratio {row['ratio']:.3f}; "
+                f"tokens {row['stage']['tokens']:,} / {row['bare']['tokens']:,}",
+                flush=True,
+            )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] in ("_stage", "_bare", "_train"):
+        {"_stage": stage, "_bare": bare, "_train": train_tokenizer}[sys.argv[1]](Path(sys.argv[2]))
+    else:
+        main()
