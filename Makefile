@@ -34,8 +34,12 @@ audit: install
 	$(BIN)/bandit -q -ll -r tasks flows
 	$(BIN)/pip-audit --progress-spinner off
 
+# The quick sizes (a few minutes each); docs/benchmarks.md has the commands for the large ones.
 bench: install
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/tokenize_scaling.py --sizes 10,100
+	$(BIN)/python bench/eval_throughput.py
+	$(BIN)/python bench/overhead.py
 
 clean:
 	rm -rf data/prepared data/tokenized models checkpoints registered.json mlflow.db mlartifacts .mlflow-run.json

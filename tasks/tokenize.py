@@ -159,8 +159,9 @@ class TokenSizes:
     def _byte_level_table(backend) -> tuple[np.ndarray, np.ndarray]:
         alphabet = byte_level_alphabet()
         added = {index: token.content for index, token in backend.get_added_tokens_decoder().items()}
-        sizes = np.zeros((2, backend.get_vocab_size(with_added_tokens=True)), dtype=np.uint16)
-        for token, index in backend.get_vocab(with_added_tokens=True).items():
+        vocab = backend.get_vocab(with_added_tokens=True)
+        sizes = np.zeros((2, max(vocab.values()) + 1), dtype=np.uint16)
+        for token, index in vocab.items():
             raw = added[index].encode("utf-8") if index in added else bytes(alphabet[char] for char in token)
             sizes[:, index] = len(raw), sum(1 for byte in raw if byte & 0xC0 != 0x80)  # non-continuation bytes
         return sizes[0], sizes[1]
