@@ -94,8 +94,10 @@ def main() -> None:
     args = parser.parse_args()
     import datasets
     import torch
+    import transformers
 
     datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
     print(f"machine: {machine()}, {torch.get_num_threads()} torch threads")
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as scratch:
         work = Path(scratch)

@@ -3,12 +3,16 @@ corpora built from the bundled samples, and the machine line every docs/benchmar
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,27 +28,72 @@ MB = 1_000_000
 class Measured:
     seconds: float
     peak_rss: int  # bytes, the largest sum over the child and all its descendants seen while it ran
+    peak_private: int  # the same for RSS less file-backed shared pages (memory-mapped Arrow files count in RSS)
     output: str
 
 
-def run_measured(args: list[str], cwd: Path | None = None, env: dict | None = None, poll: float = 0.05) -> Measured:
-    """Run `python args...` and sample the RSS of its tree (map workers included) until it exits."""
+def run_measured(
+    args: list[str], cwd: Path | None = None, env: dict | None = None, poll: float = 0.05, memory_limit: int = 0
+) -> Measured:
+    """Run `python args...` and sample the RSS of its tree (map workers included) until it exits; with
+    memory_limit (bytes) it runs in a memory cgroup of that size, page cache included, as a container would."""
     started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    root, peak = psutil.Process(proc.pid), 0
+    # A file, not a pipe: a chatty child never blocks on a full pipe while only its memory is being read.
+    with memory_cgroup(memory_limit) as join, tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=join
+        )
+        measured = _sample(proc, poll)
+        log.seek(0)
+        output = log.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark child {' '.join(args)} failed ({proc.returncode}):\n{output[-3000:]}")
+    return Measured(time.perf_counter() - started, *measured, output)
+
+
+def _sample(proc: subprocess.Popen, poll: float) -> tuple[int, int]:
+    root, peak, private = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None:
         try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            memory = [p.memory_info() for p in [root, *root.children(recursive=True)]]
+            peak = max(peak, sum(m.rss for m in memory))
+            private = max(private, sum(m.rss - m.shared for m in memory))
         except psutil.Error:
             pass  # a worker ended between listing and reading it
         time.sleep(poll)
-    output = proc.stdout.read()
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark child {' '.join(args)} failed ({proc.returncode}):\n{output[-3000:]}")
-    return Measured(time.perf_counter() - started, peak, output)
+    return peak, private
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit: int) -> Iterator[Callable[[], None] | None]:
+    """A child cgroup (v1 memory controller, or v2) limited to `limit` bytes; yields a preexec function that
+    moves the child into it. Needs root and a writable cgroup tree (a refusal names the path)."""
+    if not limit:
+        yield None
+        return
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    v1 = [line.split(":", 2)[2] for line in lines if line.split(":")[1] == "memory"]
+    base, limit_file = (
+        (Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/"), "memory.limit_in_bytes")
+        if v1 else (Path("/sys/fs/cgroup") / lines[0].split(":", 2)[2].lstrip("/"), "memory.max")
+    )  # fmt: skip
+    group = base / f"gpt2-bench-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / limit_file).write_text(str(limit))
+    except OSError as exc:
+        raise SystemExit(
+            f"cannot make a memory cgroup at {group} ({exc}); run as root or drop --memory-limit-mb"
+        ) from None
+
+    def join() -> None:
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+
+    try:
+        yield join
+    finally:
+        with contextlib.suppress(OSError):
+            group.rmdir()
 
 
 def copy_project(parent: Path) -> Path:

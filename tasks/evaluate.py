@@ -91,17 +91,19 @@ def score(model, blocks, block_size: int, stride: int, batch_size: int, device: 
 
 
 def _score_windows(model, ids, sizes: dict, spans, device: str, result: Score) -> None:
-    window_ids = torch.stack([ids[begin:end] for begin, end, _ in spans])
-    positions = torch.arange(1, window_ids.size(1)).unsqueeze(0)  # targets: window positions 1..length-1
+    """Score windows of one length: one gather builds them, one cross-entropy over (tokens, vocabulary) rows."""
+    length = spans[0][1] - spans[0][0]
+    index = torch.tensor([begin for begin, _, _ in spans]).unsqueeze(1) + torch.arange(length)  # stream positions
+    window_ids = ids[index]
     first = torch.tensor([scored - begin for begin, _, scored in spans]).unsqueeze(1)
-    scored = positions >= first
-    logits = model(input_ids=window_ids.to(device)).logits[:, :-1].float()
-    nll = F.cross_entropy(logits.transpose(1, 2), window_ids[:, 1:].to(device), reduction="none").cpu()
-    result.nll += float(nll[scored].sum())
+    scored = torch.arange(1, length).unsqueeze(0) >= first  # targets are window positions 1..length-1
+    logits = model(input_ids=window_ids.to(device)).logits[:, :-1]
+    targets = window_ids[:, 1:].reshape(-1).to(device)
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets, reduction="none")
+    result.nll += float(nll.view(len(spans), -1).cpu()[scored].sum())
     result.tokens += int(scored.sum())
     for unit, per_token in sizes.items():
-        window_sizes = torch.stack([per_token[begin:end] for begin, end, _ in spans])[:, 1:]
-        setattr(result, unit, getattr(result, unit) + int(window_sizes[scored].sum()))
+        setattr(result, unit, getattr(result, unit) + int(per_token[index[:, 1:]][scored].sum()))
 
 
 def load_validation(tokenized_dir: Path = TOKENIZED_DIR):
