@@ -132,7 +132,7 @@ class MlflowLogger(TrainerCallback):
         "grad_norm": "train/grad_norm",
     }
 
-    FLUSH_SECONDS = 5.0  # one request every few seconds, not one a logging step: MLflow costs ~10 ms a call
+    FLUSH_SECONDS = 5.0  # one request every few seconds, not one a logging step (docs/benchmarks.md, (c))
 
     def __init__(self, run_id: str, meter: throughput.Meter, max_steps: int):
         self.run_id, self.meter, self.max_steps = run_id, meter, max_steps
