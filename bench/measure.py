@@ -22,6 +22,15 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data/samples"
 MB = 1_000_000
+BIN = Path(sys.executable).parent  # the project's interpreter's folder: dvc, prefect, mlflow, gpt2-pipeline
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """This interpreter's tools first on PATH (dvc runs `python -m tasks.<stage>` through it) and the local
+    MLflow store and ephemeral Prefect server, whatever the caller's shell points at; then `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, **extra}
 
 
 @dataclass

@@ -28,9 +28,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import copy_project, machine
+from bench.measure import BIN, copy_project, machine, tool_env
 
-BIN = Path(sys.executable).parent
 TINY = {
     "tokenizer.vocab_size": 512,
     "tokenizer.block_size": 64,
@@ -41,12 +40,6 @@ TINY = {
     "train.checkpoint_every": 50,
 }
 RESULT = "RESULT "  # marks the line a child prints its figures on
-
-
-def tool_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return {**env, **extra}
 
 
 def timed(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:

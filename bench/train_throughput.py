@@ -4,6 +4,7 @@ against a bare PyTorch loop (forward, backward, AdamW step, zero_grad) on the sa
 The two alternate for several rounds in one process, so machine noise hits both alike; each round times
 `--steps` steps after `--warmup` untimed ones. Prints tokens/s of both, the ratio and the project path's MFU.
 Run: python bench/train_throughput.py [--layers 6 --width 256 --heads 8 --block 256 --batch 8 --precision fp32]
+GPT-2 124M as OpenAI shipped it: --layers 12 --width 768 --heads 12 --block 1024 --vocab 50257.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from tasks import throughput
 from tasks.params import TrainParams
 from tasks.train import _collate, resolve_device, resolve_precision, training_arguments
 
-VOCAB = 4096
-
 
 class StepClock(TrainerCallback):
     """Wall time from the end of the last warm-up step to the end of the last step: all per-step overhead in."""
@@ -38,14 +37,14 @@ class StepClock(TrainerCallback):
         self.ended = time.perf_counter()
 
 
-def make_model(layers: int, width: int, heads: int, block: int) -> GPT2LMHeadModel:
+def make_model(args) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=VOCAB,
-        n_layer=layers,
-        n_head=heads,
-        n_embd=width,
-        n_positions=block,
+        vocab_size=args.vocab,
+        n_layer=args.layers,
+        n_head=args.heads,
+        n_embd=args.width,
+        n_positions=args.block,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -65,11 +64,12 @@ def project_path(args, blocks, device: str, precision: str) -> float:
         checkpoint_every=10**6,
         device=args.device,
         precision=args.precision,
+        torch_compile=args.compile,
     )
     clock = StepClock(args.warmup)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(
-            model=make_model(args.layers, args.width, args.heads, args.block),
+            model=make_model(args),
             args=training_arguments(params, device, precision, Path(scratch)),
             data_collator=_collate,
             eval_dataset=blocks,
@@ -83,7 +83,9 @@ def project_path(args, blocks, device: str, precision: str) -> float:
 
 def bare_loop(args, blocks, device: str, precision: str) -> float:
     """tokens/s of the plainest correct loop over the same blocks."""
-    model = make_model(args.layers, args.width, args.heads, args.block).to(device).train()
+    model = make_model(args).to(device).train()
+    if args.compile:
+        model = torch.compile(model)  # what the Trainer does with torch_compile=True
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = blocks["input_ids"]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -109,30 +111,33 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model in both arms")
     args = parser.parse_args()
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     datasets.disable_progress_bars()
     rng = np.random.default_rng(0)
     count = (args.warmup + args.steps) * args.batch
-    blocks = datasets.Dataset.from_dict({"input_ids": rng.integers(0, VOCAB, (count, args.block), dtype=np.int32)})
+    blocks = datasets.Dataset.from_dict({"input_ids": rng.integers(0, args.vocab, (count, args.block), dtype=np.int32)})
     blocks = blocks.with_format("torch")
     ours, bare = [], []
     for round_ in range(args.rounds):
         ours.append(project_path(args, blocks, device, precision))
         bare.append(bare_loop(args, blocks, device, precision))
         print(f"round {round_ + 1}: project {ours[-1]:,.0f} tokens/s, bare {bare[-1]:,.0f} tokens/s")
-    model = make_model(args.layers, args.width, args.heads, args.block)
+    model = make_model(args)
     flops = throughput.flops_per_token(model.config, throughput.counted_parameters(model), args.block)
     peak = throughput.peak_flops(device, precision)
     project, reference = statistics.median(ours), statistics.median(bare)
     print(
-        f"GPT-2 {args.layers}x{args.width}, block {args.block}, batch {args.batch}, {device} {precision}: "
+        f"GPT-2 {args.layers}x{args.width}, {model.num_parameters() / 1e6:.0f}M parameters, block {args.block}, "
+        f"batch {args.batch}, {device} {precision}{' compiled' if args.compile else ''}: "
         f"project {project:,.0f} tokens/s, bare loop {reference:,.0f} tokens/s, ratio {project / reference:.3f}, "
         f"project MFU {project * flops / peak:.1%} (peak {peak / 1e12:.2f} TFLOP/s)"
     )

@@ -66,6 +66,26 @@ def measured_peak(device: str, precision: str) -> float:
     return 2 * size**3 / best
 
 
+def use_tf32() -> None:
+    """TF32 tensor cores for fp32 matmuls. Set through the per-backend setting of torch >= 2.9, the one the
+    Trainer uses: once the legacy and the new API are mixed, torch refuses to read the legacy one."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    else:
+        torch.set_float32_matmul_precision("high")
+
+
+def tf32_enabled() -> bool:
+    """Whether CUDA fp32 matmuls run on TF32, whichever API (ours, the Trainer's, a user's) turned it on."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        return torch.get_float32_matmul_precision() != "highest"
+    setting = matmul.fp32_precision
+    if setting == "none":  # not set for matmuls: the global setting applies
+        setting = torch.backends.fp32_precision
+    return setting == "tf32"
+
+
 def peak_flops(device: str, precision: str) -> float:
     """The peak FLOP/s of one device: the table for a known GPU, a measurement otherwise.
 
@@ -73,8 +93,7 @@ def peak_flops(device: str, precision: str) -> float:
     and its real peak is still its fp32 rate.
     """
     if device == "cuda":
-        tf32 = torch.get_float32_matmul_precision() != "highest"
-        peak = table_peak(torch.cuda.get_device_name(), precision, tf32)
+        peak = table_peak(torch.cuda.get_device_name(), precision, tf32_enabled())
         if peak:
             return peak
     return max(measured_peak(device, "fp32"), measured_peak(device, precision))

@@ -276,7 +276,7 @@ def train(
     device = resolve_device(params.train.device)
     precision = resolve_precision(params.train.precision, device)
     if device == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls where the GPU has them
+        throughput.use_tf32()
     set_seed(params.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))  # nosec B615
     blocks = datasets.load_from_disk(str(tokenized_dir)).select_columns(["input_ids"]).with_format("torch")

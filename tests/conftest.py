@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bench.measure import copy_project  # noqa: F401  # the tests' project copies are the benchmarks'
+from bench.measure import BIN, copy_project, tool_env  # noqa: F401  # tests and benchmarks run the same tools on the same copies
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 # Small enough to train in seconds on two CPU cores, big enough to learn something.
 TINY_OVERRIDES = {
@@ -52,13 +49,6 @@ def tiny_params() -> dict:
 
 def write_params(folder: Path, params: dict) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
-
-
-def tool_env() -> dict[str, str]:
-    """This interpreter's tools first on PATH (dvc runs `python -m tasks.<stage>`); the local MLflow store."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def run(args: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

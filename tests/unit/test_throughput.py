@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tasks.throughput import counted_parameters, flops_per_token, measured_peak, table_peak
+from tasks.throughput import (
+    counted_parameters,
+    flops_per_token,
+    measured_peak,
+    table_peak,
+    tf32_enabled,
+    use_tf32,
+)
 
 
 def test_gpt2_small_flops_per_token_as_nanogpt():
@@ -34,3 +42,28 @@ def test_table_peaks(name, precision, tf32, tflops):
 def test_unknown_devices_are_measured():
     assert table_peak("Some Future GPU", "bf16", True) is None
     assert 1e8 < measured_peak("cpu", "fp32") < 1e14
+
+
+@pytest.fixture
+def matmul_precision():
+    """Put torch's process-wide precision settings back as they were."""
+    saved = torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    yield
+    torch.backends.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def test_tf32_is_read_after_both_apis_set_it(matmul_precision):
+    # A legacy call (a user's, an older library's), then the per-backend setting: from here on
+    # torch.get_float32_matmul_precision() raises (the train stage's MFU crashed so on an H200, torch 2.11).
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+        torch.get_float32_matmul_precision()
+    assert tf32_enabled() is True
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    assert tf32_enabled() is False
+    use_tf32()
+    assert tf32_enabled() is True
+    torch.backends.cuda.matmul.fp32_precision = "none"  # inherits the global setting the Trainer sets
+    torch.backends.fp32_precision = "tf32"
+    assert tf32_enabled() is True
