@@ -11,10 +11,10 @@ import json
 import shutil
 from pathlib import Path
 
+from tasks.common import hash_file
 from tasks.params import Params
 
 FINGERPRINT_FILE = "fingerprint.txt"
-CHUNK = 1 << 20
 
 
 def fingerprint(params: Params, tokenized_dir: Path) -> str:
@@ -28,9 +28,7 @@ def fingerprint(params: Params, tokenized_dir: Path) -> str:
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for arrow in sorted((tokenized_dir / "train").glob("*.arrow")):
-        with arrow.open("rb") as handle:
-            while chunk := handle.read(CHUNK):
-                digest.update(chunk)
+        hash_file(digest, arrow)
     return digest.hexdigest()
 
 

@@ -95,6 +95,13 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def hash_file(digest: Any, path: Path, chunk: int = 1 << 20) -> None:
+    """Feed a file to a hashlib digest a chunk at a time: constant memory for files of any size."""
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+
+
 def write_json(path: Path, data: Any) -> None:
     """Write pretty JSON atomically."""
     with atomic_output(Path(path)) as tmp:

@@ -7,6 +7,7 @@ Run: python -m tasks.tokenize
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import shutil
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tasks import tracking
-from tasks.common import EOS, SEP, UNK, PipelineError, atomic_output, run_cli
+from tasks.common import EOS, SEP, UNK, PipelineError, atomic_output, hash_file, run_cli
 from tasks.ingest import PREPARED_DIR, SPLITS
 from tasks.params import CHAR_SPECIALS, ModelParams, TokenizerParams, load_params
 
@@ -215,6 +216,19 @@ def build_tokenizer(tokenizer_params: TokenizerParams, model_params: ModelParams
     return load_pretrained_tokenizer(model_params.name_or_path, dialog)
 
 
+def blocks_fingerprint(prepared_file: Path, tokenizer, block_size: int) -> str:
+    """The fingerprint saved with a split's blocks, from what makes them: its text, the tokenizer, block_size.
+
+    Left to itself, datasets derives it from the path of the scratch cache, which is new on every run: the
+    saved folder's hash in dvc.lock would then change each time and rerun training on identical blocks.
+    """
+    digest = hashlib.sha256()
+    digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    digest.update(f"block_size={block_size}".encode())
+    hash_file(digest, prepared_file)
+    return digest.hexdigest()[:16]
+
+
 def tokenize(
     tokenizer_params: TokenizerParams,
     model_params: ModelParams,
@@ -247,17 +261,20 @@ def tokenize(
         raw = datasets.load_dataset(  # nosec B615
             "json", cache_dir=str(scratch), data_files={s: str(prepared_dir / f"{s}.jsonl") for s in SPLITS}
         )
-        blocks = raw.map(
-            encode_and_group,
-            batched=True,
-            batch_size=MAP_BATCH,
-            remove_columns=raw["train"].column_names,
-            fn_kwargs={
-                "tokenizer": tokenizer,
-                "block_size": block_size,
-                "sizes": TokenSizes(tokenizer.backend_tokenizer),
-            },
-            features=features,
+        sizes = TokenSizes(tokenizer.backend_tokenizer)
+        blocks = datasets.DatasetDict(
+            {
+                split: raw[split].map(
+                    encode_and_group,
+                    batched=True,
+                    batch_size=MAP_BATCH,
+                    remove_columns=raw[split].column_names,
+                    fn_kwargs={"tokenizer": tokenizer, "block_size": block_size, "sizes": sizes},
+                    features=features,
+                    new_fingerprint=blocks_fingerprint(prepared_dir / f"{split}.jsonl", tokenizer, block_size),
+                )
+                for split in SPLITS
+            }
         )
         for split in SPLITS:
             if len(blocks[split]) == 0:

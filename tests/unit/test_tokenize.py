@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import datasets
 import numpy as np
@@ -50,6 +52,25 @@ def test_tokenize_writes_a_loadable_tokenizer_and_blocks(prepared, tmp_path):
     covered = int(np.array(blocks["validation"]["token_bytes"]).sum())
     assert source_bytes - 32 * 4 < covered <= source_bytes
     assert not list(tmp_path.glob(".tokenize-*")), "the Arrow scratch cache is removed"
+
+
+def test_the_same_text_gives_byte_identical_blocks(prepared, tmp_path):
+    # dvc.lock hashes the folder: any difference would make the train stage rerun on the same blocks. The
+    # second run reads the same text rewritten later, as a rerun of ingest leaves it (datasets' own fingerprint
+    # depends on the files' modification times).
+    rewritten = shutil.copytree(prepared, tmp_path / "rewritten")
+    for jsonl in rewritten.glob("*.jsonl"):
+        os.utime(jsonl, (jsonl.stat().st_atime, jsonl.stat().st_mtime + 60))
+    for run, source in (("first", prepared), ("second", rewritten)):
+        tokenize(TokenizerParams(vocab_size=400, block_size=32), ModelParams(), source,
+                 tmp_path / run / "tokenizer", tmp_path / run / "tokenized")  # fmt: skip
+    files = sorted(p.relative_to(tmp_path / "first") for p in (tmp_path / "first").rglob("*") if p.is_file())
+    assert len(files) == 9  # dataset_dict.json, 3 per split, 2 for the tokenizer
+    for name in files:
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
+    state = json.loads((tmp_path / "first/tokenized/train/state.json").read_text())
+    validation = json.loads((tmp_path / "first/tokenized/validation/state.json").read_text())
+    assert state["_fingerprint"] != validation["_fingerprint"]
 
 
 def test_a_corpus_smaller_than_one_block_is_refused(prepared, tmp_path):
