@@ -219,8 +219,9 @@ def build_tokenizer(tokenizer_params: TokenizerParams, model_params: ModelParams
 def blocks_fingerprint(prepared_file: Path, tokenizer, block_size: int) -> str:
     """The fingerprint saved with a split's blocks, from what makes them: its text, the tokenizer, block_size.
 
-    Left to itself, datasets derives it from the path of the scratch cache, which is new on every run: the
-    saved folder's hash in dvc.lock would then change each time and rerun training on identical blocks.
+    Left to itself, datasets derives it from the data files' modification times, new whenever ingest reruns
+    or the project is cloned: the saved folder's hash in dvc.lock would change and rerun training on
+    identical blocks.
     """
     digest = hashlib.sha256()
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
