@@ -116,6 +116,16 @@ def read_json(path: Path, what: str) -> Any:
         raise PipelineError(f"{path}: not found; run the {what} stage first (dvc repro)") from None
 
 
+def quiet_progress_bars() -> None:
+    """No progress bars from transformers and the Hugging Face libraries: in a terminal a bar redraws one line,
+    but in a log (a Prefect flow's, CI's, a file) every redraw adds one, e.g. "Writing model shards: 0%|"."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by the libraries imported from here on
+    if "transformers" in sys.modules:  # imported already (the train stage's module does): it read the variable
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a stage's main(): a PipelineError becomes one line on stderr and exit status 2.
 
@@ -123,6 +133,8 @@ def run_cli(main: Callable[[], Any]) -> None:
     SIGTERM and Ctrl-C unwind the stage (temporary outputs are removed, finished ones kept) and exit 128 + signal.
     """
     signal.signal(signal.SIGTERM, _raise_stopped)
+    if not sys.stderr.isatty():
+        quiet_progress_bars()
     try:
         main()
     except PipelineError as exc:

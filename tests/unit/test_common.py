@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from tasks.common import PipelineError, atomic_output, write_json
@@ -42,3 +45,23 @@ def test_a_full_disk_keeps_the_previous_output_and_says_so(tmp_path):
     assert str(info.value).endswith(f"and rerun; the previous {dest} is kept")
     assert (dest / "model.safetensors").read_text() == "previous"
     assert sorted(p.name for p in dest.parent.iterdir()) == ["gpt2"]
+
+
+@pytest.mark.parametrize("imported_first", [True, False])
+def test_a_stage_writing_to_a_log_shows_no_progress_bars(tmp_path, imported_first):
+    # A stage run by Prefect or redirected to a file: saving a model must not print transformers' shard bar.
+    script = "\n".join(
+        [
+            "import transformers" if imported_first else "",
+            "from tasks.common import run_cli",
+            "def main():",
+            "    from transformers import GPT2Config, GPT2LMHeadModel",
+            "    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=16, n_positions=8))",
+            f"    model.save_pretrained({str(tmp_path / 'model')!r})",
+            "    print('saved')",
+            "run_cli(main)",
+        ]
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    assert result.stdout.strip() == "saved"
+    assert "Writing model shards" not in result.stderr and "%|" not in result.stderr
