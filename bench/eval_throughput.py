@@ -94,10 +94,11 @@ def main() -> None:
     args = parser.parse_args()
     import datasets
     import torch
-    import transformers
+
+    from tasks.common import quiet_progress_bars
 
     datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_progress_bars()
     print(f"machine: {machine()}, {torch.get_num_threads()} torch threads")
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as scratch:
         work = Path(scratch)

@@ -21,6 +21,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback
 
 from tasks import throughput
+from tasks.common import quiet_progress_bars
 from tasks.params import TrainParams
 from tasks.train import _collate, resolve_device, resolve_precision, training_arguments
 
@@ -122,6 +123,7 @@ def main() -> None:
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     datasets.disable_progress_bars()
+    quiet_progress_bars()  # the Trainer saves a checkpoint a round: no shard-writing bar between the figures
     rng = np.random.default_rng(0)
     count = (args.warmup + args.steps) * args.batch
     blocks = datasets.Dataset.from_dict({"input_ids": rng.integers(0, args.vocab, (count, args.block), dtype=np.int32)})
