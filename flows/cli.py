@@ -5,19 +5,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from flows import workspace
-from tasks import tracking
-from tasks.common import DEBUG_ENV, PipelineError, atomic_output, unexpected
-from tasks.evaluate import METRICS_FILE as EVAL_METRICS
+from tasks import registry, store
+from tasks.common import DEBUG_ENV, PipelineError, atomic_output, report
 from tasks.params import PARAMS_FILE, apply_overrides, load_params, parse_override, read_raw
-from tasks.register import REGISTERED_FILE
-from tasks.train import METRICS_FILE as TRAIN_METRICS
+from tasks.paths import EVAL_METRICS, REGISTERED_FILE, TRAIN_METRICS
 
 app = typer.Typer(
     help="Build your own GPT-2: DVC-tracked stages, run by Prefect, recorded in MLflow.",
@@ -38,24 +35,16 @@ def options(
 
 
 def main() -> None:
-    """The console script: any error is one line; the traceback only with --verbose."""
+    """The console script: any error is one line, as the stages print it (tasks.common.report), with the same
+    exit status; the traceback only with --verbose."""
     try:
         app()
     except Exception as exc:
-        if os.environ.get(DEBUG_ENV) == "1":
-            traceback.print_exc()
-        if isinstance(exc, PipelineError):
-            typer.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        typer.echo(f"error: {unexpected(exc)}", err=True)
-        sys.exit(1)
+        sys.exit(report(exc))
 
 
 def fail(message: str) -> None:
-    if os.environ.get(DEBUG_ENV) == "1" and sys.exc_info()[0] is not None:
-        traceback.print_exc()
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise PipelineError(message)
 
 
 @app.command()
@@ -84,18 +73,17 @@ def run(
     """Run the training-pipeline flow on Prefect (an ephemeral local server unless PREFECT_API_URL is set)."""
     from flows.pipeline import training_pipeline
 
-    try:
-        if params is not None:
-            use_params(params)
-        load_params()
-        overrides = dict(parse_override(item) for item in set_ or [])
-        if overrides:
-            apply_overrides(read_raw(), overrides)
-    except PipelineError as exc:
-        fail(str(exc))
+    if params is not None:
+        use_params(params)
+    load_params()
+    overrides = dict(parse_override(item) for item in set_ or [])
+    if overrides:
+        apply_overrides(read_raw(), overrides)
     try:
         training_pipeline(overrides=overrides, promote=promote, remote=remote)
-    except (RuntimeError, PipelineError) as exc:
+    except PipelineError:
+        raise  # a failed stage exits with the stage's own status
+    except RuntimeError as exc:
         fail(str(exc))
     show_summary(workspace.RUNS_DIR / workspace.overrides_key(overrides) if overrides else Path())
 
@@ -107,10 +95,7 @@ def serve(
     """Serve prefect.yaml's deployments (nightly training, on-demand promotion) from this process until stopped."""
     from flows.deployments import serve as serve_deployments
 
-    try:
-        serve_deployments(prefect_file)
-    except PipelineError as exc:
-        fail(str(exc))
+    serve_deployments(prefect_file)
 
 
 def use_params(path: Path) -> None:
@@ -144,9 +129,9 @@ def show_summary(root: Path) -> None:
         f"evaluated perplexity {scores['perplexity']:.2f}, bits/byte {scores['bits_per_byte']:.3f} "
         f"on {scores['eval_tokens']} validation tokens\n"
         f"registered {registered['model_uri']} as models:/{name}@{alias} (run {registered['run_id']})\n\n"
-        f"MLflow UI:  {mlflow_bin} ui --backend-store-uri {tracking.shown_uri()}\n"
+        f"MLflow UI:  {mlflow_bin} ui --backend-store-uri {store.shown_uri()}\n"
         f'Load it:    mlflow.transformers.load_model("models:/{name}@{alias}")  '
-        f"(with MLFLOW_TRACKING_URI={tracking.shown_uri()})"
+        f"(with MLFLOW_TRACKING_URI={store.shown_uri()})"
     )
 
 
@@ -155,10 +140,7 @@ def promote():
     """Run the promote-model flow: @champion moves to @challenger only if it has fewer bits per byte."""
     from flows.promote import promote_model
 
-    try:
-        decision = promote_model()
-    except PipelineError as exc:
-        fail(str(exc))
+    decision = promote_model()
     typer.echo(json.dumps(decision, indent=2))
 
 
@@ -167,10 +149,7 @@ def rollback():
     """Move @champion back to @previous-champion."""
     from tasks.promote import rollback as roll_back
 
-    try:
-        result = roll_back(load_params().register.model_name)
-    except PipelineError as exc:
-        fail(str(exc))
+    result = roll_back(load_params().register.model_name)
     typer.echo(f"@champion is version {result['champion_version']} again (was {result['replaced_version']})")
 
 
@@ -181,16 +160,12 @@ def models():
     from rich.table import Table
 
     name = load_params().register.model_name
-    client = tracking.client()
-    versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    versions = registry.versions(name)
     if not versions:
-        fail(f"no versions of {name} at {tracking.shown_uri()}; run the pipeline first (make run)")
-    # search_model_versions leaves ModelVersion.aliases empty; the registered model holds the mapping.
-    by_version: dict[str, list[str]] = {}
-    for alias, number in client.get_registered_model(name).aliases.items():
-        by_version.setdefault(str(number), []).append(f"@{alias}")
-    table = Table(title=f"{name} at {tracking.shown_uri()}")
-    for column in ("version", "aliases", "bits/byte", "perplexity", "promotion", "git commit", "run"):
+        fail(f"no versions of {name} at {store.shown_uri()}; run the pipeline first (make run)")
+    by_version = registry.aliases_by_version(name)
+    table = Table(title=f"{name} at {store.shown_uri()}")
+    for column in ("version", "aliases", "bits/byte", "perplexity", "promotion", "git commit", "experiment", "run"):
         table.add_column(column)
     for version in versions:
         tags = version.tags
@@ -201,6 +176,7 @@ def models():
             _number(tags.get("eval_perplexity"), ".2f"),
             {"True": "promoted", "False": "kept out"}.get(tags.get("promotion_promoted", ""), ""),
             tags.get("git_commit", "")[:8] + ("*" if tags.get("git_dirty") == "true" else ""),
+            tags.get("dvc_exp_name", ""),
             version.run_id[:8],
         )
     Console(width=160).print(table)
@@ -223,17 +199,11 @@ def generate(
     seed: int = 0,
 ):
     """Continue a prompt with a trained model (sampling with a fixed seed, so the same call gives the same text)."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
     from tasks.evaluate import sample
+    from tasks.loading import load_pretrained
     from tasks.params import GenerationParams
 
-    try:
-        with tracking.model_source(model) as source:
-            lm = GPT2LMHeadModel.from_pretrained(source.model, use_safetensors=True)  # nosec B615
-            tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)  # nosec B615
-    except (OSError, PipelineError) as exc:
-        fail(str(exc).splitlines()[0])
+    lm, tokenizer = load_pretrained(model, key="--model")
     settings = GenerationParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     )

@@ -1,9 +1,10 @@
-"""Prefect flow `training-pipeline`: one task per DVC stage, in order, each run through `dvc repro`.
+"""Prefect flow `training-pipeline`: one task per DVC stage, in dvc.yaml's order, each run through `dvc repro`.
 
-DVC decides whether a stage has anything to do (an unchanged stage is skipped); Prefect gives the run a
-name, logs, retries and schedules. The flow holds no ML logic. With `overrides` the stages run in a run
-workspace (flows/workspace.py), leaving the project's params.yaml as committed. With `promote` the
-`promote-model` flow runs as a subflow once the new version is registered.
+The stages come from dvc.yaml itself, so a stage added there is a task here. DVC decides whether a stage has
+anything to do (an unchanged stage is skipped); Prefect gives the run a name, logs, retries and schedules. The
+flow holds no ML logic. With `overrides` the stages run in a run workspace (flows/workspace.py), leaving the
+project's params.yaml as committed. With `promote` the `promote-model` flow runs as a subflow once the new
+version is registered.
 Run: python -m flows.pipeline, gpt2-pipeline run, or a deployment (prefect.yaml, gpt2-pipeline serve).
 """
 
@@ -15,26 +16,60 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import flow, task
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
 from flows import workspace
 from flows.promote import promote_model
-from tasks import tracking
-from tasks.common import read_json
-from tasks.register import REGISTERED_FILE
+from tasks.common import BAD_INPUT_EXIT, PipelineError, read_json
+from tasks.lineage import FLOW_RUN_ENV
+from tasks.paths import REGISTERED_FILE
 
-STAGES = ("ingest", "tokenize", "train", "evaluate", "register")
-BAD_INPUT_EXIT = 2  # tasks.common.run_cli: bad params or data; retrying cannot help
+DVC_FILE = Path("dvc.yaml")
 TRAIN_RETRIES = 2  # a crashed or preempted training resumes from its last checkpoint
 TRAIN_RETRY_DELAYS = exponential_backoff(backoff_factor=30)(TRAIN_RETRIES)  # 30 s, then 60 s
 
 
-class StageFailed(RuntimeError):
+class StageFailed(PipelineError):
+    """A stage (or dvc) exited non-zero; the exit status is the stage's own (tasks.common's contract)."""
+
     def __init__(self, stage: str, returncode: int, message: str):
         super().__init__(f"stage {stage} failed: {message}")
-        self.returncode = returncode
+        self.exit_status = returncode
+
+
+def stages(project: Path) -> list[str]:
+    """dvc.yaml's stages, each after the stages whose outputs it reads (in the file's order where that is free)."""
+    try:
+        spec = yaml.safe_load((project / DVC_FILE).read_text(encoding="utf-8"))["stages"]
+    except (OSError, KeyError, TypeError) as exc:
+        raise PipelineError(
+            f"{project / DVC_FILE}: cannot read its stages ({exc}); run from the project root"
+        ) from None
+    made_by = {}
+    for name, stage in spec.items():
+        for out in (*stage.get("outs", []), *stage.get("metrics", []), *stage.get("plots", [])):
+            made_by[Path(next(iter(out)) if isinstance(out, dict) else out)] = name
+
+    def upstream(name: str) -> list[str]:
+        deps = [Path(dep) for dep in spec[name].get("deps", [])]
+        return [made_by[out] for dep in deps for out in made_by if out == dep or out in dep.parents]
+
+    ordered: list[str] = []
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        if name in trail:
+            raise PipelineError(f"{DVC_FILE}: stages {' -> '.join((*trail, name))} form a cycle")
+        if name not in ordered:
+            for before in upstream(name):
+                visit(before, (*trail, name))
+            ordered.append(name)
+
+    for name in spec:
+        visit(name, ())
+    return ordered
 
 
 def stage_env(flow_run_id: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -42,14 +77,14 @@ def stage_env(flow_run_id: str | None, extra: dict[str, str] | None = None) -> d
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if flow_run_id:
-        env[tracking.FLOW_RUN_ENV] = flow_run_id
+        env[FLOW_RUN_ENV] = flow_run_id
     env.update(extra or {})
     return env
 
 
 def worth_retrying(task, task_run, state) -> bool:
     """Retry crashes and faults, not bad input: the same params would fail the same way."""
-    return not (isinstance(state.data, StageFailed) and state.data.returncode == BAD_INPUT_EXIT)
+    return not (isinstance(state.data, StageFailed) and state.data.exit_status == BAD_INPUT_EXIT)
 
 
 @task(name="dvc-remote", task_run_name="dvc {action}")
@@ -107,7 +142,7 @@ def training_pipeline(overrides: dict[str, Any] | None = None, promote: bool = F
     env = stage_env(flow_run.get_id(), extra)
     if remote:
         sync_remote("pull", remote, str(cwd), env)
-    for stage in STAGES:
+    for stage in stages(cwd):
         runner = run_train_stage if stage == "train" else run_stage
         runner(stage, str(cwd), env)
     if remote:

@@ -14,14 +14,16 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tasks import tracking
+from tasks import store
 from tasks.common import PipelineError, atomic_output
+from tasks.lineage import OVERRIDES_ENV
 from tasks.params import PARAMS_FILE, apply_overrides, read_raw
 
 RUNS_DIR = Path(".runs")
@@ -74,10 +76,9 @@ def _share_dvc_cache(project: Path, workspace: Path) -> None:
 
 def environment(project: Path, overrides: dict[str, Any]) -> dict[str, str]:
     """Environment additions for stages run in a workspace: the overrides for MLflow, the project's store."""
-    env = {tracking.OVERRIDES_ENV: json.dumps(overrides, sort_keys=True, ensure_ascii=False, default=str)}
-    if tracking.tracking_uri() == tracking.DEFAULT_TRACKING_URI:
-        database = (project / tracking.DEFAULT_TRACKING_URI.removeprefix("sqlite:///")).resolve()
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{database}"
+    env = {OVERRIDES_ENV: json.dumps(overrides, sort_keys=True, ensure_ascii=False, default=str)}
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # the workspace is a repository of its own: name the project's
+        env["MLFLOW_TRACKING_URI"] = store.default_uri(project)
     return env
 
 

@@ -20,8 +20,21 @@ DEBUG_ENV = "GPT2_PIPELINE_DEBUG"
 EOS, SEP, UNK = "<|endoftext|>", "[SEP]", "[UNK]"
 
 
+# The exit status contract, shared by the stages, the CLI and the flow's retry condition: a fault nobody
+# anticipated (retrying may help), bad params or data (the same input fails the same way), and a stop by a
+# signal, 128 + its number as shells report it.
+FAULT_EXIT = 1
+BAD_INPUT_EXIT = 2
+
+
+def interrupted_exit(signum: int) -> int:
+    return 128 + signum
+
+
 class PipelineError(Exception):
     """A problem the user can fix; its message is the one line they see."""
+
+    exit_status = BAD_INPUT_EXIT
 
 
 class Stopped(BaseException):
@@ -127,9 +140,8 @@ def quiet_progress_bars() -> None:
 
 
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run a stage's main(): a PipelineError becomes one line on stderr and exit status 2.
+    """Run a stage's main(): any error becomes one line on stderr (see report) and the exit status it names.
 
-    The traceback is shown only with GPT2_PIPELINE_DEBUG=1, so the line users see stays the first thing they read.
     SIGTERM and Ctrl-C unwind the stage (temporary outputs are removed, finished ones kept) and exit 128 + signal.
     """
     signal.signal(signal.SIGTERM, _raise_stopped)
@@ -137,28 +149,38 @@ def run_cli(main: Callable[[], Any]) -> None:
         quiet_progress_bars()
     try:
         main()
-    except PipelineError as exc:
-        if os.environ.get(DEBUG_ENV) == "1":
-            traceback.print_exc()
+    except (Exception, Stopped, KeyboardInterrupt) as exc:
+        sys.exit(report(exc))
+
+
+def report(exc: BaseException) -> int:
+    """Print the one line a user sees for exc and return the exit status; the stages and the CLI both use it.
+
+    The traceback is shown only with GPT2_PIPELINE_DEBUG=1 (or --verbose), so the line stays the first thing read.
+    """
+    stop = _stop_within(exc)  # a library (datasets) may wrap the stop in an error of its own
+    if stop is not None or isinstance(exc, KeyboardInterrupt):
+        signum = stop.signum if stop is not None else signal.SIGINT
+        detail = (
+            str(stop or "")
+            or f"stopped by {signal.Signals(signum).name} before it finished; its previous outputs are kept"
+        )
+        print(f"error: {detail}; rerun `dvc repro` to continue", file=sys.stderr)
+        return interrupted_exit(signum)
+    if os.environ.get(DEBUG_ENV) == "1":
+        traceback.print_exception(exc)
+    if isinstance(exc, PipelineError):
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except (Stopped, KeyboardInterrupt) as exc:
-        _exit_stopped(exc)
-    except Exception as exc:  # a fault nobody anticipated: still one line, the traceback on request
-        stop = _stop_within(exc)
-        if stop is not None:  # a library (datasets) wrapped the stop in an error of its own
-            _exit_stopped(stop)
-        if os.environ.get(DEBUG_ENV) == "1":
-            traceback.print_exc()
-        if _disk_full(exc):  # outside atomic_output, e.g. a training checkpoint (skipped on resume when partial)
-            print(
-                f"error: the disk filled up while writing ({exc}); free space on {Path.cwd()} and rerun; "
-                "finished outputs are kept",
-                file=sys.stderr,
-            )
-        else:
-            print(f"error: {unexpected(exc)}", file=sys.stderr)
-        sys.exit(1)
+        return exc.exit_status
+    if _disk_full(exc):  # outside atomic_output, e.g. a training checkpoint (skipped on resume when partial)
+        print(
+            f"error: the disk filled up while writing ({exc}); free space on {Path.cwd()} and rerun; "
+            "finished outputs are kept",
+            file=sys.stderr,
+        )
+    else:
+        print(f"error: {unexpected(exc)}", file=sys.stderr)
+    return FAULT_EXIT
 
 
 def _stop_within(exc: BaseException | None) -> Stopped | None:
@@ -170,14 +192,6 @@ def _stop_within(exc: BaseException | None) -> Stopped | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
-
-
-def _exit_stopped(exc: BaseException) -> None:
-    signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
-    name = signal.Signals(signum).name
-    detail = str(exc) or f"stopped by {name} before it finished; its previous outputs are kept"
-    print(f"error: {detail}; rerun `dvc repro` to continue", file=sys.stderr)
-    sys.exit(128 + signum)
 
 
 def unexpected(exc: BaseException) -> str:

@@ -3,7 +3,8 @@
 Perplexity is exp(total NLL / total predicted tokens) over the whole validation split, never a mean of
 batch means, scored in windows of block_size tokens that advance by evaluate.stride (each token scored
 once). Bits per byte divides the same NLL (in bits) by the UTF-8 bytes of the predicted tokens, so models
-with different tokenizers compare. Writes metrics/eval.json.
+with different tokenizers compare. Writes metrics/eval.json and reports/samples.json; logs both to the model's
+MLflow run (recorded in models/gpt2), each evaluation one more step of eval/*.
 Run: python -m tasks.evaluate
 """
 
@@ -18,14 +19,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tasks import tracking
+from tasks import runs, store
 from tasks.common import PipelineError, run_cli, write_json
+from tasks.loading import load_pretrained, resolve_device
 from tasks.params import GenerationParams, load_params
-from tasks.tokenize import TOKENIZED_DIR
-from tasks.train import MODEL_DIR, resolve_device
+from tasks.paths import EVAL_METRICS, MODEL_DIR, SAMPLES_FILE, TOKENIZED_DIR
 
-METRICS_FILE = Path("metrics/eval.json")
-SAMPLES_FILE = Path("reports/samples.json")
 COLUMNS = ("input_ids", "token_bytes", "token_chars")
 
 
@@ -116,13 +115,9 @@ def load_validation(tokenized_dir: Path = TOKENIZED_DIR):
 
 def load_model(model_dir: Path = MODEL_DIR):
     """The trained model and its tokenizer, from the train stage's save_pretrained folder."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
     if not (model_dir / "config.json").exists():
         raise PipelineError(f"{model_dir}: no model there; run the train stage first (dvc repro)")
-    return GPT2LMHeadModel.from_pretrained(str(model_dir), use_safetensors=True), AutoTokenizer.from_pretrained(  # nosec B615
-        str(model_dir)
-    )
+    return load_pretrained(str(model_dir), key=str(model_dir))
 
 
 def evaluate(
@@ -169,18 +164,25 @@ def sample(model, tokenizer, prompts: list[str], settings: GenerationParams) -> 
 
 def main() -> None:
     params = load_params()
-    run_id = tracking.pipeline_run(params)
     model, tokenizer = load_model()
-    evaluation = params.evaluate
-    metrics = evaluate(model, batch_size=evaluation.batch_size, device=params.train.device, stride=evaluation.stride)
-    write_json(METRICS_FILE, metrics)
-    tracking.log_metrics(run_id, {f"eval/{key}": value for key, value in metrics.items()})
-    samples = sample(model, tokenizer, evaluation.prompts, evaluation.generation)
-    write_json(SAMPLES_FILE, samples)
-    tracking.client().log_text(run_id, json.dumps(samples, indent=2, ensure_ascii=False), "samples.json")
+    run_id = runs.model_run(params, MODEL_DIR)
+    with runs.active(run_id):
+        evaluation = params.evaluate
+        metrics = evaluate(
+            model, batch_size=evaluation.batch_size, device=params.train.device, stride=evaluation.stride
+        )
+        samples = sample(model, tokenizer, evaluation.prompts, evaluation.generation)
+        step = runs.next_step(run_id, "eval/perplexity")  # a re-evaluation appends a step
+        runs.log_metrics(run_id, {f"eval/{key}": value for key, value in metrics.items()}, step=step)
+        record = {"step": step, "settings": evaluation.model_dump(), "metrics": metrics, "samples": samples}
+        client = store.client()
+        client.log_text(run_id, json.dumps(samples, indent=2, ensure_ascii=False), "samples.json")
+        client.log_text(run_id, json.dumps(record, indent=2, ensure_ascii=False), f"evaluations/{step}.json")
+        write_json(EVAL_METRICS, metrics)
+        write_json(SAMPLES_FILE, samples)
     print(
         f"evaluate: perplexity {metrics['perplexity']:.2f}, bits/byte {metrics['bits_per_byte']:.4f} "
-        f"over {metrics['eval_tokens']} tokens -> {METRICS_FILE}"
+        f"over {metrics['eval_tokens']} tokens (run {run_id}, evaluation {step}) -> {EVAL_METRICS}"
     )
 
 

@@ -17,12 +17,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks import tracking
 from tasks.common import PipelineError, atomic_output, run_cli
 from tasks.params import DataParams, load_params
+from tasks.paths import PREPARED_DIR, SPLITS
 
-PREPARED_DIR = Path("data/prepared")
-SPLITS = ("train", "validation")
 TEXT_SUFFIXES = {".txt", ".jsonl", ".json", ".csv", ".parquet"}
 # A longer paragraph of a .txt file is cut into records of this many characters (an extra end-of-text token
 # every 64 Ki characters costs nothing; holding a 1 GB line without breaks in memory would).
@@ -286,12 +284,7 @@ def first_invalid_utf8(path: Path) -> tuple[int, int]:
 
 def main() -> None:
     params = load_params()
-    run_id = tracking.pipeline_run(params)
     stats = ingest(params.data)
-    tracking.log_metrics(
-        run_id,
-        {f"ingest/{split}_{key}": stats[split][key] for split in SPLITS for key in ("records", "chars", "bytes")},
-    )
     print(
         f"ingest: {stats['train']['records']} train / {stats['validation']['records']} validation records "
         f"from {len(stats['sources'])} source(s) -> {PREPARED_DIR}"

@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
-from tasks import tracking
+from tasks import store
 from tasks.common import PipelineError
 from tasks.evaluate import score
-from tasks.ingest import PREPARED_DIR
+from tasks.loading import load_pretrained
+from tasks.paths import PREPARED_DIR
+from tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, alias_version, set_alias, tag_version
 from tasks.tokenize import encode_and_group
 
-CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
 LOCK_FILE = Path(".promote.lock")
 DEFAULT_TEXT = PREPARED_DIR / "validation.jsonl"
 
@@ -39,11 +40,7 @@ def frozen_texts(path: Path) -> list[str]:
 
 def bits_per_byte(model_uri: str, texts: list[str], block_size: int, batch_size: int = 16) -> float:
     """Bits per byte of a registered model on texts, tokenized with the model's own tokenizer."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
-    with tracking.model_source(model_uri) as source:
-        model = GPT2LMHeadModel.from_pretrained(source.model, use_safetensors=True)  # nosec B615
-        tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)  # nosec B615
+    model, tokenizer = load_pretrained(model_uri, key=model_uri)
     block = min(block_size, model.config.n_positions)
     blocks = {key: torch.tensor(value) for key, value in encode_and_group({"text": texts}, tokenizer, block).items()}
     if not len(blocks["input_ids"]):
@@ -72,13 +69,6 @@ def promotion_lock(path: Path = LOCK_FILE) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def alias_version(name: str, alias: str) -> str | None:
-    try:
-        return str(tracking.client().get_model_version_by_alias(name, alias).version)
-    except Exception:  # MLflow raises RestException for an alias that is not set
-        return None
-
-
 def promote(name: str, min_improvement: float, text_path: Path = DEFAULT_TEXT, block_size: int = 128) -> dict[str, Any]:
     """Compare @challenger with @champion and move @champion when the challenger wins; returns the decision."""
     texts = frozen_texts(text_path)
@@ -98,11 +88,10 @@ def promote(name: str, min_improvement: float, text_path: Path = DEFAULT_TEXT, b
         scores = {"challenger": bits_per_byte(f"models:/{name}/{challenger}", texts, block_size)}
         scores["champion"] = bits_per_byte(f"models:/{name}/{champion}", texts, block_size) if champion else None
         promoted, reason = decide(scores["challenger"], scores["champion"], min_improvement)
-        client = tracking.client()
         if promoted:
             if champion:
-                client.set_registered_model_alias(name, PREVIOUS, champion)
-            client.set_registered_model_alias(name, CHAMPION, challenger)
+                set_alias(name, PREVIOUS, champion)
+            set_alias(name, CHAMPION, challenger)
         decision = {
             "promoted": promoted,
             "reason": reason,
@@ -113,8 +102,7 @@ def promote(name: str, min_improvement: float, text_path: Path = DEFAULT_TEXT, b
             "min_improvement": min_improvement,
             "eval_text_sha256": text_hash,
         }
-        for key, value in decision.items():
-            client.set_model_version_tag(name, challenger, f"promotion_{key}", str(value))
+        tag_version(name, challenger, {f"promotion_{key}": value for key, value in decision.items()})
     return decision
 
 
@@ -125,9 +113,8 @@ def rollback(name: str) -> dict[str, str]:
         current = alias_version(name, CHAMPION)
         if previous is None:
             raise PipelineError(f"{name} has no @{PREVIOUS} to roll back to")
-        client = tracking.client()
-        client.set_registered_model_alias(name, CHAMPION, previous)
-        client.delete_registered_model_alias(name, PREVIOUS)
+        set_alias(name, CHAMPION, previous)
+        store.client().delete_registered_model_alias(name, PREVIOUS)
         if current:
-            client.set_model_version_tag(name, current, "rolled_back_from_champion", "true")
+            tag_version(name, current, {"rolled_back_from_champion": "true"})
     return {"champion_version": previous, "replaced_version": current or ""}

@@ -1,7 +1,9 @@
-"""Stage `register`: log models/gpt2/ to the pipeline's MLflow run and register it as a new model version.
+"""Stage `register`: log models/gpt2/ to the model's MLflow run and register it as a new model version.
 
-The version gets alias `challenger`, lineage tags (git, dvc.lock hashes, params hash, run ids) and the eval
-metrics as tags, and a model card (README.md in the logged model folder and the run); the run is then ended.
+The run is the one recorded in models/gpt2 (tasks/runs.py), so the version's source run holds the params, the
+training curve and the evaluations. The version gets alias `challenger`, lineage tags (git, dvc.lock hashes,
+params hash, run id, DVC experiment), the eval metrics and settings it was registered with as tags, and a model
+card (README.md in the logged model folder and the run); the run is closed again.
 Writes registered.json (name, version, run_id, model_uri).
 Run: python -m tasks.register
 """
@@ -14,17 +16,12 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from tasks import tracking
+from tasks import lineage, registry, runs, store
 from tasks.common import PipelineError, read_json, run_cli, write_json
-from tasks.evaluate import METRICS_FILE as EVAL_METRICS
-from tasks.evaluate import SAMPLES_FILE
-from tasks.ingest import PREPARED_DIR
-from tasks.params import Params, load_params
-from tasks.train import METRICS_FILE as TRAIN_METRICS
-from tasks.train import MODEL_DIR
+from tasks.params import Params, flatten, load_params
+from tasks.paths import EVAL_METRICS, INGEST_STATS, MODEL_DIR, REGISTERED_FILE, SAMPLES_FILE, TRAIN_METRICS
+from tasks.registry import CHALLENGER
 
-REGISTERED_FILE = Path("registered.json")
-CHALLENGER = "challenger"
 # Given explicitly: MLflow's inference of requirements imports torchvision, which this stack does not need.
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 
@@ -33,18 +30,16 @@ def pip_requirements() -> list[str]:
     return [f"{package}=={version(package)}" for package in REQUIREMENTS]
 
 
-def model_card(model_name: str, params: Params, eval_metrics: dict[str, Any], lineage: dict[str, str]) -> str:
+def model_card(model_name: str, params: Params, eval_metrics: dict[str, Any], tags: dict[str, str]) -> str:
     """The model card: data and its hashes, tokenizer, config, training, scores, samples, and how to load it."""
-    stats = read_json(PREPARED_DIR / "stats.json", "ingest")
+    stats = read_json(INGEST_STATS, "ingest")
     trained = read_json(TRAIN_METRICS, "train")
     samples = read_json(SAMPLES_FILE, "evaluate")
     config = json.loads((MODEL_DIR / "config.json").read_text())
     shape = ", ".join(f"{key} {config[key]}" for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"))
     scores = "\n".join(f"| {key} | {value:.6g} |" for key, value in eval_metrics.items())
     examples = "\n\n".join(f"```\n{item['text']}\n```" for item in samples)
-    hashes = ", ".join(
-        f"{key} `{lineage[key]}`" for key in ("data_md5", "tokenized_md5", "model_md5") if key in lineage
-    )
+    hashes = ", ".join(f"{key} `{tags[key]}`" for key in ("data_md5", "tokenized_md5", "model_md5") if key in tags)
     return f"""# {model_name}
 
 A GPT-2 language model (transformers `GPT2LMHeadModel`) built by gpt2-pipeline.
@@ -58,8 +53,8 @@ Tokenizer: {params.tokenizer.kind}, {params.tokenizer.vocab_size} tokens asked,
 block size {params.tokenizer.block_size}.
 Initialization: {params.model.init}{"" if params.model.init == "scratch" else f" from {params.model.name_or_path}"};
 {shape}. Trained {trained["steps"]} steps, {trained["tokens_seen"]:,} tokens, on {trained["device"]}
-({trained["precision"]}). Git commit {lineage.get("git_commit", "unknown")} (dirty: {lineage.get("git_dirty")}),
-params hash {lineage.get("params_hash")}, MLflow run {lineage.get("mlflow_run_id")}.
+({trained["precision"]}). Git commit {tags.get("git_commit", "unknown")} (dirty: {tags.get("git_dirty")}),
+params hash {tags.get("params_hash")}, MLflow run {tags.get("mlflow_run_id")}.
 
 ## Validation
 | metric | value |
@@ -88,11 +83,9 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
         raise PipelineError(f"{model_dir}: no model.safetensors there; run the train stage first (dvc repro)")
     model_name = params.register.model_name
     eval_metrics = read_json(EVAL_METRICS, "evaluate")
-    lineage = tracking.lineage_tags(run_id)
-    card = model_card(model_name, params, eval_metrics, lineage)
-    mlflow = tracking.mlflow_module()
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    mlflow.set_registry_uri(tracking.tracking_uri())
+    tags = lineage.version_tags(run_id)
+    card = model_card(model_name, params, eval_metrics, tags)
+    mlflow = store.use_store()
     # MLflow's log-from-folder path breaks on transformers 5's pipeline registry: hand it loaded components.
     # An absolute path and our own card keep MLflow from asking the Hugging Face Hub for a card and license.
     folder = str(model_dir.resolve())
@@ -100,7 +93,7 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
         "model": GPT2LMHeadModel.from_pretrained(folder, use_safetensors=True),  # nosec B615
         "tokenizer": AutoTokenizer.from_pretrained(folder),  # nosec B615
     }
-    # Resume the pipeline's run by its explicit id (this stage is its own process); leaving the block ends it.
+    # log_model links the model to the active run: the model's run, resumed by its explicit id in this process.
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(
             transformers_model=components,
@@ -110,18 +103,19 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
             registered_model_name=model_name,
             model_card=ModelCard(card),
         )
-        client = tracking.client()
-        client.log_text(run_id, card, "README.md")
-        # The card also goes into the logged model's save_pretrained folder, as a hub model's README.md would.
-        with tempfile.TemporaryDirectory() as scratch:
-            readme = Path(scratch) / "README.md"
-            readme.write_text(card, encoding="utf-8")
-            client.log_model_artifact(info.model_id, str(readme), "model")
+    client = store.client()
+    client.log_text(run_id, card, "README.md")
+    # The card also goes into the logged model's save_pretrained folder, as a hub model's README.md would.
+    with tempfile.TemporaryDirectory() as scratch:
+        readme = Path(scratch) / "README.md"
+        readme.write_text(card, encoding="utf-8")
+        client.log_model_artifact(info.model_id, str(readme), "model")
     model_version = str(info.registered_model_version)
-    client.set_registered_model_alias(model_name, CHALLENGER, model_version)
-    tags = {**lineage, **{f"eval_{k}": str(v) for k, v in eval_metrics.items()}}
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, model_version, key, value)
+    registry.set_alias(model_name, CHALLENGER, model_version)
+    settings = {key: value for key, value in flatten(params).items() if key.startswith("evaluate.")}
+    registry.tag_version(
+        model_name, model_version, {**tags, **{f"eval_{k}": v for k, v in eval_metrics.items()}, **settings}
+    )
     return {
         "name": model_name,
         "version": model_version,
@@ -133,9 +127,10 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
 
 def main() -> None:
     params = load_params()
-    run_id = tracking.pipeline_run(params)
-    registered = register(params, run_id)
-    write_json(REGISTERED_FILE, registered)
+    run_id = runs.model_run(params, MODEL_DIR)
+    with runs.active(run_id):
+        registered = register(params, run_id)
+        write_json(REGISTERED_FILE, registered)
     print(f"register: {registered['model_uri']} (alias @{CHALLENGER}) from run {run_id} -> {REGISTERED_FILE}")
 
 

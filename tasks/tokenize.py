@@ -19,13 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from tasks import tracking
-from tasks.common import EOS, SEP, UNK, PipelineError, atomic_output, hash_file, run_cli
-from tasks.ingest import PREPARED_DIR, SPLITS
+from tasks.common import EOS, SEP, UNK, PipelineError, atomic_output, hash_file, read_json, run_cli
+from tasks.loading import load_tokenizer
 from tasks.params import CHAR_SPECIALS, ModelParams, TokenizerParams, load_params
+from tasks.paths import DATA_STATS, INGEST_STATS, PREPARED_DIR, SPLITS, TOKENIZED_DIR, TOKENIZER_DIR
 
-TOKENIZER_DIR = Path("models/tokenizer")
-TOKENIZED_DIR = Path("data/tokenized")
 CHAR_PATTERN = r"[\s\S]"  # the char tokenizer's pre-tokenizer: every character on its own
 MAP_BATCH = 1000  # records per batched map call; group_texts drops at most block_size-1 tokens per batch
 
@@ -90,16 +88,7 @@ def load_pretrained_tokenizer(name_or_path: str, dialog: bool):
 
     Dialogue data needs a separator: one is added when the tokenizer has none (train then resizes embeddings).
     """
-    from transformers import AutoTokenizer
-
-    try:
-        with tracking.model_source(name_or_path) as source:
-            tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer))  # nosec B615
-    except OSError as exc:
-        raise PipelineError(
-            f"model.name_or_path: cannot load a tokenizer from {name_or_path!r} ({str(exc).splitlines()[0]}); "
-            "offline, point it at a local save_pretrained folder"
-        ) from None
+    tokenizer = load_tokenizer(name_or_path)
     if tokenizer.eos_token_id is None:
         raise PipelineError(f"model.name_or_path: the tokenizer of {name_or_path!r} has no end-of-text token")
     if dialog and tokenizer.sep_token_id is None:
@@ -283,25 +272,35 @@ def tokenize(
                     f"{prepared_dir / f'{split}.jsonl'}: fewer tokens than one block (tokenizer.block_size="
                     f"{block_size}); add text or lower block_size"
                 )
-        # Both outputs are written first and swapped in together: a stop in between never pairs the new blocks
-        # with the old tokenizer.
-        with atomic_output(tokenized_dir) as blocks_tmp, atomic_output(tokenizer_dir) as tokenizer_tmp:
-            blocks.save_to_disk(str(blocks_tmp))
-            tokenizer.save_pretrained(str(tokenizer_tmp))
         stats: dict[str, Any] = {"vocab_size": len(tokenizer), "block_size": block_size}
         for split in SPLITS:
             stats[f"{split}_blocks"] = len(blocks[split])
             stats[f"{split}_tokens"] = len(blocks[split]) * block_size
+        figures = data_figures(read_json(prepared_dir / INGEST_STATS.name, "ingest"), stats)
+        # Both outputs are written first and swapped in together: a stop in between never pairs the new blocks
+        # with the old tokenizer.
+        with atomic_output(tokenized_dir) as blocks_tmp, atomic_output(tokenizer_dir) as tokenizer_tmp:
+            blocks.save_to_disk(str(blocks_tmp))
+            (blocks_tmp / DATA_STATS.name).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+            tokenizer.save_pretrained(str(tokenizer_tmp))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return stats
 
 
+def data_figures(ingest_stats: dict[str, Any], tokenize_stats: dict[str, Any]) -> dict[str, float]:
+    """The ingest and tokenize figures as MLflow metrics (ingest/train_records, tokenize/vocab_size, ...), kept
+    with the blocks in data/tokenized/stats.json: the training run logs them, wherever and whenever it runs."""
+    figures = {
+        f"ingest/{split}_{key}": ingest_stats[split][key] for split in SPLITS for key in ("records", "chars", "bytes")
+    }
+    figures.update({f"tokenize/{key}": value for key, value in tokenize_stats.items()})
+    return figures
+
+
 def main() -> None:
     params = load_params()
-    run_id = tracking.pipeline_run(params)
     stats = tokenize(params.tokenizer, params.model, dialog=params.data.format == "dialog")
-    tracking.log_metrics(run_id, {f"tokenize/{key}": value for key, value in stats.items()})
     print(
         f"tokenize: vocabulary {stats['vocab_size']}, {stats['train_blocks']} train / "
         f"{stats['validation_blocks']} validation blocks of {stats['block_size']} -> {TOKENIZED_DIR}"

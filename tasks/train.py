@@ -1,7 +1,8 @@
 """Stage `train`: a GPT2LMHeadModel, from scratch (GPT2Config) or pretrained, trained with the transformers Trainer.
 
-Writes models/gpt2/ (save_pretrained: safetensors, config, generation config, tokenizer), metrics/train.json
-and plots/train_loss.csv; logs the curve to the pipeline's MLflow run as train/*.
+Writes models/gpt2/ (save_pretrained: safetensors, config, generation config, tokenizer, and mlflow_run.json: the
+model's MLflow run), metrics/train.json and plots/train_loss.csv. Creates the model's MLflow run (tasks/runs.py)
+and logs to it the params, the ingest/tokenize figures and the curve as train/*.
 Run: python -m tasks.train
 """
 
@@ -21,25 +22,13 @@ from typing import Any, ClassVar
 import torch
 from transformers import TrainerCallback
 
-from tasks import checkpoints, throughput, tracking
-from tasks.common import PipelineError, Stopped, atomic_output, run_cli, write_json
+from tasks import checkpoints, runs, throughput
+from tasks.common import PipelineError, Stopped, atomic_output, read_json, run_cli, write_json
+from tasks.loading import load_pretrained, resolve_device
 from tasks.params import ModelParams, Params, TrainParams, load_params
-from tasks.tokenize import TOKENIZED_DIR, TOKENIZER_DIR
+from tasks.paths import CHECKPOINT_DIR, DATA_STATS, MODEL_DIR, PLOT_FILE, TOKENIZED_DIR, TOKENIZER_DIR, TRAIN_METRICS
 
-MODEL_DIR = Path("models/gpt2")
-METRICS_FILE = Path("metrics/train.json")
-PLOT_FILE = Path("plots/train_loss.csv")
-CHECKPOINT_DIR = Path("checkpoints/train")
 VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: faster matmuls, as nanoGPT does
-
-
-def resolve_device(setting: str) -> str:
-    """`auto` is CUDA when present, else the CPU; asking for CUDA without it is an error."""
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("train.device: cuda was asked for but no CUDA device is visible; use auto or cpu")
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
 
 
 def resolve_precision(setting: str, device: str) -> str:
@@ -82,16 +71,9 @@ def build_model(model_params: ModelParams, tokenizer, block_size: int):
         )
         model = GPT2LMHeadModel(config)
     else:
-        try:
-            with tracking.model_source(model_params.name_or_path) as source:
-                model = GPT2LMHeadModel.from_pretrained(  # nosec B615
-                    source.model, use_safetensors=True, attn_implementation="sdpa", **config_overrides(model_params)
-                )
-        except OSError as exc:
-            raise PipelineError(
-                f"model.name_or_path: cannot load {model_params.name_or_path!r} ({str(exc).splitlines()[0]}); "
-                "offline, point it at a local save_pretrained folder"
-            ) from None
+        model, _ = load_pretrained(
+            model_params.name_or_path, attn_implementation="sdpa", **config_overrides(model_params)
+        )
         if model.config.n_positions < block_size:
             raise PipelineError(
                 f"tokenizer.block_size: {block_size} exceeds the n_positions "
@@ -143,7 +125,7 @@ class MlflowLogger(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             keys = [*self.KEYS.values(), "train/tokens_per_second", "train/mfu"]
-            self.logged = tracking.last_logged_steps(self.run_id, keys)
+            self.logged = runs.last_logged_steps(self.run_id, keys)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.meter.step_began()
@@ -179,7 +161,7 @@ class MlflowLogger(TrainerCallback):
 
     def flush(self) -> None:
         if self.pending:
-            tracking.log_metric_steps(self.run_id, self.pending)
+            runs.log_metric_steps(self.run_id, self.pending)
             self.pending = []
         self.flushed_at = time.monotonic()
 
@@ -265,8 +247,9 @@ def train(
     model_dir: Path = MODEL_DIR,
     plot_file: Path = PLOT_FILE,
     checkpoint_dir: Path = CHECKPOINT_DIR,
+    resume_from: str | None = None,
 ) -> dict[str, Any]:
-    """Train (resuming from the last checkpoint of the same settings), save the model folder and the loss
+    """Train (from the checkpoint resume_from, if any), save the model folder with its run's record and the loss
     curve; returns the train metrics. Under torchrun only the first process writes and logs."""
     import datasets
     from transformers import AutoTokenizer, EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
@@ -282,10 +265,6 @@ def train(
     blocks = datasets.load_from_disk(str(tokenized_dir)).select_columns(["input_ids"]).with_format("torch")
     model = build_model(params.model, tokenizer, params.tokenizer.block_size)
     args = training_arguments(params.train, device, precision, checkpoint_dir)
-    # Under torchrun the launcher has already cleaned the folder: workers only look for a checkpoint.
-    resume_from = checkpoints.prepare(
-        checkpoint_dir, checkpoints.fingerprint(params, tokenized_dir), clean="LOCAL_RANK" not in os.environ
-    )
     tokens_per_step = params.train.batch_size * params.train.grad_accum * params.tokenizer.block_size * args.world_size
     meter = throughput.Meter(model, tokens_per_step, params.tokenizer.block_size, args.world_size, device, precision)
     stop, logger = StopOnSignal(), MlflowLogger(run_id, meter, params.train.max_steps)
@@ -327,7 +306,7 @@ def train(
         raise PipelineError("train: the loss is not finite; lower train.learning_rate or check the data")
     if not trainer.is_world_process_zero():
         return {}
-    _save(trainer.model, tokenizer, model_dir)
+    _save(trainer.model, tokenizer, model_dir, run_id)
     _write_curve(curve, plot_file)
     checkpoints.clear(checkpoint_dir)  # finished: the next run, with whatever params, starts afresh
     steps = result.global_step
@@ -348,10 +327,11 @@ def train(
     }
 
 
-def _save(model, tokenizer, model_dir: Path) -> None:
+def _save(model, tokenizer, model_dir: Path, run_id: str) -> None:
     with atomic_output(model_dir) as tmp:
         model.save_pretrained(str(tmp))  # safetensors weights, config.json, generation_config.json
         tokenizer.save_pretrained(str(tmp))
+        runs.write_record(tmp, run_id)  # the model's run travels with it: evaluate and register log there
 
 
 def _write_curve(curve: list[tuple[int, float]], plot_file: Path) -> None:
@@ -363,8 +343,7 @@ def _write_curve(curve: list[tuple[int, float]], plot_file: Path) -> None:
 
 def launch_processes(params: Params, run_id: str) -> int:
     """Rerun this stage under torchrun with train.num_processes workers, all writing to one MLflow run."""
-    checkpoints.prepare(CHECKPOINT_DIR, checkpoints.fingerprint(params, TOKENIZED_DIR))
-    env = {**os.environ, tracking.RUN_ID_ENV: run_id, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, runs.RUN_ID_ENV: run_id, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     command = [
         sys.executable,
         "-m",
@@ -377,29 +356,42 @@ def launch_processes(params: Params, run_id: str) -> int:
     return subprocess.run(command, env=env, check=False).returncode
 
 
-def main() -> None:
-    params = load_params()
-    distributed = "LOCAL_RANK" in os.environ
-    first = os.environ.get("RANK", "0") == "0"
-    # Only rank 0 logs; other ranks need no run id (a multi-node torchrun started outside this stage has none).
-    run_id = tracking.pipeline_run(params) if first else os.environ.get(tracking.RUN_ID_ENV, "")
-    if params.train.num_processes > 1 and not distributed:
-        code = launch_processes(params, run_id)
-        if code:
-            raise PipelineError(f"train: a torchrun worker failed (exit status {code}); see its output above")
-        return
-    metrics = train(params, run_id)
-    if not first:
-        return
-    write_json(METRICS_FILE, metrics)
+def finish(run_id: str, metrics: dict[str, Any]) -> None:
+    """metrics/train.json and the run's summary metrics, once the model is saved."""
+    write_json(TRAIN_METRICS, metrics)
     numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, int | float) and k != "train_loss"}
     for key in ("tokens_per_second", "mfu"):  # the per-interval curves already use these names at this step
         numeric[f"train/mean_{key}"] = numeric.pop(f"train/{key}")
-    tracking.log_metrics(run_id, numeric, step=metrics["steps"])
+    runs.log_metrics(run_id, numeric, step=metrics["steps"])
     print(
         f"train: {metrics['steps']} steps, loss {metrics['train_loss_first']:.3f} -> {metrics['train_loss']:.3f}, "
         f"{metrics['tokens_per_second']:.0f} tokens/s, MFU {metrics['mfu']:.1%} -> {MODEL_DIR}"
     )
+
+
+def main() -> None:
+    params = load_params()
+    distributed = "LOCAL_RANK" in os.environ
+    first = os.environ.get("RANK", "0") == "0"
+    fingerprint = checkpoints.fingerprint(params, TOKENIZED_DIR)
+    launched = os.environ.get(runs.RUN_ID_ENV)
+    if distributed and (launched or not first):
+        # A torchrun worker: its launcher (launch_processes, or rank 0 of a multi-node job) holds the run and has
+        # prepared the checkpoint folder; only rank 0 writes and logs.
+        metrics = train(params, launched or "", resume_from=checkpoints.prepare(CHECKPOINT_DIR, fingerprint, False))
+        if first:
+            finish(launched or "", metrics)
+        return
+    resume_from = checkpoints.prepare(CHECKPOINT_DIR, fingerprint, clean=not distributed)
+    figures = read_json(DATA_STATS, "tokenize")
+    run_id = runs.training_run(params, CHECKPOINT_DIR, resume_from is not None, figures)
+    with runs.active(run_id):
+        if params.train.num_processes > 1 and not distributed:
+            code = launch_processes(params, run_id)
+            if code:
+                raise PipelineError(f"train: a torchrun worker failed (exit status {code}); see its output above")
+            return
+        finish(run_id, train(params, run_id, resume_from=resume_from))
 
 
 if __name__ == "__main__":

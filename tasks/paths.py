@@ -1,0 +1,30 @@
+"""Where the stages read and write: each output path named once (dvc.yaml lists the same paths).
+
+Stages import their inputs' paths from here, never from each other, so an edit to one stage's code reruns only
+that stage (and what its changed outputs feed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# ingest
+PREPARED_DIR = Path("data/prepared")
+SPLITS = ("train", "validation")
+INGEST_STATS = PREPARED_DIR / "stats.json"
+# tokenize
+TOKENIZER_DIR = Path("models/tokenizer")
+TOKENIZED_DIR = Path("data/tokenized")
+# The figures of ingest and tokenize, carried with the blocks so that the training run can log them.
+DATA_STATS = TOKENIZED_DIR / "stats.json"
+# train
+MODEL_DIR = Path("models/gpt2")
+RUN_RECORD = "mlflow_run.json"  # in MODEL_DIR (and a checkpoint folder): the model's MLflow run
+TRAIN_METRICS = Path("metrics/train.json")
+PLOT_FILE = Path("plots/train_loss.csv")
+CHECKPOINT_DIR = Path("checkpoints/train")
+# evaluate
+EVAL_METRICS = Path("metrics/eval.json")
+SAMPLES_FILE = Path("reports/samples.json")
+# register
+REGISTERED_FILE = Path("registered.json")

@@ -1,0 +1,42 @@
+"""The MLflow model registry: the aliases the pipeline moves and the versions they point at.
+
+Used by register (a new version, @challenger), promotion and the CLI; no other stage imports it, so an edit here
+reruns only register.
+"""
+
+from __future__ import annotations
+
+from tasks import store
+
+CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version an alias points at, or None when the alias (or the model) does not exist."""
+    try:
+        return str(store.client().get_model_version_by_alias(name, alias).version)
+    except Exception:  # MLflow raises RestException for an alias that is not set
+        return None
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    store.client().set_registered_model_alias(name, alias, version)
+
+
+def tag_version(name: str, version: str, tags: dict[str, object]) -> None:
+    client = store.client()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def versions(name: str) -> list:
+    """Every version of a registered model, oldest first."""
+    return sorted(store.client().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+
+
+def aliases_by_version(name: str) -> dict[str, list[str]]:
+    """{"3": ["@champion", "@challenger"], ...}: search_model_versions leaves ModelVersion.aliases empty."""
+    by_version: dict[str, list[str]] = {}
+    for alias, number in store.client().get_registered_model(name).aliases.items():
+        by_version.setdefault(str(number), []).append(f"@{alias}")
+    return by_version

@@ -1,0 +1,88 @@
+"""The MLflow tracking store: which one, a client for it, and a check that it answers.
+
+MLFLOW_TRACKING_URI names a server; without it the store is the project's own `mlflow.db` (artifacts in
+`mlartifacts/` beside it). "The project" is DVC's root (DVC_ROOT, which `dvc exp run --temp`, `--queue` and
+`--run-all` set to the project they came from, not their temporary copy), else the current folder: so every run
+and model version reaches one store, wherever DVC runs a stage.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from tasks.common import PipelineError
+
+DATABASE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+HEALTH_TIMEOUT_S = 10
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
+def default_uri(root: Path | None = None) -> str:
+    """The project's SQLite store, by absolute path."""
+    return f"sqlite:///{(root or project_root()).resolve() / DATABASE}"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set (a shared server), else the project's SQLite file."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_uri()
+
+
+def shown_uri(uri: str | None = None) -> str:
+    """The tracking URI as logs and messages show it: a password in it (user:password@host) becomes ***."""
+    return re.sub(r"(//[^/@:]+:)[^/@]+@", r"\1***@", uri or tracking_uri())
+
+
+def mlflow_module():
+    """mlflow, imported with its usage telemetry off: the pipeline talks only to the configured tracking server."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow prints "View run at <tracking URI>" with the URI's password in it; the stages print their own lines.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    import mlflow
+
+    return mlflow
+
+
+def client():
+    return mlflow_module().MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
+
+
+def use_store():
+    """mlflow with its fluent API pointed at this store (log_model, download_artifacts); returns the module."""
+    mlflow = mlflow_module()
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+    return mlflow
+
+
+def local_artifacts(uri: str) -> str | None:
+    """A SQLite store keeps its artifacts in mlartifacts/ beside the database file; a server decides itself."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///"))
+    return (database.parent / ARTIFACTS_DIR).resolve().as_uri()
+
+
+def require_tracking_server() -> None:
+    """Fail before any work when a configured tracking server does not answer.
+
+    An HTTP server is asked for /health with a short timeout first: MLflow's client retries a refused
+    connection with backoff for minutes before it gives up.
+    """
+    uri = tracking_uri()
+    try:
+        if uri.startswith(("http://", "https://")):
+            import httpx
+
+            httpx.get(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S).raise_for_status()
+        client().search_experiments(max_results=1)
+    except Exception as exc:
+        raise PipelineError(
+            f"MLflow tracking server {shown_uri(uri)} is not reachable ({type(exc).__name__}); "
+            "start it or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
+        ) from None
