@@ -83,11 +83,12 @@ def noop_repro(project: Path, rounds: int) -> dict:
 
 FLOW_CHILD = """
 import json, subprocess, sys, time
-from flows.pipeline import STAGES, stage_env, training_pipeline
+from pathlib import Path
+from flows.pipeline import stage_env, stages, training_pipeline
 
 def bare():
     started = time.perf_counter()
-    for stage in STAGES:
+    for stage in stages(Path.cwd()):
         subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], env=stage_env(None),
                        capture_output=True, check=True)
     return time.perf_counter() - started
@@ -172,16 +173,16 @@ def prefect_server(parent: Path):
 def logging_share(project: Path, steps: int, unbatched: bool) -> dict:
     """Training `steps` steps with every step's metrics logged, against the same training with MLflow calls
     made no-ops; also the seconds spent inside the MLflow calls themselves."""
-    from tasks import tracking, train
+    from tasks import runs, store, train
     from tasks.params import apply_overrides, parse_params, read_raw
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project.parent}/logging-bench.db"
     every_step = {"train.max_steps": steps, "train.logging_steps": 1, "train.eval_steps": 10**6,
                   "train.checkpoint_every": 10**6, "train.warmup_steps": 0}  # fmt: skip
     params = parse_params(apply_overrides(read_raw(project / "params.yaml"), every_step))
-    client = tracking.client()
+    client = store.client()
     experiment = client.create_experiment("overhead", artifact_location=(project.parent / "logging-art").as_uri())
-    send, spent = tracking.log_metric_steps, [0.0]
+    send, spent = runs.log_metric_steps, [0.0]
 
     def timed_send(run_id, entries):
         started = time.perf_counter()
@@ -189,7 +190,7 @@ def logging_share(project: Path, steps: int, unbatched: bool) -> dict:
         spent[0] += time.perf_counter() - started
 
     def run(sender, flush_seconds: float) -> float:
-        tracking.log_metric_steps, train.MlflowLogger.FLUSH_SECONDS = sender, flush_seconds
+        runs.log_metric_steps, train.MlflowLogger.FLUSH_SECONDS = sender, flush_seconds
         spent[0], run_id = 0.0, client.create_run(experiment).info.run_id
         with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(open(os.devnull, "w")):
             out = Path(out)
@@ -208,7 +209,7 @@ def logging_share(project: Path, steps: int, unbatched: bool) -> dict:
         if unbatched:
             row["unbatched_s"], row["unbatched_in_mlflow_s"] = run(timed_send, 0.0), spent[0]
     finally:
-        tracking.log_metric_steps, train.MlflowLogger.FLUSH_SECONDS = send, batched
+        runs.log_metric_steps, train.MlflowLogger.FLUSH_SECONDS = send, batched
     row["share_in_calls"], row["share_ab"] = row["in_mlflow_s"] / logged, logged / bare - 1
     print(
         f"(c) {steps:,} steps, every step logged: training {logged:.1f} s, of it {row['in_mlflow_s']:.2f} s in MLflow "
@@ -234,11 +235,11 @@ if mode == "save":
         model.save_pretrained(scratch)
         print("RESULT " + json.dumps({"seconds": time.perf_counter() - started}))
 else:
-    from tasks import tracking
+    from tasks import runs
     from tasks.params import load_params
     from tasks.register import register
     params = load_params()
-    run_id = tracking.pipeline_run(params)
+    run_id = runs.create_run(params)
     started = time.perf_counter()
     registered = register(params, run_id)
     print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "version": registered["version"]}))

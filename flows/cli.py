@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 
 from flows import workspace
@@ -47,7 +50,23 @@ def fail(message: str) -> None:
     raise PipelineError(message)
 
 
-@app.command()
+def command(function: Callable) -> Callable:
+    """Register a command whose errors end it as a stage's end: one line (tasks.common.report) and the exit status
+    of the contract, whether it runs from the console script or in-process (typer's CliRunner, a notebook)."""
+
+    @functools.wraps(function)
+    def reported(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            raise typer.Exit(report(exc)) from None
+
+    return app.command()(reported)
+
+
+@command
 def run(
     params: Annotated[
         Path | None,
@@ -88,7 +107,7 @@ def run(
     show_summary(workspace.RUNS_DIR / workspace.overrides_key(overrides) if overrides else Path())
 
 
-@app.command()
+@command
 def serve(
     prefect_file: Annotated[Path, typer.Option(help="the deployments to serve")] = Path("prefect.yaml"),
 ):
@@ -106,7 +125,7 @@ def use_params(path: Path) -> None:
     typer.echo(f"params.yaml now holds {path}")
 
 
-@app.command()
+@command
 def summary():
     """Print the last run's metrics, the registered model and how to look at both."""
     show_summary(Path())
@@ -135,7 +154,7 @@ def show_summary(root: Path) -> None:
     )
 
 
-@app.command()
+@command
 def promote():
     """Run the promote-model flow: @champion moves to @challenger only if it has fewer bits per byte."""
     from flows.promote import promote_model
@@ -144,7 +163,7 @@ def promote():
     typer.echo(json.dumps(decision, indent=2))
 
 
-@app.command()
+@command
 def rollback():
     """Move @champion back to @previous-champion."""
     from tasks.promote import rollback as roll_back
@@ -153,7 +172,7 @@ def rollback():
     typer.echo(f"@champion is version {result['champion_version']} again (was {result['replaced_version']})")
 
 
-@app.command()
+@command
 def models():
     """A table of the registered model's versions: aliases, scores and lineage."""
     from rich.console import Console
@@ -186,7 +205,7 @@ def _number(text: str | None, spec: str) -> str:
     return format(float(text), spec) if text else ""
 
 
-@app.command()
+@command
 def generate(
     prompt: Annotated[str, typer.Option(help="text to continue")],
     model: Annotated[str, typer.Option(help="a save_pretrained folder or an MLflow URI (models:/gpt2-lm@champion)")] = (

@@ -18,6 +18,7 @@ from typing import Any
 
 from tasks import lineage, registry, runs, store
 from tasks.common import PipelineError, read_json, run_cli, write_json
+from tasks.loading import load_pretrained
 from tasks.params import Params, flatten, load_params
 from tasks.paths import EVAL_METRICS, INGEST_STATS, MODEL_DIR, REGISTERED_FILE, SAMPLES_FILE, TRAIN_METRICS
 from tasks.registry import CHALLENGER
@@ -77,7 +78,6 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
     """Log the model folder with the transformers flavor and its card, register it, alias it challenger, tag its
     lineage and scores."""
     from huggingface_hub import ModelCard
-    from transformers import AutoTokenizer, GPT2LMHeadModel
 
     if not (model_dir / "model.safetensors").exists():
         raise PipelineError(f"{model_dir}: no model.safetensors there; run the train stage first (dvc repro)")
@@ -88,11 +88,8 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
     mlflow = store.use_store()
     # MLflow's log-from-folder path breaks on transformers 5's pipeline registry: hand it loaded components.
     # An absolute path and our own card keep MLflow from asking the Hugging Face Hub for a card and license.
-    folder = str(model_dir.resolve())
-    components = {
-        "model": GPT2LMHeadModel.from_pretrained(folder, use_safetensors=True),  # nosec B615
-        "tokenizer": AutoTokenizer.from_pretrained(folder),  # nosec B615
-    }
+    model, tokenizer = load_pretrained(str(model_dir.resolve()), key=str(model_dir))
+    components = {"model": model, "tokenizer": tokenizer}
     # log_model links the model to the active run: the model's run, resumed by its explicit id in this process.
     with mlflow.start_run(run_id=run_id):
         info = mlflow.transformers.log_model(

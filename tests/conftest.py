@@ -62,25 +62,28 @@ def run(args: list[str], cwd: Path, check: bool = True, env: dict | None = None)
 
 @pytest.fixture
 def prepared(tmp_path: Path) -> Path:
-    """A prepared-data folder (as ingest writes it) of a few hundred short English and Chinese records."""
+    """A prepared-data folder (as ingest writes it, stats.json too): a few hundred English and Chinese records."""
     folder = tmp_path / "prepared"
     folder.mkdir()
     lines = (ROOT / "data/samples/tinyshakespeare.txt").read_text(encoding="utf-8").split("\n\n")[:300]
     poems = json.loads((ROOT / "data/samples/tang300.json").read_text(encoding="utf-8"))[:40]
     texts = lines + ["\n".join(p["paragraphs"]) for p in poems]
+    stats = {}
     for split, chunk in (("train", texts[::2]), ("validation", texts[1::2])):
         with (folder / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
             for text in chunk:
                 handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+        stats[split] = {"records": len(chunk), "chars": sum(map(len, chunk)), "bytes": len("".join(chunk).encode())}
+    (folder / "stats.json").write_text(json.dumps(stats))
     return folder
 
 
 @pytest.fixture
 def mlflow_run(tmp_path, monkeypatch) -> str:
     """A real run in a throwaway SQLite MLflow store; MLFLOW_TRACKING_URI points at it for the test."""
-    from tasks import tracking
+    from tasks import store
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    client = tracking.client()
+    client = store.client()
     experiment = client.create_experiment("tests", artifact_location=(tmp_path / "artifacts").as_uri())
     return client.create_run(experiment).info.run_id

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from tasks import tracking
+from tasks import runs, store
 from tasks.common import PipelineError
 from tasks.evaluate import evaluate, load_model, score, windows
 from tasks.params import ModelParams, parse_params
@@ -139,7 +139,7 @@ def test_training_lowers_loss_and_perplexity(tokenized, tmp_path, mlflow_run):
     assert not (tmp_path / "checkpoints").exists(), "a finished run leaves no checkpoints for the next one"
     rows = (tmp_path / "plots/train_loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss" and len(rows) == 1 + 6
-    client = tracking.client()
+    client = store.client()
     for key in ("train/loss", "train/learning_rate", "train/tokens_per_second", "train/mfu"):
         assert [m.step for m in client.get_metric_history(mlflow_run, key)] == [10, 20, 30, 40, 50, 60], key
     assert [m.step for m in client.get_metric_history(mlflow_run, "train/eval_loss")] == [30, 60]
@@ -161,7 +161,7 @@ def test_early_stopping_keeps_the_best_model(tokenized, tmp_path, mlflow_run):
     }
     params = parse_params(merge(tiny_params(), {"train": unstable}))
     metrics = train_here(params, mlflow_run, tokenized, tmp_path)
-    evals = [m.value for m in tracking.client().get_metric_history(mlflow_run, "train/eval_loss")]
+    evals = [m.value for m in store.client().get_metric_history(mlflow_run, "train/eval_loss")]
     assert metrics["steps"] < 300 and len(evals) == metrics["steps"] // 10
     assert min(evals[-2:]) > min(evals) == metrics["best_eval_loss"]  # stopped after two evaluations no better
     kept = evaluate(load_model(tmp_path / "model")[0], tokenized / "tokenized", batch_size=8, device="cpu")
@@ -185,17 +185,17 @@ def test_samples_fit_in_the_model_positions(tokenized):
 def test_metrics_go_to_mlflow_in_batches_and_before_each_checkpoint(tokenized, tmp_path, mlflow_run, monkeypatch):
     """Logging every step must not cost a request every step; a checkpoint never holds steps MLflow lacks."""
     requests = []  # (steps sent, checkpoints on disk at that moment)
-    send = tracking.log_metric_steps
+    send = runs.log_metric_steps
 
     def counted(run_id, entries):
         on_disk = {int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("checkpoint-*")}
         requests.append(({step for step, _, _ in entries}, on_disk))
         send(run_id, entries)
 
-    monkeypatch.setattr(tracking, "log_metric_steps", counted)
+    monkeypatch.setattr(runs, "log_metric_steps", counted)
     steps = {"max_steps": 60, "logging_steps": 1, "eval_steps": 20, "checkpoint_every": 20}
     train_here(parse_params(merge(tiny_params(), {"train": steps})), mlflow_run, tokenized, tmp_path)
-    history = tracking.client().get_metric_history(mlflow_run, "train/loss")
+    history = store.client().get_metric_history(mlflow_run, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 61))  # every step, once
     assert len(requests) <= 10, f"{len(requests)} requests for 60 logging steps"
     for checkpoint in (20, 40):  # step 20 went out before checkpoint-20 was written

@@ -65,7 +65,7 @@ def test_the_same_text_gives_byte_identical_blocks(prepared, tmp_path):
         tokenize(TokenizerParams(vocab_size=400, block_size=32), ModelParams(), source,
                  tmp_path / run / "tokenizer", tmp_path / run / "tokenized")  # fmt: skip
     files = sorted(p.relative_to(tmp_path / "first") for p in (tmp_path / "first").rglob("*") if p.is_file())
-    assert len(files) == 9  # dataset_dict.json, 3 per split, 2 for the tokenizer
+    assert len(files) == 10  # dataset_dict.json, stats.json, 3 per split, 2 for the tokenizer
     for name in files:
         assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
     state = json.loads((tmp_path / "first/tokenized/train/state.json").read_text())
@@ -109,6 +109,8 @@ def test_dialog_turns_are_joined_with_the_separator(tmp_path):
     dialog = {"text": "你好\n你好呀，吃了吗\n吃了", "turns": ["你好", "你好呀，吃了吗", "吃了"]}
     for split in ("train", "validation"):
         (folder / f"{split}.jsonl").write_text((json.dumps(dialog, ensure_ascii=False) + "\n") * 4)
+    counts = {"records": 4, "chars": 4 * len(dialog["text"]), "bytes": 4 * len(dialog["text"].encode())}
+    (folder / "stats.json").write_text(json.dumps({"train": counts, "validation": counts}))  # as ingest writes it
     tokenize(
         TokenizerParams(kind="char", vocab_size=100, min_frequency=1, block_size=16),
         ModelParams(),

@@ -1,0 +1,160 @@
+"""Lineage across processes: one MLflow run per trained model, found from the model's DVC-tracked record, in
+every workflow (dvc repro, a re-evaluation, DVC's experiment queue), no run left RUNNING, and dvc.yaml's code
+deps rerunning exactly the stages an edit can change."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import BIN, copy_project, merge, run, tiny_params, write_params
+
+pytestmark = pytest.mark.slow
+
+LINEAGE_PARAMS = merge(tiny_params(), {"train": {"max_steps": 40, "eval_steps": 20, "checkpoint_every": 20}})
+QUEUE_TIMEOUT_S = 900
+
+
+def client(project):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project}/mlflow.db"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def all_runs(project) -> list:
+    mlflow_client = client(project)
+    return mlflow_client.search_runs([e.experiment_id for e in mlflow_client.search_experiments()])
+
+
+def registered(project) -> dict:
+    return json.loads((project / "registered.json").read_text())
+
+
+def dvc(project, *args: str, check: bool = True):
+    return run([str(BIN / "dvc"), *args], project, check=check)
+
+
+def stages_ran(output: str) -> list[str]:
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")]
+
+
+def changed_stages(project) -> set[str]:
+    """Stages whose code or data deps differ from dvc.lock (dvc status)."""
+    status = json.loads(dvc(project, "status", "--json").stdout or "{}")
+    return {
+        stage for stage, changes in status.items() if any("changed deps" in c for c in changes if isinstance(c, dict))
+    }
+
+
+def commit(project) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "state", "--allow-empty"], project)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project trained once with `dvc repro`, params and dvc.lock committed."""
+    folder = copy_project(tmp_path_factory.mktemp("lineage"))
+    write_params(folder, LINEAGE_PARAMS)
+    dvc(folder, "repro")
+    commit(folder)
+    return folder
+
+
+def test_a_new_evaluation_registers_a_version_whose_run_has_the_training_curve(project):
+    before = registered(project)
+    write_params(project, merge(LINEAGE_PARAMS, {"evaluate": {"stride": 32}}))
+    try:
+        output = dvc(project, "repro").stdout
+    finally:
+        write_params(project, LINEAGE_PARAMS)
+    assert stages_ran(output) == ["evaluate", "register"]
+    after = registered(project)
+    assert int(after["version"]) == int(before["version"]) + 1 and after["run_id"] == before["run_id"]
+    mlflow_client = client(project)
+    version = mlflow_client.get_model_version("gpt2-lm", after["version"])
+    assert version.run_id == after["run_id"] and version.tags["evaluate.stride"] == "32"
+    source = mlflow_client.get_run(version.run_id)
+    assert [m.step for m in mlflow_client.get_metric_history(version.run_id, "train/loss")] == [10, 20, 30, 40]
+    evaluations = sorted(m.step for m in mlflow_client.get_metric_history(version.run_id, "eval/perplexity"))
+    assert evaluations == list(range(len(evaluations))) and len(evaluations) >= 2  # each evaluation one more step
+    perplexity = json.loads((project / "metrics/eval.json").read_text())["perplexity"]
+    assert source.data.metrics["eval/perplexity"] == pytest.approx(perplexity)
+    assert float(version.tags["eval_perplexity"]) == pytest.approx(perplexity)
+    for key in ("train/mean_tokens_per_second", "train/mean_mfu", "ingest/train_records", "tokenize/train_blocks"):
+        assert source.data.metrics[key] > 0, key
+    assert source.data.params["train.max_steps"] == "40"
+    assert {r.info.status for r in all_runs(project)} == {"FINISHED"}
+
+
+def test_a_failed_stage_closes_its_run_as_failed(project):
+    write_params(project, merge(LINEAGE_PARAMS, {"evaluate": {"prompts": ["ROMEO: " * 64]}}))
+    try:
+        result = dvc(project, "repro", check=False)
+    finally:
+        write_params(project, LINEAGE_PARAMS)
+    assert result.returncode != 0 and "fills the model's 64 positions" in result.stderr
+    model_run = registered(project)["run_id"]
+    assert client(project).get_run(model_run).info.status == "FAILED"
+    assert "RUNNING" not in {r.info.status for r in all_runs(project)}
+    dvc(project, "repro", "--force", "evaluate")  # the model's run is reopened and finished again
+    assert client(project).get_run(model_run).info.status == "FINISHED"
+
+
+def test_an_edit_to_the_registry_helpers_reruns_only_register(project):
+    before = registered(project)
+    with (project / "tasks/registry.py").open("a") as handle:
+        handle.write("\n# an edit\n")
+    assert changed_stages(project) == {"register"}
+    output = dvc(project, "repro").stdout
+    assert stages_ran(output) == ["register"]
+    assert registered(project)["run_id"] == before["run_id"]
+    assert int(registered(project)["version"]) == int(before["version"]) + 1
+
+
+def test_an_edit_to_text_normalization_reruns_ingest_and_everything_after_it(project):
+    before = registered(project)
+    ingest = project / "tasks/ingest.py"
+    source = ingest.read_text()
+    assert "line.rstrip() for line in" in source
+    ingest.write_text(source.replace("line.rstrip() for line in", "line.rstrip().lower() for line in"))
+    assert changed_stages(project) == {"ingest"}
+    output = dvc(project, "repro").stdout
+    assert stages_ran(output) == ["ingest", "tokenize", "train", "evaluate", "register"]
+    first = json.loads((project / "data/prepared/train.jsonl").open().readline())["text"]
+    assert first == first.lower()
+    after = registered(project)
+    assert after["run_id"] != before["run_id"]  # a new model, a new run
+    assert json.loads((project / "models/gpt2/mlflow_run.json").read_text())["run_id"] == after["run_id"]
+    assert {r.info.status for r in all_runs(project)} <= {"FINISHED", "FAILED"}
+
+
+def test_queued_experiments_reach_the_project_registry(project):
+    commit(project)
+    for name, seed in (("lineage-a", 1), ("lineage-b", 2)):
+        dvc(project, "exp", "run", "--queue", "-n", name, "-S", "train.max_steps=20", "-S", f"train.seed={seed}")
+    dvc(project, "queue", "start")
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    while any(state in dvc(project, "queue", "status").stdout for state in ("Queued", "Running")):
+        assert time.monotonic() < deadline, dvc(project, "queue", "status").stdout
+        time.sleep(2)
+    assert "Failed" not in dvc(project, "queue", "status").stdout
+    mlflow_client = client(project)
+    versions = {v.tags.get("dvc_exp_name"): v for v in mlflow_client.search_model_versions("name='gpt2-lm'")}
+    for name in ("lineage-a", "lineage-b"):
+        version = versions[name]
+        assert [m.step for m in mlflow_client.get_metric_history(version.run_id, "train/loss")] == [10, 20]
+        assert mlflow_client.get_run(version.run_id).info.status == "FINISHED"
+        assert len(version.tags["dvc_exp_baseline_rev"]) == 40
+    assert versions["lineage-a"].run_id != versions["lineage-b"].run_id
+    assert not list((project / ".dvc/tmp").rglob("mlflow.db")), "an experiment wrote to a throwaway store"
+    shown = dvc(project, "exp", "show", "--csv", "--no-pager").stdout.splitlines()
+    header = shown[0].split(",")
+    rows = {row.split(",")[header.index("Experiment")]: row.split(",") for row in shown[1:]}
+    for name in ("lineage-a", "lineage-b"):
+        assert float(rows[name][header.index("perplexity")]) > 1
+    table = run([str(BIN / "gpt2-pipeline"), "models"], project).stdout
+    assert "lineage-a" in table and "lineage-b" in table

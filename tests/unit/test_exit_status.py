@@ -1,0 +1,47 @@
+"""One exit status contract (tasks.common): bad input 2, a fault 1, a stop 128 + the signal, for the stages, the
+CLI and the flow's retry condition alike."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+from prefect.states import Failed
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.pipeline import StageFailed, worth_retrying
+from tasks.common import BAD_INPUT_EXIT, FAULT_EXIT, PipelineError, Stopped, report
+from tests.conftest import BIN, copy_project, tool_env
+
+
+def test_report_prints_one_line_and_names_the_status(capsys):
+    assert report(PipelineError("params.yaml: train.seed: bad")) == BAD_INPUT_EXIT
+    assert report(ValueError("boom")) == FAULT_EXIT
+    assert report(Stopped(signum=signal.SIGTERM)) == 128 + signal.SIGTERM
+    wrapped = RuntimeError("a library's own error")
+    wrapped.__cause__ = Stopped(signum=signal.SIGINT)
+    assert report(wrapped) == 128 + signal.SIGINT
+    assert report(StageFailed("train", 137, "killed")) == 137
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "error: params.yaml: train.seed: bad"
+    assert lines[1].startswith("error: ValueError: boom (set GPT2_PIPELINE_DEBUG=1")
+    assert all(line.startswith("error: ") for line in lines) and len(lines) == 5
+
+
+def test_the_flow_retries_by_the_same_contract():
+    assert worth_retrying(None, None, Failed(data=StageFailed("train", FAULT_EXIT, "crash"))) is True
+    assert worth_retrying(None, None, Failed(data=StageFailed("train", BAD_INPUT_EXIT, "bad"))) is False
+
+
+def test_a_stage_and_the_cli_report_bad_input_alike(tmp_path, monkeypatch):
+    project = copy_project(tmp_path)
+    (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("seed: 42", "seed: x"))
+    stage = subprocess.run(
+        [str(BIN / "python"), "-m", "tasks.train"], cwd=project, env=tool_env(), capture_output=True, text=True
+    )
+    monkeypatch.chdir(project)
+    cli = CliRunner().invoke(app, ["rollback"])
+    expected = "error: params.yaml: train.seed: input should be a valid integer (got 'x')"
+    assert (stage.returncode, stage.stderr.strip()) == (BAD_INPUT_EXIT, expected)
+    assert (cli.exit_code, cli.stderr.strip()) == (BAD_INPUT_EXIT, expected)
