@@ -42,4 +42,4 @@ bench: install
 	$(BIN)/python bench/overhead.py
 
 clean:
-	rm -rf data/prepared data/tokenized models checkpoints registered.json mlflow.db mlartifacts .mlflow-run.json
+	rm -rf data/prepared data/tokenized models checkpoints registered.json mlflow.db mlartifacts

@@ -100,7 +100,7 @@ def test_a_failed_stage_closes_its_run_as_failed(project):
     model_run = registered(project)["run_id"]
     assert client(project).get_run(model_run).info.status == "FAILED"
     assert "RUNNING" not in {r.info.status for r in all_runs(project)}
-    dvc(project, "repro", "--force", "evaluate")  # the model's run is reopened and finished again
+    dvc(project, "repro", "--force", "--single-item", "evaluate")  # the model's run reopens, then finishes
     assert client(project).get_run(model_run).info.status == "FINISHED"
 
 

@@ -130,6 +130,7 @@ def test_bad_params_stop_with_one_line_and_keep_outputs(pipeline):
 
 def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(pipeline):
     train_metrics = (pipeline / "metrics/train.json").read_text()
+    trained_in = json.loads((pipeline / "registered.json").read_text())["run_id"]
     write_params(pipeline, merge(tiny_params(), {"evaluate": {"batch_size": 4}}))
     env = tool_env()
     env["PREFECT_HOME"] = str(pipeline / ".prefect")
@@ -141,9 +142,14 @@ def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(pipeline):
     version = client.get_model_version_by_alias("gpt2-lm", "challenger")
     assert str(version.version) == registered["version"] == "2"
     assert len(version.tags["prefect_flow_run_id"]) == 36  # a UUID
-    new_run = client.get_run(registered["run_id"])
-    assert new_run.data.params["evaluate.batch_size"] == "4"
-    assert new_run.data.tags["prefect_flow_run_id"] == version.tags["prefect_flow_run_id"]
+    assert version.tags["evaluate.batch_size"] == "4"
+    # The same model, so the same run: its training curve and now two evaluations, and it is closed again.
+    assert registered["run_id"] == trained_in
+    model_run = client.get_run(trained_in)
+    assert model_run.info.status == "FINISHED"
+    assert len(client.get_metric_history(trained_in, "train/loss")) == 15
+    evaluations = sorted(m.step for m in client.get_metric_history(trained_in, "eval/perplexity"))
+    assert evaluations == list(range(len(evaluations))) and len(evaluations) >= 2
 
 
 def test_continue_training_the_registered_model_from_its_mlflow_uri(pipeline):

@@ -127,9 +127,20 @@ def test_sigterm_during_training_saves_a_checkpoint_that_the_rerun_resumes(stopp
     stopped_at = int(lines[0].split("at step ")[1].split(";")[0])
     assert (stoppable / f"checkpoints/train/checkpoint-{stopped_at}").is_dir()
     assert digest(stoppable)["models/gpt2"] == model_before and "Traceback" not in output
+    stopped_run = json.loads((stoppable / "checkpoints/train/mlflow_run.json").read_text())["run_id"]
+    assert run_status(stoppable, stopped_run) == "KILLED"
     rerun = run([str(BIN / "dvc"), "repro"], stoppable)
     assert f"resuming from checkpoints/train/checkpoint-{stopped_at}" in rerun.stdout
     assert json.loads((stoppable / "metrics/train.json").read_text())["steps"] == 400
+    # The resumed training continues the run it was stopped in, and closes it.
+    assert json.loads((stoppable / "models/gpt2/mlflow_run.json").read_text())["run_id"] == stopped_run
+    assert run_status(stoppable, stopped_run) == "FINISHED"
+
+
+def run_status(project: Path, run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db").get_run(run_id).info.status
 
 
 def test_mlflow_down_at_registration_keeps_the_model_and_registers_it_later(tmp_path):
