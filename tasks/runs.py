@@ -96,12 +96,18 @@ def training_run(params: Params, checkpoint_dir: Path, resuming: bool, figures: 
 
 
 def model_run(params: Params, model_dir: Path) -> str:
-    """The run of the model in model_dir; a model trained against another store gets a run standing in for it."""
+    """The run of the model in model_dir. A model trained against another store (a fresh clone's own mlflow.db
+    after `dvc pull`) gets one run standing in for it, tagged trained_in_run, which its later stages find."""
     store.require_tracking_server()
-    recorded = read_record(model_dir)
+    recorded = read_record(model_dir) or "unknown"
     if _exists(recorded):
         return recorded
-    run_id = create_run(params, {"trained_in_run": recorded or "unknown"})
+    stand_ins = store.client().search_runs(
+        [experiment_id(params.mlflow.experiment)], filter_string=f"tags.trained_in_run = '{recorded}'", max_results=1
+    )
+    if stand_ins:
+        return stand_ins[0].info.run_id
+    run_id = create_run(params, {"trained_in_run": recorded})
     print(f"{model_dir}: its training run {recorded} is not in {store.shown_uri()}; logging to new run {run_id}")
     return run_id
 
