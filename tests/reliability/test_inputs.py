@@ -93,7 +93,7 @@ BAD_PARAMS = {
     ),
     "missing registered model": (
         {"model": {"init": "pretrained", "name_or_path": "models:/no-such-model@champion"}},
-        r"model\.name_or_path: models:/no-such-model@champion is not in the MLflow registry at sqlite:///mlflow\.db",
+        r"model\.name_or_path: models:/no-such-model@champion is not in the MLflow registry at sqlite:////\S+/mlflow\.db",
     ),
     "missing alias": (
         {"model": {"init": "pretrained", "name_or_path": "models:/gpt2-lm@nonexistent"}},
