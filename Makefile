@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 # dvc runs each stage's `python -m tasks.<stage>` through PATH: make that the project's interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test lint audit bench clean
+.PHONY: install run test test-fast lint audit bench clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop: no model trained through DVC, no servers. CI always runs everything (make test).
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not servers" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

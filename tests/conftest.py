@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
+import socket
 import subprocess
 from pathlib import Path
 
@@ -13,6 +15,36 @@ import yaml
 from bench.measure import BIN, copy_project, tool_env  # noqa: F401  # tests and benchmarks run the same tools on the same copies
 
 ROOT = Path(__file__).resolve().parents[1]
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host in LOOPBACK_NAMES
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch):
+    """Any connection from the test's process to a host other than the loopback fails the test."""
+    refused: list[str] = []
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guard(original):
+        def checked(self, address):
+            if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(str(address[0])):
+                refused.append(str(address))
+                raise OSError(f"the test suite is offline: connection to {address} refused (tests/conftest.py)")
+            return original(self, address)
+
+        return checked
+
+    monkeypatch.setattr(socket.socket, "connect", guard(connect))
+    monkeypatch.setattr(socket.socket, "connect_ex", guard(connect_ex))
+    yield refused
+    assert not refused, f"the test tried to reach {refused}: tests run offline, on the loopback only"
+
 
 # Small enough to train in seconds on two CPU cores, big enough to learn something.
 TINY_OVERRIDES = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -65,3 +66,17 @@ def test_a_stage_writing_to_a_log_shows_no_progress_bars(tmp_path, imported_firs
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
     assert result.stdout.strip() == "saved"
     assert "Writing model shards" not in result.stderr and "%|" not in result.stderr
+
+
+def test_the_suite_is_offline_by_construction(loopback_only):
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE  # read at import, after tests/__init__.py set it
+    with pytest.raises(OSError, match=r"the test suite is offline: connection to \('192\.0\.2\.1', 80\) refused"):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)
+    assert loopback_only == ["('192.0.2.1', 80)"]
+    loopback_only.clear()  # seen and expected here; any other test that tries fails
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        socket.create_connection(server.getsockname(), timeout=1).close()  # the loopback stays open
