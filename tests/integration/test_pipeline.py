@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import datasets
@@ -109,10 +108,8 @@ def test_perplexity_far_below_the_untrained_model(pipeline):
 
 
 def test_second_repro_runs_nothing(pipeline):
-    started = time.perf_counter()
     result = run([str(BIN / "dvc"), "repro"], pipeline)
-    assert "Data and pipelines are up to date." in result.stdout
-    assert time.perf_counter() - started < 10
+    assert "Data and pipelines are up to date." in result.stdout and "Running stage" not in result.stdout
 
 
 def test_bad_params_stop_with_one_line_and_keep_outputs(pipeline):
@@ -131,6 +128,7 @@ def test_bad_params_stop_with_one_line_and_keep_outputs(pipeline):
 def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(pipeline):
     train_metrics = (pipeline / "metrics/train.json").read_text()
     trained_in = json.loads((pipeline / "registered.json").read_text())["run_id"]
+    version_before = int(json.loads((pipeline / "registered.json").read_text())["version"])
     write_params(pipeline, merge(tiny_params(), {"evaluate": {"batch_size": 4}}))
     env = tool_env()
     env["PREFECT_HOME"] = str(pipeline / ".prefect")
@@ -140,7 +138,7 @@ def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(pipeline):
     registered = json.loads((pipeline / "registered.json").read_text())
     client = mlflow_client(pipeline)
     version = client.get_model_version_by_alias("gpt2-lm", "challenger")
-    assert str(version.version) == registered["version"] == "2"
+    assert str(version.version) == registered["version"] == str(version_before + 1)
     assert len(version.tags["prefect_flow_run_id"]) == 36  # a UUID
     assert version.tags["evaluate.batch_size"] == "4"
     # The same model, so the same run: its training curve and now two evaluations, and it is closed again.
@@ -154,6 +152,7 @@ def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(pipeline):
 
 def test_continue_training_the_registered_model_from_its_mlflow_uri(pipeline):
     first_run = json.loads((pipeline / "metrics/train.json").read_text())
+    version_before = int(json.loads((pipeline / "registered.json").read_text())["version"])
     perplexity_before = json.loads((pipeline / "metrics/eval.json").read_text())["perplexity"]
     params = merge(
         tiny_params(),
@@ -175,7 +174,7 @@ def test_continue_training_the_registered_model_from_its_mlflow_uri(pipeline):
     # It starts where the registered model left off, not from an untrained model's loss.
     assert continued["train_loss_first"] < first_run["train_loss_first"] - 0.5
     assert json.loads((pipeline / "metrics/eval.json").read_text())["perplexity"] < perplexity_before * 1.05
-    assert json.loads((pipeline / "registered.json").read_text())["version"] == "3"
+    assert json.loads((pipeline / "registered.json").read_text())["version"] == str(version_before + 1)
 
     write_params(pipeline, merge(params, {"model": {"name_or_path": "models:/gpt2-lm@no-such-alias"}}))
     result = run([str(BIN / "dvc"), "repro"], pipeline, check=False)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -36,23 +38,26 @@ def version_tags(project, version: str) -> dict[str, str]:
     return MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db").get_model_version("gpt2-lm", version).tags
 
 
+@dataclass
+class Scenario:
+    """What a promotion history left behind: the project, each version's role and each step's outcome."""
+
+    project: Path
+    first: str
+    worse: str
+    better: str
+    outcomes: dict[str, object] = field(default_factory=dict)
+
+
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    return copy_project(tmp_path_factory.mktemp("registry"))
-
-
-def test_promotion_accepts_better_and_refuses_worse_then_rolls_back(project):
+def scenario(tmp_path_factory) -> Scenario:
+    """Train 150 steps and promote; train 5 (worse) and promote; train 400 (better) and promote twice at once;
+    then roll back, twice. Each test below checks one part of what happened, so any of them runs alone."""
+    project = copy_project(tmp_path_factory.mktemp("registry"))
     first = train_and_register(project, 150)
-    decision = _decision(project)
-    assert decision["promoted"] and decision["reason"] == "no champion yet"
-    assert aliases(project) == {"challenger": first, "champion": first}
-
+    outcomes: dict[str, object] = {"first": _decision(project), "after first": aliases(project)}
     worse = train_and_register(project, 5)  # far fewer steps
-    decision = _decision(project)
-    assert not decision["promoted"] and decision["champion_bits_per_byte"] < decision["challenger_bits_per_byte"]
-    assert aliases(project) == {"challenger": worse, "champion": first}
-    assert version_tags(project, worse)["promotion_promoted"] == "False"
-
+    outcomes["worse"], outcomes["after worse"] = _decision(project), aliases(project)
     better = train_and_register(project, 400)
     # Two promotions at once: one promotes, the other finds the challenger already champion.
     env = {**tool_env(), "PREFECT_HOME": str(project / ".prefect")}
@@ -67,19 +72,46 @@ def test_promotion_accepts_better_and_refuses_worse_then_rolls_back(project):
         )
         for _ in range(2)
     ]
-    outputs = [process.communicate(timeout=600)[0] for process in both]
-    assert all(process.returncode == 0 for process in both)
-    assert sorted('"promoted": true' in output for output in outputs) == [False, True]
-    assert aliases(project) == {"challenger": better, "champion": better, "previous-champion": first}
-    tags = version_tags(project, better)
+    outcomes["concurrent"] = [(process.communicate(timeout=600)[0], process.wait()) for process in both]
+    outcomes["after better"] = aliases(project)
+    outcomes["rollback"] = cli(project, "rollback").stdout
+    outcomes["after rollback"] = aliases(project)
+    outcomes["second rollback"] = cli(project, "rollback", check=False)
+    return Scenario(project, first, worse, better, outcomes)
+
+
+def test_the_first_challenger_becomes_champion(scenario):
+    decision = scenario.outcomes["first"]
+    assert decision["promoted"] and decision["reason"] == "no champion yet"
+    assert scenario.outcomes["after first"] == {"challenger": scenario.first, "champion": scenario.first}
+
+
+def test_a_worse_challenger_is_kept_out(scenario):
+    decision = scenario.outcomes["worse"]
+    assert not decision["promoted"] and decision["champion_bits_per_byte"] < decision["challenger_bits_per_byte"]
+    assert scenario.outcomes["after worse"] == {"challenger": scenario.worse, "champion": scenario.first}
+    assert version_tags(scenario.project, scenario.worse)["promotion_promoted"] == "False"
+
+
+def test_two_promotions_at_once_promote_a_better_challenger_once(scenario):
+    outputs = scenario.outcomes["concurrent"]
+    assert [code for _, code in outputs] == [0, 0]
+    assert sorted('"promoted": true' in output for output, _ in outputs) == [False, True]
+    assert scenario.outcomes["after better"] == {
+        "challenger": scenario.better,
+        "champion": scenario.better,
+        "previous-champion": scenario.first,
+    }
+    tags = version_tags(scenario.project, scenario.better)
     assert float(tags["promotion_challenger_bits_per_byte"]) < float(tags["promotion_champion_bits_per_byte"])
 
-    assert "@champion is version" in cli(project, "rollback").stdout
-    assert aliases(project) == {"challenger": better, "champion": first}
-    assert (
-        cli(project, "rollback", check=False).stderr.strip()
-        == "error: gpt2-lm has no @previous-champion to roll back to"
-    )
+
+def test_rollback_restores_the_previous_champion_once(scenario):
+    assert "@champion is version" in scenario.outcomes["rollback"]
+    assert scenario.outcomes["after rollback"] == {"challenger": scenario.better, "champion": scenario.first}
+    second = scenario.outcomes["second rollback"]
+    assert second.returncode == 2
+    assert second.stderr.strip() == "error: gpt2-lm has no @previous-champion to roll back to"
 
 
 def _decision(project) -> dict:
@@ -87,9 +119,10 @@ def _decision(project) -> dict:
     return json.loads(output[output.index("{") :])
 
 
-def test_every_version_carries_lineage_and_the_table_shows_it(project):
+def test_every_version_carries_lineage_and_the_table_shows_it(scenario):
     from mlflow import MlflowClient
 
+    project = scenario.project
     client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
     versions = client.search_model_versions("name='gpt2-lm'")
     assert len(versions) == 3
@@ -110,6 +143,6 @@ def test_every_version_carries_lineage_and_the_table_shows_it(project):
     assert "@champion" in table and "@challenger" in table and "kept out" in table
 
 
-def test_generate_from_the_champion(project):
-    text = cli(project, "generate", "--model", "models:/gpt2-lm@champion", "--prompt", "ROMEO:").stdout
+def test_generate_from_the_champion(scenario):
+    text = cli(scenario.project, "generate", "--model", "models:/gpt2-lm@champion", "--prompt", "ROMEO:").stdout
     assert text.startswith("ROMEO:") and len(text.strip()) > len("ROMEO:")

@@ -23,12 +23,11 @@ pytestmark = pytest.mark.slow
 
 def test_mlflow_down_at_the_start_fails_before_training(trained):
     env = {**tool_env(), "MLFLOW_TRACKING_URI": f"http://{LOOPBACK}:{free_port()}"}
-    started = time.monotonic()
     result = trained.repro({"train": {"seed": 7}}, env=env)  # train is stale: it would retrain
+    # ConnectError is the /health pre-check's answer: MLflow's own client would retry with backoff for minutes.
     trained.assert_failed_cleanly(
         result, r"MLflow tracking server http://127\.0\.0\.1:\d+ is not reachable \(ConnectError\); start it"
     )
-    assert time.monotonic() - started < 60
     assert "train: step" not in result.stdout
 
 
