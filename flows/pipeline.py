@@ -11,6 +11,7 @@ Run: python -m flows.pipeline, gpt2-pipeline run, or a deployment (prefect.yaml,
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ from tasks.paths import REGISTERED_FILE
 DVC_FILE = Path("dvc.yaml")
 TRAIN_RETRIES = 2  # a crashed or preempted training resumes from its last checkpoint
 TRAIN_RETRY_DELAYS = exponential_backoff(backoff_factor=30)(TRAIN_RETRIES)  # 30 s, then 60 s
+# DVC exits 255 whatever its stage did; the stage's own status is in its last line (a signal is negative).
+DVC_STAGE_EXIT = re.compile(r"^ERROR: failed to reproduce '[^']+': failed to run: .*, exited with (-?\d+)$")
 
 
 class StageFailed(PipelineError):
@@ -82,6 +85,16 @@ def stage_env(flow_run_id: str | None, extra: dict[str, str] | None = None) -> d
     return env
 
 
+def stage_status(lines: list[str], dvc_status: int) -> int:
+    """The exit status of the stage DVC ran (128 + n when signal n ended it), else DVC's own."""
+    for line in reversed(lines):
+        found = DVC_STAGE_EXIT.match(line)
+        if found:
+            status = int(found.group(1))
+            return 128 - status if status < 0 else status
+    return dvc_status
+
+
 def worth_retrying(task, task_run, state) -> bool:
     """Retry crashes and faults, not bad input: the same params would fail the same way."""
     return not (isinstance(state.data, StageFailed) and state.data.exit_status == BAD_INPUT_EXIT)
@@ -113,7 +126,7 @@ def run_stage(stage: str, cwd: str, env: dict[str, str]) -> None:
             print(line.rstrip())
     if process.returncode != 0:
         errors = [line for line in lines if line.startswith("error:")] or lines[-1:]
-        raise StageFailed(stage, process.returncode, errors[-1] if errors else "no output")
+        raise StageFailed(stage, stage_status(lines, process.returncode), errors[-1] if errors else "no output")
 
 
 run_train_stage = run_stage.with_options(

@@ -1,18 +1,25 @@
-"""Shared fixtures: tiny params, a tiny prepared corpus, and a copy of the project to run DVC in."""
+"""Shared fixtures: tiny params, a tiny prepared corpus, copies of the project to run DVC in, one project trained
+once per test run that tests copy instead of retraining, and one Prefect server for the whole run."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ipaddress
 import json
+import shutil
 import socket
+import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bench.measure import BIN, copy_project, tool_env  # noqa: F401  # tests and benchmarks run the same tools on the same copies
+# Tests and benchmarks run the same tools on the same copies.
+from bench.measure import BIN, copy_project, tool_env
+from tests.servers import LOOPBACK, free_port, process, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain"}
@@ -119,3 +126,66 @@ def mlflow_run(tmp_path, monkeypatch) -> str:
     client = store.client()
     experiment = client.create_experiment("tests", artifact_location=(tmp_path / "artifacts").as_uri())
     return client.create_run(experiment).info.run_id
+
+
+def commit(project: Path, message: str = "state") -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, "--allow-empty"], project)
+
+
+@pytest.fixture(scope="session")
+def golden(tmp_path_factory) -> Path:
+    """The project trained once per test run with tiny_params() through `dvc repro`, then committed (params and
+    dvc.lock): version 1 of gpt2-lm, @challenger. Never changed: tests work on a copy (trained_copy)."""
+    project = copy_project(tmp_path_factory.mktemp("golden"))
+    write_params(project, tiny_params())
+    run([str(BIN / "dvc"), "repro"], project)
+    commit(project, "trained")
+    return project
+
+
+def trained_copy(source: Path, parent: Path) -> Path:
+    """A copy of a trained project under parent: its git history, outputs, DVC cache and MLflow store.
+
+    MLflow records artifact locations as absolute paths (the store must not depend on the folder a stage runs
+    in), so they are rewritten to the copy's; DVC's temporary folder (locks, queue) is not copied."""
+    dest = parent / "project"
+    shutil.copytree(source, dest, symlinks=True, ignore=lambda folder, _: {"tmp"} if folder.endswith(".dvc") else ())
+    relocate_mlflow_store(dest / "mlflow.db", str(source), str(dest))
+    return dest
+
+
+def relocate_mlflow_store(database: Path, old: str, new: str) -> None:
+    """Replace the folder old by new in every text column of a copied SQLite MLflow store."""
+    with contextlib.closing(sqlite3.connect(database)) as db, db:
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            columns = [c[1] for c in db.execute(f'PRAGMA table_info("{table}")') if "CHAR" in c[2] or "TEXT" in c[2]]
+            for column in columns:  # table and column names come from the schema, the paths are parameters
+                update = f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?) > 0'  # noqa: S608
+                db.execute(update, (old, new, old))
+
+
+@pytest.fixture
+def trained_project(golden, tmp_path) -> Path:
+    """A copy of the golden project for one test to change."""
+    return trained_copy(golden, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """The environment for the CLI and flows with one Prefect server for the whole test run (its own SQLite
+    database, on the loopback) instead of an ephemeral server started by every command."""
+    home = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    env = tool_env(
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=f"http://{LOOPBACK}:{port}/api",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
+    log = home / "server.log"
+    command = [str(BIN / "prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port)]
+    with process(command, log, env) as server:
+        wait_http(f"{env['PREFECT_API_URL']}/health", server, log)
+        yield env

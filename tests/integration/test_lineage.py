@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from tests.conftest import BIN, copy_project, merge, run, tiny_params, write_params
+from tests.conftest import BIN, commit, merge, run, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 
-LINEAGE_PARAMS = merge(tiny_params(), {"train": {"max_steps": 40, "eval_steps": 20, "checkpoint_every": 20}})
+TRAINED_STEPS = list(range(10, 151, 10))  # the golden project's tiny_params(): 150 steps, logged every 10
 QUEUE_TIMEOUT_S = 900
 
 
@@ -49,28 +49,16 @@ def changed_stages(project) -> set[str]:
     }
 
 
-def commit(project) -> None:
-    run(["git", "add", "-A"], project)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "state", "--allow-empty"], project)
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A project trained once with `dvc repro`, params and dvc.lock committed."""
-    folder = copy_project(tmp_path_factory.mktemp("lineage"))
-    write_params(folder, LINEAGE_PARAMS)
-    dvc(folder, "repro")
-    commit(folder)
-    return folder
+@pytest.fixture
+def project(trained_project):
+    """A trained project of the test's own (params and dvc.lock committed): each test changes it."""
+    return trained_project
 
 
 def test_a_new_evaluation_registers_a_version_whose_run_has_the_training_curve(project):
     before = registered(project)
-    write_params(project, merge(LINEAGE_PARAMS, {"evaluate": {"stride": 32}}))
-    try:
-        output = dvc(project, "repro").stdout
-    finally:
-        write_params(project, LINEAGE_PARAMS)
+    write_params(project, merge(tiny_params(), {"evaluate": {"stride": 32}}))
+    output = dvc(project, "repro").stdout
     assert stages_ran(output) == ["evaluate", "register"]
     after = registered(project)
     assert int(after["version"]) == int(before["version"]) + 1 and after["run_id"] == before["run_id"]
@@ -78,7 +66,7 @@ def test_a_new_evaluation_registers_a_version_whose_run_has_the_training_curve(p
     version = mlflow_client.get_model_version("gpt2-lm", after["version"])
     assert version.run_id == after["run_id"] and version.tags["evaluate.stride"] == "32"
     source = mlflow_client.get_run(version.run_id)
-    assert [m.step for m in mlflow_client.get_metric_history(version.run_id, "train/loss")] == [10, 20, 30, 40]
+    assert [m.step for m in mlflow_client.get_metric_history(version.run_id, "train/loss")] == TRAINED_STEPS
     evaluations = sorted(m.step for m in mlflow_client.get_metric_history(version.run_id, "eval/perplexity"))
     assert evaluations == list(range(len(evaluations))) and len(evaluations) >= 2  # each evaluation one more step
     perplexity = json.loads((project / "metrics/eval.json").read_text())["perplexity"]
@@ -86,20 +74,18 @@ def test_a_new_evaluation_registers_a_version_whose_run_has_the_training_curve(p
     assert float(version.tags["eval_perplexity"]) == pytest.approx(perplexity)
     for key in ("train/mean_tokens_per_second", "train/mean_mfu", "ingest/train_records", "tokenize/train_blocks"):
         assert source.data.metrics[key] > 0, key
-    assert source.data.params["train.max_steps"] == "40"
+    assert source.data.params["train.max_steps"] == "150"
     assert {r.info.status for r in all_runs(project)} == {"FINISHED"}
 
 
 def test_a_failed_stage_closes_its_run_as_failed(project):
-    write_params(project, merge(LINEAGE_PARAMS, {"evaluate": {"prompts": ["ROMEO: " * 64]}}))
-    try:
-        result = dvc(project, "repro", check=False)
-    finally:
-        write_params(project, LINEAGE_PARAMS)
+    write_params(project, merge(tiny_params(), {"evaluate": {"prompts": ["ROMEO: " * 64]}}))
+    result = dvc(project, "repro", check=False)
     assert result.returncode != 0 and "fills the model's 64 positions" in result.stderr
     model_run = registered(project)["run_id"]
     assert client(project).get_run(model_run).info.status == "FAILED"
     assert "RUNNING" not in {r.info.status for r in all_runs(project)}
+    write_params(project, tiny_params())
     dvc(project, "repro", "--force", "--single-item", "evaluate")  # the model's run reopens, then finishes
     assert client(project).get_run(model_run).info.status == "FINISHED"
 

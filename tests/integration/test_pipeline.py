@@ -1,16 +1,18 @@
-"""End to end on a fresh copy of the project: `dvc repro`, then the Prefect flow, against real MLflow and DVC."""
+"""End to end on the project trained once per test run (tests/conftest.py's golden): what `dvc repro` made, then
+the Prefect flow, a fine-tune and bad params on copies of it, against real MLflow and DVC."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import datasets
 import pytest
 import yaml
 
-from tests.conftest import BIN, copy_project, merge, run, tiny_params, tool_env, write_params
+from tests.conftest import BIN, merge, run, tiny_params, trained_copy, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +35,9 @@ def untrained_perplexity(project) -> float:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """The project copied, set to a tiny model, run once with `dvc repro`."""
-    project = copy_project(tmp_path_factory.mktemp("e2e"))
-    write_params(project, tiny_params())
-    run([str(BIN / "dvc"), "repro"], project)
-    return project
+def pipeline(golden, tmp_path_factory):
+    """A copy of the project after `dvc repro` with tiny params, shared by the tests that only read it."""
+    return trained_copy(golden, tmp_path_factory.mktemp("e2e"))
 
 
 def test_dvc_repro_registers_a_model_that_loads_and_generates(pipeline):
@@ -112,27 +111,23 @@ def test_second_repro_runs_nothing(pipeline):
     assert "Data and pipelines are up to date." in result.stdout and "Running stage" not in result.stdout
 
 
-def test_bad_params_stop_with_one_line_and_keep_outputs(pipeline):
-    model_before = (pipeline / "models/gpt2/model.safetensors").read_bytes()
-    write_params(pipeline, merge(tiny_params(), {"train": {"learning_rate": 0}}))
-    try:
-        result = run([str(BIN / "dvc"), "repro"], pipeline, check=False)
-    finally:
-        write_params(pipeline, tiny_params())
+def test_bad_params_stop_with_one_line_and_keep_outputs(trained_project):
+    model_before = (trained_project / "models/gpt2/model.safetensors").read_bytes()
+    write_params(trained_project, merge(tiny_params(), {"train": {"learning_rate": 0}}))
+    result = run([str(BIN / "dvc"), "repro"], trained_project, check=False)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: params.yaml")]
     assert errors == ["error: params.yaml: train.learning_rate: input should be greater than 0 (got 0)"]
-    assert (pipeline / "models/gpt2/model.safetensors").read_bytes() == model_before
+    assert (trained_project / "models/gpt2/model.safetensors").read_bytes() == model_before
 
 
-def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(pipeline):
+def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(trained_project, prefect_env):
+    pipeline = trained_project
     train_metrics = (pipeline / "metrics/train.json").read_text()
     trained_in = json.loads((pipeline / "registered.json").read_text())["run_id"]
     version_before = int(json.loads((pipeline / "registered.json").read_text())["version"])
     write_params(pipeline, merge(tiny_params(), {"evaluate": {"batch_size": 4}}))
-    env = tool_env()
-    env["PREFECT_HOME"] = str(pipeline / ".prefect")
-    result = run([str(BIN / "python"), "-m", "flows.pipeline"], pipeline, env=env)
+    result = run([str(BIN / "python"), "-m", "flows.pipeline"], pipeline, env=prefect_env)
     assert "Stage 'train' didn't change, skipping" in result.stdout + result.stderr
     assert (pipeline / "metrics/train.json").read_text() == train_metrics  # not retrained
     registered = json.loads((pipeline / "registered.json").read_text())
@@ -150,7 +145,8 @@ def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(pipeline):
     assert evaluations == list(range(len(evaluations))) and len(evaluations) >= 2
 
 
-def test_continue_training_the_registered_model_from_its_mlflow_uri(pipeline):
+def test_continue_training_the_registered_model_from_its_mlflow_uri(trained_project):
+    pipeline = trained_project
     first_run = json.loads((pipeline / "metrics/train.json").read_text())
     version_before = int(json.loads((pipeline / "registered.json").read_text())["version"])
     perplexity_before = json.loads((pipeline / "metrics/eval.json").read_text())["perplexity"]
@@ -180,3 +176,34 @@ def test_continue_training_the_registered_model_from_its_mlflow_uri(pipeline):
     result = run([str(BIN / "dvc"), "repro"], pipeline, check=False)
     assert result.returncode != 0
     assert "error: model.name_or_path: models:/gpt2-lm@no-such-alias is not in the MLflow registry" in result.stderr
+
+
+def test_fine_tune_from_a_local_save_pretrained_folder_beats_its_start(trained_project):
+    """The trained model saved as a folder of its own (as a user brings one), fine-tuned further: it starts from
+    those weights and ends with a lower validation perplexity than the folder's model had."""
+    base = trained_project / "base/gpt2-shakespeare"
+    shutil.copytree(trained_project / "models/gpt2", base)
+    start = json.loads((trained_project / "metrics/eval.json").read_text())["perplexity"]
+    start_loss = json.loads((trained_project / "metrics/train.json").read_text())["train_loss"]
+    write_params(
+        trained_project,
+        merge(
+            tiny_params(),
+            {
+                "tokenizer": {"kind": "pretrained"},
+                "model": {"init": "pretrained", "name_or_path": "base/gpt2-shakespeare", "config": {}},
+                "train": {
+                    "max_steps": 60,
+                    "warmup_steps": 0,
+                    "learning_rate": 1.0e-3,
+                    "eval_steps": 30,
+                    "checkpoint_every": 60,
+                },
+            },
+        ),
+    )
+    output = run([str(BIN / "dvc"), "repro"], trained_project).stdout
+    assert "Running stage 'train'" in output
+    tuned = json.loads((trained_project / "metrics/train.json").read_text())
+    assert tuned["train_loss_first"] < start_loss + 0.3  # the folder's weights, not an untrained model's loss
+    assert json.loads((trained_project / "metrics/eval.json").read_text())["perplexity"] < start

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, copy_project, merge, run, tiny_params, tool_env, write_params
+from tests.conftest import BIN, merge, run, tiny_params, trained_copy, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +20,8 @@ def train_and_register(project, max_steps: int) -> str:
     return json.loads((project / "registered.json").read_text())["version"]
 
 
-def cli(project, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**tool_env(), "PREFECT_HOME": str(project / ".prefect")}
-    return run([str(BIN / "gpt2-pipeline"), *args], project, check=check, env=env)
+def cli(scenario, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([str(BIN / "gpt2-pipeline"), *args], scenario.project, check=check, env=scenario.env)
 
 
 def aliases(project) -> dict[str, str]:
@@ -43,29 +42,32 @@ class Scenario:
     """What a promotion history left behind: the project, each version's role and each step's outcome."""
 
     project: Path
-    first: str
-    worse: str
-    better: str
+    env: dict[str, str]
+    first: str = ""
+    worse: str = ""
+    better: str = ""
     outcomes: dict[str, object] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
-def scenario(tmp_path_factory) -> Scenario:
-    """Train 150 steps and promote; train 5 (worse) and promote; train 400 (better) and promote twice at once;
-    then roll back, twice. Each test below checks one part of what happened, so any of them runs alone."""
-    project = copy_project(tmp_path_factory.mktemp("registry"))
-    first = train_and_register(project, 150)
-    outcomes: dict[str, object] = {"first": _decision(project), "after first": aliases(project)}
-    worse = train_and_register(project, 5)  # far fewer steps
-    outcomes["worse"], outcomes["after worse"] = _decision(project), aliases(project)
-    better = train_and_register(project, 400)
+def scenario(golden, prefect_env, tmp_path_factory) -> Scenario:
+    """From the trained project (150 steps, registered): promote; train 5 steps (worse) and promote; train 400
+    (better) and promote twice at once; then roll back, twice. Each test below checks one part of what happened,
+    so any of them runs alone."""
+    project = trained_copy(golden, tmp_path_factory.mktemp("registry"))
+    scenario = Scenario(project, prefect_env)
+    scenario.first = json.loads((project / "registered.json").read_text())["version"]
+    outcomes = scenario.outcomes
+    outcomes["first"], outcomes["after first"] = _decision(scenario), aliases(project)
+    scenario.worse = train_and_register(project, 5)  # far fewer steps
+    outcomes["worse"], outcomes["after worse"] = _decision(scenario), aliases(project)
+    scenario.better = train_and_register(project, 400)
     # Two promotions at once: one promotes, the other finds the challenger already champion.
-    env = {**tool_env(), "PREFECT_HOME": str(project / ".prefect")}
     both = [
         subprocess.Popen(
             [str(BIN / "gpt2-pipeline"), "promote"],
             cwd=project,
-            env=env,
+            env=prefect_env,
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -74,10 +76,10 @@ def scenario(tmp_path_factory) -> Scenario:
     ]
     outcomes["concurrent"] = [(process.communicate(timeout=600)[0], process.wait()) for process in both]
     outcomes["after better"] = aliases(project)
-    outcomes["rollback"] = cli(project, "rollback").stdout
+    outcomes["rollback"] = cli(scenario, "rollback").stdout
     outcomes["after rollback"] = aliases(project)
-    outcomes["second rollback"] = cli(project, "rollback", check=False)
-    return Scenario(project, first, worse, better, outcomes)
+    outcomes["second rollback"] = cli(scenario, "rollback", check=False)
+    return scenario
 
 
 def test_the_first_challenger_becomes_champion(scenario):
@@ -114,8 +116,8 @@ def test_rollback_restores_the_previous_champion_once(scenario):
     assert second.stderr.strip() == "error: gpt2-lm has no @previous-champion to roll back to"
 
 
-def _decision(project) -> dict:
-    output = cli(project, "promote").stdout
+def _decision(scenario) -> dict:
+    output = cli(scenario, "promote").stdout
     return json.loads(output[output.index("{") :])
 
 
@@ -137,12 +139,12 @@ def test_every_version_carries_lineage_and_the_table_shows_it(scenario):
             "mlflow_run_id",
             "eval_bits_per_byte",
         } <= set(version.tags)
-    table = cli(project, "models").stdout
+    table = cli(scenario, "models").stdout
     for version in versions:
         assert f"{float(version.tags['eval_bits_per_byte']):.4f}" in table
     assert "@champion" in table and "@challenger" in table and "kept out" in table
 
 
 def test_generate_from_the_champion(scenario):
-    text = cli(scenario.project, "generate", "--model", "models:/gpt2-lm@champion", "--prompt", "ROMEO:").stdout
+    text = cli(scenario, "generate", "--model", "models:/gpt2-lm@champion", "--prompt", "ROMEO:").stdout
     assert text.startswith("ROMEO:") and len(text.strip()) > len("ROMEO:")

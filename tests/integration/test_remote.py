@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import BIN, copy_project, run, tiny_params, tool_env, write_params
+from tests.conftest import BIN, run
 
 pytestmark = pytest.mark.slow
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
 
-def test_pushed_outputs_pull_into_a_fresh_clone_that_is_up_to_date(tmp_path):
-    project = copy_project(tmp_path)
+def test_pushed_outputs_pull_into_a_fresh_clone_that_is_up_to_date(trained_project, prefect_env, tmp_path):
+    project = trained_project
     remote = tmp_path / "remote"
-    write_params(project, tiny_params())
     run([str(BIN / "dvc"), "remote", "add", "--default", "store", str(remote)], project)
-    # The flow's `remote`: pull what the remote has (nothing yet), run the stages, push the outputs.
-    env = {**tool_env(), "PREFECT_HOME": str(tmp_path / "prefect")}
-    result = run([str(BIN / "gpt2-pipeline"), "run", "--remote", "store"], project, env=env)
+    # The flow's `remote`: pull what the remote has (nothing yet), run the stages (up to date), push the outputs.
+    result = run([str(BIN / "gpt2-pipeline"), "run", "--remote", "store"], project, env=prefect_env)
     assert "files pushed" in result.stderr, result.stderr[-2000:]
     assert any(remote.rglob("*"))
     run([*GIT, "add", "-A"], project)

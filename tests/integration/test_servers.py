@@ -2,11 +2,14 @@
 
 PostgreSQL backs both servers; MLflow proxies artifacts (clients upload over HTTP); the training-pipeline
 deployment comes from prefect.yaml via `prefect deploy` and runs on a process work pool. Runs are triggered
-through Prefect's REST API with overrides. Skip locally with `-m "not servers"`.
+through Prefect's REST API with overrides. The module's fixture plays a team's day once (deploy, a triggered
+run, two at once, a plain `dvc repro`, then `gpt2-pipeline serve` in place of the worker) and records what
+happened; each test checks one part of it, so any of them runs alone. Skip locally with `-m "not servers"`.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import time
 from pathlib import Path
@@ -15,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import BIN, copy_project, merge, run, tiny_params, tool_env, write_params
+from tests.conftest import BIN, commit, merge, run, tiny_params, tool_env, trained_copy, write_params
 from tests.servers import LOOPBACK, free_port, postgres, process, still_running, stop_group, wait_http
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers]
@@ -31,6 +34,7 @@ class Stack:
     def __init__(self, project: Path, mlflow_url: str, prefect_url: str, env: dict[str, str]):
         self.project, self.mlflow_url, self.prefect_url, self.env = project, mlflow_url, prefect_url, env
         self.api = httpx.Client(base_url=prefect_url, timeout=30)
+        self.outcomes: dict[str, object] = {}
 
     def deployment(self, name: str) -> dict:
         response = self.api.get(f"/deployments/name/{name}")
@@ -59,6 +63,24 @@ class Stack:
         states = self.api.get("/flow_run_states/", params={"flow_run_id": flow_run_id}).json()
         return [state["name"] for state in sorted(states, key=lambda s: s["timestamp"])]
 
+    def scheduled_runs(self, name: str, at_least: int, timeout: float = 90) -> list[dict]:
+        """The deployment's SCHEDULED flow runs, once the server's scheduler has made at_least of them."""
+        body = {
+            "deployments": {"id": {"any_": [self.deployment(name)["id"]]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+            "sort": "EXPECTED_START_TIME_ASC",
+        }
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.api.post("/flow_runs/filter", json=body).json()
+            if len(found) >= at_least or time.monotonic() > deadline:
+                return found
+            time.sleep(1)
+
+    def version_of(self, flow_run_id: str) -> str:
+        (version,) = self.mlflow().search_model_versions(f"name='gpt2-lm' and tags.prefect_flow_run_id='{flow_run_id}'")
+        return str(version.version)
+
     def aliases(self) -> dict[str, str]:
         # The REST store gives versions as strings, the SQL store as ints: compare strings.
         return {alias: str(v) for alias, v in self.mlflow().get_registered_model("gpt2-lm").aliases.items()}
@@ -73,14 +95,14 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(golden, tmp_path_factory):
     base = tmp_path_factory.mktemp("servers")
-    project = copy_project(base)
+    project = trained_copy(golden, base)  # its prepared and tokenized data are in the DVC cache already
     write_params(
         project,
         merge(tiny_params(), {"train": {"max_steps": COMMITTED_STEPS, "eval_steps": 20, "checkpoint_every": 20}}),
     )
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "tiny params"], project)
+    commit(project, "tiny params")
     mlflow_port, prefect_port = free_port(), free_port()
     env = {
         **tool_env(),
@@ -117,7 +139,7 @@ def stack(tmp_path_factory):
             stack.cli(str(BIN / "prefect"), "--no-prompt", "deploy", "--all")
             worker_cmd = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"]
             with process(worker_cmd, base / "worker.log", env, cwd=project) as worker:
-                stack.worker = worker
+                a_day_of_work(stack, worker)
                 yield stack
                 started = psutil.Process().children(recursive=True)  # servers, worker, flow runs, stages
         postgres_port = int(databases["mlflow"].rsplit(":", 1)[1].split("/")[0])
@@ -125,12 +147,60 @@ def stack(tmp_path_factory):
     assert left == [], f"left behind: {left}"
 
 
-def test_deployment_is_scheduled_with_a_concurrency_limit(stack):
-    deployment = stack.deployment("training-pipeline/nightly")
+def a_day_of_work(stack: Stack, worker) -> None:
+    """What the tests check, in the order a team does it; each outcome recorded in stack.outcomes."""
+    seen = stack.outcomes
+    seen["nightly"] = stack.deployment("training-pipeline/nightly")
+    seen["scheduled"] = stack.scheduled_runs("training-pipeline/nightly", at_least=3)
+    seen["checked at"] = datetime.datetime.now(datetime.UTC)
+
+    first = stack.trigger("training-pipeline/nightly", {"overrides": {**TINY_MODEL, "train.seed": 1}})
+    seen["triggered"] = stack.wait_completed(first)
+    seen["first version"], seen["aliases after first"] = stack.version_of(first), stack.aliases()
+
+    both = [
+        stack.trigger("training-pipeline/nightly", {"overrides": {**TINY_MODEL, "train.seed": seed}}) for seed in (2, 3)
+    ]
+    seen["at once"] = sorted((stack.wait_completed(i, timeout=1200) for i in both), key=lambda r: r["start_time"])
+    seen["at once states"] = stack.state_names(seen["at once"][1]["id"])
+    seen["at once versions"] = [stack.version_of(i) for i in both]
+
+    stack.cli(str(BIN / "dvc"), "repro")
+    seen["repro registered"] = json.loads((stack.project / "registered.json").read_text())
+
+    # Serving and a work pool are two ways to run the same deployments; switch from one to the other.
+    stop_group(worker)
+    for name in ("training-pipeline/nightly", "promote-model/on-demand"):
+        stack.api.delete(f"/deployments/{stack.deployment(name)['id']}").raise_for_status()
+    log = stack.project.parent / "serve.log"
+    with process([str(BIN / "gpt2-pipeline"), "serve"], log, stack.env, cwd=stack.project):
+        deadline = time.monotonic() + 120
+        while "being served" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        seen["served nightly"] = stack.deployment("training-pipeline/nightly")
+        promoted = stack.trigger("promote-model/on-demand", {"workdir": "."})
+        seen["served promotion"] = stack.wait_completed(promoted, timeout=180)
+    seen["serve log"], seen["aliases after serve"] = log.read_text(), stack.aliases()
+
+
+def next_three_am(after: datetime.datetime, count: int) -> list[datetime.datetime]:
+    day = after.replace(hour=3, minute=0, second=0, microsecond=0)
+    day += datetime.timedelta(days=1) if day <= after else datetime.timedelta(0)
+    return [day + datetime.timedelta(days=n) for n in range(count)]
+
+
+def test_nightly_deployment_schedules_runs_at_3_utc_one_at_a_time(stack):
+    deployment = stack.outcomes["nightly"]
     assert deployment["work_pool_name"] == POOL
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
     assert deployment["global_concurrency_limit"]["limit"] == 1
     assert deployment["parameters"] == {"overrides": {}, "promote": True}
+    # The server's scheduler has put the next nights' runs in the queue, each at 03:00 UTC.
+    starts = [datetime.datetime.fromisoformat(r["expected_start_time"]) for r in stack.outcomes["scheduled"]]
+    assert len(starts) >= 3
+    assert starts[:3] == next_three_am(stack.outcomes["checked at"] - datetime.timedelta(minutes=5), 3)
+    assert {r["deployment_id"] for r in stack.outcomes["scheduled"]} == {deployment["id"]}
 
 
 def test_kubernetes_pool_accepts_the_job_template_and_the_gpu_deployment(stack):
@@ -156,13 +226,10 @@ def test_kubernetes_pool_accepts_the_job_template_and_the_gpu_deployment(stack):
 
 
 def test_a_triggered_run_registers_a_model_that_loads_from_the_server(stack):
-    flow_run = stack.wait_completed(
-        stack.trigger("training-pipeline/nightly", {"overrides": {**TINY_MODEL, "train.seed": 1}})
-    )
-
+    flow_run, version_id = stack.outcomes["triggered"], stack.outcomes["first version"]
+    assert stack.outcomes["aliases after first"] == {"challenger": version_id, "champion": version_id}
     client = stack.mlflow()
-    (version,) = client.search_model_versions("name='gpt2-lm'")
-    assert stack.aliases() == {"challenger": "1", "champion": "1"}
+    version = client.get_model_version("gpt2-lm", version_id)
     assert version.tags["prefect_flow_run_id"] == flow_run["id"]
     params = client.get_run(version.run_id).data.params
     assert (params["train.max_steps"], params["model.config.n_layer"]) == ("30", "1")
@@ -171,12 +238,12 @@ def test_a_triggered_run_registers_a_model_that_loads_from_the_server(stack):
 
     import mlflow
 
-    # Earlier tests in this process may have set MLflow's global URIs; this load must go to the server.
+    # Other tests in this process may have set MLflow's global URIs; this load must go to the server.
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(stack.mlflow_url)
     mlflow.set_registry_uri(stack.mlflow_url)
     try:
-        pipe = mlflow.transformers.load_model("models:/gpt2-lm@champion")
+        pipe = mlflow.transformers.load_model(f"models:/gpt2-lm/{version_id}")
     finally:
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])
@@ -188,42 +255,25 @@ def test_a_triggered_run_registers_a_model_that_loads_from_the_server(stack):
 
 
 def test_two_runs_at_once_serialize_and_register_two_versions(stack):
-    ids = [
-        stack.trigger("training-pipeline/nightly", {"overrides": {**TINY_MODEL, "train.seed": seed}}) for seed in (2, 3)
-    ]
-    runs = sorted((stack.wait_completed(i, timeout=1200) for i in ids), key=lambda r: r["start_time"])
+    runs = stack.outcomes["at once"]
     assert runs[0]["end_time"] <= runs[1]["start_time"], "the two runs trained at the same time"
-    assert "AwaitingConcurrencySlot" in stack.state_names(runs[1]["id"])
-
-    client = stack.mlflow()
-    by_run = {v.tags["prefect_flow_run_id"]: str(v.version) for v in client.search_model_versions("name='gpt2-lm'")}
-    assert sorted(by_run[i] for i in ids) == ["2", "3"]
+    assert "AwaitingConcurrencySlot" in stack.outcomes["at once states"]
+    first = int(stack.outcomes["first version"])
+    assert sorted(int(v) for v in stack.outcomes["at once versions"]) == [first + 1, first + 2]
 
 
 def test_plain_dvc_repro_afterwards_uses_the_committed_params(stack):
-    stack.cli(str(BIN / "dvc"), "repro")
-    registered = json.loads((stack.project / "registered.json").read_text())
+    registered = stack.outcomes["repro registered"]
     params = stack.mlflow().get_run(registered["run_id"]).data.params
     assert (params["train.max_steps"], params["overrides"]) == (str(COMMITTED_STEPS), "{}")
-    assert registered["version"] == "4"
+    assert int(registered["version"]) == max(int(v) for v in stack.outcomes["at once versions"]) + 1
 
 
 def test_serve_serves_the_same_deployments(stack):
-    # Serving and a work pool are two ways to run the same deployments; switch from one to the other.
-    stop_group(stack.worker)
-    for name in ("training-pipeline/nightly", "promote-model/on-demand"):
-        stack.api.delete(f"/deployments/{stack.deployment(name)['id']}").raise_for_status()
-    log = stack.project.parent / "serve.log"
-    with process([str(BIN / "gpt2-pipeline"), "serve"], log, stack.env, cwd=stack.project):
-        deadline = time.monotonic() + 120
-        while "being served" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(1)
-        nightly = stack.deployment("training-pipeline/nightly")
-        assert nightly["work_pool_name"] is None and nightly["parameters"] == {"overrides": {}, "promote": True}
-        assert nightly["global_concurrency_limit"]["limit"] == 1
-        assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
-        flow_run = stack.wait_completed(stack.trigger("promote-model/on-demand", {"workdir": "."}), timeout=180)
-    assert flow_run["name"] in log.read_text()
-    aliases = stack.aliases()
-    assert aliases["challenger"] == "4" and "champion" in aliases
+    nightly = stack.outcomes["served nightly"]
+    assert nightly["work_pool_name"] is None and nightly["parameters"] == {"overrides": {}, "promote": True}
+    assert nightly["global_concurrency_limit"]["limit"] == 1
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
+    assert stack.outcomes["served promotion"]["name"] in stack.outcomes["serve log"]
+    aliases = stack.outcomes["aliases after serve"]
+    assert aliases["challenger"] == stack.outcomes["repro registered"]["version"] and "champion" in aliases

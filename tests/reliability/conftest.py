@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
+import io
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import BIN, copy_project, merge, run, tiny_params, tool_env, write_params
+from tasks.common import run_cli
+from tests.conftest import BIN, merge, run, tool_env, trained_copy, write_params
 
 # What an earlier successful run left that nothing may lose or corrupt.
 KEPT = ("data/prepared", "data/tokenized", "models/tokenizer", "models/gpt2", "registered.json", "dvc.lock")
-RELIABILITY_PARAMS = {"train": {"max_steps": 60, "eval_steps": 20, "checkpoint_every": 20}}
+# Training long enough to be stopped after a checkpoint (tests that interrupt one).
+CHECKPOINTED = {"train": {"max_steps": 400, "eval_steps": 20, "checkpoint_every": 20}}
 
 
 def digest(project: Path) -> dict[str, object]:
@@ -57,7 +64,7 @@ class Trained:
 
     def __init__(self, project: Path):
         self.project = project
-        self.params = merge(tiny_params(), RELIABILITY_PARAMS)
+        self.params = yaml.safe_load((project / "params.yaml").read_text())
         self.baseline = digest(project)
         self.lock = (project / "dvc.lock").read_text()
 
@@ -67,6 +74,25 @@ class Trained:
             return run([str(BIN / "dvc"), "repro"], self.project, check=False, env=env)
         finally:
             write_params(self.project, self.params)
+
+    def stage(self, name: str, params_overrides: dict) -> subprocess.CompletedProcess:
+        """One stage as `python -m tasks.<name>` runs it (run_cli: the same error lines and exit statuses), in this
+        process: the bad-input cases need neither DVC nor a fresh interpreter to show how a stage refuses them."""
+        main = importlib.import_module(f"tasks.{name}").main
+        write_params(self.project, merge(self.params, params_overrides))
+        out, err, code = io.StringIO(), io.StringIO(), 0
+        cwd, sigterm = Path.cwd(), signal.getsignal(signal.SIGTERM)
+        try:
+            os.chdir(self.project)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                run_cli(main)
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            os.chdir(cwd)
+            signal.signal(signal.SIGTERM, sigterm)
+            write_params(self.project, self.params)
+        return subprocess.CompletedProcess([f"tasks.{name}"], code, out.getvalue(), err.getvalue())
 
     def assert_failed_cleanly(
         self, result: subprocess.CompletedProcess, message: str, upstream_ran: tuple[str, ...] = ()
@@ -99,13 +125,9 @@ class Trained:
 
 
 @pytest.fixture(scope="package")
-def trained(tmp_path_factory) -> Trained:
-    project = copy_project(tmp_path_factory.mktemp("reliability"))
-    params = merge(tiny_params(), RELIABILITY_PARAMS)
-    write_params(project, params)
-    run([str(BIN / "dvc"), "repro"], project)
-    assert yaml.safe_load((project / "params.yaml").read_text()) == params
-    return Trained(project)
+def trained(golden, tmp_path_factory) -> Trained:
+    """A copy of the trained project that each test breaks and restores."""
+    return Trained(trained_copy(golden, tmp_path_factory.mktemp("reliability")))
 
 
 @pytest.fixture

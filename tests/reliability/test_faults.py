@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import BIN, copy_project, merge, run, tiny_params, tool_env, write_params
-from tests.reliability.conftest import RELIABILITY_PARAMS, digest, error_lines, leftovers
+from tests.conftest import BIN, merge, run, tiny_params, tool_env, write_params
+from tests.reliability.conftest import CHECKPOINTED, digest, error_lines, leftovers
 from tests.servers import LOOPBACK, free_port, process, wait_http
 
 pytestmark = pytest.mark.slow
@@ -59,13 +59,10 @@ def test_nan_loss_stops_training_and_registers_nothing(trained):
     )
 
 
-@pytest.fixture(scope="module")
-def stoppable(tmp_path_factory) -> Path:
-    """A project of its own: these tests finish the runs they interrupt, which changes its outputs."""
-    project = copy_project(tmp_path_factory.mktemp("sigterm"))
-    write_params(project, merge(tiny_params(), RELIABILITY_PARAMS))
-    run([str(BIN / "dvc"), "repro"], project)
-    return project
+@pytest.fixture
+def stoppable(trained_project) -> Path:
+    """A trained project of the test's own: these tests finish the runs they interrupt, changing its outputs."""
+    return trained_project
 
 
 def start_repro(project: Path) -> subprocess.Popen:
@@ -104,7 +101,7 @@ def terminate_when(proc: subprocess.Popen, stage: str, ready, timeout: float = 3
 
 
 def test_sigterm_during_tokenize_keeps_the_old_outputs_and_a_rerun_finishes(stoppable):
-    write_params(stoppable, merge(tiny_params(), merge(RELIABILITY_PARAMS, {"tokenizer": {"vocab_size": 600}})))
+    write_params(stoppable, merge(tiny_params(), {"tokenizer": {"vocab_size": 600}}))
     before = digest(stoppable)
     output = terminate_when(start_repro(stoppable), "tokenize", lambda: any((stoppable / "data").glob(".tokenize-*")))
     lines = [line for line in output.splitlines() if line.startswith("error:")]
@@ -117,7 +114,7 @@ def test_sigterm_during_tokenize_keeps_the_old_outputs_and_a_rerun_finishes(stop
 
 
 def test_sigterm_during_training_saves_a_checkpoint_that_the_rerun_resumes(stoppable):
-    write_params(stoppable, merge(tiny_params(), merge(RELIABILITY_PARAMS, {"train": {"max_steps": 400}})))
+    write_params(stoppable, merge(tiny_params(), CHECKPOINTED))
     model_before = digest(stoppable)["models/gpt2"]
     checkpoint = stoppable / "checkpoints/train/checkpoint-20"
     output = terminate_when(start_repro(stoppable), "train", checkpoint.exists)
@@ -142,9 +139,9 @@ def run_status(project: Path, run_id: str) -> str:
     return MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db").get_run(run_id).info.status
 
 
-def test_mlflow_down_at_registration_keeps_the_model_and_registers_it_later(tmp_path):
-    project = copy_project(tmp_path)
-    write_params(project, merge(tiny_params(), RELIABILITY_PARAMS))
+def test_mlflow_down_at_registration_keeps_the_model_and_registers_it_later(trained_project, tmp_path):
+    project = trained_project
+    write_params(project, merge(tiny_params(), {"train": {"seed": 5}}))  # a new model, tracked by the server
     port = free_port()
     env = {**tool_env(), "MLFLOW_TRACKING_URI": f"http://{LOOPBACK}:{port}"}
     server = [

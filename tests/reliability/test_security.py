@@ -9,8 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import BIN, ROOT, copy_project, merge, run, tiny_params, tool_env, write_params
-from tests.reliability.conftest import RELIABILITY_PARAMS
+from tests.conftest import BIN, ROOT, merge, run, tiny_params, tool_env, trained_copy, write_params
 from tests.servers import LOOPBACK, free_port, process, wait_http
 
 SOURCES = sorted([*(ROOT / "tasks").glob("*.py"), *(ROOT / "flows").glob("*.py")])
@@ -63,7 +62,7 @@ def test_a_pickled_model_folder_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_workspaces_one_server_at_once_and_no_password_anywhere(tmp_path):
+def test_two_workspaces_one_server_at_once_and_no_password_anywhere(golden, tmp_path):
     """Two projects run `dvc repro` at the same time against one MLflow server, whose URI carries a password:
     two runs, two versions, every metric step, and the password in no output, param or tag."""
     port = free_port()
@@ -75,8 +74,8 @@ def test_two_workspaces_one_server_at_once_and_no_password_anywhere(tmp_path):
     ]  # fmt: skip
     projects = []
     for index in (1, 2):
-        project = copy_project(tmp_path / f"team-{index}")
-        write_params(project, merge(tiny_params(), merge(RELIABILITY_PARAMS, {"train": {"seed": index}})))
+        project = trained_copy(golden, tmp_path / f"team-{index}")
+        write_params(project, merge(tiny_params(), {"train": {"seed": index}}))  # each trains a model of its own
         projects.append(project)
     env = {**tool_env(), "MLFLOW_TRACKING_URI": uri}
     with process(server, tmp_path / "mlflow.log", tool_env()) as proc:
@@ -90,7 +89,7 @@ def test_two_workspaces_one_server_at_once_and_no_password_anywhere(tmp_path):
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         registered = [json.loads((p / "registered.json").read_text()) for p in projects]
         assert sorted(r["version"] for r in registered) == ["1", "2"]
-        steps = RELIABILITY_PARAMS["train"]["max_steps"] // tiny_params()["train"]["logging_steps"]
+        steps = tiny_params()["train"]["max_steps"] // tiny_params()["train"]["logging_steps"]
         for record in registered:
             run_data = client.get_run(record["run_id"]).data
             assert len(client.get_metric_history(record["run_id"], "train/loss")) == steps

@@ -155,3 +155,36 @@ def test_dialog_records_keep_their_turns(tmp_path):
     ingest(params([source], format="dialog", text_field="dialog", validation_fraction=0.2), tmp_path / "out")
     records = [json.loads(line) for line in (tmp_path / "out/train.jsonl").read_text().splitlines()]
     assert all(r["turns"] == r["text"].split("\n") and len(r["turns"]) == 2 for r in records)
+
+
+def test_hub_source_reads_a_local_dataset_offline_with_fields_as_for_files(tmp_path):
+    """`hf:<dataset>` runs datasets.load_dataset: a dataset folder of data files loads offline (the suite sets
+    HF_DATASETS_OFFLINE), and its records become the same texts as the same records in a .jsonl file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    poems = [
+        {"title": "靜夜思", "paragraphs": ["床前明月光，疑是地上霜。", "舉頭望明月，低頭思故鄉。"], "author": "李白"},
+        {"title": "春曉", "paragraphs": ["春眠不覺曉，處處聞啼鳥。", "夜來風雨聲，花落知多少。"], "author": "孟浩然"},
+        {"title": "登鸛雀樓", "paragraphs": ["白日依山盡，黃河入海流。"], "author": "王之渙"},
+    ]
+    dataset = tmp_path / "tang-poems"
+    (dataset / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(poems), dataset / "data/train-00000-of-00001.parquet")
+    as_file = tmp_path / "poems.jsonl"
+    as_file.write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in poems) + "\n", encoding="utf-8")
+    fields = {"text_field": ["title", "paragraphs"], "validation_fraction": 0.5}
+
+    ingest(params([f"hf:{dataset}"], **fields), tmp_path / "from-hub")
+    ingest(params([as_file], **fields), tmp_path / "from-file")
+    hub = read_split(tmp_path / "from-hub", "train") + read_split(tmp_path / "from-hub", "validation")
+    assert sorted(hub) == sorted(["靜夜思\n床前明月光，疑是地上霜。\n舉頭望明月，低頭思故鄉。",
+                                  "春曉\n春眠不覺曉，處處聞啼鳥。\n夜來風雨聲，花落知多少。",
+                                  "登鸛雀樓\n白日依山盡，黃河入海流。"])  # fmt: skip
+    for split in ("train", "validation"):
+        assert read_split(tmp_path / "from-hub", split) == read_split(tmp_path / "from-file", split)
+    with pytest.raises(
+        PipelineError,
+        match=r"tang-poems: record has no field 'body' \(data\.text_field\); its fields are: author, paragraphs",
+    ):
+        ingest(params([f"hf:{dataset}"], text_field="body"), tmp_path / "no-field")
