@@ -22,8 +22,10 @@ run: install
 	$(BIN)/dvc repro
 	$(BIN)/gpt2-pipeline summary
 
+# Two workers (pytest-xdist), each taking whole modules so a module's shared fixture is built once; the order is
+# random (pytest-randomly prints its seed; replay an order with PYTEST_ARGS=--randomly-seed=N).
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadscope $(PYTEST_ARGS)
 
 # The edit-test loop: no model trained through DVC, no servers. CI always runs everything (make test).
 test-fast: install

@@ -15,3 +15,8 @@ OFFLINE = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
 }
 os.environ.update(OFFLINE)
+
+# Under pytest-xdist (make test) two workers share two cores: one compute thread per process (and per stage it
+# starts) instead of OpenMP thread pools oversubscribing the cores and spinning against each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -7,10 +7,12 @@ import contextlib
 import copy
 import ipaddress
 import json
+import os
 import shutil
 import socket
 import sqlite3
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,20 +130,93 @@ def mlflow_run(tmp_path, monkeypatch) -> str:
     return client.create_run(experiment).info.run_id
 
 
+def store_client(project: Path):
+    """A client of the project's own MLflow store, for its runs and its registry alike: a client given only a
+    tracking URI takes the registry from MLflow's process-wide setting, which another test may have set."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project}/mlflow.db"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def untrained_perplexity(project: Path) -> float:
+    """The validation perplexity of an untrained model shaped like the project's trained one: the starting point
+    a trained model is measured against."""
+    import datasets
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tasks.evaluate import score
+
+    config = GPT2Config.from_pretrained(project / "models/gpt2")
+    block = yaml.safe_load((project / "params.yaml").read_text())["tokenizer"]["block_size"]
+    blocks = datasets.load_from_disk(str(project / "data/tokenized"))["validation"].with_format("torch")[:]
+    return score(GPT2LMHeadModel(config), blocks, block, block, 16, "cpu").metrics()["perplexity"]
+
+
 def commit(project: Path, message: str = "state") -> None:
     run(["git", "add", "-A"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message, "--allow-empty"], project)
 
 
+def _build_golden(tmp_path_factory) -> Path:
+    """Train the golden project once per test run (under pytest-xdist the workers share it: the first to get
+    here trains it, the others wait for it); returns its folder."""
+    from filelock import FileLock
+
+    run_folder = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # each worker has a folder of its own in the run's folder
+        run_folder = run_folder.parent
+    folder, done = run_folder / "golden", run_folder / "golden.trained"
+    with FileLock(run_folder / "golden.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            project = copy_project(folder)
+            write_params(project, tiny_params())
+            run([str(BIN / "dvc"), "repro"], project)
+            commit(project, "trained")
+            done.touch()
+    return folder / "project"
+
+
+class _Background(threading.Thread):
+    """The golden project trained while the first tests (those that do not need it) run."""
+
+    def __init__(self, tmp_path_factory):
+        super().__init__(daemon=True)
+        self.tmp_path_factory, self.project, self.error = tmp_path_factory, None, None
+
+    def run(self):
+        try:
+            self.project = _build_golden(self.tmp_path_factory)
+        except BaseException as exc:  # handed to the golden fixture, which raises it in the tests that need it
+            self.error = exc
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that need the golden project after the others (each part in pytest-randomly's order), so the
+    others run while it trains in the background."""
+    items.sort(key=lambda item: "golden" in getattr(item, "fixturenames", ()))
+
+
+def pytest_collection_finish(session):
+    if any("golden" in getattr(item, "fixturenames", ()) for item in session.items):
+        session.config.golden_build = _Background(session.config._tmp_path_factory)
+        session.config.golden_build.start()
+
+
 @pytest.fixture(scope="session")
-def golden(tmp_path_factory) -> Path:
+def golden(request, tmp_path_factory) -> Path:
     """The project trained once per test run with tiny_params() through `dvc repro`, then committed (params and
     dvc.lock): version 1 of gpt2-lm, @challenger. Never changed: tests work on a copy (trained_copy)."""
-    project = copy_project(tmp_path_factory.mktemp("golden"))
-    write_params(project, tiny_params())
-    run([str(BIN / "dvc"), "repro"], project)
-    commit(project, "trained")
-    return project
+    build = getattr(request.config, "golden_build", None)
+    if build is None:
+        return _build_golden(tmp_path_factory)
+    build.join()
+    if build.error is not None:
+        raise build.error
+    return build.project
 
 
 def trained_copy(source: Path, parent: Path) -> Path:

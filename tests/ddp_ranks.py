@@ -1,5 +1,6 @@
-"""Run under torchrun in a trained project: the train stage's own train(), with a callback that records a digest
-of each rank's weights before training and after every optimizer step, written to <folder>/<rank>.json.
+"""Run under torchrun in a trained project: the train stage's own train(), recording for each rank a digest of its
+weights before training and after every optimizer step, and of the blocks it trained on at each step, written to
+<folder>/<rank>.json as {"weights": {step: digest}, "blocks": {step: digest}}.
 
 Usage: python -m torch.distributed.run --standalone --nproc-per-node=2 tests/ddp_ranks.py <folder>
 (tests/integration/test_training.py compares the ranks' digests)."""
@@ -19,35 +20,43 @@ from tasks.params import load_params
 from tasks.train import train
 
 
+def digest(tensors: dict) -> str:
+    found = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        found.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return found.hexdigest()
+
+
 class RankWeights(transformers.TrainerCallback):
     def __init__(self, folder: Path):
-        self.folder, self.digests = folder, {}
-
-    def record(self, step: int, model) -> None:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(model.state_dict().items()):
-            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-        self.digests[str(step)] = digest.hexdigest()
+        self.folder, self.seen = folder, {"weights": {}, "blocks": {}}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.record(0, model)
+        self.seen["weights"]["0"] = digest(model.state_dict())
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.record(state.global_step, model)
+        self.seen["weights"][str(state.global_step)] = digest(model.state_dict())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.folder.mkdir(exist_ok=True)
-        (self.folder / f"{os.environ['RANK']}.json").write_text(json.dumps(self.digests))
+        (self.folder / f"{os.environ['RANK']}.json").write_text(json.dumps(self.seen))
 
 
 def with_rank_weights(folder: Path) -> None:
-    """Every Trainer made from here on also runs RankWeights (train() builds its Trainer when called)."""
-    original = transformers.Trainer.__init__
+    """Every Trainer made from here on also records its rank's weights and blocks (train() builds its Trainer
+    when called)."""
+    init, training_step = transformers.Trainer.__init__, transformers.Trainer.training_step
+    recorder = RankWeights(folder)
 
-    def init(self, *args, callbacks=None, **kwargs):
-        original(self, *args, callbacks=[*(callbacks or []), RankWeights(folder)], **kwargs)
+    def recording_init(self, *args, callbacks=None, **kwargs):
+        init(self, *args, callbacks=[*(callbacks or []), recorder], **kwargs)
 
-    transformers.Trainer.__init__ = init
+    def recording_step(self, model, inputs, *args, **kwargs):
+        recorder.seen["blocks"][str(self.state.global_step + 1)] = digest({"input_ids": inputs["input_ids"]})
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    transformers.Trainer.__init__ = recording_init
+    transformers.Trainer.training_step = recording_step
 
 
 if __name__ == "__main__":

@@ -8,30 +8,12 @@ import math
 import shutil
 from pathlib import Path
 
-import datasets
 import pytest
 import yaml
 
-from tests.conftest import BIN, merge, run, tiny_params, trained_copy, write_params
+from tests.conftest import BIN, merge, run, store_client, tiny_params, trained_copy, untrained_perplexity, write_params
 
 pytestmark = pytest.mark.slow
-
-
-def mlflow_client(project):
-    from mlflow import MlflowClient
-
-    uri = f"sqlite:///{project}/mlflow.db"
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def untrained_perplexity(project) -> float:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tasks.evaluate import score
-
-    model = GPT2LMHeadModel(GPT2Config.from_pretrained(project / "models/gpt2"))
-    blocks = datasets.load_from_disk(str(project / "data/tokenized"))["validation"].with_format("torch")[:]
-    return score(model, blocks, 64, 64, 16, "cpu").metrics()["perplexity"]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +27,7 @@ def test_dvc_repro_registers_a_model_that_loads_and_generates(pipeline):
 
     registered = json.loads((pipeline / "registered.json").read_text())
     assert registered["name"] == "gpt2-lm" and registered["model_uri"] == f"models:/gpt2-lm/{registered['version']}"
-    client = mlflow_client(pipeline)
+    client = store_client(pipeline)
     version = client.get_model_version_by_alias("gpt2-lm", "challenger")
     assert str(version.version) == registered["version"] and version.run_id == registered["run_id"]
     lock = yaml.safe_load((pipeline / "dvc.lock").read_text())["stages"]
@@ -70,7 +52,7 @@ def test_generate_from_the_registry_and_from_the_folder(pipeline):
 
 def test_one_mlflow_run_holds_params_curve_metrics_and_model(pipeline):
     registered = json.loads((pipeline / "registered.json").read_text())
-    client = mlflow_client(pipeline)
+    client = store_client(pipeline)
     runs = client.search_runs([client.get_experiment_by_name("gpt2-pipeline").experiment_id])
     assert len(runs) == 1
     run_data = runs[0]
@@ -131,7 +113,7 @@ def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(trained_pr
     assert "Stage 'train' didn't change, skipping" in result.stdout + result.stderr
     assert (pipeline / "metrics/train.json").read_text() == train_metrics  # not retrained
     registered = json.loads((pipeline / "registered.json").read_text())
-    client = mlflow_client(pipeline)
+    client = store_client(pipeline)
     version = client.get_model_version_by_alias("gpt2-lm", "challenger")
     assert str(version.version) == registered["version"] == str(version_before + 1)
     assert len(version.tags["prefect_flow_run_id"]) == 36  # a UUID
@@ -145,37 +127,28 @@ def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(trained_pr
     assert evaluations == list(range(len(evaluations))) and len(evaluations) >= 2
 
 
-def test_continue_training_the_registered_model_from_its_mlflow_uri(trained_project):
-    pipeline = trained_project
-    first_run = json.loads((pipeline / "metrics/train.json").read_text())
-    version_before = int(json.loads((pipeline / "registered.json").read_text())["version"])
-    perplexity_before = json.loads((pipeline / "metrics/eval.json").read_text())["perplexity"]
-    params = merge(
-        tiny_params(),
-        {
-            "tokenizer": {"kind": "pretrained"},
-            "model": {"init": "pretrained", "name_or_path": "models:/gpt2-lm@challenger", "config": {}},
-            "train": {
-                "max_steps": 30,
-                "warmup_steps": 0,
-                "learning_rate": 1.0e-3,
-                "eval_steps": 30,
-                "checkpoint_every": 30,
-            },
-        },
-    )
-    write_params(pipeline, params)
-    run([str(BIN / "dvc"), "repro"], pipeline)
-    continued = json.loads((pipeline / "metrics/train.json").read_text())
-    # It starts where the registered model left off, not from an untrained model's loss.
-    assert continued["train_loss_first"] < first_run["train_loss_first"] - 0.5
-    assert json.loads((pipeline / "metrics/eval.json").read_text())["perplexity"] < perplexity_before * 1.05
-    assert json.loads((pipeline / "registered.json").read_text())["version"] == str(version_before + 1)
+def test_a_registered_model_is_where_a_training_can_start(pipeline, monkeypatch):
+    """model.name_or_path: models:/gpt2-lm@challenger gives train the registered weights and tokenize its
+    tokenizer (the fine-tune below runs the same path from a folder); an alias that does not exist is one line."""
+    import safetensors.torch
+    import torch
+    from transformers import AutoTokenizer
 
-    write_params(pipeline, merge(params, {"model": {"name_or_path": "models:/gpt2-lm@no-such-alias"}}))
-    result = run([str(BIN / "dvc"), "repro"], pipeline, check=False)
-    assert result.returncode != 0
-    assert "error: model.name_or_path: models:/gpt2-lm@no-such-alias is not in the MLflow registry" in result.stderr
+    from tasks.common import PipelineError
+    from tasks.loading import load_tokenizer
+    from tasks.params import ModelParams
+    from tasks.train import build_model
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{pipeline}/mlflow.db")
+    registered = ModelParams(init="pretrained", name_or_path="models:/gpt2-lm@challenger", config={})
+    tokenizer = load_tokenizer(registered.name_or_path)
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(str(pipeline / "models/gpt2")).get_vocab()
+    weights = build_model(registered, tokenizer, 64).state_dict()
+    trained = safetensors.torch.load_file(pipeline / "models/gpt2/model.safetensors")
+    assert trained and all(torch.equal(weights[name], tensor) for name, tensor in trained.items())
+    missing = registered.model_copy(update={"name_or_path": "models:/gpt2-lm@no-such-alias"})
+    with pytest.raises(PipelineError, match=r"model\.name_or_path: models:/gpt2-lm@no-such-alias is not in the MLflow"):
+        build_model(missing, tokenizer, 64)
 
 
 def test_fine_tune_from_a_local_save_pretrained_folder_beats_its_start(trained_project):
@@ -202,7 +175,7 @@ def test_fine_tune_from_a_local_save_pretrained_folder_beats_its_start(trained_p
             },
         ),
     )
-    output = run([str(BIN / "dvc"), "repro"], trained_project).stdout
+    output = run([str(BIN / "dvc"), "repro", "evaluate"], trained_project).stdout
     assert "Running stage 'train'" in output
     tuned = json.loads((trained_project / "metrics/train.json").read_text())
     assert tuned["train_loss_first"] < start_loss + 0.3  # the folder's weights, not an untrained model's loss

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, merge, run, tiny_params, trained_copy, write_params
+from tests.conftest import BIN, merge, run, store_client, tiny_params, trained_copy, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +25,12 @@ def cli(scenario, *args: str, check: bool = True) -> subprocess.CompletedProcess
 
 
 def aliases(project) -> dict[str, str]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    client = store_client(project)
     return {alias: str(version) for alias, version in client.get_registered_model("gpt2-lm").aliases.items()}
 
 
 def version_tags(project, version: str) -> dict[str, str]:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db").get_model_version("gpt2-lm", version).tags
+    return store_client(project).get_model_version("gpt2-lm", version).tags
 
 
 @dataclass
@@ -51,7 +47,7 @@ class Scenario:
 
 @pytest.fixture(scope="module")
 def scenario(golden, prefect_env, tmp_path_factory) -> Scenario:
-    """From the trained project (150 steps, registered): promote; train 5 steps (worse) and promote; train 400
+    """From the trained project (150 steps, registered): promote; train 5 steps (worse) and promote; train 250
     (better) and promote twice at once; then roll back, twice. Each test below checks one part of what happened,
     so any of them runs alone."""
     project = trained_copy(golden, tmp_path_factory.mktemp("registry"))
@@ -61,7 +57,7 @@ def scenario(golden, prefect_env, tmp_path_factory) -> Scenario:
     outcomes["first"], outcomes["after first"] = _decision(scenario), aliases(project)
     scenario.worse = train_and_register(project, 5)  # far fewer steps
     outcomes["worse"], outcomes["after worse"] = _decision(scenario), aliases(project)
-    scenario.better = train_and_register(project, 400)
+    scenario.better = train_and_register(project, 250)
     # Two promotions at once: one promotes, the other finds the challenger already champion.
     both = [
         subprocess.Popen(
@@ -122,10 +118,8 @@ def _decision(scenario) -> dict:
 
 
 def test_every_version_carries_lineage_and_the_table_shows_it(scenario):
-    from mlflow import MlflowClient
-
     project = scenario.project
-    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    client = store_client(project)
     versions = client.search_model_versions("name='gpt2-lm'")
     assert len(versions) == 3
     for version in versions:

@@ -70,7 +70,7 @@ def kill_training_once(flow: subprocess.Popen, timeout: float = 300) -> None:
 
 def test_a_killed_training_is_retried_and_the_run_completes(trained_project, prefect_env):
     version_before = int(json.loads((trained_project / "registered.json").read_text())["version"])
-    write_params(trained_project, merge(tiny_params(), {"train": {"seed": 3}}))  # train has work to do
+    write_params(trained_project, merge(tiny_params(), {"train": {"seed": 3, "max_steps": 30}}))  # a new model
     flow = start_flow(trained_project, prefect_env)
     kill_training_once(flow)
     output, flow_run_id, final = finished(flow)

@@ -11,29 +11,40 @@ import subprocess
 import time
 
 import pytest
+import yaml
 
-from tests.conftest import BIN, ROOT, copy_project, merge, run, tiny_params, tool_env, trained_copy, write_params
+from tests.conftest import (
+    BIN,
+    ROOT,
+    copy_project,
+    merge,
+    run,
+    store_client,
+    tiny_params,
+    tool_env,
+    trained_copy,
+    untrained_perplexity,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
 
 def mlflow_runs(project):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    client = store_client(project)
     experiment = client.get_experiment_by_name("gpt2-pipeline")
     return client, client.search_runs([experiment.experiment_id])
 
 
 def test_killed_training_resumes_from_its_checkpoint(golden, tmp_path):
-    steps = {"max_steps": 200, "checkpoint_every": 50, "eval_steps": 50, "logging_steps": 10}
+    steps = {"max_steps": 120, "checkpoint_every": 40, "eval_steps": 40, "logging_steps": 10}
     reference, project = trained_copy(golden, tmp_path / "reference"), trained_copy(golden, tmp_path / "preempted")
     for folder in (reference, project):
         write_params(folder, merge(tiny_params(), {"train": steps}))
     run([str(BIN / "dvc"), "repro", "train"], reference)
     uninterrupted = json.loads((reference / "metrics/train.json").read_text())
 
-    # Preempted: SIGKILL the whole `dvc repro` (DVC and the stage) once a checkpoint past step 100 exists.
+    # Preempted: SIGKILL the whole `dvc repro` (DVC and the stage) while it writes its second checkpoint.
     with subprocess.Popen(
         [str(BIN / "dvc"), "repro"],
         cwd=project,
@@ -43,24 +54,24 @@ def test_killed_training_resumes_from_its_checkpoint(golden, tmp_path):
         stderr=subprocess.DEVNULL,
     ) as victim:
         deadline = time.time() + 300
-        while not list((project / "checkpoints/train").glob("checkpoint-1[05]0")) and time.time() < deadline:
+        while not list((project / "checkpoints/train").glob("checkpoint-80")) and time.time() < deadline:
             time.sleep(0.05)
         os.killpg(victim.pid, signal.SIGKILL)
     assert list((project / "checkpoints/train").glob("checkpoint-*")), "killed before any checkpoint"
     registered_before = (golden / "registered.json").read_text()
     assert (project / "registered.json").read_text() == registered_before  # killed before registering
 
-    result = run([str(BIN / "dvc"), "repro"], project)
+    result = run([str(BIN / "dvc"), "repro", "train"], project)
     assert "resuming from checkpoints/train/checkpoint-" in result.stdout
     resumed = json.loads((project / "metrics/train.json").read_text())
-    assert resumed["steps"] == 200
+    assert resumed["steps"] == 120
     assert resumed["train_loss"] == pytest.approx(uninterrupted["train_loss"], rel=0.01)
     client, runs = mlflow_runs(project)
-    new_run = json.loads((project / "registered.json").read_text())["run_id"]
+    new_run = json.loads((project / "models/gpt2/mlflow_run.json").read_text())["run_id"]
     # The trained project's run and the resumed one, both closed: the killed attempt's run is the one resumed.
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     losses = client.get_metric_history(new_run, "train/loss")
-    assert sorted(m.step for m in losses) == list(range(10, 201, 10))  # every step once, none twice
+    assert sorted(m.step for m in losses) == list(range(10, 121, 10))  # every step once, none twice
     assert not (project / "checkpoints/train").exists()
 
 
@@ -74,10 +85,10 @@ def curve(plot_file) -> list[tuple[int, float]]:
 
 def test_two_processes_train_like_one_process_with_twice_the_batch(golden, tmp_path, monkeypatch):
     """2 processes x batch 8 (torchrun, gradients averaged) take the same steps as 1 process x batch 16: the same
-    loss at every step, to float rounding; in one MLflow run, registered like any model."""
+    loss at every step, to float rounding (1e-4; measured: within 2e-7), in one MLflow run."""
     project = trained_copy(golden, tmp_path)
     write_params(project, merge(tiny_params(), {"train": {**DATA_PARALLEL, "num_processes": 2, "batch_size": 8}}))
-    result = run([str(BIN / "dvc"), "repro"], project)
+    result = run([str(BIN / "dvc"), "repro", "train"], project)
     assert "x 2 process(es)" in result.stdout
     metrics = json.loads((project / "metrics/train.json").read_text())
     assert metrics["processes"] == 2 and metrics["tokens_seen"] == 6 * 8 * 64 * 2
@@ -94,11 +105,11 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(golden, tmp_p
           tmp_path / "single.csv", tmp_path / "checkpoints")  # fmt: skip
     one = curve(tmp_path / "single.csv")
     assert [step for step, _ in two] == [step for step, _ in one] == list(range(1, 7))
-    assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], abs=2e-3)
+    assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], abs=1e-4)
     assert two[-1][1] < two[0][1] - 0.1  # and they learn: six steps at this rate move the loss
 
     client, runs = mlflow_runs(project)
-    trained_in = json.loads((project / "registered.json").read_text())["run_id"]
+    trained_in = json.loads((project / "models/gpt2/mlflow_run.json").read_text())["run_id"]
     assert len(runs) == 2 and trained_in in {r.info.run_id for r in runs}  # the golden model's run and this one
     assert [m.step for m in client.get_metric_history(trained_in, "train/loss")] == list(range(1, 7))
     assert sorted(p.name for p in (project / "models").iterdir()) == ["gpt2", "tokenizer"]
@@ -112,10 +123,13 @@ def test_data_parallel_ranks_hold_identical_weights_after_each_step(golden, tmp_
     command = [str(BIN / "python"), "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                str(ROOT / "tests/ddp_ranks.py"), "ranks"]  # fmt: skip
     run(command, project, env=tool_env(OMP_NUM_THREADS="1"))
-    digests = json.loads((project / "ranks/0.json").read_text()), json.loads((project / "ranks/1.json").read_text())
-    assert list(digests[0]) == list(digests[1]) == ["0", "1", "2"]  # before training, after step 1, after step 2
-    assert digests[0] == digests[1]
-    assert digests[0]["1"] != digests[0]["0"] and digests[0]["2"] != digests[0]["1"]  # each step changed them
+    ranks = [json.loads((project / f"ranks/{rank}.json").read_text()) for rank in (0, 1)]
+    for step in ("1", "2"):  # each rank trained on blocks of its own
+        assert ranks[0]["blocks"][step] != ranks[1]["blocks"][step]
+    weights = [rank["weights"] for rank in ranks]
+    assert list(weights[0]) == ["0", "1", "2"]  # before training, after step 1, after step 2
+    assert weights[0] == weights[1]
+    assert weights[0]["1"] != weights[0]["0"] and weights[0]["2"] != weights[0]["1"]  # each step changed them
 
 
 def test_chinese_dialogue_trains_with_a_char_tokenizer(tmp_path):
@@ -135,8 +149,29 @@ def test_chinese_dialogue_trains_with_a_char_tokenizer(tmp_path):
         },
     )
     write_params(project, params)
-    run([str(BIN / "dvc"), "repro"], project)
+    run([str(BIN / "dvc"), "repro", "evaluate"], project)
     metrics = json.loads((project / "metrics/train.json").read_text())
     assert metrics["train_loss"] < 0.5 * metrics["train_loss_first"]
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     assert evaluation["perplexity"] < 10  # a tiny, repetitive dialogue corpus is learned almost by heart
+
+
+# The bundled Tang poems through params/tang-poetry.yaml as a user runs it, only smaller and shorter.
+SHORTER = {
+    "tokenizer": {"block_size": 64},
+    "model": {"config": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}},
+    "train": {"max_steps": 80, "batch_size": 8, "warmup_steps": 10, "logging_steps": 10, "eval_steps": 40,
+              "checkpoint_every": 40},
+    "evaluate": {"generation": {"max_new_tokens": 16}},
+}  # fmt: skip
+
+
+def test_the_tang_poetry_params_train_a_model_far_better_than_untrained(tmp_path):
+    project = copy_project(tmp_path)
+    write_params(project, merge(yaml.safe_load((project / "params/tang-poetry.yaml").read_text()), SHORTER))
+    run([str(BIN / "dvc"), "repro", "evaluate"], project)
+    evaluation = json.loads((project / "metrics/eval.json").read_text())
+    assert evaluation["perplexity"] < untrained_perplexity(project) / 3
+    samples = json.loads((project / "reports/samples.json").read_text())
+    assert [s["prompt"] for s in samples] == ["春", "月"]
+    assert all(len(s["text"]) > len(s["prompt"]) for s in samples)

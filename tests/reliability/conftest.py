@@ -16,12 +16,12 @@ import pytest
 import yaml
 
 from tasks.common import run_cli
-from tests.conftest import BIN, merge, run, tool_env, trained_copy, write_params
+from tests.conftest import BIN, merge, run, store_client, tool_env, trained_copy, write_params
 
 # What an earlier successful run left that nothing may lose or corrupt.
 KEPT = ("data/prepared", "data/tokenized", "models/tokenizer", "models/gpt2", "registered.json", "dvc.lock")
 # Training long enough to be stopped after a checkpoint (tests that interrupt one).
-CHECKPOINTED = {"train": {"max_steps": 400, "eval_steps": 20, "checkpoint_every": 20}}
+CHECKPOINTED = {"train": {"max_steps": 100, "eval_steps": 20, "checkpoint_every": 20}}
 
 
 def digest(project: Path) -> dict[str, object]:
@@ -43,9 +43,7 @@ def digest(project: Path) -> dict[str, object]:
 
 
 def registry_versions(project: Path) -> list[str]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    client = store_client(project)
     return sorted(str(v.version) for v in client.search_model_versions("name='gpt2-lm'"))
 
 

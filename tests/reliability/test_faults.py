@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import BIN, merge, run, tiny_params, tool_env, write_params
+from bench.measure import MB, write_corpus
+from tests.conftest import BIN, merge, run, store_client, tiny_params, tool_env, write_params
 from tests.reliability.conftest import CHECKPOINTED, digest, error_lines, leftovers
 from tests.servers import LOOPBACK, free_port, process, wait_http
 
@@ -101,7 +102,10 @@ def terminate_when(proc: subprocess.Popen, stage: str, ready, timeout: float = 3
 
 
 def test_sigterm_during_tokenize_keeps_the_old_outputs_and_a_rerun_finishes(stoppable):
-    write_params(stoppable, merge(tiny_params(), {"tokenizer": {"vocab_size": 600}}))
+    # A corpus big enough (8 MB) that tokenizing it takes seconds: the SIGTERM lands while it works.
+    write_corpus(stoppable / "bad/corpus.jsonl", 8 * MB)
+    write_params(stoppable, merge(tiny_params(), {"data": {"sources": ["bad/corpus.jsonl"]}}))
+    run([str(BIN / "dvc"), "repro", "ingest"], stoppable)
     before = digest(stoppable)
     output = terminate_when(start_repro(stoppable), "tokenize", lambda: any((stoppable / "data").glob(".tokenize-*")))
     lines = [line for line in output.splitlines() if line.startswith("error:")]
@@ -109,8 +113,8 @@ def test_sigterm_during_tokenize_keeps_the_old_outputs_and_a_rerun_finishes(stop
                      "rerun `dvc repro` to continue"], output[-2000:]  # fmt: skip
     assert digest(stoppable) == before and leftovers(stoppable) == []
     assert list((stoppable / "data").glob(".tokenize-*")) == []
-    run([str(BIN / "dvc"), "repro"], stoppable)
-    assert json.loads((stoppable / "models/tokenizer/tokenizer.json").read_text())["model"]["vocab"].__len__() == 600
+    run([str(BIN / "dvc"), "repro", "tokenize"], stoppable)
+    assert digest(stoppable)["data/tokenized"] != before["data/tokenized"]  # the rerun finished the new blocks
 
 
 def test_sigterm_during_training_saves_a_checkpoint_that_the_rerun_resumes(stoppable):
@@ -125,23 +129,23 @@ def test_sigterm_during_training_saves_a_checkpoint_that_the_rerun_resumes(stopp
     assert digest(stoppable)["models/gpt2"] == model_before and "Traceback" not in output
     stopped_run = json.loads((stoppable / "checkpoints/train/mlflow_run.json").read_text())["run_id"]
     assert run_status(stoppable, stopped_run) == "KILLED"
-    rerun = run([str(BIN / "dvc"), "repro"], stoppable)
+    rerun = run([str(BIN / "dvc"), "repro", "train"], stoppable)
     assert f"resuming from checkpoints/train/checkpoint-{stopped_at}" in rerun.stdout
-    assert json.loads((stoppable / "metrics/train.json").read_text())["steps"] == 400
+    assert json.loads((stoppable / "metrics/train.json").read_text())["steps"] == CHECKPOINTED["train"]["max_steps"]
     # The resumed training continues the run it was stopped in, and closes it.
     assert json.loads((stoppable / "models/gpt2/mlflow_run.json").read_text())["run_id"] == stopped_run
     assert run_status(stoppable, stopped_run) == "FINISHED"
 
 
 def run_status(project: Path, run_id: str) -> str:
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db").get_run(run_id).info.status
+    return store_client(project).get_run(run_id).info.status
 
 
 def test_mlflow_down_at_registration_keeps_the_model_and_registers_it_later(trained_project, tmp_path):
     project = trained_project
-    write_params(project, merge(tiny_params(), {"train": {"seed": 5}}))  # a new model, tracked by the server
+    # A new model (another seed, fewer steps), tracked by the server.
+    write_params(project, merge(tiny_params(), {"train": {"seed": 5, "max_steps": 30}}))
+    registered_before = (project / "registered.json").read_text()
     port = free_port()
     env = {**tool_env(), "MLFLOW_TRACKING_URI": f"http://{LOOPBACK}:{port}"}
     server = [
@@ -159,7 +163,8 @@ def test_mlflow_down_at_registration_keeps_the_model_and_registers_it_later(trai
     down = run([str(BIN / "dvc"), "repro"], project, check=False, env=env)
     assert down.returncode != 0 and len(error_lines(down)) == 1, down.stderr[-2000:]
     assert "MLflow tracking server http://127.0.0.1" in error_lines(down)[0]
-    assert digest(project)["models/gpt2"] == model and not (project / "registered.json").exists()
+    assert digest(project)["models/gpt2"] == model
+    assert (project / "registered.json").read_text() == registered_before  # the new model is not registered
     with serving() as proc:
         wait_http(f"{env['MLFLOW_TRACKING_URI']}/health", proc, tmp_path / "mlflow.log")
         later = run([str(BIN / "dvc"), "repro"], project, env=env).stdout

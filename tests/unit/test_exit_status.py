@@ -10,7 +10,7 @@ from prefect.states import Failed
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.pipeline import StageFailed, worth_retrying
+from flows.pipeline import StageFailed, stage_status, worth_retrying
 from tasks.common import BAD_INPUT_EXIT, FAULT_EXIT, PipelineError, Stopped, report
 from tests.conftest import BIN, copy_project, tool_env
 
@@ -27,6 +27,16 @@ def test_report_prints_one_line_and_names_the_status(capsys):
     assert lines[0] == "error: params.yaml: train.seed: bad"
     assert lines[1].startswith("error: ValueError: boom (set GPT2_PIPELINE_DEBUG=1")
     assert all(line.startswith("error: ") for line in lines) and len(lines) == 5
+
+
+def test_the_flow_reads_the_stage_s_status_through_dvc():
+    """DVC exits 255 whatever its stage did: the flow takes the stage's status from DVC's error line (tests/
+    integration/test_retries.py watches the real retries)."""
+    failed = "ERROR: failed to reproduce 'train': failed to run: python3 -m tasks.train, exited with {}"
+    assert stage_status(["train: step 10/150", failed.format(2)], 255) == BAD_INPUT_EXIT
+    assert stage_status([failed.format(1)], 255) == FAULT_EXIT
+    assert stage_status([failed.format(-9)], 255) == 128 + signal.SIGKILL
+    assert stage_status(["ERROR: '/p/data/prepared' is busy"], 255) == 255  # DVC itself failed
 
 
 def test_the_flow_retries_by_the_same_contract():
