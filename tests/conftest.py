@@ -193,11 +193,20 @@ class _Background(threading.Thread):
             self.error = exc
 
 
+LONG_SCENARIOS = {"scenario", "stack"}  # module fixtures that play a whole story (registry, servers)
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
 def pytest_collection_modifyitems(session, config, items):
-    """The tests that need the golden project after the others (each part in pytest-randomly's order), so the
-    others run while it trains in the background."""
-    items.sort(key=lambda item: "golden" in getattr(item, "fixturenames", ()))
+    """The tests that need the golden project after the others, so those run while it trains in the background;
+    among them the long scenarios first, so no worker starts one when the others are nearly done. Each part
+    keeps pytest-randomly's order."""
+
+    def rank(item) -> int:
+        names = set(getattr(item, "fixturenames", ()))
+        return 0 if "golden" not in names else 1 if names & LONG_SCENARIOS else 2
+
+    items.sort(key=rank)
 
 
 def pytest_collection_finish(session):

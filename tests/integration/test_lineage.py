@@ -1,11 +1,10 @@
 """Lineage across processes: one MLflow run per trained model, found from the model's DVC-tracked record, in
-every workflow (dvc repro, a re-evaluation, DVC's experiment queue), no run left RUNNING, and dvc.yaml's code
-deps rerunning exactly the stages an edit can change."""
+every workflow (dvc repro, a re-evaluation, a DVC experiment in a temporary copy), no run left RUNNING, and
+dvc.yaml's code deps rerunning exactly the stages an edit can change."""
 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -14,7 +13,6 @@ from tests.conftest import BIN, merge, run, store_client, tiny_params, write_par
 pytestmark = pytest.mark.slow
 
 TRAINED_STEPS = list(range(10, 151, 10))  # the golden project's tiny_params(): 150 steps, logged every 10
-QUEUE_TIMEOUT_S = 900
 
 
 def all_runs(project) -> list:
@@ -111,16 +109,10 @@ def test_an_edit_to_text_normalization_reruns_ingest_and_everything_after_it(pro
     assert {r.info.status for r in all_runs(project)} <= {"FINISHED", "FAILED"}
 
 
-def test_a_queued_experiment_reaches_the_project_registry(project):
-    """`dvc exp run --queue` runs in a temporary copy under .dvc/tmp; its model still reaches the project's
-    registry, tagged with the experiment, and its run is closed."""
-    dvc(project, "exp", "run", "--queue", "-n", "lineage-a", "-S", "train.max_steps=20", "-S", "train.seed=1")
-    dvc(project, "queue", "start")
-    deadline = time.monotonic() + QUEUE_TIMEOUT_S
-    while any(state in dvc(project, "queue", "status").stdout for state in ("Queued", "Running")):
-        assert time.monotonic() < deadline, dvc(project, "queue", "status").stdout
-        time.sleep(1)
-    assert "Failed" not in dvc(project, "queue", "status").stdout
+def test_an_experiment_in_a_temporary_copy_reaches_the_project_registry(project):
+    """`dvc exp run --temp` (as `--queue` and `--run-all` do) runs in a temporary copy under .dvc/tmp; its model
+    still reaches the project's registry, tagged with the experiment, and its run is closed."""
+    dvc(project, "exp", "run", "--temp", "-n", "lineage-a", "-S", "train.max_steps=20", "-S", "train.seed=1")
     mlflow_client = store_client(project)
     versions = {v.tags.get("dvc_exp_name"): v for v in mlflow_client.search_model_versions("name='gpt2-lm'")}
     version = versions["lineage-a"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -149,11 +150,11 @@ def test_chinese_dialogue_trains_with_a_char_tokenizer(tmp_path):
         },
     )
     write_params(project, params)
-    run([str(BIN / "dvc"), "repro", "evaluate"], project)
+    run([str(BIN / "dvc"), "repro", "train"], project)
     metrics = json.loads((project / "metrics/train.json").read_text())
     assert metrics["train_loss"] < 0.5 * metrics["train_loss_first"]
-    evaluation = json.loads((project / "metrics/eval.json").read_text())
-    assert evaluation["perplexity"] < 10  # a tiny, repetitive dialogue corpus is learned almost by heart
+    # A tiny, repetitive dialogue corpus is learned almost by heart: validation perplexity below 10.
+    assert math.exp(metrics["best_eval_loss"]) < 10
 
 
 # The bundled Tang poems through params/tang-poetry.yaml as a user runs it, only smaller and shorter.

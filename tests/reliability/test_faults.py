@@ -54,7 +54,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_model(trained):
 
 
 def test_nan_loss_stops_training_and_registers_nothing(trained):
-    result = trained.repro({"train": {"learning_rate": 1.0e6, "max_grad_norm": 1.0e9, "warmup_steps": 0}})
+    result = trained.stage("train", {"train": {"learning_rate": 1.0e6, "max_grad_norm": 1.0e9, "warmup_steps": 0}})
     trained.assert_failed_cleanly(
         result, r"^error: train: (eval_)?loss became (nan|inf) at step \d+; lower train\.learning_rate"
     )

@@ -75,7 +75,7 @@ def test_two_workspaces_one_server_at_once_and_no_password_anywhere(golden, tmp_
     projects = []
     for index in (1, 2):
         project = trained_copy(golden, tmp_path / f"team-{index}")
-        write_params(project, merge(tiny_params(), {"train": {"seed": index, "max_steps": 30}}))
+        write_params(project, merge(tiny_params(), {"train": {"seed": index, "max_steps": 10}}))
         projects.append(project)
     env = {**tool_env(), "MLFLOW_TRACKING_URI": uri}
     with process(server, tmp_path / "mlflow.log", tool_env()) as proc:
@@ -89,7 +89,7 @@ def test_two_workspaces_one_server_at_once_and_no_password_anywhere(golden, tmp_
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         registered = [json.loads((p / "registered.json").read_text()) for p in projects]
         assert sorted(r["version"] for r in registered) == ["1", "2"]
-        steps = 30 // tiny_params()["train"]["logging_steps"]
+        steps = 10 // tiny_params()["train"]["logging_steps"]
         for record in registered:
             run_data = client.get_run(record["run_id"]).data
             assert len(client.get_metric_history(record["run_id"], "train/loss")) == steps
