@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import BIN, merge, run, store_client, tiny_params, trained_copy, write_params
 
-pytestmark = pytest.mark.slow
+# One worker plays the whole promotion history (make test: pytest-xdist --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("registry")]
 
 
 def train_and_register(project, max_steps: int) -> str:

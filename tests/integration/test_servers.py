@@ -21,7 +21,8 @@ import pytest
 from tests.conftest import BIN, run, tool_env, trained_copy
 from tests.servers import LOOPBACK, free_port, postgres, process, still_running, stop_group, wait_http
 
-pytestmark = [pytest.mark.slow, pytest.mark.servers]
+# One worker plays the whole day of work (make test: pytest-xdist --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.servers, pytest.mark.xdist_group("servers")]
 
 POOL = "gpt2-local"
 TINY_MODEL = {"model.config.n_layer": 1, "train.max_steps": 30}  # the override each deployment run passes
