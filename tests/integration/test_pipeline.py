@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import BIN, merge, run, store_client, tiny_params, trained_copy, untrained_perplexity, write_params
+from tests.conftest import (
+    BIN,
+    merge,
+    mlflow_on,
+    run,
+    store_client,
+    tiny_params,
+    trained_copy,
+    untrained_perplexity,
+    write_params,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +33,6 @@ def pipeline(golden, tmp_path_factory):
 
 
 def test_dvc_repro_registers_a_model_that_loads_and_generates(pipeline):
-    import mlflow
-
     registered = json.loads((pipeline / "registered.json").read_text())
     assert registered["name"] == "gpt2-lm" and registered["model_uri"] == f"models:/gpt2-lm/{registered['version']}"
     client = store_client(pipeline)
@@ -36,8 +44,8 @@ def test_dvc_repro_registers_a_model_that_loads_and_generates(pipeline):
     assert version.tags["git_dirty"] == "true"  # the tiny params differ from the copy's commit
     assert len(version.tags["git_commit"]) == 40 and len(version.tags["params_hash"]) == 16
     assert {"data_md5", "tokenized_md5", "eval_perplexity"} <= set(version.tags)
-    mlflow.set_tracking_uri(f"sqlite:///{pipeline}/mlflow.db")
-    generator = mlflow.transformers.load_model("models:/gpt2-lm@challenger")
+    with mlflow_on(f"sqlite:///{pipeline}/mlflow.db") as mlflow:
+        generator = mlflow.transformers.load_model("models:/gpt2-lm@challenger")
     text = generator("ROMEO:", max_new_tokens=20, do_sample=False)[0]["generated_text"]
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:") + 5
 
@@ -71,10 +79,8 @@ def test_one_mlflow_run_holds_params_curve_metrics_and_model(pipeline):
     card = Path(client.download_artifacts(run_data.info.run_id, "README.md", str(pipeline / ".."))).read_text()
     model_md5 = client.get_model_version_by_alias("gpt2-lm", "challenger").tags["model_md5"]
     assert "data/samples/tinyshakespeare.txt" in card and model_md5 in card and "ROMEO:" in card
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{pipeline}/mlflow.db")
-    local = Path(mlflow.artifacts.download_artifacts("models:/gpt2-lm@challenger", dst_path=str(pipeline / "dl")))
+    with mlflow_on(f"sqlite:///{pipeline}/mlflow.db") as mlflow:
+        local = Path(mlflow.artifacts.download_artifacts("models:/gpt2-lm@challenger", dst_path=str(pipeline / "dl")))
     assert (local / "model" / "README.md").read_text() == card
     samples = json.loads((pipeline / "reports/samples.json").read_text())
     assert [s["prompt"] for s in samples] == ["ROMEO:", "First Citizen:"]

@@ -11,8 +11,7 @@ import pytest
 
 from tests.conftest import BIN, merge, run, store_client, tiny_params, trained_copy, write_params
 
-# One worker plays the whole promotion history (make test: pytest-xdist --dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("registry")]
+pytestmark = pytest.mark.slow
 
 
 def train_and_register(project, max_steps: int) -> str:

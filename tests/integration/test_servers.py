@@ -18,11 +18,10 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import BIN, run, tool_env, trained_copy
+from tests.conftest import BIN, mlflow_on, run, tool_env, trained_copy
 from tests.servers import LOOPBACK, free_port, postgres, process, still_running, stop_group, wait_http
 
-# One worker plays the whole day of work (make test: pytest-xdist --dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.servers, pytest.mark.xdist_group("servers")]
+pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
 POOL = "gpt2-local"
 TINY_MODEL = {"model.config.n_layer": 1, "train.max_steps": 30}  # the override each deployment run passes
@@ -227,17 +226,8 @@ def test_a_triggered_run_registers_a_model_that_loads_from_the_server(stack):
     assert json.loads(params["overrides"]) == {**TINY_MODEL, "train.seed": stack.outcomes["seed"]}
     assert client.get_run(version.run_id).info.artifact_uri.startswith("mlflow-artifacts:/")  # uploaded over HTTP
 
-    import mlflow
-
-    # Other tests in this process may have set MLflow's global URIs; this load must go to the server.
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(stack.mlflow_url)
-    mlflow.set_registry_uri(stack.mlflow_url)
-    try:
+    with mlflow_on(stack.mlflow_url) as mlflow:
         pipe = mlflow.transformers.load_model(f"models:/gpt2-lm/{version_id}")
-    finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
     assert pipe.model.config.n_layer == 1
     text = pipe("ROMEO:", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
