@@ -1,5 +1,5 @@
 """Shared fixtures: tiny params, a tiny prepared corpus, copies of the project to run DVC in, one project trained
-once per test run that tests copy instead of retraining, and one Prefect server for the whole run."""
+once per test run that tests copy instead of retraining, and one Prefect server per test process."""
 
 from __future__ import annotations
 
@@ -274,8 +274,8 @@ def trained_project(golden, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """The environment for the CLI and flows with one Prefect server for the whole test run (its own SQLite
-    database, on the loopback) instead of an ephemeral server started by every command."""
+    """The environment for the CLI and flows with one Prefect server per test process (each xdist worker; its own
+    SQLite database, on the loopback) instead of an ephemeral server started by every command."""
     home = tmp_path_factory.mktemp("prefect")
     port = free_port()
     env = tool_env(
