@@ -19,7 +19,17 @@ import psutil
 import pytest
 
 from tests.conftest import BIN, mlflow_on, run, tool_env, trained_copy
-from tests.servers import LOOPBACK, free_port, postgres, process, still_running, stop_group, wait_http
+from tests.servers import (
+    LOOPBACK,
+    MLFLOW_SERVER_ENV,
+    free_port,
+    mlflow_server,
+    postgres,
+    process,
+    still_running,
+    stop_group,
+    wait_http,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
@@ -111,11 +121,8 @@ def stack(golden, tmp_path_factory):
     }
     ours = {p.pid for p in psutil.Process().children(recursive=True)}  # e.g. the session's Prefect server
     with postgres(("mlflow", "prefect")) as databases:
-        mlflow_cmd = [
-            str(BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(mlflow_port), "--workers", "1",
-            "--backend-store-uri", databases["mlflow"].replace("postgresql://", "postgresql+psycopg2://"),
-            "--artifacts-destination", str(base / "artifact-store"),
-        ]  # fmt: skip
+        backend = databases["mlflow"].replace("postgresql://", "postgresql+psycopg2://")
+        mlflow_cmd = mlflow_server(mlflow_port, backend, base / "artifact-store")
         prefect_env = {
             **env,
             "PREFECT_API_DATABASE_CONNECTION_URL": databases["prefect"].replace(
@@ -124,10 +131,10 @@ def stack(golden, tmp_path_factory):
         }
         prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", LOOPBACK, "--port", str(prefect_port)]
         with (
-            process(mlflow_cmd, base / "mlflow.log", env) as mlflow_server,
+            process(mlflow_cmd, base / "mlflow.log", {**env, **MLFLOW_SERVER_ENV}) as mlflow_proc,
             process(prefect_cmd, base / "prefect.log", prefect_env) as prefect_server,
         ):
-            wait_http(f"{env['MLFLOW_TRACKING_URI']}/health", mlflow_server, base / "mlflow.log")
+            wait_http(f"{env['MLFLOW_TRACKING_URI']}/health", mlflow_proc, base / "mlflow.log")
             wait_http(f"{env['PREFECT_API_URL']}/health", prefect_server, base / "prefect.log")
             stack = Stack(project, env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"], env)
             stack.cli(str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process")

@@ -17,7 +17,7 @@ import pytest
 from bench.measure import MB, write_corpus
 from tests.conftest import BIN, merge, run, store_client, tiny_params, tool_env, write_params
 from tests.reliability.conftest import CHECKPOINTED, digest, error_lines, leftovers
-from tests.servers import LOOPBACK, free_port, process, wait_http
+from tests.servers import LOOPBACK, MLFLOW_SERVER_ENV, free_port, mlflow_server, process, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -156,11 +156,8 @@ def test_mlflow_down_at_registration_keeps_the_model_and_registers_it_later(trai
     assert "Running stage 'train'" not in down.stdout
     assert digest(project)["models/gpt2"] == model
     assert (project / "registered.json").read_text() == registered_before
-    server = [
-        str(BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "store"),
-    ]  # fmt: skip
-    with process(server, tmp_path / "mlflow.log", env) as proc:
+    server = mlflow_server(port, f"sqlite:///{tmp_path}/server.db", tmp_path / "store")
+    with process(server, tmp_path / "mlflow.log", {**env, **MLFLOW_SERVER_ENV}) as proc:
         wait_http(f"{env['MLFLOW_TRACKING_URI']}/health", proc, tmp_path / "mlflow.log")
         later = run([str(BIN / "dvc"), "repro"], project, env=env).stdout
     assert "Running stage 'register'" in later and "Running stage 'evaluate'" not in later
