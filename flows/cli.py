@@ -206,6 +206,37 @@ def _number(text: str | None, spec: str) -> str:
 
 
 @command
+def serve_model(
+    model: Annotated[
+        str | None, typer.Option(help="an MLflow model URI; default: models:/<register.model_name>@champion")
+    ] = None,
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 5001,
+    host: Annotated[str, typer.Option(help="the address to listen on; 127.0.0.1 answers this machine only")] = (
+        "127.0.0.1"
+    ),
+):
+    """Serve a registered model over HTTP with `mlflow models serve` in this interpreter (no new environment):
+    POST /invocations {"inputs": ["ROMEO:"], "params": {"max_new_tokens": 20, "temperature": 0.8}}."""
+    from tasks.registry import CHAMPION, alias_version
+
+    uri = model or f"models:/{load_params().register.model_name}@{CHAMPION}"
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    if uri.startswith("models:/") and alias and alias_version(name, alias) is None:
+        fail(f"--model {uri}: no such alias at {store.shown_uri()}; `gpt2-pipeline models` lists the versions")
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    command = [str(mlflow_bin), "models", "serve", "-m", uri, "--env-manager", "local", "--host", host]
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store.tracking_uri(),
+        "MLFLOW_REGISTRY_URI": store.tracking_uri(),
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
+    typer.echo(f"serving {uri} from {store.shown_uri()} at http://{host}:{port}/invocations", err=True)
+    # The server replaces this process: Ctrl-C and a supervisor's SIGTERM reach it, its exit status is ours.
+    os.execve(mlflow_bin, [*command, "--port", str(port)], env)  # noqa: S606 (a fixed program, no shell)
+
+
+@command
 def generate(
     prompt: Annotated[str, typer.Option(help="text to continue")],
     model: Annotated[str, typer.Option(help="a save_pretrained folder or an MLflow URI (models:/gpt2-lm@champion)")] = (

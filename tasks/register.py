@@ -16,19 +16,52 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from tasks import lineage, registry, runs, store
+from tasks import lineage, registry, runs, serving, store
 from tasks.common import PipelineError, read_json, run_cli, write_json
 from tasks.loading import load_pretrained
-from tasks.params import Params, flatten, load_params
+from tasks.params import GenerationParams, Params, flatten, load_params
 from tasks.paths import EVAL_METRICS, INGEST_STATS, MODEL_DIR, REGISTERED_FILE, SAMPLES_FILE, TRAIN_METRICS
 from tasks.registry import CHALLENGER
 
 # Given explicitly: MLflow's inference of requirements imports torchvision, which this stack does not need.
+SERVING_CODE = Path(serving.__file__)  # the served model's loader, shipped with each version
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 
 
 def pip_requirements() -> list[str]:
     return [f"{package}=={version(package)}" for package in REQUIREMENTS]
+
+
+def generation_signature(settings: GenerationParams):
+    """Text in, text out, and the generation settings a caller of the served model may set per request (the
+    params schema, without which `mlflow models serve` ignores them), defaulting to evaluate.generation."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    params = ParamSchema(
+        [
+            ParamSpec("max_new_tokens", "long", settings.max_new_tokens),
+            ParamSpec("do_sample", "boolean", settings.temperature > 0),
+            ParamSpec("temperature", "double", settings.temperature or 1.0),
+            ParamSpec("top_k", "long", settings.top_k),
+            ParamSpec("top_p", "double", settings.top_p),
+            ParamSpec("repetition_penalty", "double", settings.repetition_penalty),
+        ]
+    )
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]), params=params)
+
+
+def check_served_settings(mlflow, model_id: str) -> None:
+    """Make tasks/serving.py (shipped in the model's code/ folder) its python_function loader, so a served request
+    with an out-of-range generation setting gets HTTP 400 naming it. MLflow's transformers flavor always writes
+    its own loader: the MLmodel is rewritten once, before the version is used."""
+    from mlflow.models import Model
+
+    with tempfile.TemporaryDirectory() as scratch:
+        spec = Model.load(f"models:/{model_id}")
+        spec.flavors["python_function"]["loader_module"] = SERVING_CODE.stem
+        spec.save(Path(scratch) / "MLmodel")
+        store.client().log_model_artifact(model_id, str(Path(scratch) / "MLmodel"))
 
 
 def model_card(model_name: str, params: Params, eval_metrics: dict[str, Any], tags: dict[str, str]) -> str:
@@ -99,7 +132,10 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
             pip_requirements=pip_requirements(),
             registered_model_name=model_name,
             model_card=ModelCard(card),
+            signature=generation_signature(params.evaluate.generation),
+            code_paths=[str(SERVING_CODE)],
         )
+    check_served_settings(mlflow, info.model_id)
     client = store.client()
     client.log_text(run_id, card, "README.md")
     # The card also goes into the logged model's save_pretrained folder, as a hub model's README.md would.

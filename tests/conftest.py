@@ -3,6 +3,7 @@ once per test run that tests copy instead of retraining, and one Prefect server 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import ipaddress
@@ -214,24 +215,25 @@ LONG_SCENARIOS = {"scenario", "stack"}  # module fixtures that play a whole stor
 
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
 def pytest_collection_modifyitems(session, config, items):
-    """An order for `make test` (`--dist loadscope --no-loadscope-reorder` hands each module out whole, in the
-    order of its first test): the modules that never need the golden project first, so they run while it trains
-    in the background; then those with a long scenario, so no worker starts one when the other is nearly done;
-    then the rest. Within a module, its tests without the golden project first. Each part keeps
-    pytest-randomly's order."""
+    """An order for `make test` (`--dist loadscope --no-loadscope-reorder` hands each module, or class, out whole
+    in the order of its first test): the modules that never need the golden project first, so they run while it
+    trains in the background; then those with a long scenario, then the others largest first (xdist's own
+    heuristic), so that small modules even out the end. Within a module, its tests without the golden project
+    first; ties keep pytest-randomly's order."""
 
     def rank(item) -> int:
         names = set(getattr(item, "fixturenames", ()))
         return 0 if "golden" not in names else 1 if names & LONG_SCENARIOS else 2
 
-    def scope(item) -> str:  # a module, or a class, as xdist's loadscope groups tests
+    def scope(item) -> str:  # as xdist's loadscope groups tests
         return item.nodeid.rsplit("::", 1)[0]
 
-    scope_rank: dict[str, int] = {}
+    ranks: dict[str, set[int]] = {}
     for item in items:
-        ranks = {scope_rank.get(scope(item), 0), rank(item)}
-        scope_rank[scope(item)] = 1 if 1 in ranks else max(ranks)
-    items.sort(key=lambda item: (scope_rank[scope(item)], rank(item)))
+        ranks.setdefault(scope(item), set()).add(rank(item))
+    sizes = collections.Counter(scope(item) for item in items)
+    order = {name: (found != {0}, 1 not in found, -sizes[name]) for name, found in ranks.items()}
+    items.sort(key=lambda item: (order[scope(item)], rank(item)))
 
 
 def pytest_collection_finish(session):

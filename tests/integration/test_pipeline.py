@@ -8,6 +8,7 @@ import math
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
@@ -18,10 +19,12 @@ from tests.conftest import (
     run,
     store_client,
     tiny_params,
+    tool_env,
     trained_copy,
     untrained_perplexity,
     write_params,
 )
+from tests.servers import LOOPBACK, free_port, process, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -186,3 +189,30 @@ def test_fine_tune_from_a_local_save_pretrained_folder_beats_its_start(trained_p
     tuned = json.loads((trained_project / "metrics/train.json").read_text())
     assert tuned["train_loss_first"] < start_loss + 0.3  # the folder's weights, not an untrained model's loss
     assert json.loads((trained_project / "metrics/eval.json").read_text())["perplexity"] < start
+
+
+def test_the_served_champion_honours_generation_settings_and_names_a_bad_one(pipeline, tmp_path):
+    """`gpt2-pipeline serve-model` (mlflow models serve on @champion) generates as many tokens as a request asks
+    for, as this process does with the same settings, and answers an out-of-range setting with 400 and its name."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    store_client(pipeline).set_registered_model_alias("gpt2-lm", "champion", "1")
+    port = free_port()
+    command = [str(BIN / "gpt2-pipeline"), "serve-model", "--port", str(port)]
+    with process(command, tmp_path / "serve.log", tool_env(), cwd=pipeline) as server:
+        wait_http(f"http://{LOOPBACK}:{port}/ping", server, tmp_path / "serve.log")
+
+        def served(**params) -> httpx.Response:
+            body = {"inputs": ["ROMEO:"], "params": {"do_sample": False, **params}}
+            return httpx.post(f"http://{LOOPBACK}:{port}/invocations", json=body, timeout=120)
+
+        short, long = (served(max_new_tokens=n).json()["predictions"][0] for n in (5, 40))
+        bad = served(top_p=2.0)
+    assert bad.status_code == 400 and "params.top_p: must be > 0 and <= 1 (got 2.0)" in bad.json()["message"]
+    tokenizer = AutoTokenizer.from_pretrained(pipeline / "models/gpt2")
+    model = GPT2LMHeadModel.from_pretrained(pipeline / "models/gpt2")
+    prompt = tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
+    for served_text, asked in ((short, 5), (long, 40)):  # greedy here: the same tokens, as many as asked
+        ids = model.generate(prompt, max_new_tokens=asked, do_sample=False)[0]
+        assert len(ids) - prompt.shape[1] == asked
+        assert served_text == tokenizer.decode(ids, skip_special_tokens=True).strip()  # MLflow strips it
