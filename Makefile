@@ -23,11 +23,10 @@ run: install
 	$(BIN)/gpt2-pipeline summary
 
 # Two workers (pytest-xdist), each taking whole modules so a module's shared fixture is built once (faster than
-# --dist loadgroup in fresh-clone .ci/run runs on 2026-11-26: 8 min 48 s and 9 min 08 s against 10 min 51 s), in
-# tests/conftest.py's order (--no-loadscope-reorder: the modules that do not wait for the golden project first);
-# random otherwise (pytest-randomly prints its seed; replay an order with PYTEST_ARGS=--randomly-seed=N).
+# --dist loadgroup in fresh-clone .ci/run runs on 2026-11-26: 8 min 48 s and 9 min 08 s against 10 min 51 s); the
+# order is random (pytest-randomly prints its seed; replay an order with PYTEST_ARGS=--randomly-seed=N).
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadscope $(PYTEST_ARGS)
 
 # The edit-test loop: no model trained through DVC, no servers. CI always runs everything (make test).
 test-fast: install

@@ -3,7 +3,6 @@ once per test run that tests copy instead of retraining, and one Prefect server 
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import ipaddress
@@ -215,25 +214,15 @@ LONG_SCENARIOS = {"scenario", "stack"}  # module fixtures that play a whole stor
 
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
 def pytest_collection_modifyitems(session, config, items):
-    """An order for `make test` (`--dist loadscope --no-loadscope-reorder` hands each module, or class, out whole
-    in the order of its first test): the modules that never need the golden project first, so they run while it
-    trains in the background; then those with a long scenario, then the others largest first (xdist's own
-    heuristic), so that small modules even out the end. Within a module, its tests without the golden project
-    first; ties keep pytest-randomly's order."""
+    """The tests that need the golden project after the others, so those run while it trains in the background;
+    among them the long scenarios first, so no worker starts one when the others are nearly done. Each part
+    keeps pytest-randomly's order."""
 
     def rank(item) -> int:
         names = set(getattr(item, "fixturenames", ()))
         return 0 if "golden" not in names else 1 if names & LONG_SCENARIOS else 2
 
-    def scope(item) -> str:  # as xdist's loadscope groups tests
-        return item.nodeid.rsplit("::", 1)[0]
-
-    ranks: dict[str, set[int]] = {}
-    for item in items:
-        ranks.setdefault(scope(item), set()).add(rank(item))
-    sizes = collections.Counter(scope(item) for item in items)
-    order = {name: (found != {0}, 1 not in found, -sizes[name]) for name, found in ranks.items()}
-    items.sort(key=lambda item: (order[scope(item)], rank(item)))
+    items.sort(key=rank)
 
 
 def pytest_collection_finish(session):
