@@ -23,8 +23,8 @@ from tasks.params import GenerationParams, Params, flatten, load_params
 from tasks.paths import EVAL_METRICS, INGEST_STATS, MODEL_DIR, REGISTERED_FILE, SAMPLES_FILE, TRAIN_METRICS
 from tasks.registry import CHALLENGER
 
-# Given explicitly: MLflow's inference of requirements imports torchvision, which this stack does not need.
 SERVING_CODE = Path(serving.__file__)  # the served model's loader, shipped with each version
+# Given explicitly: MLflow's inference of requirements imports torchvision, which this stack does not need.
 REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 
 
@@ -51,7 +51,7 @@ def generation_signature(settings: GenerationParams):
     return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]), params=params)
 
 
-def check_served_settings(mlflow, model_id: str) -> None:
+def check_served_settings(model_id: str) -> None:
     """Make tasks/serving.py (shipped in the model's code/ folder) its python_function loader, so a served request
     with an out-of-range generation setting gets HTTP 400 naming it. MLflow's transformers flavor always writes
     its own loader: the MLmodel is rewritten once, before the version is used."""
@@ -135,7 +135,7 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
             signature=generation_signature(params.evaluate.generation),
             code_paths=[str(SERVING_CODE)],
         )
-    check_served_settings(mlflow, info.model_id)
+    check_served_settings(info.model_id)
     client = store.client()
     client.log_text(run_id, card, "README.md")
     # The card also goes into the logged model's save_pretrained folder, as a hub model's README.md would.
