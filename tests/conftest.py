@@ -155,6 +155,23 @@ def mlflow_on(uri: str) -> Iterator[object]:
         mlflow.set_registry_uri(previous[1])
 
 
+def stage_processes(root: int, stage: str) -> list:
+    """The pythons running `-m tasks.<stage>` below the process root: not a shell around one, nor a child it
+    forked (between fork and exec a git call or a worker has the same command line); processes that end while
+    this looks are left out."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(root).children(recursive=True):
+        try:
+            if child.name().startswith("python") and f"tasks.{stage}" in " ".join(child.cmdline()):
+                found.append((child, child.ppid()))
+        except psutil.Error:
+            continue
+    pids = {child.pid for child, _ in found}
+    return [child for child, parent in found if parent not in pids]
+
+
 def untrained_perplexity(project: Path) -> float:
     """The validation perplexity of an untrained model shaped like the project's trained one: the starting point
     a trained model is measured against."""

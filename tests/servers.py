@@ -33,12 +33,16 @@ LOOPBACK = "127.0.0.1"
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def mlflow_server(port: int, backend: str, artifacts: Path, workers: int = 1) -> list[str]:
-    """The `mlflow server` command on the loopback, proxying artifacts into the folder artifacts."""
-    return [
+def mlflow_server(
+    port: int, backend: str, artifacts: Path, log: Path, env: dict[str, str], workers: int = 1
+) -> contextlib.AbstractContextManager[subprocess.Popen]:
+    """`mlflow server` on the loopback (started, not yet answering), proxying artifacts into the folder
+    artifacts, stopped on exit as process() stops it."""
+    command = [
         str(BIN / "mlflow"), "server", "--host", LOOPBACK, "--port", str(port), "--workers", str(workers),
         "--backend-store-uri", backend, "--artifacts-destination", str(artifacts),
     ]  # fmt: skip
+    return process(command, log, {**env, **MLFLOW_SERVER_ENV})
 
 
 def free_port() -> int:

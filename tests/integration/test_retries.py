@@ -9,10 +9,9 @@ import subprocess
 import time
 
 import httpx
-import psutil
 import pytest
 
-from tests.conftest import BIN, merge, tiny_params, write_params
+from tests.conftest import BIN, merge, stage_processes, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -52,26 +51,12 @@ def train_states(env, flow_run_id: str) -> list[list[str]]:
     return states
 
 
-def stage_processes(flow: subprocess.Popen) -> list[psutil.Process]:
-    """The flow's processes running the train stage's python (children that vanish meanwhile left out)."""
-    found = []
-    for process in psutil.Process(flow.pid).children(recursive=True):
-        try:
-            if process.name().startswith("python") and "tasks.train" in " ".join(process.cmdline()):
-                found.append((process, process.ppid()))
-        except psutil.Error:
-            continue
-    # The stage itself, not a child it forked: between fork and exec, a git call has the same command line.
-    pids = {process.pid for process, _ in found}
-    return [process for process, parent in found if parent not in pids]
-
-
 def kill_training_once(flow: subprocess.Popen, timeout: float = 300) -> None:
     """SIGKILL the train stage's python as soon as it runs, as the kernel's OOM killer or a lost node would."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert flow.poll() is None, "the flow ended before training started"
-        stages = stage_processes(flow)
+        stages = stage_processes(flow.pid, "train")
         if stages:
             stages[0].send_signal(signal.SIGKILL)
             return

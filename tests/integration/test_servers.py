@@ -21,7 +21,6 @@ import pytest
 from tests.conftest import BIN, mlflow_on, run, tool_env, trained_copy
 from tests.servers import (
     LOOPBACK,
-    MLFLOW_SERVER_ENV,
     free_port,
     mlflow_server,
     postgres,
@@ -122,7 +121,6 @@ def stack(golden, tmp_path_factory):
     ours = {p.pid for p in psutil.Process().children(recursive=True)}  # e.g. the session's Prefect server
     with postgres(("mlflow", "prefect")) as databases:
         backend = databases["mlflow"].replace("postgresql://", "postgresql+psycopg2://")
-        mlflow_cmd = mlflow_server(mlflow_port, backend, base / "artifact-store")
         prefect_env = {
             **env,
             "PREFECT_API_DATABASE_CONNECTION_URL": databases["prefect"].replace(
@@ -131,7 +129,7 @@ def stack(golden, tmp_path_factory):
         }
         prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", LOOPBACK, "--port", str(prefect_port)]
         with (
-            process(mlflow_cmd, base / "mlflow.log", {**env, **MLFLOW_SERVER_ENV}) as mlflow_proc,
+            mlflow_server(mlflow_port, backend, base / "artifact-store", base / "mlflow.log", env) as mlflow_proc,
             process(prefect_cmd, base / "prefect.log", prefect_env) as prefect_server,
         ):
             wait_http(f"{env['MLFLOW_TRACKING_URI']}/health", mlflow_proc, base / "mlflow.log")

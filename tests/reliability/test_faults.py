@@ -15,9 +15,9 @@ import psutil
 import pytest
 
 from bench.measure import MB, write_corpus
-from tests.conftest import BIN, merge, run, store_client, tiny_params, tool_env, write_params
+from tests.conftest import BIN, merge, run, stage_processes, store_client, tiny_params, tool_env, write_params
 from tests.reliability.conftest import CHECKPOINTED, digest, error_lines, leftovers
-from tests.servers import LOOPBACK, MLFLOW_SERVER_ENV, free_port, mlflow_server, process, wait_http
+from tests.servers import LOOPBACK, free_port, mlflow_server, wait_http
 
 pytestmark = pytest.mark.slow
 
@@ -77,12 +77,7 @@ def start_repro(project: Path) -> subprocess.Popen:
 
 def stage_process(proc: subprocess.Popen, stage: str) -> psutil.Process:
     """The python running `-m tasks.<stage>`: not the shell around it, nor a worker it forked."""
-    running = [
-        p for p in psutil.Process(proc.pid).children(recursive=True)
-        if p.name().startswith("python") and f"tasks.{stage}" in " ".join(p.cmdline())
-    ]  # fmt: skip
-    pids = {p.pid for p in running}
-    (target,) = [p for p in running if p.ppid() not in pids]
+    (target,) = stage_processes(proc.pid, stage)
     return target
 
 
@@ -156,8 +151,9 @@ def test_mlflow_down_at_registration_keeps_the_model_and_registers_it_later(trai
     assert "Running stage 'train'" not in down.stdout
     assert digest(project)["models/gpt2"] == model
     assert (project / "registered.json").read_text() == registered_before
-    server = mlflow_server(port, f"sqlite:///{tmp_path}/server.db", tmp_path / "store")
-    with process(server, tmp_path / "mlflow.log", {**env, **MLFLOW_SERVER_ENV}) as proc:
+    with mlflow_server(
+        port, f"sqlite:///{tmp_path}/server.db", tmp_path / "store", tmp_path / "mlflow.log", env
+    ) as proc:
         wait_http(f"{env['MLFLOW_TRACKING_URI']}/health", proc, tmp_path / "mlflow.log")
         later = run([str(BIN / "dvc"), "repro"], project, env=env).stdout
     assert "Running stage 'register'" in later and "Running stage 'evaluate'" not in later

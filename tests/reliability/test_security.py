@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.conftest import BIN, ROOT, merge, run, tiny_params, tool_env, trained_copy, write_params
-from tests.servers import LOOPBACK, MLFLOW_SERVER_ENV, free_port, mlflow_server, process, wait_http
+from tests.servers import LOOPBACK, free_port, mlflow_server, wait_http
 
 SOURCES = sorted([*(ROOT / "tasks").glob("*.py"), *(ROOT / "flows").glob("*.py")])
 
@@ -68,14 +68,14 @@ def test_two_workspaces_one_server_at_once_and_no_password_anywhere(golden, tmp_
     port = free_port()
     secret = "s3cret-pw"
     uri = f"http://alice:{secret}@{LOOPBACK}:{port}"
-    server = mlflow_server(port, f"sqlite:///{tmp_path}/server.db", tmp_path / "store", workers=2)
     projects = []
     for index in (1, 2):
         project = trained_copy(golden, tmp_path / f"team-{index}")
         write_params(project, merge(tiny_params(), {"train": {"seed": index, "max_steps": 10}}))
         projects.append(project)
     env = {**tool_env(), "MLFLOW_TRACKING_URI": uri}
-    with process(server, tmp_path / "mlflow.log", tool_env(**MLFLOW_SERVER_ENV)) as proc:
+    backend, log = f"sqlite:///{tmp_path}/server.db", tmp_path / "mlflow.log"
+    with mlflow_server(port, backend, tmp_path / "store", log, tool_env(), workers=2) as proc:
         wait_http(f"http://{LOOPBACK}:{port}/health", proc, tmp_path / "mlflow.log")
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
         both = [subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=p, env=env, **pipes) for p in projects]
