@@ -289,6 +289,12 @@ def trained_project(golden, tmp_path) -> Path:
     return trained_copy(golden, tmp_path)
 
 
+IDLE_PREFECT_SERVICES = (
+    "CANCELLATION_CLEANUP", "CLEANUP_RECONCILER", "FOREMAN", "LATE_RUNS", "PAUSE_EXPIRATIONS", "REPOSSESSOR",
+    "SCHEDULER", "TRIGGERS",
+)  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     """The environment for the CLI and flows with one Prefect server per test process (each xdist worker; its own
@@ -301,6 +307,10 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
         PREFECT_UI_ENABLED="false",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
     )
+    # The flows here need only the API and the services that record runs from events; the others (schedules,
+    # automations, clean-ups) poll the database every few seconds for the whole run, on the suite's two cores.
+    env.update({f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in IDLE_PREFECT_SERVICES})
+    env["PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED"] = "[]"
     log = home / "server.log"
     command = [str(BIN / "prefect"), "server", "start", "--host", LOOPBACK, "--port", str(port)]
     with process(command, log, env) as server:
