@@ -15,7 +15,7 @@ import typer
 
 from flows import workspace
 from tasks import registry, store
-from tasks.common import DEBUG_ENV, PipelineError, atomic_output, report
+from tasks.common import DEBUG_ENV, PipelineError, atomic_output, quiet_progress_bars, report
 from tasks.params import PARAMS_FILE, apply_overrides, load_params, parse_override, read_raw
 from tasks.paths import EVAL_METRICS, REGISTERED_FILE, TRAIN_METRICS
 
@@ -39,7 +39,9 @@ def options(
 
 def main() -> None:
     """The console script: any error is one line, as the stages print it (tasks.common.report), with the same
-    exit status; the traceback only with --verbose."""
+    exit status; the traceback only with --verbose. In a log (not a terminal) no progress bars, as in the stages."""
+    if not sys.stderr.isatty():
+        quiet_progress_bars()
     try:
         app()
     except Exception as exc:
@@ -161,6 +163,25 @@ def promote():
 
     decision = promote_model()
     typer.echo(json.dumps(decision, indent=2))
+
+
+@command
+def compare(
+    reference: Annotated[str, typer.Argument(help="model A: an MLflow model URI (models:/gpt2-lm/1) or a folder")],
+    candidate: Annotated[str, typer.Argument(help="model B, judged against A as promotion would judge it")],
+    output: Annotated[Path, typer.Option(help="where to write the HTML report")] = Path("compare.html"),
+):
+    """Write the promotion report for any two models: bits per byte on the promotion text, training curves,
+    evaluation metrics, samples for the same prompts and seed, what differs, and what promotion would decide."""
+    from tasks.promote import compare as compare_models
+    from tasks.promote import text_path
+
+    params = load_params()
+    page, decision = compare_models(reference, candidate, params, text_path(params))
+    with atomic_output(output) as scratch:
+        scratch.write_text(page, encoding="utf-8")
+    verdict = "would be promoted" if decision["promoted"] else "would not be promoted"
+    typer.echo(f"{output}: B {verdict} over A: {decision['reason']}")
 
 
 @command

@@ -22,12 +22,17 @@ def promote_model(workdir: str = ".") -> dict:
     """
     root = Path(workdir)
     params = load_params(root / PARAMS_FILE)
-    text = Path(params.promote.eval_path) if params.promote.eval_path else promotion.DEFAULT_TEXT
     decision = promotion.promote(
-        params.register.model_name, params.promote.min_improvement, root / text, params.tokenizer.block_size
+        params.register.model_name,
+        params.promote.min_improvement,
+        promotion.text_path(params, root),
+        params.tokenizer.block_size,
+        params.evaluate,
     )
     verb = "promoted to @champion" if decision["promoted"] else "not promoted"
     print(f"version {decision['challenger_version']} {verb}: {decision['reason']}")
+    if decision.get("report"):
+        print(f"report: {decision['report']} (the challenger's run, in the MLflow UI)")
     return decision
 
 

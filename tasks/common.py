@@ -133,6 +133,7 @@ def quiet_progress_bars() -> None:
     """No progress bars from transformers and the Hugging Face libraries: in a terminal a bar redraws one line,
     but in a log (a Prefect flow's, CI's, a file) every redraw adds one, e.g. "Writing model shards: 0%|"."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by the libraries imported from here on
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # read at each download
     if "transformers" in sys.modules:  # imported already (the train stage's module does): it read the variable
         from transformers.utils import logging
 

@@ -19,16 +19,22 @@ from typing import Any
 
 import torch
 
-from tasks import store
+from tasks import report, store
 from tasks.common import PipelineError
-from tasks.evaluate import score
+from tasks.evaluate import sample, score
 from tasks.loading import load_pretrained
+from tasks.params import EvaluateParams, Params
 from tasks.paths import PREPARED_DIR
 from tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, alias_version, set_alias, tag_version
 from tasks.tokenize import encode_and_group
 
 LOCK_FILE = Path(".promote.lock")
 DEFAULT_TEXT = PREPARED_DIR / "validation.jsonl"
+
+
+def text_path(params: Params, root: Path = Path()) -> Path:
+    """The text promotion scores on: promote.eval_path, or the validation split, in the project at root."""
+    return root / (params.promote.eval_path or DEFAULT_TEXT)
 
 
 def frozen_texts(path: Path) -> list[str]:
@@ -38,14 +44,16 @@ def frozen_texts(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def bits_per_byte(model_uri: str, texts: list[str], block_size: int, batch_size: int = 16) -> float:
-    """Bits per byte of a registered model on texts, tokenized with the model's own tokenizer."""
-    model, tokenizer = load_pretrained(model_uri, key=model_uri)
+def measure(uri: str, texts: list[str], block_size: int, evaluation: EvaluateParams) -> tuple[float, list[dict]]:
+    """Bits per byte of a model on texts (tokenized with the model's own tokenizer), and its samples for the
+    evaluation prompts and seed: what the report shows of each model."""
+    model, tokenizer = load_pretrained(uri, key=uri)
     block = min(block_size, model.config.n_positions)
     blocks = {key: torch.tensor(value) for key, value in encode_and_group({"text": texts}, tokenizer, block).items()}
     if not len(blocks["input_ids"]):
-        raise PipelineError(f"the promotion text is shorter than one block of {block} tokens for {model_uri}")
-    return score(model, blocks, block, block, batch_size, "cpu").metrics()["bits_per_byte"]
+        raise PipelineError(f"the promotion text is shorter than one block of {block} tokens for {uri}")
+    scored = score(model, blocks, block, block, evaluation.batch_size, "cpu").metrics()["bits_per_byte"]
+    return scored, sample(model, tokenizer, evaluation.prompts, evaluation.generation)
 
 
 def decide(challenger: float, champion: float | None, min_improvement: float) -> tuple[bool, str]:
@@ -54,9 +62,15 @@ def decide(challenger: float, champion: float | None, min_improvement: float) ->
     if champion is None:
         return True, "no champion yet"
     gain = (champion - challenger) / champion
+    needs = f"promotion needs {min_improvement:.2%} fewer"
     if gain >= min_improvement:
-        return True, f"{gain:.2%} fewer bits per byte than the champion (needed {min_improvement:.2%})"
-    return False, f"{gain:.2%} fewer bits per byte than the champion; {min_improvement:.2%} needed"
+        return True, f"{gain:.2%} fewer bits per byte than the champion ({needs})"
+    change = f"{gain:.2%} fewer" if gain >= 0 else f"{-gain:.2%} more"
+    return False, f"{change} bits per byte than the champion; {needs}"
+
+
+def view(uri: str, role: str, texts: list[str], block_size: int, evaluation: EvaluateParams) -> report.ModelView:
+    return report.model_view(uri, role, *measure(uri, texts, block_size, evaluation))
 
 
 @contextmanager
@@ -69,8 +83,11 @@ def promotion_lock(path: Path = LOCK_FILE) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def promote(name: str, min_improvement: float, text_path: Path = DEFAULT_TEXT, block_size: int = 128) -> dict[str, Any]:
-    """Compare @challenger with @champion and move @champion when the challenger wins; returns the decision."""
+def promote(
+    name: str, min_improvement: float, text_path: Path, block_size: int, evaluation: EvaluateParams
+) -> dict[str, Any]:
+    """Compare @challenger with @champion and move @champion when the challenger wins; the decision, with the
+    report logged to the challenger's run."""
     texts = frozen_texts(text_path)
     text_hash = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
     with promotion_lock():
@@ -85,9 +102,9 @@ def promote(name: str, min_improvement: float, text_path: Path = DEFAULT_TEXT, b
                 "challenger_version": challenger,
                 "champion_version": champion,
             }
-        scores = {"challenger": bits_per_byte(f"models:/{name}/{challenger}", texts, block_size)}
-        scores["champion"] = bits_per_byte(f"models:/{name}/{champion}", texts, block_size) if champion else None
-        promoted, reason = decide(scores["challenger"], scores["champion"], min_improvement)
+        new = view(f"models:/{name}/{challenger}", CHALLENGER, texts, block_size, evaluation)
+        old = view(f"models:/{name}/{champion}", CHAMPION, texts, block_size, evaluation) if champion else None
+        promoted, reason = decide(new.bits_per_byte, old.bits_per_byte if old else None, min_improvement)
         if promoted:
             if champion:
                 set_alias(name, PREVIOUS, champion)
@@ -97,13 +114,35 @@ def promote(name: str, min_improvement: float, text_path: Path = DEFAULT_TEXT, b
             "reason": reason,
             "challenger_version": challenger,
             "champion_version": champion,
-            "challenger_bits_per_byte": scores["challenger"],
-            "champion_bits_per_byte": scores["champion"],
+            "challenger_bits_per_byte": new.bits_per_byte,
+            "champion_bits_per_byte": old.bits_per_byte if old else None,
             "min_improvement": min_improvement,
             "eval_text_sha256": text_hash,
         }
+        decision["report"] = log_report(new, old, decision)
         tag_version(name, challenger, {f"promotion_{key}": value for key, value in decision.items()})
     return decision
+
+
+def log_report(challenger: report.ModelView, champion: report.ModelView | None, decision: dict) -> str | None:
+    """Log the report to the challenger's run; its artifact URI (None when the version has no run here)."""
+    if challenger.run_id is None:
+        return None
+    path = f"promotion/v{challenger.version}-vs-v{champion.version if champion else 'none'}.html"
+    store.client().log_text(challenger.run_id, report.render(champion, challenger, decision), path)
+    return f"runs:/{challenger.run_id}/{path}"
+
+
+def compare(reference: str, candidate: str, params: Params, text_path: Path) -> tuple[str, dict]:
+    """The promotion report for any two models, the candidate judged against the reference as promotion would
+    judge a challenger against the champion; (HTML, decision)."""
+    texts = frozen_texts(text_path)
+    args = (texts, params.tokenizer.block_size, params.evaluate)
+    old, new = view(reference, "A", *args), view(candidate, "B", *args)
+    promoted, reason = decide(new.bits_per_byte, old.bits_per_byte, params.promote.min_improvement)
+    reason = reason.replace("the champion", "A")
+    decision = {"promoted": promoted, "reason": reason, "min_improvement": params.promote.min_improvement}
+    return report.render(old, new, decision), decision
 
 
 def rollback(name: str) -> dict[str, str]:

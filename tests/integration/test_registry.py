@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, merge, run, store_client, tiny_params, trained_copy, write_params
+from tests.conftest import BIN, merge, mlflow_on, run, store_client, tiny_params, trained_copy, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +74,10 @@ def scenario(golden, prefect_env, tmp_path_factory) -> Scenario:
     ]
     outcomes["concurrent"] = [(process.communicate(timeout=600)[0], process.wait()) for process in both]
     outcomes["after better"] = aliases(project)
+    report = project.parent / "compare.html"
+    outcomes["compare"] = cli(scenario, "compare", f"models:/gpt2-lm/{scenario.first}",
+                              f"models:/gpt2-lm/{scenario.better}", "--output", str(report))  # fmt: skip
+    outcomes["compare report"] = report.read_text(encoding="utf-8")
     outcomes["rollback"] = cli(scenario, "rollback").stdout
     outcomes["after rollback"] = aliases(project)
     outcomes["second rollback"] = cli(scenario, "rollback", check=False)
@@ -142,3 +148,50 @@ def test_every_version_carries_lineage_and_the_table_shows_it(scenario):
 def test_generate_from_the_champion(scenario):
     text = cli(scenario, "generate", "--model", "models:/gpt2-lm@champion", "--prompt", "ROMEO:").stdout
     assert text.startswith("ROMEO:") and len(text.strip()) > len("ROMEO:")
+
+
+def chromium(page: Path, out: Path) -> tuple[str, Path]:
+    """(the DOM as Chromium parsed it, a screenshot): a real browser, headless, offline (Debian's chromium)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "no chromium on PATH: .ci/setup installs it (apt-get install chromium)"
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,1600"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    png = out / "report.png"
+    subprocess.run([*flags, f"--screenshot={png}", page.as_uri()], capture_output=True, timeout=120, check=True)
+    return dom, png
+
+
+def pixels_near(png: Path, colour: str, tolerance: int = 40) -> int:
+    from PIL import Image
+
+    target = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    image = Image.open(png).convert("RGB")
+    return sum(all(abs(a - b) <= tolerance for a, b in zip(p, target, strict=True)) for p in image.getdata())
+
+
+def test_the_promotion_report_is_logged_and_draws_in_a_browser(scenario, tmp_path):
+    """The better challenger's promotion logged its report to the challenger's run; Chromium draws both training
+    curves and shows the decision in words."""
+    from tasks.report import COLORS
+
+    (promoted,) = [json.loads(out[out.index("{") :]) for out, _ in scenario.outcomes["concurrent"] if '"report"' in out]
+    run_id = store_client(scenario.project).get_model_version("gpt2-lm", scenario.better).run_id
+    assert promoted["report"] == f"runs:/{run_id}/promotion/v{scenario.better}-vs-v{scenario.first}.html"
+    with mlflow_on(f"sqlite:///{scenario.project}/mlflow.db") as mlflow:
+        page = Path(mlflow.artifacts.download_artifacts(artifact_uri=promoted["report"], dst_path=str(tmp_path)))
+    dom, png = chromium(page, tmp_path)
+    assert f"Promoted: {promoted['reason']}." in dom and "fewer bits per byte than the champion" in dom
+    assert dom.count("<polyline") == 4  # training and validation loss, champion and challenger
+    assert pixels_near(png, COLORS[0]) > 300 and pixels_near(png, COLORS[1]) > 300, "a chart was not drawn"
+    # The worse challenger's report says why it was kept out.
+    assert "more bits per byte than the champion; promotion needs 1.00% fewer" in scenario.outcomes["worse"]["reason"]
+
+
+def test_compare_writes_the_same_report_for_any_two_models(scenario):
+    line = scenario.outcomes["compare"].stdout.strip()
+    reason = r"\d+\.\d\d% fewer bits per byte than A \(promotion needs 1\.00% fewer\)"
+    assert re.fullmatch(rf"\S+compare\.html: B would be promoted over A: {reason}", line), line
+    page = scenario.outcomes["compare report"]
+    assert re.search(f'<p class="decision promoted">Promoted: {reason}.</p>', page)
+    assert f"models:/gpt2-lm/{scenario.first} (version {scenario.first})" in page and page.count("<polyline") == 4
+    assert "<td>train.max_steps</td><td>150</td><td>250</td>" in page

@@ -24,4 +24,14 @@ def test_decide_at_the_threshold(challenger, champion, min_improvement, promoted
     if champion is None:
         assert reason == "no champion yet"
     else:
-        assert f"{(champion - challenger) / champion:.2%}" in reason and f"{min_improvement:.2%}" in reason
+        gain = (champion - challenger) / champion
+        change = f"{gain:.2%} fewer" if gain >= 0 else f"{-gain:.2%} more"
+        assert reason.startswith(f"{change} bits per byte than the champion")
+        assert reason.endswith(f"promotion needs {min_improvement:.2%} fewer" + (")" if promoted else ""))
+
+
+def test_a_worse_challenger_is_said_to_have_more_bits_per_byte():
+    assert decide(1.3371, 1.0, 0.01) == (
+        False,
+        "33.71% more bits per byte than the champion; promotion needs 1.00% fewer",
+    )

@@ -1,0 +1,219 @@
+"""The promotion report: two models side by side in one HTML page that needs nothing but itself (charts are
+inline SVG; no script, no stylesheet or font from elsewhere), so it opens offline and as an MLflow artifact.
+
+It shows what a person deciding a promotion asks: the decision in words, bits per byte of both against the
+threshold, the two training curves overlaid, the evaluation metrics, samples for the same prompts and seed, the
+params that differ and whether the data differs. tasks.promote measures the models; this module reads what
+MLflow recorded about them and draws the page.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tasks import runs, store
+
+CURVES = {"train/loss": "training loss", "train/eval_loss": "validation loss"}
+DATA_TAGS = ("data_md5", "tokenized_md5")
+COLORS = ("#1f5fbf", "#d0352b")  # reference, candidate: distinct for the colour-blind too (blue, red)
+WIDTH, HEIGHT, MARGIN = 560, 260, 48
+
+
+@dataclass
+class ModelView:
+    """One model as the report shows it: where it is, what it scored here, and what MLflow recorded of it."""
+
+    uri: str
+    role: str  # "champion", "challenger", or A/B for `gpt2-pipeline compare`
+    bits_per_byte: float
+    samples: list[dict[str, str]]
+    version: str | None = None
+    run_id: str | None = None
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}: {self.uri}" + (f" (version {self.version})" if self.version else "")
+
+
+def recorded(uri: str) -> tuple[str | None, str | None, dict[str, str]]:
+    """(run id, registered version, version tags) behind a model URI: models:/name/N, models:/name@alias,
+    runs:/ID/path, or a save_pretrained folder with its mlflow_run.json; unknown parts are None or empty."""
+    if uri.startswith("runs:/"):
+        return uri.removeprefix("runs:/").split("/")[0], None, {}
+    if not uri.startswith("models:/"):
+        return runs.read_record(Path(uri)), None, {}
+    name, _, alias = uri.removeprefix("models:/").partition("@")
+    client = store.client()
+    if alias:
+        version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, _, number = name.partition("/")
+        version = client.get_model_version(name, number)
+    return version.run_id, str(version.version), dict(version.tags)
+
+
+def model_view(uri: str, role: str, bits_per_byte: float, samples: list[dict[str, str]]) -> ModelView:
+    """The view of a measured model, with its run's curves, metrics and params where the store has them."""
+    run_id, version, tags = recorded(uri)
+    view = ModelView(uri, role, bits_per_byte, samples, version, run_id, tags=tags)
+    if run_id is None:
+        return view
+    client = store.client()
+    try:
+        data = client.get_run(run_id).data
+    except Exception:  # a folder trained against another store: the report says "not recorded"
+        return view
+    view.params = dict(data.params)
+    view.metrics = {key: value for key, value in data.metrics.items() if key.startswith("eval/")}
+    for key in CURVES:
+        by_step = {m.step: m.value for m in client.get_metric_history(run_id, key)}  # a resumed run repeats none
+        view.curves[key] = sorted(by_step.items())
+    return view
+
+
+def render(reference: ModelView | None, candidate: ModelView, decision: dict) -> str:
+    """The report page. decision: promoted, reason, min_improvement (as tasks.promote.decide gives them)."""
+    views = [v for v in (reference, candidate) if v is not None]
+    verdict = "Promoted" if decision["promoted"] else "Not promoted"
+    title = f"{candidate.name} against " + (reference.name if reference else "no champion")
+    body = [
+        f"<h1>{_text(title)}</h1>",
+        f'<p class="decision {verdict.lower().replace(" ", "-")}">{verdict}: {_text(decision["reason"])}.</p>',
+        _scores(reference, candidate, decision["min_improvement"]),
+        "<h2>Training curves</h2>",
+        '<div class="charts">' + "".join(_chart(label, key, views) for key, label in CURVES.items()) + "</div>",
+        "<h2>Evaluation</h2>",
+        _table(["metric", *(v.role for v in views)], _rows(views, lambda v: v.metrics, "{:.6g}")),
+        "<h2>Samples (same prompts, same seed)</h2>",
+        _samples(views),
+        "<h2>What differs</h2>",
+        _differences(views),
+    ]
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return PAGE.format(title=_text(title), body="\n".join(body), stamp=stamp)
+
+
+def _text(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _scores(reference: ModelView | None, candidate: ModelView, min_improvement: float) -> str:
+    rows = [[candidate.role, f"{candidate.bits_per_byte:.4f}"]]
+    if reference is not None:
+        needed = reference.bits_per_byte * (1 - min_improvement)
+        rows.insert(0, [reference.role, f"{reference.bits_per_byte:.4f}"])
+        rows.append([f"needed to promote ({min_improvement:.2%} fewer)", f"≤ {needed:.4f}"])
+    return "<h2>Bits per byte on the same text</h2>" + _table(["model", "bits per byte"], rows)
+
+
+def _rows(views: list[ModelView], values, spec: str) -> list[list[str]]:
+    keys = sorted({key for view in views for key in values(view)})
+    return [[key, *(_format(values(view).get(key), spec) for view in views)] for key in keys]
+
+
+def _format(value: object, spec: str) -> str:
+    if value is None:
+        return "—"
+    return spec.format(value) if isinstance(value, int | float) else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return '<p class="missing">not recorded</p>'
+    head = "".join(f"<th>{_text(cell)}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{_text(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _samples(views: list[ModelView]) -> str:
+    prompts = [s["prompt"] for s in views[-1].samples]
+    rows = []
+    for index, prompt in enumerate(prompts):
+        texts = [view.samples[index]["text"] if index < len(view.samples) else "" for view in views]
+        cells = "".join(f"<td><pre>{_text(text)}</pre></td>" for text in texts)
+        rows.append(f"<tr><td><pre>{_text(prompt)}</pre></td>{cells}</tr>")
+    head = "".join(f"<th>{_text(view.role)}</th>" for view in views)
+    return f"<table><tr><th>prompt</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _differences(views: list[ModelView]) -> str:
+    if len(views) < 2:
+        return '<p class="missing">nothing to compare with</p>'
+    first, second = (view.params for view in views)
+    changed = [[key, first.get(key, "—"), second.get(key, "—")] for key in sorted(first.keys() | second.keys())]
+    changed = [row for row in changed if row[1] != row[2]]
+    data = [[key, *(view.tags.get(key, "—") for view in views)] for key in DATA_TAGS]
+    same = [[*row, "same" if row[1] == row[2] != "—" else "different or not recorded"] for row in data]
+    header = ["param", *(view.role for view in views)]
+    params = _table(header, changed) if changed else "<p>No param differs.</p>"
+    return params + _table(["data", *(view.role for view in views), ""], same)
+
+
+def _chart(label: str, key: str, views: list[ModelView]) -> str:
+    series = [(view.role, COLORS[-len(views) + i], view.curves.get(key, [])) for i, view in enumerate(views)]
+    points = [point for _, _, curve in series for point in curve]
+    if not points:
+        return f'<figure><figcaption>{_text(label)}</figcaption><p class="missing">not recorded</p></figure>'
+    return f"<figure><figcaption>{_text(label)}</figcaption>{line_chart(series, label)}</figure>"
+
+
+def line_chart(series: list[tuple[str, str, list[tuple[int, float]]]], label: str) -> str:
+    """An SVG line chart: (name, colour, [(step, value)]) per line, steps on x, values on y, with gridlines."""
+    steps = [step for _, _, curve in series for step, _ in curve]
+    values = [value for _, _, curve in series for _, value in curve]
+    x0, x1, y0, y1 = min(steps), max(steps), min(values), max(values)
+    span_x, span_y = (x1 - x0) or 1, (y1 - y0) or abs(y0) or 1
+    inner_w, inner_h = WIDTH - 2 * MARGIN, HEIGHT - 2 * MARGIN
+
+    def at(step: float, value: float) -> tuple[float, float]:
+        return MARGIN + (step - x0) / span_x * inner_w, MARGIN + (y1 - value) / span_y * inner_h
+
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" role="img" '
+             f'aria-label="{_text(label)}">']  # fmt: skip
+    for tick in range(5):
+        value = y0 + span_y * tick / 4
+        y = at(x0, value)[1]
+        parts.append(f'<line x1="{MARGIN}" x2="{WIDTH - MARGIN}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(f'<text x="{MARGIN - 6}" y="{y + 4:.1f}" text-anchor="end">{value:.3g}</text>')
+    for step in (x0, x1):
+        x = at(step, y0)[0]
+        parts.append(f'<text x="{x:.1f}" y="{HEIGHT - MARGIN + 18}" text-anchor="middle">step {step}</text>')
+    for index, (name, colour, curve) in enumerate(series):
+        if curve:
+            coords = [at(step, value) for step, value in curve]
+            points = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
+            parts.append(f'<polyline points="{points}" stroke="{colour}" class="line"/>')
+            parts.append(f'<circle cx="{coords[-1][0]:.1f}" cy="{coords[-1][1]:.1f}" r="3" fill="{colour}"/>')
+        legend_y = 16 + 16 * index
+        parts.append(f'<rect x="{WIDTH - 170}" y="{legend_y - 9}" width="14" height="4" fill="{colour}"/>')
+        parts.append(f'<text x="{WIDTH - 150}" y="{legend_y - 3}">{_text(name)}</text>')
+    return "".join(parts) + "</svg>"
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif, "Noto Sans CJK SC"; margin: 2em; color: #222; max-width: 1200px; }}
+.decision {{ font-size: 1.3em; padding: .6em 1em; border-radius: 4px; }}
+.promoted {{ background: #e3f4e1; }} .not-promoted {{ background: #fbe5e1; }}
+table {{ border-collapse: collapse; margin: .5em 0 1.5em; }}
+td, th {{ border: 1px solid #ccc; padding: .3em .7em; text-align: left; vertical-align: top; }}
+pre {{ white-space: pre-wrap; margin: 0; max-width: 40em; font-family: inherit; }}
+.charts {{ display: flex; flex-wrap: wrap; gap: 1.5em; }}
+figure {{ margin: 0; }} figcaption {{ font-weight: 600; }}
+svg text {{ font-size: 11px; fill: #444; }} svg .grid {{ stroke: #e4e4e4; }}
+svg .line {{ fill: none; stroke-width: 2.5; }}
+.missing {{ color: #888; }}
+</style></head>
+<body>
+{body}
+<p class="missing">Written by gpt2-pipeline at {stamp}.</p>
+</body></html>
+"""
