@@ -136,13 +136,13 @@ def main() -> None:
         print(f"round {round_ + 1}: project {ours[-1]:,.0f} tokens/s, bare {bare[-1]:,.0f} tokens/s")
     model = make_model(args)
     flops = throughput.flops_per_token(model.config, throughput.counted_parameters(model), args.block)
-    peak = throughput.peak_flops(device, precision)
+    peak, source = throughput.peak_flops(device, precision)
     project, reference = statistics.median(ours), statistics.median(bare)
     print(
         f"GPT-2 {args.layers}x{args.width}, {model.num_parameters() / 1e6:.0f}M parameters, block {args.block}, "
         f"batch {args.batch}, {device} {precision}{' compiled' if args.compile else ''}: "
         f"project {project:,.0f} tokens/s, bare loop {reference:,.0f} tokens/s, ratio {project / reference:.3f}, "
-        f"project MFU {project * flops / peak:.1%} (peak {peak / 1e12:.2f} TFLOP/s)"
+        f"project MFU {project * flops / peak:.1%} (peak {peak / 1e12:.2f} TFLOP/s: {source})"
     )
 
 

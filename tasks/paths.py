@@ -21,7 +21,7 @@ DATA_STATS = TOKENIZED_DIR / "stats.json"
 MODEL_DIR = Path("models/gpt2")
 RUN_RECORD = "mlflow_run.json"  # in MODEL_DIR (and a checkpoint folder): the model's MLflow run
 TRAIN_METRICS = Path("metrics/train.json")
-PLOT_FILE = Path("plots/train_loss.csv")
+PLOTS_DIR = Path("plots")  # the train stage's: train_loss.csv, eval_loss.csv (DVC plots) and loss.svg (an image)
 CHECKPOINT_DIR = Path("checkpoints/train")
 # evaluate
 EVAL_METRICS = Path("metrics/eval.json")

@@ -25,7 +25,15 @@ from tasks.evaluate import sample, score
 from tasks.loading import load_pretrained
 from tasks.params import EvaluateParams, Params
 from tasks.paths import PREPARED_DIR
-from tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, alias_version, set_alias, tag_version
+from tasks.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PREVIOUS,
+    alias_version,
+    describe_champion,
+    set_alias,
+    tag_version,
+)
 from tasks.tokenize import encode_and_group
 
 LOCK_FILE = Path(".promote.lock")
@@ -109,6 +117,7 @@ def promote(
             if champion:
                 set_alias(name, PREVIOUS, champion)
             set_alias(name, CHAMPION, challenger)
+            describe_champion(name, challenger)
         decision = {
             "promoted": promoted,
             "reason": reason,
@@ -153,6 +162,7 @@ def rollback(name: str) -> dict[str, str]:
         if previous is None:
             raise PipelineError(f"{name} has no @{PREVIOUS} to roll back to")
         set_alias(name, CHAMPION, previous)
+        describe_champion(name, previous)
         store.client().delete_registered_model_alias(name, PREVIOUS)
         if current:
             tag_version(name, current, {"rolled_back_from_champion": "true"})

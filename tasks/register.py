@@ -144,11 +144,11 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
         readme.write_text(card, encoding="utf-8")
         client.log_model_artifact(info.model_id, str(readme), "model")
     model_version = str(info.registered_model_version)
+    client.update_model_version(model_name, model_version, description=card)  # the version's page shows it
     registry.set_alias(model_name, CHALLENGER, model_version)
     settings = {key: value for key, value in flatten(params).items() if key.startswith("evaluate.")}
-    registry.tag_version(
-        model_name, model_version, {**tags, **{f"eval_{k}": v for k, v in eval_metrics.items()}, **settings}
-    )
+    scores = {f"eval_{key.removeprefix('eval_')}": value for key, value in eval_metrics.items()}  # not eval_eval_loss
+    registry.tag_version(model_name, model_version, {**tags, **scores, **settings})
     return {
         "name": model_name,
         "version": model_version,

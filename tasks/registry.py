@@ -29,6 +29,14 @@ def tag_version(name: str, version: str, tags: dict[str, object]) -> None:
         client.set_model_version_tag(name, version, key, str(value))
 
 
+def describe_champion(name: str, version: str) -> None:
+    """The registered model's description becomes its new champion's model card (the version's description),
+    so the model's page in the MLflow UI says what @champion is."""
+    client = store.client()
+    card = client.get_model_version(name, version).description or ""
+    client.update_registered_model(name, description=f"@{CHAMPION} is version {version}.\n\n{card}")
+
+
 def versions(name: str) -> list:
     """Every version of a registered model, oldest first."""
     return sorted(store.client().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))

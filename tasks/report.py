@@ -15,11 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from tasks import runs, store
+from tasks.charts import COLORS, line_chart
 
 CURVES = {"train/loss": "training loss", "train/eval_loss": "validation loss"}
 DATA_TAGS = ("data_md5", "tokenized_md5")
-COLORS = ("#1f5fbf", "#d0352b")  # reference, candidate: distinct for the colour-blind too (blue, red)
-WIDTH, HEIGHT, MARGIN = 560, 260, 48
 
 
 @dataclass
@@ -164,39 +163,6 @@ def _chart(label: str, key: str, views: list[ModelView]) -> str:
     return f"<figure><figcaption>{_text(label)}</figcaption>{line_chart(series, label)}</figure>"
 
 
-def line_chart(series: list[tuple[str, str, list[tuple[int, float]]]], label: str) -> str:
-    """An SVG line chart: (name, colour, [(step, value)]) per line, steps on x, values on y, with gridlines."""
-    steps = [step for _, _, curve in series for step, _ in curve]
-    values = [value for _, _, curve in series for _, value in curve]
-    x0, x1, y0, y1 = min(steps), max(steps), min(values), max(values)
-    span_x, span_y = (x1 - x0) or 1, (y1 - y0) or abs(y0) or 1
-    inner_w, inner_h = WIDTH - 2 * MARGIN, HEIGHT - 2 * MARGIN
-
-    def at(step: float, value: float) -> tuple[float, float]:
-        return MARGIN + (step - x0) / span_x * inner_w, MARGIN + (y1 - value) / span_y * inner_h
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" role="img" '
-             f'aria-label="{_text(label)}">']  # fmt: skip
-    for tick in range(5):
-        value = y0 + span_y * tick / 4
-        y = at(x0, value)[1]
-        parts.append(f'<line x1="{MARGIN}" x2="{WIDTH - MARGIN}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
-        parts.append(f'<text x="{MARGIN - 6}" y="{y + 4:.1f}" text-anchor="end">{value:.3g}</text>')
-    for step in (x0, x1):
-        x = at(step, y0)[0]
-        parts.append(f'<text x="{x:.1f}" y="{HEIGHT - MARGIN + 18}" text-anchor="middle">step {step}</text>')
-    for index, (name, colour, curve) in enumerate(series):
-        if curve:
-            coords = [at(step, value) for step, value in curve]
-            points = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
-            parts.append(f'<polyline points="{points}" stroke="{colour}" class="line"/>')
-            parts.append(f'<circle cx="{coords[-1][0]:.1f}" cy="{coords[-1][1]:.1f}" r="3" fill="{colour}"/>')
-        legend_y = 16 + 16 * index
-        parts.append(f'<rect x="{WIDTH - 170}" y="{legend_y - 9}" width="14" height="4" fill="{colour}"/>')
-        parts.append(f'<text x="{WIDTH - 150}" y="{legend_y - 3}">{_text(name)}</text>')
-    return "".join(parts) + "</svg>"
-
-
 PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
@@ -208,8 +174,6 @@ td, th {{ border: 1px solid #ccc; padding: .3em .7em; text-align: left; vertical
 pre {{ white-space: pre-wrap; margin: 0; max-width: 40em; font-family: inherit; }}
 .charts {{ display: flex; flex-wrap: wrap; gap: 1.5em; }}
 figure {{ margin: 0; }} figcaption {{ font-weight: 600; }}
-svg text {{ font-size: 11px; fill: #444; }} svg .grid {{ stroke: #e4e4e4; }}
-svg .line {{ fill: none; stroke-width: 2.5; }}
 .missing {{ color: #888; }}
 </style></head>
 <body>

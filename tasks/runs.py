@@ -90,7 +90,7 @@ def training_run(params: Params, checkpoint_dir: Path, resuming: bool, figures: 
     if _exists(recorded):
         return recorded
     run_id = create_run(params)
-    log_metrics(run_id, figures)
+    set_tags(run_id, figures)  # what the data is (records, blocks, vocabulary): one value each, so tags
     write_record(checkpoint_dir, run_id)
     return run_id
 
@@ -133,9 +133,32 @@ def active(run_id: str) -> Iterator[str]:
             # The stage's own error wins over a failure to close its run (the server went away).
 
 
+@contextlib.contextmanager
+def system_metrics(run_id: str, resuming: bool) -> Iterator[None]:
+    """MLflow's system metrics on the run while the block runs: system/* for CPU, memory, disk, network and each
+    GPU, sampled every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL); a resumed run continues their steps."""
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # "started", "no GPU": not for the log
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resuming, tracking_uri=store.tracking_uri())
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     """Log several metrics at one step in one request."""
     log_metric_steps(run_id, [(step, int(time.time() * 1000), metrics)])
+
+
+def set_tags(run_id: str, tags: dict[str, object]) -> None:
+    from mlflow.entities import RunTag
+
+    store.client().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
 
 def log_metric_steps(run_id: str, entries: list[tuple[int, int, dict[str, float]]]) -> None:

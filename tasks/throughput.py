@@ -1,14 +1,16 @@
 """Training throughput and model FLOPs utilization (MFU), as nanoGPT computes them.
 
 FLOPs per token = 6N + 12·L·H·Q·T (N parameters without the position embeddings, L layers, H heads, Q head
-size, T block size). The peak comes from a table of GPUs, or, for a CPU or an unlisted GPU, from a matmul
-measured once on the device itself.
+size, T block size). The peak comes from a table of GPUs; for a CPU it is an upper bound from its threads, clock
+and vector units (a measured matmul would be slower whenever other work shares the cores, and MFU would then
+read above 100%), or a matmul measured on it when that is faster; an unlisted GPU has a matmul measured once.
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
 import torch
 
@@ -86,17 +88,56 @@ def tf32_enabled() -> bool:
     return setting == "tf32"
 
 
-def peak_flops(device: str, precision: str) -> float:
-    """The peak FLOP/s of one device: the table for a known GPU, a measurement otherwise.
+CPUFREQ_MAX = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")  # kHz; absent in most VMs
 
-    A measured peak is the faster of fp32 and the training precision: a CPU without native bf16 emulates it,
-    and its real peak is still its fp32 rate.
-    """
+
+def cpu_facts(cpuinfo: str | None = None, cpufreq: Path = CPUFREQ_MAX) -> tuple[set[str], float | None]:
+    """(the CPU's feature flags, its highest clock in Hz) from /proc/cpuinfo (and cpufreq when present)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        return set(), None
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), []))
+    try:
+        return flags, int(cpufreq.read_text()) * 1e3
+    except (OSError, ValueError):
+        mhz = [float(line.split(":", 1)[1]) for line in cpuinfo.splitlines() if line.startswith("cpu MHz")]
+        return flags, max(mhz) * 1e6 if mhz else None
+
+
+def cpu_peak(precision: str, threads: int, flags: set[str], clock: float) -> tuple[float, str]:
+    """An upper bound on the FLOP/s of `threads` cores: two FMA units (2 FLOPs each) over the widest vector's
+    fp32 lanes a cycle, doubled by native bf16 dot products (AVX512_BF16), 1024 bf16 FLOPs a cycle with AMX.
+    No CPU computes faster, so the MFU it gives never reads above 100%."""
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    per_cycle, unit = 4 * lanes, f"{lanes} fp32 lanes x 2 FMA units"
+    if precision == "bf16" and "amx_bf16" in flags:
+        per_cycle, unit = 1024, "AMX bf16 tiles"
+    elif precision == "bf16" and "avx512_bf16" in flags:
+        per_cycle, unit = 2 * per_cycle, "AVX512_BF16 x 2 FMA units"
+    peak = threads * clock * per_cycle
+    return peak, f"CPU upper bound: {threads} threads x {clock / 1e9:.2f} GHz x {per_cycle} FLOP/cycle ({unit})"
+
+
+def peak_flops(device: str, precision: str) -> tuple[float, str]:
+    """The peak FLOP/s of one device and where it comes from: the table for a known GPU, the upper bound for
+    a CPU, else a measurement (the faster of fp32 and the training precision: a device without native bf16
+    emulates it, and its real peak is still its fp32 rate)."""
     if device == "cuda":
-        peak = table_peak(torch.cuda.get_device_name(), precision, tf32_enabled())
+        name = torch.cuda.get_device_name()
+        peak = table_peak(name, precision, tf32_enabled())
         if peak:
-            return peak
-    return max(measured_peak(device, "fp32"), measured_peak(device, precision))
+            return peak, f"{name} {precision} dense peak (datasheet)"
+    flags, clock = cpu_facts() if device == "cpu" else (set(), None)
+    measured = max(measured_peak(device, "fp32"), measured_peak(device, precision))
+    if device == "cpu" and flags and clock:
+        # The higher of the two: contention only lowers the measurement, and a turbo clock above the one the
+        # kernel reports (a VM shows the nominal one) only lowers the bound; both would have to be low at once.
+        bound, derivation = cpu_peak(precision, torch.get_num_threads(), flags, clock)
+        if bound >= measured:
+            return bound, derivation
+        return measured, f"measured CPU matmul, {measured / 1e12:.3f} TFLOP/s (above the {derivation})"
+    return measured, f"measured {device} matmul, {measured / 1e12:.3f} TFLOP/s"
 
 
 class Meter:
@@ -105,7 +146,8 @@ class Meter:
     def __init__(self, model, tokens_per_step: int, block_size: int, world_size: int, device: str, precision: str):
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token(model.config, counted_parameters(model), block_size)
-        self.peak = peak_flops(device, precision) * world_size
+        peak, self.peak_source = peak_flops(device, precision)
+        self.peak = peak * world_size
         self.busy = self.total_busy = 0.0
         self.steps = self.total_steps = 0
         self._began = 0.0

@@ -1,7 +1,7 @@
 """Stage `train`: a GPT2LMHeadModel, from scratch (GPT2Config) or pretrained, trained with the transformers Trainer.
 
 Writes models/gpt2/ (save_pretrained: safetensors, config, generation config, tokenizer, and mlflow_run.json: the
-model's MLflow run), metrics/train.json and plots/train_loss.csv. Creates the model's MLflow run (tasks/runs.py)
+model's MLflow run), metrics/train.json and plots/ (the loss curves). Creates the model's MLflow run (tasks/runs.py)
 and logs to it the params, the ingest/tokenize figures and the curve as train/*.
 Run: python -m tasks.train
 """
@@ -23,11 +23,14 @@ import torch
 from transformers import TrainerCallback
 
 from tasks import checkpoints, runs, throughput
+from tasks.charts import COLORS, line_chart
 from tasks.common import PipelineError, Stopped, atomic_output, read_json, run_cli, write_json
 from tasks.loading import load_pretrained, resolve_device
 from tasks.params import ModelParams, Params, TrainParams, load_params
-from tasks.paths import CHECKPOINT_DIR, DATA_STATS, MODEL_DIR, PLOT_FILE, TOKENIZED_DIR, TOKENIZER_DIR, TRAIN_METRICS
+from tasks.paths import CHECKPOINT_DIR, DATA_STATS, MODEL_DIR, PLOTS_DIR, TOKENIZED_DIR, TOKENIZER_DIR, TRAIN_METRICS
 
+# What a run is rather than how it went: one value each, so run tags (MLflow draws a metric as a chart).
+RUN_FACTS = ("steps", "tokens_seen", "seconds", "parameters", "processes", "device", "precision", "mfu_peak")
 VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: faster matmuls, as nanoGPT does
 
 
@@ -245,7 +248,7 @@ def train(
     tokenizer_dir: Path = TOKENIZER_DIR,
     tokenized_dir: Path = TOKENIZED_DIR,
     model_dir: Path = MODEL_DIR,
-    plot_file: Path = PLOT_FILE,
+    plots_dir: Path = PLOTS_DIR,
     checkpoint_dir: Path = CHECKPOINT_DIR,
     resume_from: str | None = None,
 ) -> dict[str, Any]:
@@ -307,18 +310,19 @@ def train(
     if not trainer.is_world_process_zero():
         return {}
     _save(trainer.model, tokenizer, model_dir, run_id)
-    _write_curve(curve, plot_file)
+    evals = [(entry["step"], entry["eval_loss"]) for entry in trainer.state.log_history if "eval_loss" in entry]
+    write_plots(curve, evals, plots_dir)
     checkpoints.clear(checkpoint_dir)  # finished: the next run, with whatever params, starts afresh
     steps = result.global_step
-    evals = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     return {
         "train_loss": curve[-1][1],
         "train_loss_first": curve[0][1],
-        "best_eval_loss": min(evals) if evals else None,
+        "best_eval_loss": min(loss for _, loss in evals) if evals else None,
         "steps": steps,
         "tokens_seen": steps * meter.tokens_per_step,
         "tokens_per_second": meter.mean_tokens_per_second(),
         "mfu": meter.mean_mfu(),
+        "mfu_peak": meter.peak_source,
         "seconds": seconds,
         "parameters": model.num_parameters(),
         "processes": args.world_size,
@@ -334,11 +338,17 @@ def _save(model, tokenizer, model_dir: Path, run_id: str) -> None:
         runs.write_record(tmp, run_id)  # the model's run travels with it: evaluate and register log there
 
 
-def _write_curve(curve: list[tuple[int, float]], plot_file: Path) -> None:
-    with atomic_output(plot_file) as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", "loss"])
-        writer.writerows(curve)
+def write_plots(curve: list[tuple[int, float]], evals: list[tuple[int, float]], plots_dir: Path) -> None:
+    """The loss curves as DVC plots (train_loss.csv, eval_loss.csv) and as an image plot (loss.svg), which
+    `dvc plots show` shows offline too (its data plots load Vega from a CDN)."""
+    for name, column, points in (("train_loss.csv", "loss", curve), ("eval_loss.csv", "eval_loss", evals)):
+        with atomic_output(plots_dir / name) as tmp, tmp.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["step", column])
+            writer.writerows(points)
+    series = [("training loss", COLORS[0], curve), ("validation loss", COLORS[1], evals)]
+    with atomic_output(plots_dir / "loss.svg") as tmp:
+        tmp.write_text(line_chart(series, "loss by step"), encoding="utf-8")
 
 
 def launch_processes(params: Params, run_id: str) -> int:
@@ -359,10 +369,13 @@ def launch_processes(params: Params, run_id: str) -> int:
 def finish(run_id: str, metrics: dict[str, Any]) -> None:
     """metrics/train.json and the run's summary metrics, once the model is saved."""
     write_json(TRAIN_METRICS, metrics)
+    facts = {f"train/{key}": metrics[key] for key in RUN_FACTS}
     numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, int | float) and k != "train_loss"}
+    numeric = {key: value for key, value in numeric.items() if key not in facts}
     for key in ("tokens_per_second", "mfu"):  # the per-interval curves already use these names at this step
         numeric[f"train/mean_{key}"] = numeric.pop(f"train/{key}")
     runs.log_metrics(run_id, numeric, step=metrics["steps"])
+    runs.set_tags(run_id, facts)
     print(
         f"train: {metrics['steps']} steps, loss {metrics['train_loss_first']:.3f} -> {metrics['train_loss']:.3f}, "
         f"{metrics['tokens_per_second']:.0f} tokens/s, MFU {metrics['mfu']:.1%} -> {MODEL_DIR}"
@@ -385,7 +398,7 @@ def main() -> None:
     resume_from = checkpoints.prepare(CHECKPOINT_DIR, fingerprint, clean=not distributed)
     figures = read_json(DATA_STATS, "tokenize")
     run_id = runs.training_run(params, CHECKPOINT_DIR, resume_from is not None, figures)
-    with runs.active(run_id):
+    with runs.active(run_id), runs.system_metrics(run_id, resuming=resume_from is not None):
         if params.train.num_processes > 1 and not distributed:
             code = launch_processes(params, run_id)
             if code:

@@ -63,8 +63,15 @@ def test_a_new_evaluation_registers_a_version_whose_run_has_the_training_curve(p
     perplexity = json.loads((project / "metrics/eval.json").read_text())["perplexity"]
     assert source.data.metrics["eval/perplexity"] == pytest.approx(perplexity)
     assert float(version.tags["eval_perplexity"]) == pytest.approx(perplexity)
-    for key in ("train/mean_tokens_per_second", "train/mean_mfu", "ingest/train_records", "tokenize/train_blocks"):
+    for key in ("train/mean_tokens_per_second", "train/mean_mfu"):
         assert source.data.metrics[key] > 0, key
+    # What a run is, one value each, are tags (MLflow draws every metric as a chart); measurements are metrics.
+    facts = ("ingest/train_records", "tokenize/train_blocks", "train/steps", "train/parameters", "train/processes")
+    assert all(int(source.data.tags[key]) > 0 for key in facts) and not set(facts) & set(source.data.metrics)
+    assert source.data.tags["train/mfu_peak"].startswith(("CPU upper bound", "measured CPU matmul"))
+    assert mlflow_client.get_metric_history(version.run_id, "system/cpu_utilization_percentage")  # while training
+    assert {"eval_loss", "eval_tokens"} <= set(version.tags) and not [t for t in version.tags if "eval_eval" in t]
+    assert version.description.startswith("# gpt2-lm\n") and "perplexity" in version.description  # the card
     assert source.data.params["train.max_steps"] == "150"
     assert {r.info.status for r in all_runs(project)} == {"FINISHED"}
 

@@ -74,12 +74,14 @@ def scenario(golden, prefect_env, tmp_path_factory) -> Scenario:
     ]
     outcomes["concurrent"] = [(process.communicate(timeout=600)[0], process.wait()) for process in both]
     outcomes["after better"] = aliases(project)
+    outcomes["described after better"] = store_client(project).get_registered_model("gpt2-lm").description
     report = project.parent / "compare.html"
     outcomes["compare"] = cli(scenario, "compare", f"models:/gpt2-lm/{scenario.first}",
                               f"models:/gpt2-lm/{scenario.better}", "--output", str(report))  # fmt: skip
     outcomes["compare report"] = report.read_text(encoding="utf-8")
     outcomes["rollback"] = cli(scenario, "rollback").stdout
     outcomes["after rollback"] = aliases(project)
+    outcomes["described after rollback"] = store_client(project).get_registered_model("gpt2-lm").description
     outcomes["second rollback"] = cli(scenario, "rollback", check=False)
     return scenario
 
@@ -108,6 +110,13 @@ def test_two_promotions_at_once_promote_a_better_challenger_once(scenario):
     }
     tags = version_tags(scenario.project, scenario.better)
     assert float(tags["promotion_challenger_bits_per_byte"]) < float(tags["promotion_champion_bits_per_byte"])
+
+
+def test_the_registered_model_is_described_by_its_champion_s_card(scenario):
+    for when, version in (("after better", scenario.better), ("after rollback", scenario.first)):
+        described = scenario.outcomes[f"described {when}"]
+        card = store_client(scenario.project).get_model_version("gpt2-lm", version).description
+        assert described == f"@champion is version {version}.\n\n{card}" and card.startswith("# gpt2-lm\n"), when
 
 
 def test_rollback_restores_the_previous_champion_once(scenario):

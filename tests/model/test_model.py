@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import datasets
 import pytest
@@ -122,7 +123,7 @@ def train_here(params, run_id: str, tokenized, tmp_path) -> dict:
         tokenized / "tokenizer",
         tokenized / "tokenized",
         tmp_path / "model",
-        tmp_path / "plots/train_loss.csv",
+        tmp_path / "plots",
         tmp_path / "checkpoints",
     )
 
@@ -138,6 +139,10 @@ def test_training_lowers_loss_and_perplexity(tokenized, tmp_path, mlflow_run):
     assert not (tmp_path / "checkpoints").exists(), "a finished run leaves no checkpoints for the next one"
     rows = (tmp_path / "plots/train_loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss" and len(rows) == 1 + 6
+    evals = (tmp_path / "plots/eval_loss.csv").read_text().splitlines()
+    assert evals[0] == "step,eval_loss" and [row.split(",")[0] for row in evals[1:]] == ["30", "60"]
+    image = (tmp_path / "plots/loss.svg").read_text()  # both curves, every point: 6 logged steps, 2 evaluations
+    assert [len(points.split()) for points in re.findall(r'<polyline points="([^"]+)"', image)] == [6, 2]
     client = store.client()
     for key in ("train/loss", "train/learning_rate", "train/tokens_per_second", "train/mfu"):
         assert [m.step for m in client.get_metric_history(mlflow_run, key)] == [10, 20, 30, 40, 50, 60], key

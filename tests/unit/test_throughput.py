@@ -8,8 +8,11 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from tasks.throughput import (
     counted_parameters,
+    cpu_facts,
+    cpu_peak,
     flops_per_token,
     measured_peak,
+    peak_flops,
     table_peak,
     tf32_enabled,
     use_tf32,
@@ -67,3 +70,34 @@ def test_tf32_is_read_after_both_apis_set_it(matmul_precision):
     torch.backends.cuda.matmul.fp32_precision = "none"  # inherits the global setting the Trainer sets
     torch.backends.fp32_precision = "tf32"
     assert tf32_enabled() is True
+
+
+@pytest.mark.parametrize(
+    ("precision", "flags", "per_cycle"),
+    [
+        ("fp32", {"avx512f", "avx2"}, 64),  # 16 fp32 lanes x 2 FMA units x 2 FLOPs
+        ("fp32", {"avx2", "fma"}, 32),
+        ("fp32", set(), 16),
+        ("bf16", {"avx512f", "avx512_bf16"}, 128),
+        ("bf16", {"avx512f", "avx512_bf16", "amx_bf16"}, 1024),
+        ("bf16", {"avx2"}, 32),  # no native bf16: emulated, no faster than fp32
+        ("fp32", {"avx512f", "amx_bf16"}, 64),  # AMX does not compute fp32
+    ],
+)
+def test_the_cpu_peak_is_cores_clock_and_vector_units(precision, flags, per_cycle):
+    peak, derivation = cpu_peak(precision, 2, flags, 2.5e9)
+    assert peak == 2 * 2.5e9 * per_cycle
+    assert derivation.startswith(f"CPU upper bound: 2 threads x 2.50 GHz x {per_cycle} FLOP/cycle")
+
+
+def test_the_cpu_s_clock_and_flags_come_from_cpuinfo(tmp_path):
+    cpuinfo = "processor\t: 0\ncpu MHz\t\t: 2100.000\nflags\t\t: fpu avx2 avx512f\n\ncpu MHz : 2400.5\n"
+    assert cpu_facts(cpuinfo, tmp_path / "none") == ({"fpu", "avx2", "avx512f"}, 2400.5e6)  # the highest
+    (tmp_path / "max").write_text("3500000\n")  # cpufreq's maximum, in kHz, where the kernel has one
+    assert cpu_facts(cpuinfo, tmp_path / "max")[1] == 3.5e9
+
+
+def test_the_peak_here_is_never_below_what_a_matmul_reaches():
+    """So MFU on this machine cannot read above 100%: the peak is at least the fastest matmul measured."""
+    peak, derivation = peak_flops("cpu", "fp32")
+    assert peak >= measured_peak("cpu", "fp32") and derivation
