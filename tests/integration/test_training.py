@@ -103,8 +103,8 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(golden, tmp_p
     single = parse_params(merge(tiny_params(), {"train": {**DATA_PARALLEL, "num_processes": 1, "batch_size": 16}}))
     run_id = pipeline_runs.create_run(single)
     train(single, run_id, project / "models/tokenizer", project / "data/tokenized", tmp_path / "single",
-          tmp_path / "single.csv", tmp_path / "checkpoints")  # fmt: skip
-    one = curve(tmp_path / "single.csv")
+          tmp_path / "single", tmp_path / "checkpoints")  # fmt: skip
+    one = curve(tmp_path / "single/train_loss.csv")
     assert [step for step, _ in two] == [step for step, _ in one] == list(range(1, 7))
     assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], abs=1e-4)
     assert two[-1][1] < two[0][1] - 0.1  # and they learn: six steps at this rate move the loss
