@@ -15,7 +15,14 @@ import typer
 
 from flows import workspace
 from tasks import registry, store
-from tasks.common import DEBUG_ENV, PipelineError, atomic_output, quiet_progress_bars, report
+from tasks.common import (
+    DEBUG_ENV,
+    NOT_PROMOTED_EXIT,
+    PipelineError,
+    atomic_output,
+    quiet_progress_bars,
+    report,
+)
 from tasks.params import PARAMS_FILE, apply_overrides, load_params, parse_override, read_raw
 from tasks.paths import EVAL_METRICS, REGISTERED_FILE, TRAIN_METRICS
 
@@ -86,7 +93,9 @@ def run(
             "the run happens in .runs/<hash>/ and params.yaml stays as committed",
         ),
     ] = None,
-    promote: Annotated[bool, typer.Option(help="run promote-model after registering")] = False,
+    promote: Annotated[
+        bool, typer.Option(help="run promote-model after registering (exit status 3 if it kept the champion)")
+    ] = False,
     remote: Annotated[
         str | None, typer.Option(help="a DVC remote: pull existing outputs first, push the new ones after")
     ] = None,
@@ -106,7 +115,16 @@ def run(
         raise  # a failed stage exits with the stage's own status
     except RuntimeError as exc:
         fail(str(exc))
-    show_summary(workspace.RUNS_DIR / workspace.overrides_key(overrides) if overrides else Path())
+    folder = workspace.RUNS_DIR / workspace.overrides_key(overrides) if overrides else Path()
+    show_summary(folder)
+    if promote and not _is_champion(folder):
+        raise typer.Exit(NOT_PROMOTED_EXIT)
+
+
+def _is_champion(folder: Path) -> bool:
+    """Whether the version this run registered is @champion (its promotion moved it there)."""
+    registered = json.loads((folder / REGISTERED_FILE).read_text())
+    return registry.alias_version(registered["name"], registry.CHAMPION) == registered["version"]
 
 
 @command
@@ -158,11 +176,14 @@ def show_summary(root: Path) -> None:
 
 @command
 def promote():
-    """Run the promote-model flow: @champion moves to @challenger only if it has fewer bits per byte."""
+    """Run the promote-model flow: @champion moves to @challenger only if it has fewer bits per byte; exit
+    status 3 when it kept the champion."""
     from flows.promote import promote_model
 
     decision = promote_model()
     typer.echo(json.dumps(decision, indent=2))
+    if not decision["promoted"]:
+        raise typer.Exit(NOT_PROMOTED_EXIT)
 
 
 @command

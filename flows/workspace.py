@@ -53,10 +53,13 @@ def prepare(project: Path, overrides: dict[str, Any]) -> Path:
 
 
 def uncommitted(project: Path) -> list[str]:
-    """Tracked files changed since HEAD, which a run workspace does not see (dvc.lock and metrics aside)."""
+    """Tracked files changed since HEAD, which a run workspace does not see: not params.yaml (prepare writes the
+    workspace's from the project's own, overrides applied: `run --params FILE -S ...` uses FILE), nor dvc.lock
+    and the metrics."""
     changed = _git(project, "status", "--porcelain", "--untracked-files=no").splitlines()
     paths = [line[3:] for line in changed]
-    return [path for path in paths if path != "dvc.lock" and not path.startswith(("metrics/", "plots/", "reports/"))]
+    outputs = ("dvc.lock", str(PARAMS_FILE))
+    return [path for path in paths if path not in outputs and not path.startswith(("metrics/", "plots/", "reports/"))]
 
 
 def _source_for(workspace: Path, project: Path, source: str) -> str:

@@ -88,21 +88,21 @@ def scenario(golden, prefect_env, tmp_path_factory) -> Scenario:
 
 def test_the_first_challenger_becomes_champion(scenario):
     decision = scenario.outcomes["first"]
-    assert decision["promoted"] and decision["reason"] == "no champion yet"
+    assert decision["promoted"] and decision["reason"] == "no champion yet" and decision["exit status"] == 0
     assert scenario.outcomes["after first"] == {"challenger": scenario.first, "champion": scenario.first}
 
 
 def test_a_worse_challenger_is_kept_out(scenario):
     decision = scenario.outcomes["worse"]
     assert not decision["promoted"] and decision["champion_bits_per_byte"] < decision["challenger_bits_per_byte"]
+    assert decision["exit status"] == 3  # kept the champion: told apart from a failure (1, 2) and a promotion
     assert scenario.outcomes["after worse"] == {"challenger": scenario.worse, "champion": scenario.first}
     assert version_tags(scenario.project, scenario.worse)["promotion_promoted"] == "False"
 
 
 def test_two_promotions_at_once_promote_a_better_challenger_once(scenario):
     outputs = scenario.outcomes["concurrent"]
-    assert [code for _, code in outputs] == [0, 0]
-    assert sorted('"promoted": true' in output for output, _ in outputs) == [False, True]
+    assert sorted((code, '"promoted": true' in output) for output, code in outputs) == [(0, True), (3, False)]
     assert scenario.outcomes["after better"] == {
         "challenger": scenario.better,
         "champion": scenario.better,
@@ -128,8 +128,10 @@ def test_rollback_restores_the_previous_champion_once(scenario):
 
 
 def _decision(scenario) -> dict:
-    output = cli(scenario, "promote").stdout
-    return json.loads(output[output.index("{") :])
+    """The decision `gpt2-pipeline promote` printed, with its exit status."""
+    result = cli(scenario, "promote", check=False)
+    assert result.returncode in (0, 3), result.stderr[-3000:]
+    return {**json.loads(result.stdout[result.stdout.index("{") :]), "exit status": result.returncode}
 
 
 def test_every_version_carries_lineage_and_the_table_shows_it(scenario):

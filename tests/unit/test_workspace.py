@@ -42,7 +42,8 @@ def test_a_workspace_follows_the_project_to_its_new_commit(project):
     run(["git", "add", "NOTES.md"], project)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "notes"], project)
     (project / "README.md").write_text("changed, not committed\n")
-    assert workspace.uncommitted(project) == ["README.md"]
+    (project / "params.yaml").write_text((project / "params.yaml").read_text() + "\n")  # `run --params FILE`
+    assert workspace.uncommitted(project) == ["README.md"]  # the workspace takes the project's params.yaml
     assert workspace.prepare(project, {"train.seed": 5}) == folder
     assert (folder / "NOTES.md").read_text() == "new\n"
     assert (folder / "README.md").read_text() != "changed, not committed\n"
