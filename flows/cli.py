@@ -67,7 +67,7 @@ def command(function: Callable) -> Callable:
     def reported(*args, **kwargs):
         try:
             return function(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:
             raise typer.Exit(report(exc)) from None
