@@ -175,12 +175,14 @@ def show_summary(root: Path) -> None:
 
 
 @command
-def promote():
-    """Run the promote-model flow: @champion moves to @challenger only if it has fewer bits per byte; exit
+def promote(
+    version: Annotated[str | None, typer.Option(help="the registered version to judge; default: @challenger")] = None,
+):
+    """Run the promote-model flow: @champion moves to the challenger only if it has fewer bits per byte; exit
     status 3 when it kept the champion."""
     from flows.promote import promote_model
 
-    decision = promote_model()
+    decision = promote_model(version=version)
     typer.echo(json.dumps(decision, indent=2))
     if not decision["promoted"]:
         raise typer.Exit(NOT_PROMOTED_EXIT)

@@ -163,7 +163,7 @@ def training_pipeline(overrides: dict[str, Any] | None = None, promote: bool = F
     registered = read_json(cwd / REGISTERED_FILE, "register")
     print(f"registered {registered['model_uri']} (@{registered['alias']})")
     if promote:
-        promote_model(workdir=str(cwd))
+        promote_model(workdir=str(cwd), version=registered["version"])  # this run's model, whatever @challenger is
     return registered["model_uri"]
 
 

@@ -14,11 +14,12 @@ from tasks.params import PARAMS_FILE, load_params
 
 
 @flow(name="promote-model", log_prints=True)
-def promote_model(workdir: str = ".") -> dict:
+def promote_model(workdir: str = ".", version: str | None = None) -> dict:
     """Promote the challenger when it is better by promote.min_improvement; returns the decision.
 
     Args:
         workdir: the project (or run workspace) whose params.yaml and validation text to use.
+        version: the registered version to judge; default: the one @challenger names.
     """
     root = Path(workdir)
     params = load_params(root / PARAMS_FILE)
@@ -28,6 +29,7 @@ def promote_model(workdir: str = ".") -> dict:
         promotion.text_path(params, root),
         params.tokenizer.block_size,
         params.evaluate,
+        version,
     )
     verb = "promoted to @champion" if decision["promoted"] else "not promoted"
     print(f"version {decision['challenger_version']} {verb}: {decision['reason']}")

@@ -92,14 +92,20 @@ def promotion_lock(path: Path = LOCK_FILE) -> Iterator[None]:
 
 
 def promote(
-    name: str, min_improvement: float, text_path: Path, block_size: int, evaluation: EvaluateParams
+    name: str,
+    min_improvement: float,
+    text_path: Path,
+    block_size: int,
+    evaluation: EvaluateParams,
+    version: str | None = None,
 ) -> dict[str, Any]:
-    """Compare @challenger with @champion and move @champion when the challenger wins; the decision, with the
-    report logged to the challenger's run."""
+    """Compare a challenger with @champion and move @champion when the challenger wins; the decision, with the
+    report logged to the challenger's run. The challenger is `version` (a pipeline run's promotion judges the
+    version that run registered: @challenger may name another run's by then), else @challenger."""
     texts = frozen_texts(text_path)
     text_hash = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
     with promotion_lock():
-        challenger = alias_version(name, CHALLENGER)
+        challenger = version or alias_version(name, CHALLENGER)
         if challenger is None:
             raise PipelineError(f"{name} has no @{CHALLENGER}; run the pipeline to register one")
         champion = alias_version(name, CHAMPION)

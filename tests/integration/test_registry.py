@@ -58,6 +58,7 @@ def scenario(golden, prefect_env, tmp_path_factory) -> Scenario:
     outcomes = scenario.outcomes
     outcomes["first"], outcomes["after first"] = _decision(scenario), aliases(project)
     scenario.worse = train_and_register(project, 5)  # far fewer steps
+    outcomes["named version"] = _decision(scenario, "--version", scenario.first)  # not the new @challenger
     outcomes["worse"], outcomes["after worse"] = _decision(scenario), aliases(project)
     scenario.better = train_and_register(project, 250)
     # Two promotions at once: one promotes, the other finds the challenger already champion.
@@ -100,6 +101,14 @@ def test_a_worse_challenger_is_kept_out(scenario):
     assert version_tags(scenario.project, scenario.worse)["promotion_promoted"] == "False"
 
 
+def test_promotion_judges_the_version_it_is_given(scenario):
+    """A pipeline run's promotion names the version it registered; @challenger (here the worse model, as another
+    pipeline's registration would have moved it) is not what is judged."""
+    decision = scenario.outcomes["named version"]
+    assert decision["challenger_version"] == scenario.first != scenario.worse
+    assert decision["reason"] == f"version {scenario.first} is already @champion" and decision["exit status"] == 3
+
+
 def test_two_promotions_at_once_promote_a_better_challenger_once(scenario):
     outputs = scenario.outcomes["concurrent"]
     assert sorted((code, '"promoted": true' in output) for output, code in outputs) == [(0, True), (3, False)]
@@ -127,9 +136,9 @@ def test_rollback_restores_the_previous_champion_once(scenario):
     assert second.stderr.strip() == "error: gpt2-lm has no @previous-champion to roll back to"
 
 
-def _decision(scenario) -> dict:
+def _decision(scenario, *args: str) -> dict:
     """The decision `gpt2-pipeline promote` printed, with its exit status."""
-    result = cli(scenario, "promote", check=False)
+    result = cli(scenario, "promote", *args, check=False)
     assert result.returncode in (0, 3), result.stderr[-3000:]
     return {**json.loads(result.stdout[result.stdout.index("{") :]), "exit status": result.returncode}
 
