@@ -64,17 +64,19 @@ def measure(uri: str, texts: list[str], block_size: int, evaluation: EvaluatePar
     return scored, sample(model, tokenizer, evaluation.prompts, evaluation.generation)
 
 
-def decide(challenger: float, champion: float | None, min_improvement: float) -> tuple[bool, str]:
+def decide(
+    challenger: float, champion: float | None, min_improvement: float, versus: str = "the champion"
+) -> tuple[bool, str]:
     """Promote when there is no champion, or when the challenger's bits per byte are lower by min_improvement
-    (a fraction of the champion's)."""
+    (a fraction of the champion's); the reason in words, naming the champion as `versus`."""
     if champion is None:
         return True, "no champion yet"
     gain = (champion - challenger) / champion
     needs = f"promotion needs {min_improvement:.2%} fewer"
     if gain >= min_improvement:
-        return True, f"{gain:.2%} fewer bits per byte than the champion ({needs})"
+        return True, f"{gain:.2%} fewer bits per byte than {versus} ({needs})"
     change = f"{gain:.2%} fewer" if gain >= 0 else f"{-gain:.2%} more"
-    return False, f"{change} bits per byte than the champion; {needs}"
+    return False, f"{change} bits per byte than {versus}; {needs}"
 
 
 def view(uri: str, role: str, texts: list[str], block_size: int, evaluation: EvaluateParams) -> report.ModelView:
@@ -154,8 +156,7 @@ def compare(reference: str, candidate: str, params: Params, text_path: Path) -> 
     texts = frozen_texts(text_path)
     args = (texts, params.tokenizer.block_size, params.evaluate)
     old, new = view(reference, "A", *args), view(candidate, "B", *args)
-    promoted, reason = decide(new.bits_per_byte, old.bits_per_byte, params.promote.min_improvement)
-    reason = reason.replace("the champion", "A")
+    promoted, reason = decide(new.bits_per_byte, old.bits_per_byte, params.promote.min_improvement, versus="A")
     decision = {"promoted": promoted, "reason": reason, "min_improvement": params.promote.min_improvement}
     return report.render(old, new, decision), decision
 
