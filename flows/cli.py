@@ -21,6 +21,7 @@ from tasks.common import (
     PipelineError,
     atomic_output,
     quiet_progress_bars,
+    read_json,
     report,
 )
 from tasks.params import PARAMS_FILE, apply_overrides, load_params, parse_override, read_raw
@@ -123,7 +124,7 @@ def run(
 
 def _is_champion(folder: Path) -> bool:
     """Whether the version this run registered is @champion (its promotion moved it there)."""
-    registered = json.loads((folder / REGISTERED_FILE).read_text())
+    registered = read_json(folder / REGISTERED_FILE, "register")
     return registry.alias_version(registered["name"], registry.CHAMPION) == registered["version"]
 
 

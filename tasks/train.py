@@ -370,8 +370,8 @@ def finish(run_id: str, metrics: dict[str, Any]) -> None:
     """metrics/train.json and the run's summary metrics, once the model is saved."""
     write_json(TRAIN_METRICS, metrics)
     facts = {f"train/{key}": metrics[key] for key in RUN_FACTS}
-    numeric = {f"train/{k}": v for k, v in metrics.items() if isinstance(v, int | float) and k != "train_loss"}
-    numeric = {key: value for key, value in numeric.items() if key not in facts}
+    measured = {k: v for k, v in metrics.items() if isinstance(v, int | float) and k not in (*RUN_FACTS, "train_loss")}
+    numeric = {f"train/{key}": value for key, value in measured.items()}
     for key in ("tokens_per_second", "mfu"):  # the per-interval curves already use these names at this step
         numeric[f"train/mean_{key}"] = numeric.pop(f"train/{key}")
     runs.log_metrics(run_id, numeric, step=metrics["steps"])
