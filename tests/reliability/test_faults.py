@@ -11,7 +11,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from bench.measure import MB, write_corpus
@@ -75,20 +74,21 @@ def start_repro(project: Path) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def stage_process(proc: subprocess.Popen, stage: str) -> psutil.Process:
-    """The python running `-m tasks.<stage>`: not the shell around it, nor a worker it forked."""
-    (target,) = stage_processes(proc.pid, stage)
-    return target
-
-
 def terminate_when(proc: subprocess.Popen, stage: str, ready, timeout: float = 300) -> str:
-    """SIGTERM the stage's process (`kill PID`, a scheduler stopping it) once ready(); dvc reports its exit."""
+    """SIGTERM the stage's process (`kill PID`, a scheduler stopping it) once ready(); dvc reports its exit.
+
+    The process is looked up before ready() holds, not after: on a busy machine walking the process tree can
+    take longer than what is left of the stage's work, and the signal would reach a process that finished.
+    """
     deadline = time.monotonic() + timeout
     try:
-        while not ready():
+        target = None
+        while target is None or not ready():
             assert proc.poll() is None and time.monotonic() < deadline, "the stage finished or never got there"
+            if target is None:
+                target = next(iter(stage_processes(proc.pid, stage)), None)
             time.sleep(0.05)
-        stage_process(proc, stage).send_signal(signal.SIGTERM)
+        target.send_signal(signal.SIGTERM)
         return proc.communicate(timeout=300)[0]
     finally:  # a failed test must not leave a dvc repro holding the project's lock for the next one
         if proc.poll() is None:
