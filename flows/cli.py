@@ -13,7 +13,7 @@ from typing import Annotated
 import click
 import typer
 
-from flows import workspace
+from flows import server, workspace
 from tasks import registry, store
 from tasks.common import (
     DEBUG_ENV,
@@ -110,6 +110,7 @@ def run(
     overrides = dict(parse_override(item) for item in set_ or [])
     if overrides:
         apply_overrides(read_raw(), overrides)
+    server.start_local()
     try:
         training_pipeline(overrides=overrides, promote=promote, remote=remote)
     except PipelineError:
@@ -135,6 +136,7 @@ def serve(
     """Serve prefect.yaml's deployments (nightly training, on-demand promotion) from this process until stopped."""
     from flows.deployments import serve as serve_deployments
 
+    server.start_local()
     serve_deployments(prefect_file)
 
 
@@ -183,6 +185,7 @@ def promote(
     status 3 when it kept the champion."""
     from flows.promote import promote_model
 
+    server.start_local()
     decision = promote_model(version=version)
     typer.echo(json.dumps(decision, indent=2))
     if not decision["promoted"]:

@@ -22,7 +22,7 @@ from prefect import flow, task
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from flows import workspace
+from flows import server, workspace
 from flows.promote import promote_model
 from tasks.common import BAD_INPUT_EXIT, PipelineError, read_json
 from tasks.lineage import FLOW_RUN_ENV
@@ -168,4 +168,5 @@ def training_pipeline(overrides: dict[str, Any] | None = None, promote: bool = F
 
 
 if __name__ == "__main__":
+    server.start_local()
     training_pipeline()

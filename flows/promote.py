@@ -9,6 +9,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows import server
 from tasks import promote as promotion
 from tasks.params import PARAMS_FILE, load_params
 
@@ -23,14 +24,15 @@ def promote_model(workdir: str = ".", version: str | None = None) -> dict:
     """
     root = Path(workdir)
     params = load_params(root / PARAMS_FILE)
-    decision = promotion.promote(
-        params.register.model_name,
-        params.promote.min_improvement,
-        promotion.text_path(params, root),
-        params.tokenizer.block_size,
-        params.evaluate,
-        version,
-    )
+    with server.promotion_slot(params.register.model_name):  # one promotion at a time on a shared server
+        decision = promotion.promote(
+            params.register.model_name,
+            params.promote.min_improvement,
+            promotion.text_path(params, root),
+            params.tokenizer.block_size,
+            params.evaluate,
+            version,
+        )
     verb = "promoted to @champion" if decision["promoted"] else "not promoted"
     print(f"version {decision['challenger_version']} {verb}: {decision['reason']}")
     if decision.get("report"):
@@ -39,4 +41,5 @@ def promote_model(workdir: str = ".", version: str | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    server.start_local()
     promote_model()
