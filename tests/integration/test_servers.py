@@ -135,6 +135,7 @@ def stack(golden, tmp_path_factory):
             wait_http(f"{env['MLFLOW_TRACKING_URI']}/health", mlflow_proc, base / "mlflow.log")
             wait_http(f"{env['PREFECT_API_URL']}/health", prefect_server, base / "prefect.log")
             stack = Stack(project, env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"], env)
+            stack.golden = golden  # for a second host's copy of the project
             stack.cli(str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process")
             stack.cli(str(BIN / "prefect"), "--no-prompt", "deploy", "--all")
             worker_cmd = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"]
@@ -154,15 +155,28 @@ def a_day_of_work(stack: Stack, worker) -> None:
     seen["scheduled"] = stack.scheduled_runs("training-pipeline/nightly", at_least=3)
     seen["checked at"] = datetime.datetime.now(datetime.UTC)
 
-    # Two runs triggered at once: the concurrency limit makes the second wait for the first. Promotion is left to
-    # the on-demand deployment served below (promote: false; the deployment's default is true).
-    parameters = [{"overrides": {**TINY_MODEL, "train.seed": seed}, "promote": False} for seed in (1, 2)]
+    # Two runs triggered at once: the concurrency limit makes the second wait for the first. The seed-1 run
+    # promotes its model (the deployment's default); the other leaves it to the on-demand deployment served below.
+    parameters = [{"overrides": {**TINY_MODEL, "train.seed": seed}, "promote": seed == 1} for seed in (1, 2)]
     ids = [stack.trigger("training-pipeline/nightly", p) for p in parameters]
-    runs = sorted((stack.wait_completed(i, timeout=1200) for i in ids), key=lambda r: r["start_time"])
+    # Meanwhile another host (a second copy of the project) trains the project's own bigger model (2 layers, 150
+    # steps) against the same servers and promotes it: two promotions, each of its own pipeline's version, take
+    # turns on the server's limit.
+    other = stack.project.parent / "host-b"
+    other.mkdir()
+    host_b = trained_copy(stack.golden, other)
+    log, command = other / "run.log", [str(BIN / "gpt2-pipeline"), "run", "--set=train.seed=3", "--promote"]
+    with process(command, log, stack.env, cwd=host_b) as host:
+        runs = sorted((stack.wait_completed(i, timeout=1200) for i in ids), key=lambda r: r["start_time"])
+        seen["host b exit"] = host.wait(timeout=1200)
+    seen["host b log"] = log.read_text()
+    seen["host b version"] = json.loads(next((host_b / ".runs").glob("*/registered.json")).read_text())["version"]
+    seen["aliases after both"] = stack.aliases()
     seen["triggered"], seen["waited"] = runs
     seen["seed"] = parameters[ids.index(runs[0]["id"])]["overrides"]["train.seed"]
     seen["waited states"] = stack.state_names(runs[1]["id"])
     seen["versions"] = [stack.version_of(r["id"]) for r in runs]
+    seen["promoting version"] = stack.version_of(ids[0])
 
     # Serving and a work pool are two ways to run the same deployments; switch from one to the other.
     stop_group(worker)
@@ -245,7 +259,7 @@ def test_two_runs_at_once_serialize_and_register_two_versions(stack):
     assert first["end_time"] <= second["start_time"], "the two runs trained at the same time"
     assert "AwaitingConcurrencySlot" in stack.outcomes["waited states"]
     versions = [int(v) for v in stack.outcomes["versions"]]
-    assert versions[1] == versions[0] + 1
+    assert versions[0] < versions[1]  # host b's version may come between them
 
 
 def test_serve_serves_the_same_deployments(stack):
@@ -254,6 +268,22 @@ def test_serve_serves_the_same_deployments(stack):
     assert nightly["global_concurrency_limit"]["limit"] == 1
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
     assert stack.outcomes["served promotion"]["name"] in stack.outcomes["serve log"]
-    # The served promotion judged the last registered version against no champion: it is @champion now.
-    latest = stack.outcomes["versions"][1]
-    assert stack.outcomes["aliases after serve"] == {"challenger": latest, "champion": latest}
+    # The served promotion judged @challenger (the last version registered) against the better host-b champion.
+    assert stack.outcomes["aliases after serve"]["champion"] == stack.outcomes["host b version"]
+    assert "not promoted" in stack.outcomes["serve log"]
+
+
+def test_two_hosts_promote_their_own_versions_in_turn_and_the_better_one_is_champion(stack):
+    """A deployment run and a run on another host's copy, against the same servers, each with its promotion: each
+    judged the version its pipeline registered, under the server's limit, and @champion is the better model."""
+    ours, theirs = stack.outcomes["promoting version"], stack.outcomes["host b version"]
+    assert stack.outcomes["host b exit"] == 0, stack.outcomes["host b log"][-3000:]  # 0: its version is @champion
+    assert stack.outcomes["aliases after both"]["champion"] == theirs != ours
+    client = stack.mlflow()
+    tags = {v: client.get_model_version("gpt2-lm", v).tags for v in (ours, theirs)}
+    assert float(tags[theirs]["eval_bits_per_byte"]) < float(tags[ours]["eval_bits_per_byte"])
+    # Whichever promotion came second judged its own version against the first's champion.
+    judged = {v: tags[v]["promotion_promoted"] for v in (ours, theirs)}
+    assert judged[theirs] == "True" and judged[ours] in ("True", "False")
+    limit = stack.api.get("/v2/concurrency_limits/promote-gpt2-lm").json()
+    assert (limit["limit"], limit["active_slots"]) == (1, 0)
