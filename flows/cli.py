@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +21,7 @@ from tasks.common import (
     NOT_PROMOTED_EXIT,
     PipelineError,
     atomic_output,
+    one_line_warning,
     quiet_progress_bars,
     read_json,
     report,
@@ -48,6 +50,7 @@ def options(
 def main() -> None:
     """The console script: any error is one line, as the stages print it (tasks.common.report), with the same
     exit status; the traceback only with --verbose. In a log (not a terminal) no progress bars, as in the stages."""
+    warnings.formatwarning = one_line_warning
     if not sys.stderr.isatty():
         quiet_progress_bars()
     try:

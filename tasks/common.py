@@ -9,6 +9,7 @@ import shutil
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,12 +143,19 @@ def quiet_progress_bars() -> None:
         logging.disable_progress_bar()
 
 
+def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line=None) -> str:
+    """A Python warning as one line, naming where it was raised: the default adds the source line below it, two
+    lines a log reader takes for an error's traceback."""
+    return f"warning: {category.__name__}: {' '.join(str(message).split())} ({Path(filename).name}:{lineno})\n"
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a stage's main(): any error becomes one line on stderr (see report) and the exit status it names.
 
     SIGTERM and Ctrl-C unwind the stage (temporary outputs are removed, finished ones kept) and exit 128 + signal.
     """
     signal.signal(signal.SIGTERM, _raise_stopped)
+    warnings.formatwarning = one_line_warning
     if not sys.stderr.isatty():
         quiet_progress_bars()
     try:

@@ -68,6 +68,22 @@ def test_a_stage_writing_to_a_log_shows_no_progress_bars(tmp_path, imported_firs
     assert "Writing model shards" not in result.stderr and "%|" not in result.stderr
 
 
+def test_a_warning_in_a_stage_is_one_line():
+    script = "\n".join(
+        [
+            "import warnings",
+            "from tasks.common import run_cli",
+            "def main():",
+            "    warnings.warn('the corpus is small;\\n  add text', UserWarning)",
+            "    print('done')",
+            "run_cli(main)",
+        ]
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60)
+    assert result.stdout == "done\n"
+    assert result.stderr == "warning: UserWarning: the corpus is small; add text (<string>:4)\n"
+
+
 def test_the_suite_is_offline_by_construction(loopback_only):
     import huggingface_hub.constants
 
