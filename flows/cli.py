@@ -280,6 +280,9 @@ def serve_model(
     command = [str(mlflow_bin), "models", "serve", "-m", uri, "--env-manager", "local", "--host", host]
     env = {
         **os.environ,
+        # mlflow starts the server with `exec uvicorn` through bash: this interpreter's, even when .venv/bin is
+        # not on the caller's PATH (`.venv/bin/gpt2-pipeline serve-model` from a plain shell).
+        "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "MLFLOW_TRACKING_URI": store.tracking_uri(),
         "MLFLOW_REGISTRY_URI": store.tracking_uri(),
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",

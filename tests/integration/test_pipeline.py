@@ -199,7 +199,8 @@ def test_the_served_champion_honours_generation_settings_and_names_a_bad_one(pip
     store_client(pipeline).set_registered_model_alias("gpt2-lm", "champion", "1")
     port = free_port()
     command = [str(BIN / "gpt2-pipeline"), "serve-model", "--port", str(port)]
-    with process(command, tmp_path / "serve.log", tool_env(), cwd=pipeline) as server:
+    plain_shell = {**tool_env(), "PATH": "/usr/bin:/bin"}  # .venv/bin not on PATH: a user who did not activate it
+    with process(command, tmp_path / "serve.log", plain_shell, cwd=pipeline) as server:
         wait_http(f"http://{LOOPBACK}:{port}/ping", server, tmp_path / "serve.log")
 
         def served(**params) -> httpx.Response:
