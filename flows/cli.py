@@ -219,9 +219,7 @@ def rollback():
     """Move @champion back to @previous-champion."""
     from tasks.promote import rollback as roll_back
 
-    name = load_params().register.model_name
-    with server.promotion_slot(name):  # not in the middle of another host's promotion
-        result = roll_back(name)
+    result = roll_back(load_params().register.model_name)
     typer.echo(f"@champion is version {result['champion_version']} again (was {result['replaced_version']})")
 
 
