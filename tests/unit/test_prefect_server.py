@@ -18,7 +18,8 @@ pytestmark = pytest.mark.servers
 
 def blocked_on_lock(pid: int) -> bool:
     """Whether pid waits for a file lock (/proc/locks marks a waiter's line with `->`)."""
-    return any(line.split()[1] == "->" and line.split()[5] == str(pid) for line in Path("/proc/locks").open())
+    waiting = [line.split() for line in Path("/proc/locks").read_text().splitlines() if " -> " in line]
+    return any(fields[5] == str(pid) for fields in waiting)
 
 
 def test_a_start_waits_for_another_start_on_the_same_prefect_home(tmp_path):
