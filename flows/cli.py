@@ -25,6 +25,7 @@ from tasks.common import (
     quiet_progress_bars,
     read_json,
     report,
+    tools_first,
 )
 from tasks.params import PARAMS_FILE, apply_overrides, load_params, parse_override, read_raw
 from tasks.paths import EVAL_METRICS, REGISTERED_FILE, TRAIN_METRICS
@@ -280,7 +281,7 @@ def serve_model(
         **os.environ,
         # mlflow starts the server with `exec uvicorn` through bash: this interpreter's, even when .venv/bin is
         # not on the caller's PATH (`.venv/bin/gpt2-pipeline serve-model` from a plain shell).
-        "PATH": f"{mlflow_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": tools_first(mlflow_bin.parent),
         "MLFLOW_TRACKING_URI": store.tracking_uri(),
         "MLFLOW_REGISTRY_URI": store.tracking_uri(),
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",

@@ -24,7 +24,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import server, workspace
 from flows.promote import promote_model
-from tasks.common import BAD_INPUT_EXIT, PipelineError, read_json
+from tasks.common import BAD_INPUT_EXIT, PipelineError, read_json, tools_first
 from tasks.lineage import FLOW_RUN_ENV
 from tasks.paths import REGISTERED_FILE
 
@@ -78,7 +78,7 @@ def stages(project: Path) -> list[str]:
 def stage_env(flow_run_id: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment a stage runs in: this interpreter's tools first, the flow run id for MLflow lineage."""
     env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = tools_first(Path(sys.executable).parent, env.get("PATH", ""))
     if flow_run_id:
         env[FLOW_RUN_ENV] = flow_run_id
     env.update(extra or {})

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.common import BAD_INPUT_EXIT
+from tasks.common import BAD_INPUT_EXIT, tools_first
 
 REQUIRED = ("torch", "transformers", "datasets", "tokenizers", "mlflow", "pydantic", "yaml")
 VENV_PYTHON = Path(".venv/bin/python")
@@ -26,7 +26,7 @@ def _ensure_project_interpreter() -> None:
         venv = candidate.parent.parent.resolve()
         if candidate.exists() and Path(sys.prefix).resolve() != venv:
             # The same command under the project's interpreter; its tools (torchrun, dvc) come first on PATH too.
-            os.environ["PATH"] = f"{candidate.parent}{os.pathsep}{os.environ.get('PATH', '')}"
+            os.environ["PATH"] = tools_first(candidate.parent)
             os.execv(candidate, [str(candidate), *sys.orig_argv[1:]])  # noqa: S606
     print(
         f"error: {sys.executable} (Python {sys.version.split()[0]}) lacks the project's packages "

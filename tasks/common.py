@@ -143,6 +143,12 @@ def quiet_progress_bars() -> None:
         logging.disable_progress_bar()
 
 
+def tools_first(bin_dir: Path, path: str | None = None) -> str:
+    """PATH with bin_dir first (default: after it, this process's PATH): the programs a child starts by name
+    (dvc's `python`, mlflow's `uvicorn`, torchrun) are then the project interpreter's."""
+    return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '') if path is None else path}"
+
+
 def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line=None) -> str:
     """A Python warning as one line, naming where it was raised: the default adds the source line below it, two
     lines a log reader takes for an error's traceback."""
