@@ -13,6 +13,7 @@ from typing import Any
 
 from tasks import store
 from tasks.common import PipelineError
+from tasks.paths import MLFLOW_MODEL_SUBDIR, MLFLOW_TOKENIZER_SUBDIR
 
 MLFLOW_URI_PREFIXES = ("models:/", "runs:/")
 
@@ -41,9 +42,9 @@ def model_source(name_or_path: str) -> Iterator[ModelSource]:
                 f"model.name_or_path: {name_or_path} is not in the MLflow registry at {store.shown_uri()} "
                 f"({str(exc).splitlines()[0][:200]}); list versions and aliases in the MLflow UI"
             ) from None
-        if not (local / "model" / "config.json").exists():
+        if not (local / MLFLOW_MODEL_SUBDIR / "config.json").exists():
             raise PipelineError(f"model.name_or_path: {name_or_path} is not a transformers model logged by register")
-        yield ModelSource(str(local / "model"), str(local / "components" / "tokenizer"))
+        yield ModelSource(str(local / MLFLOW_MODEL_SUBDIR), str(local / MLFLOW_TOKENIZER_SUBDIR))
 
 
 def load_pretrained(name_or_path: str, key: str = "model.name_or_path", **model_kwargs: Any):

@@ -28,3 +28,6 @@ EVAL_METRICS = Path("metrics/eval.json")
 SAMPLES_FILE = Path("reports/samples.json")
 # register
 REGISTERED_FILE = Path("registered.json")
+# A registered version's files (MLflow's transformers layout, tasks/flavor.py): the model, then its tokenizer
+MLFLOW_MODEL_SUBDIR = "model"
+MLFLOW_TOKENIZER_SUBDIR = "components/tokenizer"

@@ -11,25 +11,16 @@ Run: python -m tasks.register
 from __future__ import annotations
 
 import json
-import tempfile
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from tasks import lineage, registry, runs, serving, store
+from tasks import flavor, lineage, registry, runs, serving, store
 from tasks.common import PipelineError, read_json, run_cli, write_json
-from tasks.loading import load_pretrained
 from tasks.params import GenerationParams, Params, flatten, load_params
 from tasks.paths import EVAL_METRICS, INGEST_STATS, MODEL_DIR, REGISTERED_FILE, SAMPLES_FILE, TRAIN_METRICS
 from tasks.registry import CHALLENGER
 
 SERVING_CODE = Path(serving.__file__)  # the served model's loader, shipped with each version
-# Given explicitly: MLflow's inference of requirements imports torchvision, which this stack does not need.
-REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
-
-
-def pip_requirements() -> list[str]:
-    return [f"{package}=={version(package)}" for package in REQUIREMENTS]
 
 
 def generation_signature(settings: GenerationParams):
@@ -49,19 +40,6 @@ def generation_signature(settings: GenerationParams):
         ]
     )
     return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]), params=params)
-
-
-def check_served_settings(model_id: str) -> None:
-    """Make tasks/serving.py (shipped in the model's code/ folder) its python_function loader, so a served request
-    with an out-of-range generation setting gets HTTP 400 naming it. MLflow's transformers flavor always writes
-    its own loader: the MLmodel is rewritten once, before the version is used."""
-    from mlflow.models import Model
-
-    with tempfile.TemporaryDirectory() as scratch:
-        spec = Model.load(f"models:/{model_id}")
-        spec.flavors["python_function"]["loader_module"] = SERVING_CODE.stem
-        spec.save(Path(scratch) / "MLmodel")
-        store.client().log_model_artifact(model_id, str(Path(scratch) / "MLmodel"))
 
 
 def model_card(model_name: str, params: Params, eval_metrics: dict[str, Any], tags: dict[str, str]) -> str:
@@ -108,9 +86,9 @@ or `GPT2LMHeadModel.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(
 
 
 def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[str, str]:
-    """Log the model folder with the transformers flavor and its card, register it, alias it challenger, tag its
-    lineage and scores."""
-    from huggingface_hub import ModelCard
+    """Log the model folder in MLflow's transformers layout (its files as they are, tasks/flavor.py) with its
+    card, register it, alias it challenger, tag its lineage and scores."""
+    from mlflow.models import Model
 
     if not (model_dir / "model.safetensors").exists():
         raise PipelineError(f"{model_dir}: no model.safetensors there; run the train stage first (dvc repro)")
@@ -119,30 +97,22 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
     tags = lineage.version_tags(run_id)
     card = model_card(model_name, params, eval_metrics, tags)
     mlflow = store.use_store()
-    # MLflow's log-from-folder path breaks on transformers 5's pipeline registry: hand it loaded components.
-    # An absolute path and our own card keep MLflow from asking the Hugging Face Hub for a card and license.
-    model, tokenizer = load_pretrained(str(model_dir.resolve()), key=str(model_dir))
-    components = {"model": model, "tokenizer": tokenizer}
+    # The folder's files as they are, in MLflow's transformers layout (tasks/flavor.py): no load, no second save.
     # log_model links the model to the active run: the model's run, resumed by its explicit id in this process.
     with mlflow.start_run(run_id=run_id):
-        info = mlflow.transformers.log_model(
-            transformers_model=components,
+        info = Model.log(
+            artifact_path=None,  # deprecated in favour of name, yet still a required argument
             name="model",
-            task="text-generation",
-            pip_requirements=pip_requirements(),
+            flavor=flavor,
+            flavor_name=flavor.FLAVOR,
             registered_model_name=model_name,
-            model_card=ModelCard(card),
+            folder=model_dir.resolve(),
+            card=card,
             signature=generation_signature(params.evaluate.generation),
-            code_paths=[str(SERVING_CODE)],
+            loader=SERVING_CODE,
         )
-    check_served_settings(info.model_id)
     client = store.client()
     client.log_text(run_id, card, "README.md")
-    # The card also goes into the logged model's save_pretrained folder, as a hub model's README.md would.
-    with tempfile.TemporaryDirectory() as scratch:
-        readme = Path(scratch) / "README.md"
-        readme.write_text(card, encoding="utf-8")
-        client.log_model_artifact(info.model_id, str(readme), "model")
     model_version = str(info.registered_model_version)
     client.update_model_version(model_name, model_version, description=card)  # the version's page shows it
     registry.set_alias(model_name, CHALLENGER, model_version)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -217,3 +218,36 @@ def test_the_served_champion_honours_generation_settings_and_names_a_bad_one(pip
         ids = model.generate(prompt, max_new_tokens=asked, do_sample=False)[0]
         assert len(ids) - prompt.shape[1] == asked
         assert served_text == tokenizer.decode(ids, skip_special_tokens=True).strip()  # MLflow strips it
+
+
+REGISTER_ALONE = """
+import json, sys
+from tasks import runs
+from tasks.params import load_params
+from tasks.paths import MODEL_DIR
+from tasks.register import register
+params = load_params()
+version = register(params, runs.model_run(params, MODEL_DIR))["version"]
+print(json.dumps({"version": version, "loaded": sorted({"torch", "transformers"} & set(sys.modules))}))
+"""
+
+
+def test_registering_logs_the_trained_files_as_they_are_without_loading_them(trained_project):
+    """Register hands MLflow the save_pretrained folder's files (no load, no second save): the version's weights
+    are the trained bytes, its requirements are pinned, and the register process never imported torch."""
+    result = run([str(BIN / "python"), "-c", REGISTER_ALONE], trained_project)
+    outcome = json.loads(result.stdout.splitlines()[-1])
+    assert outcome["loaded"] == []
+    with mlflow_on(f"sqlite:///{trained_project}/mlflow.db") as mlflow:
+        uri = f"models:/gpt2-lm/{outcome['version']}"
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(trained_project / "dl")))
+    trained = trained_project / "models/gpt2"
+    for name, folder in (
+        ("model.safetensors", "model"),
+        ("config.json", "model"),
+        ("tokenizer.json", "components/tokenizer"),
+    ):
+        assert (local / folder / name).read_bytes() == (trained / name).read_bytes(), name
+    assert not (local / "model" / "mlflow_run.json").exists()
+    requirements = (local / "requirements.txt").read_text().split()
+    assert f"torch=={version('torch')}" in requirements and f"mlflow=={version('mlflow')}" in requirements
