@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from tasks import runs, store
 from tasks.common import PipelineError, run_cli, write_json
+from tasks.framing import prompt_prefix
 from tasks.loading import load_pretrained, resolve_device
 from tasks.params import GenerationParams, load_params
 from tasks.paths import EVAL_METRICS, MODEL_DIR, SAMPLES_FILE, TOKENIZED_DIR
@@ -141,7 +142,9 @@ def sample(model, tokenizer, prompts: list[str], settings: GenerationParams) -> 
     samples = []
     for prompt in prompts:
         set_seed(settings.seed)
-        inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        # The prompt begins a record as tokenize framed them ([CLS] for a uer model; nothing for GPT-2's framing).
+        framed = prompt_prefix(model) + prompt
+        inputs = tokenizer(framed, return_tensors="pt", add_special_tokens=False).to(model.device)
         # GPT-2 has no positions beyond n_positions: the prompt and what it generates must fit in them.
         room = model.config.n_positions - inputs["input_ids"].shape[1]
         if room < 1:
@@ -156,7 +159,7 @@ def sample(model, tokenizer, prompts: list[str], settings: GenerationParams) -> 
             top_k=settings.top_k,
             top_p=settings.top_p,
             repetition_penalty=settings.repetition_penalty,
-            pad_token_id=tokenizer.eos_token_id,
+            pad_token_id=model.generation_config.pad_token_id or tokenizer.eos_token_id,
         )
         samples.append({"prompt": prompt, "text": tokenizer.decode(output[0], skip_special_tokens=True)})
     return samples

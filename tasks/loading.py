@@ -4,6 +4,8 @@ tokenizer, evaluate, promotion and `gpt2-pipeline generate`."""
 
 from __future__ import annotations
 
+import pickle  # nosec B403: only to catch the refusal of torch's weights_only loader
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,12 +56,20 @@ def load_pretrained(name_or_path: str, key: str = "model.name_or_path", **model_
 
     try:
         with model_source(name_or_path) as source:
-            model = GPT2LMHeadModel.from_pretrained(source.model, use_safetensors=True, **model_kwargs)  # nosec B615
+            # Safetensors where the folder has them, else pytorch_model.bin read by torch's weights_only loader.
+            model = GPT2LMHeadModel.from_pretrained(source.model, weights_only=True, **model_kwargs)  # nosec B615
             tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)  # nosec B615
     except OSError as exc:
         raise PipelineError(
             f"{key}: cannot load {name_or_path!r} ({str(exc).splitlines()[0]}); "
             "offline, point it at a local save_pretrained folder"
+        ) from None
+    except pickle.UnpicklingError as exc:  # torch's weights_only loader met an object that is not a tensor
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise PipelineError(
+            f"{key}: the pytorch_model.bin of {name_or_path!r} holds more than tensors"
+            f"{f' ({found.group(1)})' if found else ''}, and only tensors are loaded (torch's weights_only); "
+            "if you trust it, convert it to model.safetensors"
         ) from None
     return model, tokenizer
 

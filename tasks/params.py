@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tasks.common import EOS, SEP, UNK, PipelineError
 
 PARAMS_FILE = Path("params.yaml")
+# tokenizer.framing: auto, then the conventions tasks/framing.py defines (the same names, in that order)
+FRAMING_CHOICES = ("auto", "eos", "uer", "gpt2-chinese", "chitchat")
 CHAR_SPECIALS = (UNK, EOS, SEP)  # the char tokenizer's special tokens, in id order
 BYTE_ALPHABET = 256  # byte-level BPE starts from every byte value
 GPT2_DEFAULT_POSITIONS = 1024
@@ -60,6 +62,9 @@ class DataParams(Section):
 
 class TokenizerParams(Section):
     kind: Literal["bpe", "char", "pretrained"] = "bpe"
+    framing: Literal[FRAMING_CHOICES] = Field(  # type: ignore[valid-type]
+        "auto", description="special tokens around each record: the model family's convention (tasks/framing.py)"
+    )
     vocab_size: int = Field(4096, gt=0)
     min_frequency: int = Field(2, ge=1)
     block_size: int = Field(128, ge=2)

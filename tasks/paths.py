@@ -17,6 +17,7 @@ TOKENIZER_DIR = Path("models/tokenizer")
 TOKENIZED_DIR = Path("data/tokenized")
 # The figures of ingest and tokenize, carried with the blocks so that the training run can log them.
 DATA_STATS = TOKENIZED_DIR / "stats.json"
+FRAMING_FIGURE = "tokenize/framing"  # in DATA_STATS: the framing tokenize used (tasks/framing.py)
 # train
 MODEL_DIR = Path("models/gpt2")
 RUN_RECORD = "mlflow_run.json"  # in MODEL_DIR (and a checkpoint folder): the model's MLflow run

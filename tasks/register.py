@@ -20,6 +20,13 @@ from tasks.params import GenerationParams, Params, flatten, load_params
 from tasks.paths import EVAL_METRICS, INGEST_STATS, MODEL_DIR, REGISTERED_FILE, SAMPLES_FILE, TRAIN_METRICS
 from tasks.registry import CHALLENGER
 
+# How each framing (tasks/framing.py; the name train wrote into config.json) reads in the card.
+FRAMED = {
+    "eos": "GPT-2's way (text <|endoftext|>)",
+    "uer": "uer's way ([CLS] text [SEP])",
+    "gpt2-chinese": "GPT2-Chinese's way ([MASK] text [CLS])",
+    "chitchat": "GPT2-chitchat's way ([CLS] turn [SEP] turn [SEP])",
+}
 SERVING_CODE = Path(serving.__file__)  # the served model's loader, shipped with each version
 
 
@@ -48,6 +55,7 @@ def model_card(model_name: str, params: Params, eval_metrics: dict[str, Any], ta
     trained = read_json(TRAIN_METRICS, "train")
     samples = read_json(SAMPLES_FILE, "evaluate")
     config = json.loads((MODEL_DIR / "config.json").read_text())
+    framing = FRAMED.get(config.get("framing", "eos"), config.get("framing"))
     shape = ", ".join(f"{key} {config[key]}" for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"))
     scores = "\n".join(f"| {key} | {value:.6g} |" for key, value in eval_metrics.items())
     examples = "\n\n".join(f"```\n{item['text']}\n```" for item in samples)
@@ -62,7 +70,7 @@ validation records ({stats["train"]["bytes"]:,} and {stats["validation"]["bytes"
 
 ## Model
 Tokenizer: {params.tokenizer.kind}, {params.tokenizer.vocab_size} tokens asked,
-block size {params.tokenizer.block_size}.
+block size {params.tokenizer.block_size}; records framed {framing}.
 Initialization: {params.model.init}{"" if params.model.init == "scratch" else f" from {params.model.name_or_path}"};
 {shape}. Trained {trained["steps"]} steps, {trained["tokens_seen"]:,} tokens, on {trained["device"]}
 ({trained["precision"]}). Git commit {tags.get("git_commit", "unknown")} (dirty: {tags.get("git_dirty")}),

@@ -19,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from tasks import framing
 from tasks.common import EOS, SEP, UNK, PipelineError, atomic_output, hash_file, read_json, run_cli
 from tasks.loading import load_tokenizer
 from tasks.params import CHAR_SPECIALS, ModelParams, TokenizerParams, load_params
-from tasks.paths import DATA_STATS, INGEST_STATS, PREPARED_DIR, SPLITS, TOKENIZED_DIR, TOKENIZER_DIR
+from tasks.paths import DATA_STATS, FRAMING_FIGURE, INGEST_STATS, PREPARED_DIR, SPLITS, TOKENIZED_DIR, TOKENIZER_DIR
 
 CHAR_PATTERN = r"[\s\S]"  # the char tokenizer's pre-tokenizer: every character on its own
 MAP_BATCH = 1000  # records per batched map call; group_texts drops at most block_size-1 tokens per batch
@@ -83,18 +84,19 @@ def _wrap(trained, **special_tokens):
     return tokenizer
 
 
-def load_pretrained_tokenizer(name_or_path: str, dialog: bool):
-    """The tokenizer of model.name_or_path (a hub id, a local folder or an MLflow model URI).
+def load_pretrained_tokenizer(name_or_path: str, dialog: bool, framing_setting: str):
+    """The tokenizer of model.name_or_path (a hub id, a local folder or an MLflow model URI), carrying the
+    framing of its model family (tasks/framing.py).
 
-    Dialogue data needs a separator: one is added when the tokenizer has none (train then resizes embeddings).
+    Dialogue data framed GPT-2's way needs a separator: one is added when the tokenizer has none (train then
+    resizes embeddings).
     """
     tokenizer = load_tokenizer(name_or_path)
-    if tokenizer.eos_token_id is None:
-        raise PipelineError(f"model.name_or_path: the tokenizer of {name_or_path!r} has no end-of-text token")
-    if dialog and tokenizer.sep_token_id is None:
+    chosen = framing.resolve(framing_setting, tokenizer, dialog, name_or_path)
+    if chosen.name == "eos" and dialog and tokenizer.sep_token_id is None:
         tokenizer.add_special_tokens({"sep_token": SEP})
         print(f"tokenize: added the separator {SEP} to the tokenizer of {name_or_path} for dialogue turns")
-    return tokenizer
+    return framing.apply(chosen, tokenizer), chosen
 
 
 def span_lengths(text: str, offsets: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -167,13 +169,15 @@ class TokenSizes:
 
 
 def encode_and_group(
-    batch: dict[str, list], tokenizer, block_size: int, sizes: TokenSizes | None = None
+    batch: dict[str, list], tokenizer, block_size: int, sizes: TokenSizes | None = None, start_id: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Tokenize records, end each with end-of-text, concatenate and cut into blocks (run_clm's group_texts).
+    """Tokenize records, frame each, concatenate and cut into blocks (run_clm's group_texts).
 
-    A dialogue record's turns are joined with the separator token. End-of-text and separator count as one
-    byte each: they stand for the newline between records and between turns. Pass `sizes` when calling
-    batch after batch: building it walks the whole vocabulary.
+    A record ends with the tokenizer's eos_token (the framing's end marker, tasks/framing.py); a dialogue
+    record's turns are joined with the separator token; `start_id`, when given, goes before each record. End
+    and separator count as one byte and character each: they stand for the newline between records and between
+    turns; the start marker stands for nothing. Pass `sizes` when calling batch after batch: building it walks
+    the whole vocabulary.
     """
     records = batch["turns"] if "turns" in batch else [[text] for text in batch["text"]]
     turns = [turn for record in records for turn in record]
@@ -182,27 +186,33 @@ def encode_and_group(
     lengths = np.fromiter((len(encoding.ids) for encoding in encodings), dtype=np.int64, count=len(encodings))
     ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=lengths.sum())
     token_bytes, token_chars = sizes(turns, encodings, ids)
-    # After each turn: the separator, or end-of-text after a record's last turn (1 byte, 1 character each).
+    # After each turn: the separator, or the end marker after a record's last turn (1 byte, 1 character each).
+    turns_per_record = np.array([len(record) for record in records], dtype=np.int64)
     last = np.zeros(len(turns), dtype=bool)
-    last[np.cumsum([len(record) for record in records]) - 1] = True
+    last[np.cumsum(turns_per_record) - 1] = True
     ends = np.where(last, tokenizer.eos_token_id, tokenizer.sep_token_id if not last.all() else 0)
     at = np.cumsum(lengths)
     ids = np.insert(ids, at, ends.astype(np.int32))
+    token_bytes, token_chars = np.insert(token_bytes, at, 1), np.insert(token_chars, at, 1)
+    if start_id is not None:  # before each record, in the stream that now has its turns' end markers
+        record_lengths = np.add.reduceat(lengths + 1, np.cumsum(turns_per_record) - turns_per_record)
+        starts = np.cumsum(record_lengths) - record_lengths
+        ids = np.insert(ids, starts, np.int32(start_id))
+        token_bytes, token_chars = np.insert(token_bytes, starts, 0), np.insert(token_chars, starts, 0)
     usable = len(ids) // block_size * block_size
     return {
         "input_ids": ids[:usable].reshape(-1, block_size),
-        "token_bytes": np.insert(token_bytes, at, 1).astype(np.uint16)[:usable].reshape(-1, block_size),
-        "token_chars": np.insert(token_chars, at, 1).astype(np.uint16)[:usable].reshape(-1, block_size),
+        "token_bytes": token_bytes.astype(np.uint16)[:usable].reshape(-1, block_size),
+        "token_chars": token_chars.astype(np.uint16)[:usable].reshape(-1, block_size),
     }
 
 
-def build_tokenizer(tokenizer_params: TokenizerParams, model_params: ModelParams, train_path: Path, dialog: bool):
-    """Train a bpe or char tokenizer on the train split, or load the pretrained model's."""
-    if tokenizer_params.kind == "bpe":
-        return train_bpe(train_path, tokenizer_params)
-    if tokenizer_params.kind == "char":
-        return train_char(train_path, tokenizer_params)
-    return load_pretrained_tokenizer(model_params.name_or_path, dialog)
+def build_tokenizer(params: TokenizerParams, model_params: ModelParams, train_path: Path, dialog: bool):
+    """(tokenizer, framing): a bpe or char tokenizer trained on the train split, or the pretrained model's."""
+    if params.kind == "pretrained":
+        return load_pretrained_tokenizer(model_params.name_or_path, dialog, params.framing)
+    tokenizer = train_bpe(train_path, params) if params.kind == "bpe" else train_char(train_path, params)
+    return tokenizer, framing.resolve(params.framing, tokenizer, dialog, f"the trained {params.kind} tokenizer")
 
 
 def blocks_fingerprint(prepared_file: Path, tokenizer, block_size: int) -> str:
@@ -233,7 +243,8 @@ def tokenize(
     for split in SPLITS:
         if not (prepared_dir / f"{split}.jsonl").exists():
             raise PipelineError(f"{prepared_dir / f'{split}.jsonl'}: not found; run the ingest stage first (dvc repro)")
-    tokenizer = build_tokenizer(tokenizer_params, model_params, prepared_dir / "train.jsonl", dialog)
+    tokenizer, chosen = build_tokenizer(tokenizer_params, model_params, prepared_dir / "train.jsonl", dialog)
+    start_id = tokenizer.convert_tokens_to_ids(getattr(tokenizer, chosen.start)) if chosen.start else None
     block_size = tokenizer_params.block_size
     features = datasets.Features(
         {
@@ -259,7 +270,7 @@ def tokenize(
                     batched=True,
                     batch_size=MAP_BATCH,
                     remove_columns=raw[split].column_names,
-                    fn_kwargs={"tokenizer": tokenizer, "block_size": block_size, "sizes": sizes},
+                    fn_kwargs={"tokenizer": tokenizer, "block_size": block_size, "sizes": sizes, "start_id": start_id},
                     features=features,
                     new_fingerprint=blocks_fingerprint(prepared_dir / f"{split}.jsonl", tokenizer, block_size),
                 )
@@ -277,6 +288,8 @@ def tokenize(
             stats[f"{split}_blocks"] = len(blocks[split])
             stats[f"{split}_tokens"] = len(blocks[split]) * block_size
         figures = data_figures(read_json(prepared_dir / INGEST_STATS.name, "ingest"), stats)
+        figures[FRAMING_FIGURE] = chosen.name  # for train (the model's prompt prefix), the run and the card
+        stats["framing"] = f"{chosen.name} ({chosen.shown})"
         # Both outputs are written first and swapped in together: a stop in between never pairs the new blocks
         # with the old tokenizer.
         with atomic_output(tokenized_dir) as blocks_tmp, atomic_output(tokenizer_dir) as tokenizer_tmp:
@@ -303,7 +316,8 @@ def main() -> None:
     stats = tokenize(params.tokenizer, params.model, dialog=params.data.format == "dialog")
     print(
         f"tokenize: vocabulary {stats['vocab_size']}, {stats['train_blocks']} train / "
-        f"{stats['validation_blocks']} validation blocks of {stats['block_size']} -> {TOKENIZED_DIR}"
+        f"{stats['validation_blocks']} validation blocks of {stats['block_size']}, framing {stats['framing']} "
+        f"-> {TOKENIZED_DIR}"
     )
 
 

@@ -25,9 +25,19 @@ from transformers import TrainerCallback
 from tasks import checkpoints, runs, throughput
 from tasks.charts import COLORS, line_chart
 from tasks.common import PipelineError, Stopped, atomic_output, read_json, run_cli, write_json
+from tasks.framing import FRAMINGS, Framing
 from tasks.loading import load_pretrained, resolve_device
 from tasks.params import ModelParams, Params, TrainParams, load_params
-from tasks.paths import CHECKPOINT_DIR, DATA_STATS, MODEL_DIR, PLOTS_DIR, TOKENIZED_DIR, TOKENIZER_DIR, TRAIN_METRICS
+from tasks.paths import (
+    CHECKPOINT_DIR,
+    DATA_STATS,
+    FRAMING_FIGURE,
+    MODEL_DIR,
+    PLOTS_DIR,
+    TOKENIZED_DIR,
+    TOKENIZER_DIR,
+    TRAIN_METRICS,
+)
 
 # What a run is rather than how it went: one value each, so run tags (MLflow draws a metric as a chart).
 RUN_FACTS = ("steps", "tokens_seen", "seconds", "parameters", "processes", "device", "precision", "mfu_peak")
@@ -59,8 +69,10 @@ def config_overrides(model_params: ModelParams) -> dict[str, Any]:
     return overrides
 
 
-def build_model(model_params: ModelParams, tokenizer, block_size: int):
-    """A GPT2LMHeadModel matching the tokenizer: config-initialized, or pretrained with embeddings resized."""
+def build_model(model_params: ModelParams, tokenizer, block_size: int, framing_name: str = "eos"):
+    """A GPT2LMHeadModel matching the tokenizer: config-initialized, or pretrained with embeddings resized; it
+    stops generating at the tokenizer's eos_token (the framing's end marker) and frames prompts as tokenize
+    framed records."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     eos = tokenizer.eos_token_id
@@ -88,8 +100,21 @@ def build_model(model_params: ModelParams, tokenizer, block_size: int):
                 "to match the tokenizer"
             )
             model.resize_token_embeddings(len(tokenizer))
-    model.generation_config.pad_token_id = eos
+    frame(model, tokenizer, FRAMINGS[framing_name])
     return model
+
+
+def frame(model, tokenizer, framing: Framing) -> None:
+    """The framing in the model's config: the start marker as the prompt prefix (transformers' text-generation
+    pipeline reads it too), the end marker as the stop token (a uer checkpoint's config names GPT-2's 50256,
+    outside its vocabulary), and the framing's name for the model card."""
+    eos = tokenizer.eos_token_id
+    model.config.eos_token_id = model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = eos
+    model.config.prefix = getattr(tokenizer, framing.start) if framing.start else None
+    if framing.start:
+        model.config.bos_token_id = model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.config.framing = framing.name
 
 
 def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -266,7 +291,8 @@ def train(
     set_seed(params.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))  # nosec B615
     blocks = datasets.load_from_disk(str(tokenized_dir)).select_columns(["input_ids"]).with_format("torch")
-    model = build_model(params.model, tokenizer, params.tokenizer.block_size)
+    framing_name = read_json(tokenized_dir / DATA_STATS.name, "tokenize").get(FRAMING_FIGURE, "eos")
+    model = build_model(params.model, tokenizer, params.tokenizer.block_size, framing_name)
     args = training_arguments(params.train, device, precision, checkpoint_dir)
     tokens_per_step = params.train.batch_size * params.train.grad_accum * params.tokenizer.block_size * args.world_size
     meter = throughput.Meter(model, tokens_per_step, params.tokenizer.block_size, args.world_size, device, precision)

@@ -317,3 +317,44 @@ def prefect_env(tmp_path_factory) -> Iterator[dict[str, str]]:
     with process(command, log, env) as server:
         wait_http(f"{env['PREFECT_API_URL']}/health", server, log)
         yield env
+
+
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def bert_tokenizer(folder: Path, tokens: list[str]):
+    """A BERT WordPiece tokenizer (as uer/gpt2-chinese-* ship) of the specials and `tokens`, saved in folder.
+
+    transformers 5 builds a 5-token tokenizer from BertTokenizerFast(vocab_file=...) without complaint: the
+    WordPiece model comes from `tokenizers` and its size is checked."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join([*BERT_SPECIALS, *tokens]) + "\n", encoding="utf-8")
+    wordpiece = BertWordPieceTokenizer(str(folder / "vocab.txt"), lowercase=True)
+    tokenizer = BertTokenizerFast(tokenizer_object=wordpiece._tokenizer)
+    assert len(tokenizer) == len(BERT_SPECIALS) + len(tokens)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def bert_gpt2(folder: Path, weights: str = "safetensors") -> Path:
+    """A Chinese GPT-2 as uer ships one, built offline: a BERT vocabulary of the Tang poems' characters and a
+    config-initialized GPT2LMHeadModel of that size (GPT2Config's default eos 50256 kept, outside the
+    vocabulary, as in uer's config), saved as model.safetensors or, with weights="bin", pytorch_model.bin."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    poems = json.loads((ROOT / "data/samples/tang300.json").read_text(encoding="utf-8"))
+    chars = sorted({char for poem in poems for line in [poem["title"], *poem["paragraphs"]] for char in line})
+    tokenizer = bert_tokenizer(folder, [char for char in chars if not char.isspace()] + ["hello", "##s"])
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=64, n_positions=64)
+    model = GPT2LMHeadModel(config)
+    if weights == "bin":
+        config.save_pretrained(folder)
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    else:
+        model.save_pretrained(folder)
+    return folder

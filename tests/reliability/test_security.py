@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from tasks.common import EOS
 from tests.conftest import BIN, ROOT, merge, run, tiny_params, tool_env, trained_copy, write_params
 from tests.servers import LOOPBACK, free_port, mlflow_server, wait_http
 
@@ -26,7 +27,7 @@ def calls(name: str):
                     yield path, node
 
 
-def test_models_load_only_as_safetensors_and_never_run_remote_code():
+def test_models_load_only_tensors_and_never_run_remote_code():
     model_loads = [
         (path, node) for path, node in calls("from_pretrained")
         if isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", "") == "GPT2LMHeadModel"
@@ -35,30 +36,51 @@ def test_models_load_only_as_safetensors_and_never_run_remote_code():
     assert [path.name for path, _ in model_loads] == ["loading.py"]
     for path, node in model_loads:
         keywords = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
-        assert keywords.get("use_safetensors") is True, f"{path}:{node.lineno}"
+        assert keywords.get("weights_only") is True and "use_safetensors" not in keywords, f"{path}:{node.lineno}"
     text = "\n".join(path.read_text() for path in SOURCES)
     assert "trust_remote_code" not in text
-    assert not re.search(r"^\s*(import pickle|from pickle|import dill|import joblib)", text, re.M)
+    assert not re.search(r"^\s*(import dill|import joblib)", text, re.M)
+    assert not re.search(r"\b(pickle|_pickle|dill|joblib)\.(loads?|Unpickler)\b", text)  # pickle: its error only
     for path, node in calls("load"):
         if isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", "") == "torch":
             keywords = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
             assert keywords.get("weights_only") is True, f"{path}:{node.lineno}"
 
 
-def test_a_pickled_model_folder_is_refused(tmp_path):
-    """A folder with pytorch_model.bin (a pickle) and no safetensors is not loaded."""
-    import torch
-    from transformers import GPT2Config
+def char_tokenizer(size: int):
+    """A tokenizer of `size` single characters, the first one end-of-text."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    folder = tmp_path / "pickled"
-    folder.mkdir()
-    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=32).save_pretrained(folder)
-    torch.save({"transformer.wte.weight": torch.zeros(300, 32)}, folder / "pytorch_model.bin")
-    result = run([str(BIN / "gpt2-pipeline"), "generate", "--model", str(folder), "--prompt", "a"], ROOT, check=False)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "model.safetensors" in lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    vocab = {chr(0x21 + index) if index else EOS: index for index in range(size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=EOS))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS)
+
+
+def test_a_pickled_model_loads_its_tensors_and_nothing_else(tmp_path):
+    """A folder with only pytorch_model.bin (as many Chinese GPT-2s ship) loads through torch's weights_only
+    loader; one whose pickle holds an object besides tensors is refused with one line naming it."""
+    import datetime
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_positions=32))
+    command = [str(BIN / "gpt2-pipeline"), "generate", "--prompt", "a", "--max-new-tokens", "3", "--model"]
+    outcomes = {}
+    for name, extra in (("tensors", {}), ("object", {"saved_on": datetime.date(2026, 11, 27)})):
+        folder = tmp_path / name
+        model.config.save_pretrained(folder)
+        torch.save({**model.state_dict(), **extra}, folder / "pytorch_model.bin")
+        char_tokenizer(300).save_pretrained(folder)
+        outcomes[name] = run([*command, str(folder)], ROOT, check=False)
+    assert outcomes["tensors"].returncode == 0, outcomes["tensors"].stderr[-2000:]
+    assert outcomes["tensors"].stdout.startswith("a")
+    refused = outcomes["object"]
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
+    assert "holds more than tensors (datetime.date)" in lines[0] and "Traceback" not in refused.stderr
 
 
 @pytest.mark.slow
