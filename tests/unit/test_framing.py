@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from examples.bert_gpt2 import bert_tokenizer
 from tasks import framing
 from tasks.common import PipelineError
 from tasks.params import FRAMING_CHOICES
 from tasks.tokenize import TokenSizes, encode_and_group
-from tests.conftest import bert_tokenizer
 from tests.reliability.test_security import char_tokenizer
 
 WORDS = ["床", "前", "明", "月", "光", "，", "hello", "world", "py", "##thon", "!"]
