@@ -5,7 +5,8 @@ config names GPT-2's end-of-text id 50256, outside its vocabulary: so does this 
 
 For trying the pipeline's Chinese fine-tuning where the model hub is out of reach (README, "Fine-tuning a
 Chinese GPT-2"). Weights as model.safetensors, or as pytorch_model.bin (`--weights bin`) as many ship.
-Run: .venv/bin/python examples/bert_gpt2.py FOLDER [--weights bin] [--layers 2 --width 64]
+Run: .venv/bin/python examples/bert_gpt2.py FOLDER [--weights bin] [--layers 4 --width 128]
+(the shape of params/tang-poetry.yaml's model: 4 layers, 4 heads, 128 wide, 128 positions)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def bert_tokenizer(folder: Path, tokens: list[str]):
     return tokenizer
 
 
-def bert_gpt2(folder: Path, weights: str = "safetensors", layers: int = 2, width: int = 64) -> Path:
+def bert_gpt2(folder: Path, weights: str = "safetensors", layers: int = 4, width: int = 128) -> Path:
     """The tokenizer above over the Tang poems' characters and a GPT-2 of its size, in folder."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -47,7 +48,7 @@ def bert_gpt2(folder: Path, weights: str = "safetensors", layers: int = 2, width
     chars = sorted({char for poem in poems for line in [poem["title"], *poem["paragraphs"]] for char in line})
     tokenizer = bert_tokenizer(folder, [char for char in chars if not char.isspace()] + ["hello", "##s"])
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_layer=layers, n_head=2, n_embd=width, n_positions=64)
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=layers, n_head=4, n_embd=width, n_positions=128)
     model = GPT2LMHeadModel(config)
     if weights == "bin":
         config.save_pretrained(folder)
@@ -61,8 +62,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--weights", choices=("safetensors", "bin"), default="safetensors")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=128)
     args = parser.parse_args()
     bert_gpt2(args.folder, args.weights, args.layers, args.width)
     print(f"{args.folder}: a uer-style Chinese GPT-2 ({args.weights}), ready for model.name_or_path")

@@ -21,11 +21,11 @@ TRAIN = {"max_steps": 60, "batch_size": 8, "learning_rate": 3.0e-3, "warmup_step
 
 
 def fine_tune_params(project, source, **sections) -> dict:
-    """params/tang-poetry.yaml, fine-tuning the BERT-vocabulary GPT-2 in `source` with its own tokenizer."""
-    params = yaml.safe_load((project / "params/tang-poetry.yaml").read_text(encoding="utf-8"))
-    params["tokenizer"] = {**params["tokenizer"], "kind": "pretrained", "block_size": 64}
-    params["model"] = {"init": "pretrained", "name_or_path": str(source), "config": {"dropout": 0.0}}
-    return merge(params, {"train": TRAIN, "evaluate": {"generation": {"max_new_tokens": 24}}, **sections})
+    """params/tang-poetry-uer.yaml (shorter), fine-tuning the BERT-vocabulary GPT-2 in `source`."""
+    params = yaml.safe_load((project / "params/tang-poetry-uer.yaml").read_text(encoding="utf-8"))
+    params["model"]["name_or_path"] = str(source)
+    return merge(params, {"tokenizer": {"block_size": 64}, "model": {"config": {"dropout": 0.0}}, "train": TRAIN,
+                          "evaluate": {"generation": {"max_new_tokens": 24}}, **sections})  # fmt: skip
 
 
 def starting_perplexity(project, source) -> float:
@@ -40,7 +40,7 @@ def starting_perplexity(project, source) -> float:
 
 def test_a_uer_style_gpt2_fine_tunes_on_tang_poems_and_writes_chinese(tmp_path):
     project = copy_project(tmp_path)
-    source = bert_gpt2(tmp_path / "gpt2-chinese-like")
+    source = bert_gpt2(tmp_path / "gpt2-chinese-like", layers=2, width=64)
     write_params(project, fine_tune_params(project, source))
     output = run([str(BIN / "dvc"), "repro"], project).stdout
     assert "framing uer ([CLS] text [SEP])" in output
@@ -72,7 +72,7 @@ def test_a_uer_style_gpt2_fine_tunes_on_tang_poems_and_writes_chinese(tmp_path):
 
 def test_a_chitchat_dialogue_model_shipped_as_pytorch_model_bin_fine_tunes(tmp_path):
     project = copy_project(tmp_path)
-    source = bert_gpt2(tmp_path / "chitchat-like", weights="bin")
+    source = bert_gpt2(tmp_path / "chitchat-like", weights="bin", layers=2, width=64)
     turns = [["你好", "你好呀，今天天气不错"], ["吃饭了吗", "吃了，你呢", "我也吃了"], ["在看什么", "在看书"]]
     places = [a + b for a in "春夏秋冬山水风月花鸟" for b in "东南西北天地日星"]  # ingest keeps one of each record
     records = [json.dumps({"dialog": [f"{turn}{place}" for turn in dialog]}, ensure_ascii=False)
