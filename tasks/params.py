@@ -186,6 +186,12 @@ with warnings.catch_warnings():
                     f"evaluate.stride: {self.evaluate.stride} exceeds tokenizer.block_size "
                     f"({self.tokenizer.block_size}); tokens between windows would never be scored"
                 )
+            if self.tokenizer.kind != "pretrained" and self.tokenizer.framing not in ("auto", "eos"):
+                raise ValueError(
+                    f"tokenizer.framing: {self.tokenizer.framing} is the framing of a BERT-vocabulary checkpoint "
+                    f"(tokenizer.kind: pretrained); the {self.tokenizer.kind} tokenizer this pipeline trains ends "
+                    f"records with {EOS}: use auto or eos"
+                )
             if self.tokenizer.kind == "char" and self.tokenizer.vocab_size <= len(CHAR_SPECIALS):
                 raise ValueError(
                     f"tokenizer.vocab_size: {self.tokenizer.vocab_size} leaves no room for characters beside "

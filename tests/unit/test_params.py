@@ -20,6 +20,7 @@ def test_the_shipped_params_files_are_valid():
     assert load_params(ROOT / "params.yaml").model.config["n_layer"] == 4
     tang = load_params(ROOT / "params/tang-poetry.yaml")
     assert tang.data.text_field == ["title", "paragraphs"]
+    assert load_params(ROOT / "params/tang-poetry-uer.yaml").tokenizer.kind == "pretrained"
 
 
 def test_unknown_key_is_named():
@@ -50,6 +51,8 @@ def test_wrong_type_is_named_with_the_value():
         ({"model": {"config": {"n_layers": 2}}}, "params.yaml: model.config: unknown GPT2Config field 'n_layers'"),
         ({"tokenizer": {"vocab_size": 200}}, "params.yaml: tokenizer.vocab_size: 200 is too small for byte-level BPE"),
         ({"train": {"device": "tpu"}}, "params.yaml: train.device: input should be 'auto', 'cpu' or 'cuda'"),
+        ({"tokenizer": {"framing": "uer"}}, "params.yaml: tokenizer.framing: uer is the framing of a BERT-vocabulary"),
+        ({"tokenizer": {"framing": "bert"}}, "params.yaml: tokenizer.framing: input should be 'auto', 'eos', 'uer'"),
     ],
 )
 def test_impossible_values_are_refused(overrides, expected):
