@@ -24,6 +24,7 @@ from tasks.common import (
     one_line_warning,
     quiet_progress_bars,
     read_json,
+    redact_output,
     report,
     tools_first,
 )
@@ -51,6 +52,7 @@ def options(
 def main() -> None:
     """The console script: any error is one line, as the stages print it (tasks.common.report), with the same
     exit status; the traceback only with --verbose. In a log (not a terminal) no progress bars, as in the stages."""
+    redact_output()
     warnings.formatwarning = one_line_warning
     if not sys.stderr.isatty():
         quiet_progress_bars()

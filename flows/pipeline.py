@@ -24,7 +24,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import server, workspace
 from flows.promote import promote_model
-from tasks.common import BAD_INPUT_EXIT, PipelineError, read_json, tools_first
+from tasks.common import BAD_INPUT_EXIT, PipelineError, read_json, redact, tools_first
 from tasks.lineage import FLOW_RUN_ENV
 from tasks.paths import REGISTERED_FILE
 
@@ -107,9 +107,9 @@ def sync_remote(action: str, remote: str, cwd: str, env: dict[str, str]) -> None
     if action == "pull":
         command.append("--allow-missing")
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    print(result.stdout.strip())
+    print(redact(result.stdout.strip()))  # a remote's URL may carry credentials; the print goes to Prefect's log
     if result.returncode != 0:
-        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        detail = redact((result.stderr.strip().splitlines() or ["no output"])[-1])
         raise StageFailed(f"dvc {action}", result.returncode, f"{detail} (remote {remote!r}; see `dvc remote list`)")
 
 
@@ -122,8 +122,8 @@ def run_stage(stage: str, cwd: str, env: dict[str, str]) -> None:
     ) as process:
         lines = []
         for line in process.stdout or []:
-            lines.append(line.rstrip())
-            print(line.rstrip())
+            lines.append(redact(line.rstrip()))  # DVC's and MLflow's own lines too, before Prefect's log has them
+            print(lines[-1])
     if process.returncode != 0:
         errors = [line for line in lines if line.startswith("error:")] or lines[-1:]
         raise StageFailed(stage, stage_status(lines, process.returncode), errors[-1] if errors else "no output")

@@ -35,6 +35,7 @@ def model_source(name_or_path: str) -> Iterator[ModelSource]:
     if not name_or_path.startswith(MLFLOW_URI_PREFIXES):
         yield ModelSource(name_or_path, name_or_path)
         return
+    store.require_tracking_server()  # one line now, not minutes of MLflow's retries against a server that is down
     mlflow = store.use_store()
     with tempfile.TemporaryDirectory(prefix="gpt2-source-") as scratch:
         try:

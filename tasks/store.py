@@ -9,10 +9,9 @@ and model version reaches one store, wherever DVC runs a stage.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
-from tasks.common import PipelineError
+from tasks.common import PipelineError, redact
 
 DATABASE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -34,8 +33,8 @@ def tracking_uri() -> str:
 
 
 def shown_uri(uri: str | None = None) -> str:
-    """The tracking URI as logs and messages show it: a password in it (user:password@host) becomes ***."""
-    return re.sub(r"(//[^/@:]+:)[^/@]+@", r"\1***@", uri or tracking_uri())
+    """The tracking URI as logs and messages show it: its user-info (a password, a token) hidden."""
+    return redact(uri or tracking_uri())
 
 
 def mlflow_module():
@@ -82,7 +81,9 @@ def require_tracking_server() -> None:
             httpx.get(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S).raise_for_status()
         client().search_experiments(max_results=1)
     except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise PipelineError(
-            f"MLflow tracking server {shown_uri(uri)} is not reachable ({type(exc).__name__}); "
-            "start it or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
+            f"MLflow tracking server {shown_uri(uri)} is not reachable ({type(exc).__name__}"
+            f"{f': {redact(first)}' if first else ''}); start it, check its credentials, or unset "
+            "MLFLOW_TRACKING_URI to use the local mlflow.db"
         ) from None

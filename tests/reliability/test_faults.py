@@ -26,7 +26,9 @@ def test_mlflow_down_at_the_start_fails_before_training(trained):
     result = trained.repro({"train": {"seed": 7}}, env=env)  # train is stale: it would retrain
     # ConnectError is the /health pre-check's answer: MLflow's own client would retry with backoff for minutes.
     trained.assert_failed_cleanly(
-        result, r"MLflow tracking server http://127\.0\.0\.1:\d+ is not reachable \(ConnectError\); start it"
+        result,
+        r"MLflow tracking server http://127\.0\.0\.1:\d+ is not reachable \(ConnectError: .*Connection refused\); "
+        r"start it",
     )
     assert "train: step" not in result.stdout
 

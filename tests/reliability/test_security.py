@@ -11,7 +11,7 @@ import pytest
 
 from tasks.common import EOS
 from tests.conftest import BIN, ROOT, merge, run, tiny_params, tool_env, trained_copy, write_params
-from tests.servers import LOOPBACK, free_port, mlflow_server, wait_http
+from tests.servers import LOOPBACK, MLFLOW_SERVER_ENV, free_port, mlflow_server, process, wait_http
 
 SOURCES = sorted([*(ROOT / "tasks").glob("*.py"), *(ROOT / "flows").glob("*.py")])
 
@@ -120,13 +120,69 @@ def test_two_workspaces_one_server_at_once_and_no_password_anywhere(golden, tmp_
         assert secret not in (project / "models/gpt2/mlflow_run.json").read_text()
 
 
-def test_shown_uris_hide_passwords():
+SECRET = "Zq9xPw7unique"
+# Each shape of a URI with credentials in it, as users write them (the password with `@` or `/` unescaped, a
+# bare token), with what the user sees instead.
+URI_SHAPES = {
+    f"http://user:{SECRET}@127.0.0.1:9/": "http://user:***@127.0.0.1:9/",
+    f"http://user:p@ss{SECRET}@127.0.0.1:9/": "http://user:***@127.0.0.1:9/",
+    f"http://user:a/b{SECRET}@127.0.0.1:9/": "http://user:***@127.0.0.1:9/",
+    f"http://{SECRET}@127.0.0.1:9/": "http://***@127.0.0.1:9/",
+}
+
+
+@pytest.mark.parametrize("uri", URI_SHAPES)
+def test_one_redaction_hides_every_shape_of_credentials_wherever_they_stand(uri):
+    from tasks.common import redact
     from tasks.store import shown_uri
 
-    assert shown_uri("http://alice:pw@host:5000") == "http://alice:***@host:5000"
+    assert shown_uri(uri) == URI_SHAPES[uri]
+    request = "/api/2.0/mlflow/runs/get?run_id=1"
+    line = f"error: MlflowException: API request to {uri.rstrip('/')}{request} failed"
+    assert redact(line) == f"error: MlflowException: API request to {URI_SHAPES[uri].rstrip('/')}{request} failed"
     assert shown_uri("postgresql://u:p%40ss@db/mlflow") == "postgresql://u:***@db/mlflow"
-    assert shown_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
-    assert shown_uri("http://host:5000") == "http://host:5000"
+    for plain in ("sqlite:////tmp/mlflow.db", "http://host:5000/a?mail=a@b", "models:/gpt2-lm@champion"):
+        assert redact(plain) == plain
+
+
+@pytest.mark.slow  # four CLI processes: kept out of the edit-test loop
+def test_a_password_in_the_tracking_uri_is_printed_nowhere_when_the_server_is_down():
+    """With each shape of credentials in MLFLOW_TRACKING_URI and nothing listening there, the CLI (loading a
+    registered model) fails with one line, and no output line holds the secret."""
+    command = [str(BIN / "gpt2-pipeline"), "generate", "--model", "models:/gpt2-lm@champion", "--prompt", "a"]
+    for uri, shown in URI_SHAPES.items():
+        result = run(command, ROOT, check=False, env=tool_env(MLFLOW_TRACKING_URI=uri))
+        output = result.stdout + result.stderr
+        assert result.returncode != 0 and SECRET not in output, output[-2000:]
+        assert shown.rstrip("/") in output
+
+
+@pytest.mark.servers
+def test_a_password_refused_by_the_server_is_printed_nowhere(tmp_path):
+    """A real MLflow server with basic auth answers 401 to a wrong password: the stage that logs to it fails
+    with one line, and neither its output nor the files it leaves hold the password."""
+    port = free_port()
+    auth = tmp_path / "basic_auth.ini"
+    auth.write_text(
+        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+        f"database_uri = sqlite:///{tmp_path}/auth.db\nadmin_username = admin\n"
+        "admin_password = admin-password-for-the-test\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    csrf = {"MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-the-test"}  # the basic-auth app refuses to start without
+    env = tool_env(MLFLOW_AUTH_CONFIG_PATH=str(auth), **csrf)
+    command = [
+        str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--host", LOOPBACK, "--port", str(port),
+        "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "store"),
+    ]  # fmt: skip
+    with process(command, tmp_path / "mlflow.log", {**env, **MLFLOW_SERVER_ENV}) as server:
+        wait_http(f"http://{LOOPBACK}:{port}/health", server, tmp_path / "mlflow.log")
+        uri = f"http://admin:wrong{SECRET}@{LOOPBACK}:{port}"
+        generate = [str(BIN / "gpt2-pipeline"), "generate", "--model", "models:/gpt2-lm/1", "--prompt", "a"]
+        result = run(generate, ROOT, check=False, env=tool_env(MLFLOW_TRACKING_URI=uri))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and SECRET not in output, output[-2000:]
+    assert "401" in output or "Unauthorized" in output or "credentials" in output.lower(), output[-2000:]
 
 
 def test_bandit_finds_nothing_of_medium_or_high_severity():
