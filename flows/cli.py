@@ -6,7 +6,6 @@ import functools
 import json
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -21,10 +20,8 @@ from tasks.common import (
     NOT_PROMOTED_EXIT,
     PipelineError,
     atomic_output,
-    one_line_warning,
-    quiet_progress_bars,
+    console_output,
     read_json,
-    redact_output,
     report,
     tools_first,
 )
@@ -52,10 +49,7 @@ def options(
 def main() -> None:
     """The console script: any error is one line, as the stages print it (tasks.common.report), with the same
     exit status; the traceback only with --verbose. In a log (not a terminal) no progress bars, as in the stages."""
-    redact_output()
-    warnings.formatwarning = one_line_warning
-    if not sys.stderr.isatty():
-        quiet_progress_bars()
+    console_output()
     try:
         app()
     except Exception as exc:

@@ -204,16 +204,21 @@ def redact_output() -> None:
             setattr(sys, name, RedactedStream(stream))
 
 
+def console_output() -> None:
+    """What a stage and the CLI print alike: redacted, warnings on one line, and no progress bars in a log."""
+    redact_output()
+    warnings.formatwarning = one_line_warning
+    if not sys.stderr.isatty():
+        quiet_progress_bars()
+
+
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a stage's main(): any error becomes one line on stderr (see report) and the exit status it names.
 
     SIGTERM and Ctrl-C unwind the stage (temporary outputs are removed, finished ones kept) and exit 128 + signal.
     """
     signal.signal(signal.SIGTERM, _raise_stopped)
-    redact_output()
-    warnings.formatwarning = one_line_warning
-    if not sys.stderr.isatty():
-        quiet_progress_bars()
+    console_output()
     try:
         main()
     except (Exception, Stopped, KeyboardInterrupt) as exc:

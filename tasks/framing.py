@@ -23,15 +23,16 @@ class Framing:
     end: str  # the one after each record: generation stops there
     turn: str  # the one between the turns of a dialogue record
     shown: str  # one record as it looks, for the logs and the model card
+    family: str  # whose convention, for the model card
 
 
 FRAMINGS = {
     framing.name: framing
     for framing in (
-        Framing("eos", None, "eos_token", "sep_token", "text <|endoftext|>"),
-        Framing("uer", "cls_token", "sep_token", "sep_token", "[CLS] text [SEP]"),
-        Framing("gpt2-chinese", "mask_token", "cls_token", "sep_token", "[MASK] text [CLS]"),
-        Framing("chitchat", "cls_token", "sep_token", "sep_token", "[CLS] turn [SEP] turn [SEP]"),
+        Framing("eos", None, "eos_token", "sep_token", "text <|endoftext|>", "GPT-2's"),
+        Framing("uer", "cls_token", "sep_token", "sep_token", "[CLS] text [SEP]", "uer's"),
+        Framing("gpt2-chinese", "mask_token", "cls_token", "sep_token", "[MASK] text [CLS]", "GPT2-Chinese's"),
+        Framing("chitchat", "cls_token", "sep_token", "sep_token", "[CLS] turn [SEP] turn [SEP]", "GPT2-chitchat's"),
     )
 }
 # Chinese, Japanese and Korean characters and their punctuation: no space goes before them when decoding.

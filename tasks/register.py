@@ -16,17 +16,11 @@ from typing import Any
 
 from tasks import flavor, lineage, registry, runs, serving, store
 from tasks.common import PipelineError, read_json, run_cli, write_json
+from tasks.framing import FRAMINGS
 from tasks.params import GenerationParams, Params, flatten, load_params
 from tasks.paths import EVAL_METRICS, INGEST_STATS, MODEL_DIR, REGISTERED_FILE, SAMPLES_FILE, TRAIN_METRICS
 from tasks.registry import CHALLENGER
 
-# How each framing (tasks/framing.py; the name train wrote into config.json) reads in the card.
-FRAMED = {
-    "eos": "GPT-2's way (text <|endoftext|>)",
-    "uer": "uer's way ([CLS] text [SEP])",
-    "gpt2-chinese": "GPT2-Chinese's way ([MASK] text [CLS])",
-    "chitchat": "GPT2-chitchat's way ([CLS] turn [SEP] turn [SEP])",
-}
 SERVING_CODE = Path(serving.__file__)  # the served model's loader, shipped with each version
 
 
@@ -55,7 +49,8 @@ def model_card(model_name: str, params: Params, eval_metrics: dict[str, Any], ta
     trained = read_json(TRAIN_METRICS, "train")
     samples = read_json(SAMPLES_FILE, "evaluate")
     config = json.loads((MODEL_DIR / "config.json").read_text())
-    framing = FRAMED.get(config.get("framing", "eos"), config.get("framing"))
+    framed = FRAMINGS[config.get("framing", "eos")]  # the name train wrote into config.json
+    framing = f"{framed.family} way ({framed.shown})"
     shape = ", ".join(f"{key} {config[key]}" for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"))
     scores = "\n".join(f"| {key} | {value:.6g} |" for key, value in eval_metrics.items())
     examples = "\n\n".join(f"```\n{item['text']}\n```" for item in samples)
