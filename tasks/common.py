@@ -57,6 +57,55 @@ def _raise_stopped(signum: int, frame: Any) -> None:
     raise Stopped(signum=signum)
 
 
+# How long a stage has, after SIGTERM or Ctrl-C, to unwind (train saves a checkpoint, runs are closed) before it is
+# killed: a stage whose main thread cannot run Python then (stuck in a C call, deadlocked after a failed
+# allocation) would otherwise ignore the signal and hold DVC's lock until someone sends SIGKILL.
+STOP_GRACE_SECONDS = 60
+
+# The watchdog, a separate tiny interpreter: Python's C-level signal handler writes the signal's number to the
+# stage's wakeup fd, the watchdog's stdin, with no need for the stage's main thread; after SIGTERM or SIGINT it
+# kills the stage if the stage is still there `grace` seconds later. It ends when the stage ends (EOF).
+_WATCHDOG = """
+import os, select, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and a group's SIGTERM reach it too: it outlives the stage
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only until EOF or the grace period ends
+stage, grace = int(sys.argv[1]), float(sys.argv[2])
+while not (received := {signal.SIGTERM, signal.SIGINT} & set(data := os.read(0, 64))):
+    if not data:
+        sys.exit(0)
+deadline = time.monotonic() + grace
+while (left := deadline - time.monotonic()) > 0:
+    if select.select([0], [], [], left)[0] and not os.read(0, 64):
+        sys.exit(0)
+name = signal.Signals(min(received)).name
+print(f"error: the stage did not stop within {grace:g} s of {name}; killed it (SIGKILL), its previous outputs are"
+      " kept", file=sys.stderr, flush=True)
+os.kill(stage, signal.SIGKILL)
+"""
+
+
+def _start_stop_watchdog() -> Callable[[], None]:
+    """A stage stopped by a signal ends within STOP_GRACE_SECONDS, whatever its main thread is doing. Returns
+    what disarms it (a stage run in-process, by a test, returns to its caller)."""
+    import subprocess  # nosec B404: this interpreter, a fixed program, no shell
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    subprocess.Popen(  # nosec B603
+        [sys.executable, "-S", "-c", _WATCHDOG, str(os.getpid()), str(STOP_GRACE_SECONDS)],
+        stdin=read_end,
+        stdout=subprocess.DEVNULL,
+    )
+    os.close(read_end)
+    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+
+    def disarm() -> None:  # the watchdog reads EOF and ends
+        signal.set_wakeup_fd(previous)
+        os.close(write_end)
+
+    return disarm
+
+
 @contextmanager
 def atomic_output(dest: Path) -> Iterator[Path]:
     """Yield a temporary sibling of `dest` to write into; on success it replaces `dest` in one rename.
@@ -215,14 +264,22 @@ def console_output() -> None:
 def run_cli(main: Callable[[], Any]) -> None:
     """Run a stage's main(): any error becomes one line on stderr (see report) and the exit status it names.
 
-    SIGTERM and Ctrl-C unwind the stage (temporary outputs are removed, finished ones kept) and exit 128 + signal.
+    SIGTERM and Ctrl-C unwind the stage (temporary outputs are removed, finished ones kept) and exit 128 + signal;
+    a stage that cannot unwind within STOP_GRACE_SECONDS is killed.
     """
     signal.signal(signal.SIGTERM, _raise_stopped)
+    disarm = _start_stop_watchdog()
     console_output()
+    stopped = False
     try:
         main()
     except (Exception, Stopped, KeyboardInterrupt) as exc:
-        sys.exit(report(exc))
+        status = report(exc)
+        stopped = status > interrupted_exit(0)
+        sys.exit(status)
+    finally:
+        if not stopped:  # a stopped stage's watchdog keeps counting until the process is gone
+            disarm()
 
 
 def report(exc: BaseException) -> int:

@@ -9,12 +9,21 @@ from __future__ import annotations
 import copy
 import hashlib
 import re
+import reprlib
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from tasks.common import EOS, SEP, UNK, PipelineError
 
@@ -24,25 +33,28 @@ FRAMING_CHOICES = ("auto", "eos", "uer", "gpt2-chinese", "chitchat")
 CHAR_SPECIALS = (UNK, EOS, SEP)  # the char tokenizer's special tokens, in id order
 BYTE_ALPHABET = 256  # byte-level BPE starts from every byte value
 GPT2_DEFAULT_POSITIONS = 1024
-# GPT2Config fields users may set in model.config, plus `dropout`, which sets the three dropout rates at once.
-GPT2_CONFIG_KEYS = {
-    "n_layer",
-    "n_head",
-    "n_embd",
-    "n_positions",
-    "n_inner",
-    "activation_function",
-    "resid_pdrop",
-    "embd_pdrop",
-    "attn_pdrop",
-    "layer_norm_epsilon",
-    "initializer_range",
-    "scale_attn_weights",
-    "scale_attn_by_inverse_layer_idx",
-    "reorder_and_upcast_attn",
-    "tie_word_embeddings",
-    "dropout",
-}
+PARAMS_MAX_BYTES = 1 << 20  # a params file is settings, not data: larger is a mistake or an attack
+# GPT-2's activations in transformers' ACT2FN that take no arguments (tests check each is there).
+ACTIVATIONS = (
+    "gelu_new", "gelu", "gelu_fast", "gelu_pytorch_tanh", "gelu_accurate", "quick_gelu", "relu", "relu2", "relu6",
+    "silu", "swish", "mish", "tanh", "sigmoid", "linear",
+)  # fmt: skip
+# Upper bounds on sizes: far above any model this pipeline trains (GPT-3 175B: 96 layers of 12288), low enough
+# that a typo (an extra 0) or a hostile value is refused with the params instead of exhausting memory later.
+MAX_LAYERS = 256
+MAX_WIDTH = 65_536  # n_embd, n_inner
+MAX_POSITIONS = 131_072  # n_positions, block_size, max_new_tokens
+MAX_VOCAB = 1 << 20
+MAX_STEPS = 100_000_000
+MAX_BATCH = 65_536
+
+
+def short(value: Any) -> str:
+    """A bad value as an error line shows it: a few items and characters, however large or deep the value is."""
+    shown = reprlib.Repr()
+    shown.maxlevel, shown.maxlist, shown.maxtuple, shown.maxdict = 2, 3, 3, 3
+    shown.maxstring = shown.maxother = 30
+    return shown.repr(value)
 
 
 class Section(BaseModel):
@@ -65,52 +77,79 @@ class TokenizerParams(Section):
     framing: Literal[FRAMING_CHOICES] = Field(  # type: ignore[valid-type]
         "auto", description="special tokens around each record: the model family's convention (tasks/framing.py)"
     )
-    vocab_size: int = Field(4096, gt=0)
+    vocab_size: int = Field(4096, gt=0, le=MAX_VOCAB)
     min_frequency: int = Field(2, ge=1)
-    block_size: int = Field(128, ge=2)
+    block_size: int = Field(128, ge=2, le=MAX_POSITIONS)
+
+
+class GPT2ConfigParams(Section):
+    """model.config: the GPT2Config fields a user may set, typed and bounded, plus `dropout`, which sets the three
+    dropout rates at once. Only the keys set in params.yaml reach GPT2Config (and MLflow's params)."""
+
+    n_layer: int = Field(None, gt=0, le=MAX_LAYERS)
+    n_head: int = Field(None, gt=0, le=MAX_LAYERS)
+    n_embd: int = Field(None, gt=0, le=MAX_WIDTH)
+    n_positions: int = Field(None, gt=0, le=MAX_POSITIONS)
+    n_inner: int | None = Field(None, gt=0, le=MAX_WIDTH)
+    activation_function: Literal[ACTIVATIONS] = None  # type: ignore[valid-type]
+    resid_pdrop: float = Field(None, ge=0, lt=1)
+    embd_pdrop: float = Field(None, ge=0, lt=1)
+    attn_pdrop: float = Field(None, ge=0, lt=1)
+    dropout: float = Field(None, ge=0, lt=1)
+    layer_norm_epsilon: float = Field(None, gt=0, le=1)
+    initializer_range: float = Field(None, gt=0, le=1)
+    scale_attn_weights: bool = None
+    scale_attn_by_inverse_layer_idx: bool = None
+    reorder_and_upcast_attn: bool = None
+    tie_word_embeddings: bool = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _only_mappings(cls, value: Any, handler):
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of GPT2Config fields, e.g. {n_layer: 4}")
+        return handler(value)
+
+    @model_serializer(mode="wrap")
+    def _set_keys_only(self, handler) -> dict[str, Any]:
+        dumped = handler(self)
+        return {key: dumped[key] for key in type(self).model_fields if key in self.model_fields_set}
+
+    def overrides(self) -> dict[str, Any]:
+        """The keys params.yaml sets, as GPT2Config takes them."""
+        return self.model_dump()
 
 
 class ModelParams(Section):
     init: Literal["scratch", "pretrained"] = "scratch"
     name_or_path: str = "gpt2"
-    config: dict[str, Any] = Field(default_factory=dict, description="GPT2Config overrides")
-
-    @field_validator("config")
-    @classmethod
-    def known_config_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(value) - GPT2_CONFIG_KEYS)
-        if unknown:
-            raise ValueError(f"unknown GPT2Config field {unknown[0]!r}; known: {', '.join(sorted(GPT2_CONFIG_KEYS))}")
-        for key in ("n_layer", "n_head", "n_embd", "n_positions"):
-            if key in value and (not isinstance(value[key], int) or value[key] <= 0):
-                raise ValueError(f"{key} must be a positive integer (got {value[key]!r})")
-        return value
+    config: GPT2ConfigParams = Field(default_factory=GPT2ConfigParams, description="GPT2Config overrides")
 
 
 class TrainParams(Section):
-    max_steps: int = Field(1000, description="optimizer steps; -1 trains for `epochs` instead")
+    max_steps: int = Field(1000, le=MAX_STEPS, description="optimizer steps; -1 trains for `epochs` instead")
     epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(16, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH)
+    grad_accum: int = Field(1, gt=0, le=MAX_BATCH)
     learning_rate: float = Field(1e-3, gt=0)
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    logging_steps: int = Field(10, gt=0)
-    eval_steps: int = Field(200, gt=0)
+    logging_steps: int = Field(10, gt=0, le=MAX_STEPS)
+    eval_steps: int = Field(200, gt=0, le=MAX_STEPS)
     checkpoint_every: int = Field(
-        200, gt=0, description="steps between resumable checkpoints; a multiple of eval_steps"
+        200, gt=0, le=MAX_STEPS, description="steps between resumable checkpoints; a multiple of eval_steps"
     )
-    keep_checkpoints: int = Field(2, gt=0)
+    keep_checkpoints: int = Field(2, gt=0, le=1000)
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
-    num_processes: int = Field(1, gt=0, description="> 1 runs data-parallel under torchrun")
+    num_processes: int = Field(1, gt=0, le=1024, description="> 1 runs data-parallel under torchrun")
     torch_compile: bool = False
     gradient_checkpointing: bool = False
-    dataloader_workers: int = Field(0, ge=0)
+    dataloader_workers: int = Field(0, ge=0, le=256)
 
     @field_validator("max_steps")
     @classmethod
@@ -121,16 +160,16 @@ class TrainParams(Section):
 
 
 class GenerationParams(Section):
-    max_new_tokens: int = Field(64, gt=0)
+    max_new_tokens: int = Field(64, gt=0, le=MAX_POSITIONS)
     temperature: float = Field(0.8, ge=0, description="0: greedy")
-    top_k: int = Field(50, ge=0)
+    top_k: int = Field(50, ge=0, le=MAX_VOCAB)
     top_p: float = Field(0.95, gt=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
     seed: int = 0
 
 
 class EvaluateParams(Section):
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH)
     prompts: list[str] = Field(default_factory=lambda: ["\n"], description="sample generations, logged to MLflow")
     generation: GenerationParams = GenerationParams()
     stride: int | None = Field(None, gt=0, description="sliding-window step; null: block_size (no overlap)")
@@ -165,7 +204,7 @@ with warnings.catch_warnings():
 
         @model_validator(mode="after")
         def consistent(self) -> Params:
-            cfg = self.model.config
+            cfg = self.model.config.overrides()
             if self.model.init == "scratch":
                 positions = cfg.get("n_positions", GPT2_DEFAULT_POSITIONS)
                 if self.tokenizer.block_size > positions:
@@ -206,7 +245,21 @@ with warnings.catch_warnings():
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where `1e-3` is a string; accept it as a float, as YAML 1.2 does."""
+    """PyYAML follows YAML 1.1, where `1e-3` is a string; accept it as a float, as YAML 1.2 does. Anchors and
+    aliases are refused before any node is built: ten nested aliases to ten items each expand to 10^10 values
+    (a "billion laughs" bomb) when the params are walked, validated or logged."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise _AnchorRefused(event.anchor, event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+class _AnchorRefused(Exception):
+    def __init__(self, anchor: str, line: int):
+        super().__init__(f"YAML anchors and aliases (&{anchor}, *{anchor}) are not accepted; write the value out")
+        self.line = line
 
 
 _Loader.add_implicit_resolver(
@@ -226,7 +279,7 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error" and not key:
         return message
-    return f"{key}: {message.lower()[:1] + message[1:]} (got {error.get('input')!r})"
+    return f"{key}: {message.lower()[:1] + message[1:]} (got {short(error.get('input'))})"
 
 
 def parse_params(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
@@ -242,11 +295,19 @@ def parse_params(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
 def load_params(path: Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml."""
     try:
+        size = path.stat().st_size
+        if size > PARAMS_MAX_BYTES:
+            raise PipelineError(
+                f"{path}: {size:,} bytes is over the {PARAMS_MAX_BYTES:,}-byte limit of a params file; "
+                "list data in data.sources instead of writing it into params"
+            )
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found; run from the project root, next to dvc.yaml") from None
     try:
         raw = yaml.load(text, Loader=_Loader)  # noqa: S506  # nosec B506
+    except _AnchorRefused as exc:
+        raise PipelineError(f"{path}:{exc.line}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
@@ -265,7 +326,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise PipelineError(f"override {text!r}: expected KEY=VALUE, for example train.max_steps=200")
-    return key.strip(), yaml.load(value, Loader=_Loader)  # noqa: S506  # nosec B506
+    try:
+        return key.strip(), yaml.load(value, Loader=_Loader)  # noqa: S506  # nosec B506
+    except _AnchorRefused as exc:
+        raise PipelineError(f"override {key.strip()}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"override {key.strip()}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

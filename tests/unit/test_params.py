@@ -17,7 +17,7 @@ def error_for(overrides: dict) -> str:
 
 
 def test_the_shipped_params_files_are_valid():
-    assert load_params(ROOT / "params.yaml").model.config["n_layer"] == 4
+    assert load_params(ROOT / "params.yaml").model.config.n_layer == 4
     tang = load_params(ROOT / "params/tang-poetry.yaml")
     assert tang.data.text_field == ["title", "paragraphs"]
     assert load_params(ROOT / "params/tang-poetry-uer.yaml").tokenizer.kind == "pretrained"
@@ -48,7 +48,20 @@ def test_wrong_type_is_named_with_the_value():
             {"model": {"config": {"n_embd": 100, "n_head": 3}}},
             "params.yaml: model.config.n_embd (100) must be divisible",
         ),
-        ({"model": {"config": {"n_layers": 2}}}, "params.yaml: model.config: unknown GPT2Config field 'n_layers'"),
+        ({"model": {"config": {"n_layers": 2}}}, "params.yaml: model.config.n_layers: unknown key; check its spelling"),
+        ({"model": {"config": {"n_layer": 2.5}}}, "params.yaml: model.config.n_layer: input should be a valid integer"),
+        ({"model": {"config": {"n_layer": 257}}}, "params.yaml: model.config.n_layer: input should be less than or"),
+        ({"model": {"config": {"dropout": 1}}}, "params.yaml: model.config.dropout: input should be less than 1"),
+        ({"model": {"config": {"activation_function": "gelu2"}}}, "params.yaml: model.config.activation_function: "),
+        ({"model": {"config": {"tie_word_embeddings": "no"}}}, "params.yaml: model.config.tie_word_embeddings: input"),
+        ({"model": {"config": [1, 2]}}, "params.yaml: model.config: must be a mapping of GPT2Config fields"),
+        ({"train": {"max_steps": 10**9}}, "params.yaml: train.max_steps: input should be less than or equal to 1000"),
+        ({"train": {"batch_size": 10**6}}, "params.yaml: train.batch_size: input should be less than or equal to"),
+        ({"tokenizer": {"vocab_size": 10**7}}, "params.yaml: tokenizer.vocab_size: input should be less than or"),
+        (
+            {"evaluate": {"generation": {"max_new_tokens": 10**6}}},
+            "params.yaml: evaluate.generation.max_new_tokens: input should be less than or equal to 131072",
+        ),
         ({"tokenizer": {"vocab_size": 200}}, "params.yaml: tokenizer.vocab_size: 200 is too small for byte-level BPE"),
         ({"train": {"device": "tpu"}}, "params.yaml: train.device: input should be 'auto', 'cpu' or 'cuda'"),
         ({"tokenizer": {"framing": "uer"}}, "params.yaml: tokenizer.framing: uer is the framing of a BERT-vocabulary"),
@@ -100,3 +113,46 @@ def test_overrides_change_a_copy_and_are_validated():
         apply_overrides(raw, {"train.max_steps.x": 7})
     with pytest.raises(PipelineError, match=r"^override: train\.learning_rate: input should be greater than 0"):
         apply_overrides(raw, {"train.learning_rate": 0})
+
+
+def test_model_config_keeps_only_the_keys_set_and_every_activation_exists():
+    from transformers.activations import ACT2FN
+
+    from tasks.params import ACTIVATIONS
+
+    params = parse_params(merge(default_params(), {"model": {"config": {"n_layer": 3, "dropout": 0}}}))
+    assert params.model.config.overrides() == {"n_layer": 3, "n_head": 4, "n_embd": 128, "n_positions": 128,
+                                               "dropout": 0.0}  # fmt: skip
+    assert sorted(k for k in flatten(params) if k.startswith("model.config.")) == [
+        "model.config.dropout", "model.config.n_embd", "model.config.n_head", "model.config.n_layer",
+        "model.config.n_positions",
+    ]  # fmt: skip
+    assert set(ACTIVATIONS) <= set(ACT2FN)
+
+
+def test_a_bad_value_is_shown_short_however_large():
+    message = error_for({"data": {"sources": [["x" * 10_000] * 10_000]}})
+    assert message.startswith("params.yaml: data.sources.0: input should be a valid string (got ['xxx")
+    assert len(message) < 250
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [("data:\n  sources: &files [a.txt]\n", 2), ("a: &x 1\ndata:\n  sources: [*x]\n", 1)],
+)
+def test_yaml_anchors_and_aliases_are_refused_with_their_line(tmp_path, text, line):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(PipelineError, match=rf"^{path}:{line}: YAML anchors and aliases \(&\w+, \*\w+\) are not"):
+        load_params(path)
+    with pytest.raises(PipelineError, match=r"^override data\.sources: YAML anchors and aliases \(&x, \*x\)"):
+        parse_override("data.sources=[&x a, *x]")
+
+
+def test_a_params_file_over_the_limit_is_refused_before_it_is_read(tmp_path):
+    from tasks.params import PARAMS_MAX_BYTES
+
+    path = tmp_path / "params.yaml"
+    path.write_text("#" * (PARAMS_MAX_BYTES + 1))
+    with pytest.raises(PipelineError, match=r"params\.yaml: 1,048,577 bytes is over the 1,048,576-byte limit"):
+        load_params(path)

@@ -1,0 +1,143 @@
+"""Hostile params refused fast, and a stage that cannot unwind still ends after SIGTERM.
+
+Each params case runs a real stage process (`python -m tasks.ingest`, the lightest) on a project folder holding
+only the hostile params.yaml: exit 2 and one line, with the process limited to 1 GiB of memory, so a bomb that got
+past the loader would fail the test with a MemoryError instead of passing slowly.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+import yaml
+
+from tasks.common import BAD_INPUT_EXIT
+from tasks.params import PARAMS_MAX_BYTES
+from tests.conftest import BIN, ROOT, tiny_params, tool_env
+
+MEMORY_LIMIT = 1 << 30
+
+# Nine levels of nine: 9^9 (387 million) strings once expanded. Indented to sit under `data:` or `config:`.
+LAUGHS = "\n".join(
+    ["lol0: &lol0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    + [f"lol{n}: &lol{n} [{', '.join([f'*lol{n - 1}'] * 9)}]" for n in range(1, 9)]
+)
+
+
+def bomb_in(section_line: str, key: str) -> str:
+    """params.yaml text with the bomb's anchors above and `key: *lol8` under section_line."""
+    text = yaml.safe_dump(tiny_params(), sort_keys=False)
+    return f"x-laughs:\n{textwrap.indent(LAUGHS, '  ')}\n" + text.replace(
+        f"{section_line}\n", f"{section_line}\n  {key}: *lol8\n", 1
+    )
+
+
+def limited() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+
+def ingest(folder, params_text: str) -> subprocess.CompletedProcess:
+    (folder / "params.yaml").write_text(params_text)
+    return subprocess.run(
+        [str(BIN / "python"), "-m", "tasks.ingest"],
+        cwd=folder,
+        env={**tool_env(), "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limited,  # the child only sets its own limit before exec
+    )
+
+
+HOSTILE = {
+    "alias bomb in data.sources": (
+        lambda: bomb_in("data:", "sources").replace("  sources:\n  - data/samples/tinyshakespeare.txt\n", ""),
+        r"^error: params\.yaml:2: YAML anchors and aliases \(&lol0, \*lol0\) are not accepted; write the value out$",
+    ),
+    "alias bomb in model.config.dropout": (
+        lambda: bomb_in("  config:", "  dropout"),
+        r"^error: params\.yaml:2: YAML anchors and aliases \(&lol0, \*lol0\) are not accepted",
+    ),
+    "a large value written out in model.config.dropout": (
+        lambda: yaml.safe_dump({**tiny_params(), "model": {"config": {"dropout": [["lol"] * 99 for _ in range(99)]}}}),
+        r"^error: params\.yaml: model\.config\.dropout: input should be a valid number "
+        r"\(got \[\['lol', 'lol', 'lol', \.\.\.\], .*, \.\.\.\]\)$",
+    ),
+    "a huge size": (
+        lambda: yaml.safe_dump({**tiny_params(), "model": {"config": {"n_embd": 10**12}}}),
+        r"^error: params\.yaml: model\.config\.n_embd: input should be less than or equal to 65536 "
+        r"\(got 1000000000000\)$",
+    ),
+    "an oversized file": (
+        lambda: yaml.safe_dump(tiny_params()) + "#" * PARAMS_MAX_BYTES + "\n",
+        r"^error: params\.yaml: 1,04\d,\d{3} bytes is over the 1,048,576-byte limit of a params file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_params_end_the_stage_at_once_with_one_line(tmp_path, case):
+    text, message = HOSTILE[case]
+    result = ingest(tmp_path, text())
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == BAD_INPUT_EXIT and len(lines) == 1, result.stderr[-2000:]
+    assert len(lines[0]) < 300, lines[0]  # a bad value is shown short, however large
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "data").exists()  # refused before anything was read or written
+
+
+STUCK_STAGE = """
+import ctypes, sys
+import tasks.common as common
+common.STOP_GRACE_SECONDS = 1  # the stage's own is a minute
+def main():
+    mutex = ctypes.create_string_buffer(64)  # zeroed: an unlocked default pthread mutex
+    libc = ctypes.CDLL(None)
+    libc.pthread_mutex_lock(mutex)
+    print("stuck", flush=True)
+    libc.pthread_mutex_lock(mutex)  # locks itself out: a futex wait no signal ends, no Python handler runs
+common.run_cli(main)
+"""
+
+
+def test_a_stage_stuck_where_no_handler_runs_still_ends_after_sigterm(tmp_path):
+    stage = subprocess.Popen(
+        [str(BIN / "python"), "-c", STUCK_STAGE],
+        cwd=tmp_path,
+        env={**tool_env(), "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert stage.stdout.readline() == "stuck\n"
+        watchdogs = psutil.Process(stage.pid).parent().children()  # this process's: the stage, its watchdog
+        stage.send_signal(signal.SIGTERM)
+        _, stderr = stage.communicate(timeout=60)
+    finally:
+        stage.kill()
+    assert stage.returncode == -signal.SIGKILL
+    assert stderr.strip().splitlines() == [
+        "error: the stage did not stop within 1 s of SIGTERM; killed it (SIGKILL), its previous outputs are kept"
+    ]
+    assert [p for p in watchdogs if p.pid != stage.pid and p.is_running() and p.status() != "zombie"] == []
+
+
+def test_a_finished_stage_leaves_no_watchdog_behind(tmp_path):
+    """In a test process (run in-process by tests/reliability) as in a stage's own: the watchdog ends with it."""
+    from tasks.common import run_cli
+
+    before = {p.pid for p in psutil.Process().children()}
+    with pytest.raises(SystemExit) as exit_status:
+        run_cli(lambda: sys.exit(0))
+    assert exit_status.value.code == 0
+    started = [p for p in psutil.Process().children() if p.pid not in before]
+    psutil.wait_procs(started, timeout=30)
+    assert [p for p in started if p.is_running() and p.status() != "zombie"] == []
