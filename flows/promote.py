@@ -5,12 +5,11 @@ Run: python -m flows.promote (or gpt2-pipeline promote); the flow only wires tas
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 
 from flows import server
 from tasks import promote as promotion
+from tasks.common import inside_project
 from tasks.params import PARAMS_FILE, load_params
 
 
@@ -22,7 +21,7 @@ def promote_model(workdir: str = ".", version: str | None = None) -> dict:
         workdir: the project (or run workspace) whose params.yaml and validation text to use.
         version: the registered version to judge; default: the one @challenger names.
     """
-    root = Path(workdir)
+    root = inside_project(workdir, "workdir")  # a deployment's parameter: the worker's project and nothing else
     params = load_params(root / PARAMS_FILE)
     with server.promotion_slot(params.register.model_name):  # one promotion at a time on a shared server
         decision = promotion.promote(

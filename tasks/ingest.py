@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.common import PipelineError, atomic_output, run_cli
+from tasks.common import PipelineError, atomic_output, inside_project, project_root, run_cli
 from tasks.params import DataParams, load_params
 from tasks.paths import PREPARED_DIR, SPLITS
 
@@ -152,24 +152,38 @@ def _read_hub(spec: str, columns: list[str]) -> Iterator[Located]:
         ) from None
 
 
-def resolve_sources(sources: list[str]) -> list[str]:
-    """Expand globs into files (sorted, so the order is reproducible); hub specs pass through."""
+OUTSIDE_SWITCH = "data.allow_outside_project"
+
+
+def resolve_sources(sources: list[str], outside: bool = False) -> list[str]:
+    """Expand globs into files (sorted, so the order is reproducible); hub specs pass through. Files must be
+    inside the project after following symlinks, unless outside (data.allow_outside_project) says otherwise."""
     resolved: list[str] = []
     for index, source in enumerate(sources):
         if source.startswith("hf:"):
             resolved.append(source)
             continue
+        key = f"data.sources[{index}]"
+        base = Path(source)
+        while glob.has_magic(str(base)):
+            base = base.parent
+        if not outside:  # before a glob like /usr/share/**/*.txt walks anything
+            inside_project(base, key, OUTSIDE_SWITCH, given=source)
         matches = sorted(glob.glob(source, recursive=True)) if glob.has_magic(source) else [source]
         files = [m for m in matches if Path(m).is_file()]
         if not files:
             what = "matches no files" if glob.has_magic(source) else "does not exist"
-            raise PipelineError(f"data.sources[{index}]: {source!r} {what} (paths are relative to the project root)")
+            raise PipelineError(f"{key}: {source!r} {what} (paths are relative to the project root)")
         for file in files:
             if Path(file).suffix.lower() not in TEXT_SUFFIXES:
-                raise PipelineError(
-                    f"data.sources[{index}]: {file!r} has an unsupported type; use {', '.join(sorted(TEXT_SUFFIXES))}"
-                )
+                raise PipelineError(f"{key}: {file!r} has an unsupported type; use {', '.join(sorted(TEXT_SUFFIXES))}")
+            if not outside:
+                inside_project(file, key, OUTSIDE_SWITCH)
         resolved.extend(files)
+    if outside:
+        beyond = [str(Path(f).resolve()) for f in resolved if not f.startswith("hf:")]
+        beyond = [f for f in beyond if not Path(f).is_relative_to(project_root())]
+        print(f"ingest: {OUTSIDE_SWITCH}: reading {len(beyond)} files outside the project: {beyond}")
     return resolved
 
 
@@ -197,7 +211,7 @@ def in_validation(text: str, fraction: float, seed: int) -> bool:
 def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
     """Read, normalize, deduplicate and split the sources into out_dir. Returns the stats written."""
     fields = [params.text_field] if isinstance(params.text_field, str) else list(params.text_field)
-    sources = resolve_sources(params.sources)
+    sources = resolve_sources(params.sources, params.allow_outside_project)
     stats: dict[str, Any] = {split: {"records": 0, "chars": 0, "bytes": 0} for split in SPLITS}
     dropped = {"short": 0, "duplicate": 0}
     seen: set[bytes] = set()  # 16-byte digests: memory grows with unique records, not with their text

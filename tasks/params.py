@@ -70,6 +70,9 @@ class DataParams(Section):
     seed: int = 0
     min_chars: int = Field(1, ge=0, description="records shorter than this (after normalizing) are dropped")
     format: Literal["text", "dialog"] = Field("text", description="dialog: each record is a list of turns")
+    allow_outside_project: bool = Field(
+        False, description="read sources (and promote.eval_path) outside the project; the files read are logged"
+    )
 
 
 class TokenizerParams(Section):

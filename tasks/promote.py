@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from tasks import report, store
-from tasks.common import PipelineError
+from tasks.common import PipelineError, inside_project
 from tasks.evaluate import sample, score
 from tasks.loading import load_pretrained
 from tasks.params import EvaluateParams, Params
@@ -41,8 +41,12 @@ DEFAULT_TEXT = PREPARED_DIR / "validation.jsonl"
 
 
 def text_path(params: Params, root: Path = Path()) -> Path:
-    """The text promotion scores on: promote.eval_path, or the validation split, in the project at root."""
-    return root / (params.promote.eval_path or DEFAULT_TEXT)
+    """The text promotion scores on: promote.eval_path, or the validation split, in the project at root; a path
+    outside the project only where data.allow_outside_project says so."""
+    path = root / (params.promote.eval_path or DEFAULT_TEXT)
+    if not params.data.allow_outside_project:
+        inside_project(path, "promote.eval_path", "data.allow_outside_project")
+    return path
 
 
 def frozen_texts(path: Path) -> list[str]:

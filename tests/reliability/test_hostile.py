@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import psutil
 import pytest
@@ -141,3 +142,89 @@ def test_a_finished_stage_leaves_no_watchdog_behind(tmp_path):
     started = [p for p in psutil.Process().children() if p.pid not in before]
     psutil.wait_procs(started, timeout=30)
     assert [p for p in started if p.is_running() and p.status() != "zombie"] == []
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project folder (it has a dvc.yaml) with one text file, as the working directory, and a file beside it."""
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "data/inside.txt").write_text("Inside the project.\n")
+    (tmp_path / "secret.txt").write_text("Outside the project.\n")
+    monkeypatch.chdir(root)
+    return root
+
+
+OUTSIDE = {
+    "an absolute path": (lambda project: str(project.parent / "secret.txt"), "{outside}/secret.txt"),
+    "a path through ..": (lambda project: "../secret.txt", "{outside}/secret.txt"),
+    "a symlink inside to a file outside": (
+        lambda project: (project / "data/link.txt").symlink_to(project.parent / "secret.txt") or "data/link.txt",
+        "{outside}/secret.txt",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTSIDE))
+def test_data_sources_outside_the_project_are_refused(project, case):
+    from tasks.common import PipelineError
+    from tasks.ingest import resolve_sources
+
+    make, target = OUTSIDE[case]
+    source = make(project)
+    with pytest.raises(PipelineError) as refused:
+        resolve_sources(["data/inside.txt", source])
+    resolved = target.format(outside=project.parent.resolve())
+    assert str(refused.value) == (
+        f"data.sources[1]: {source!r} resolves to {resolved}, outside the project ({project.resolve()}); "
+        "copy it into the project, or set data.allow_outside_project: true to read it where it is"
+    )
+
+
+def test_a_glob_outside_the_project_is_refused_before_it_walks_anything(project, monkeypatch):
+    import glob
+
+    from tasks.common import PipelineError
+    from tasks.ingest import resolve_sources
+
+    monkeypatch.setattr(glob, "glob", lambda *args, **kwargs: pytest.fail(f"walked {args}"))
+    with pytest.raises(PipelineError, match=r"^data\.sources\[0\]: '/usr/share/\*\*/\*\.txt' resolves to /usr/share, "):
+        resolve_sources(["/usr/share/**/*.txt"])
+
+
+def test_outside_files_are_read_only_when_params_allow_it_and_are_listed(project, capsys):
+    from tasks.ingest import resolve_sources
+
+    assert resolve_sources(["data/*.txt", "../secret.txt"], outside=True) == ["data/inside.txt", "../secret.txt"]
+    outside = project.parent.resolve() / "secret.txt"
+    assert capsys.readouterr().out == (
+        f"ingest: data.allow_outside_project: reading 1 files outside the project: ['{outside}']\n"
+    )
+
+
+def test_a_run_workspace_reads_its_project_s_files(project, monkeypatch):
+    """.runs/<hash> (and DVC's temporary copies) are projects inside the project: its files are inside."""
+    from tasks.ingest import resolve_sources
+
+    workspace = project / ".runs/abc123"
+    workspace.mkdir(parents=True)
+    (workspace / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(workspace)
+    assert resolve_sources([str(project / "data/inside.txt")]) == [str(project / "data/inside.txt")]
+
+
+def test_promotion_text_and_workdir_stay_in_the_project(project):
+    from flows.promote import promote_model
+    from tasks.common import PipelineError
+    from tasks.params import parse_params
+    from tasks.promote import text_path
+
+    outside = str(project.parent.resolve() / "secret.txt")
+    params = parse_params({"data": {"sources": ["data/inside.txt"]}, "promote": {"eval_path": outside}})
+    with pytest.raises(PipelineError, match=rf"^promote\.eval_path: '{outside}' resolves to {outside}, outside the"):
+        text_path(params)
+    allowed = parse_params({**params.model_dump(), "data": {"sources": ["x"], "allow_outside_project": True}})
+    assert text_path(allowed) == Path(outside)
+    with pytest.raises(PipelineError, match=r"^workdir: '/etc' resolves to /etc, outside the project \(.+\); copy"):
+        promote_model.fn(workdir="/etc")

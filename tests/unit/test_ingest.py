@@ -20,6 +20,12 @@ from tasks.ingest import (
 from tasks.params import DataParams
 
 
+@pytest.fixture(autouse=True)
+def in_a_project(tmp_path, monkeypatch):
+    """Each test's files are in its project (its working directory): sources outside a project are refused."""
+    monkeypatch.chdir(tmp_path)
+
+
 def params(sources, **kw) -> DataParams:
     return DataParams(sources=[str(s) for s in sources], **kw)
 
