@@ -10,6 +10,7 @@ import codecs
 import csv
 import glob
 import hashlib
+import itertools
 import json
 import sys
 import unicodedata
@@ -90,32 +91,77 @@ def _read_txt(path: Path) -> Iterator[Located]:
         yield f"{path}:{number}", "".join(paragraph)
 
 
-def _read_jsonl(path: Path, columns: list[str]) -> Iterator[Located]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+def _read_jsonl(path: Path, limits: DataParams) -> Iterator[Located]:
+    """One record a line; a line is read up to data.max_record_bytes, so one huge line never fills memory."""
+    cap = limits.max_record_bytes
+    with path.open("rb") as handle:
+        for number, line in enumerate(iter(lambda: handle.readline(cap + 1), b""), 1):
+            if len(line) > cap and not line.endswith(b"\n"):
+                raise PipelineError(
+                    f"{path}:{number}: a record over {cap:,} bytes (data.max_record_bytes); split it into several "
+                    "records or raise the limit"
+                )
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{number}", json.loads(line)
+                yield f"{path}:{number}", json.loads(line.decode("utf-8"))
             except json.JSONDecodeError as exc:
                 raise PipelineError(f"{path}:{number}: not valid JSON ({exc.msg}); fix or remove the line") from None
+            except RecursionError:
+                raise PipelineError(f"{path}:{number}: {TOO_DEEP}") from None
 
 
-def _read_json(path: Path, columns: list[str]) -> Iterator[Located]:
+def _read_json(path: Path, limits: DataParams) -> Iterator[Located]:
+    """A list of records (or one record), read whole: up to data.max_json_bytes."""
+    size, cap = path.stat().st_size, limits.max_json_bytes
+    if size > cap:
+        raise PipelineError(
+            f"{path}: {size:,} bytes is over data.max_json_bytes ({cap:,}), and a .json file is read whole; "
+            "write it as JSONL (one record a line, streamed) or raise the limit"
+        )
+    text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise PipelineError(f"{path}:{_line_deeper_than(text, JSON_DEPTH)}: {TOO_DEEP}") from None
     for index, record in enumerate(data if isinstance(data, list) else [data]):
         yield f"{path}: record {index}", record
+
+
+JSON_DEPTH = 500  # nesting the error names; Python's JSON reader gives up somewhat deeper (its recursion limit)
+TOO_DEEP = f"JSON nested more than {JSON_DEPTH} levels deep, too deep to read; flatten the record"
+
+
+def _line_deeper_than(text: str, depth: int) -> int:
+    """The line of text where JSON nesting first goes deeper than depth (brackets in strings do not count)."""
+    level, line, in_string, escaped = 0, 1, False, False
+    for char in text:
+        if in_string:
+            in_string = escaped or char != '"'
+            escaped = not escaped and char == "\\"
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            level += 1
+            if level > depth:
+                return line
+        elif char in "]}":
+            level -= 1
+        line += char == "\n"
+    return line
 
 
 def _read_csv(path: Path, columns: list[str]) -> Iterator[Located]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
-        _require_columns(path, columns, reader.fieldnames or [])
-        for row in reader:
-            yield f"{path}:{reader.line_num}", row
+        try:
+            _require_columns(path, columns, reader.fieldnames or [])
+            for row in reader:
+                yield f"{path}:{reader.line_num}", row
+        except csv.Error as exc:  # a field over csv's limit (128 KiB), a NUL byte
+            raise PipelineError(f"{path}:{reader.line_num + 1}: not readable as CSV ({exc}); fix the row") from None
 
 
 def _read_parquet(path: Path, columns: list[str]) -> Iterator[Located]:
@@ -134,16 +180,15 @@ def _require_columns(path: Path, columns: list[str], have: list[str]) -> None:
         raise PipelineError(f"{path}: no column {missing[0]!r} (data.text_field); columns are: {', '.join(have)}")
 
 
-def _read_hub(spec: str, columns: list[str]) -> Iterator[Located]:
-    """`hf:<dataset>[:<config>]`, the train split, streamed from the Hugging Face Hub."""
+def _read_hub(spec: str, limit: int | None) -> Iterator[Located]:
+    """`hf:<dataset>[:<config>]`, the train split, streamed from the Hugging Face Hub: its first `limit` records
+    (data.hub_records), or all of them."""
     import datasets
 
     name, _, config = spec.removeprefix("hf:").partition(":")
     try:
-        yield from (
-            (spec, record)
-            for record in datasets.load_dataset(name, config or None, split="train", streaming=True)  # nosec B615
-        )
+        records = datasets.load_dataset(name, config or None, split="train", streaming=True)  # nosec B615
+        yield from ((spec, record) for record in itertools.islice(records, limit))
     except Exception as exc:  # the hub client raises many types for "offline" and "no such dataset"
         raise PipelineError(
             f"data.sources: cannot load {spec} from the Hugging Face Hub ({type(exc).__name__}: "
@@ -187,15 +232,15 @@ def resolve_sources(sources: list[str], outside: bool = False) -> list[str]:
     return resolved
 
 
-def read_source(source: str, fields: list[str]) -> Iterator[Located]:
-    """The raw records of one resolved source, each with where it is."""
+def read_source(source: str, fields: list[str], limits: DataParams) -> Iterator[Located]:
+    """The raw records of one resolved source, each with where it is, read within the params' size limits."""
     if source.startswith("hf:"):
-        return _read_hub(source, fields)
+        return _read_hub(source, limits.hub_records)
     path = Path(source)
     readers = {
         ".txt": lambda: _read_txt(path),
-        ".jsonl": lambda: _read_jsonl(path, fields),
-        ".json": lambda: _read_json(path, fields),
+        ".jsonl": lambda: _read_jsonl(path, limits),
+        ".json": lambda: _read_json(path, limits),
         ".csv": lambda: _read_csv(path, fields),
         ".parquet": lambda: _read_parquet(path, fields),
     }
@@ -220,7 +265,7 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
         tmp.mkdir(parents=True)
         handles = {split: (tmp / f"{split}.jsonl").open("w", encoding="utf-8") for split in SPLITS}
         try:
-            for record in _normalized(sources, fields, params.format == "dialog", empty):
+            for record in _normalized(sources, fields, params, empty):
                 text = record["text"]
                 if len(text) < params.min_chars:
                     dropped["short"] += 1
@@ -255,13 +300,16 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
     return stats
 
 
-def _normalized(sources: list[str], fields: list[str], dialog: bool, empty: list[str]) -> Iterable[dict[str, Any]]:
+def _normalized(
+    sources: list[str], fields: list[str], params: DataParams, empty: list[str]
+) -> Iterable[dict[str, Any]]:
     """Prepared records: {"text"}, or for dialogues {"text", "turns"} with the turns also joined by newlines.
     Sources that hold no text at all are added to `empty` and named on stderr."""
+    dialog = params.format == "dialog"
     for source in sources:
         count = 0
         try:
-            for where, raw in read_source(source, fields):
+            for where, raw in read_source(source, fields, params):
                 if dialog:
                     turns = [turn for turn in map(normalize, record_turns(raw, fields, where)) if turn]
                     record = {"text": "\n".join(turns), "turns": turns}

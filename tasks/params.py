@@ -73,6 +73,9 @@ class DataParams(Section):
     allow_outside_project: bool = Field(
         False, description="read sources (and promote.eval_path) outside the project; the files read are logged"
     )
+    max_record_bytes: int = Field(16 << 20, ge=1024, le=1 << 30, description="longest JSONL line (one record)")
+    max_json_bytes: int = Field(64 << 20, ge=1024, le=4 << 30, description="largest .json file, read whole")
+    hub_records: int | None = Field(None, gt=0, description="records read from each hf: source; null: all")
 
 
 class TokenizerParams(Section):

@@ -228,3 +228,72 @@ def test_promotion_text_and_workdir_stay_in_the_project(project):
     assert text_path(allowed) == Path(outside)
     with pytest.raises(PipelineError, match=r"^workdir: '/etc' resolves to /etc, outside the project \(.+\); copy"):
         promote_model.fn(workdir="/etc")
+
+
+HUNDRED_MB = 100 << 20
+BAD_FILES = {
+    # name: (file name, writer of the file, the error line it must give)
+    "a 100 MB single-line JSONL record": (
+        "big.jsonl",
+        lambda handle: handle.write(b'{"text": "' + b"x" * HUNDRED_MB + b'"}\n'),
+        r"^error: data/big\.jsonl:1: a record over 16,777,216 bytes \(data\.max_record_bytes\); split it",
+    ),
+    "a 100 MB single-line JSON file": (
+        "big.json",
+        lambda handle: handle.write(b'[{"text": "' + b"x" * HUNDRED_MB + b'"}]'),
+        r"^error: data/big\.json: 104,857,614 bytes is over data\.max_json_bytes \(67,108,864\), and a \.json file",
+    ),
+    "JSONL nested 200,000 deep": (
+        "deep.jsonl",
+        lambda handle: handle.write(b'{"text": "fine"}\n' + b"[" * 200_000 + b"]" * 200_000 + b"\n"),
+        r"^error: data/deep\.jsonl:2: JSON nested more than 500 levels deep, too deep to read; flatten the record$",
+    ),
+    "JSON nested 200,000 deep": (
+        "deep.json",
+        lambda handle: handle.write(b'[\n{"text": "[fine]"},\n' + b"[" * 200_000 + b"]" * 200_000 + b"\n]"),
+        r"^error: data/deep\.json:3: JSON nested more than 500 levels deep",
+    ),
+}
+
+
+@pytest.mark.slow  # 100 MB files: kept out of the edit-test loop
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_files_are_refused_in_bounded_memory_with_file_and_line(tmp_path, case):
+    name, write, message = BAD_FILES[case]
+    (tmp_path / "data").mkdir()
+    with (tmp_path / "data" / name).open("wb") as handle:
+        write(handle)
+    params = {**tiny_params(), "data": {**tiny_params()["data"], "sources": [f"data/{name}"]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    # A fresh interpreter whose only child is the stage, so its peak RSS is the stage's own.
+    measure = (
+        "import resource, subprocess, sys; code = subprocess.run([sys.executable, '-m', 'tasks.ingest']).returncode; "
+        "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)"
+    )
+    result = subprocess.run(
+        [str(BIN / "python"), "-c", measure],
+        cwd=tmp_path,
+        env={**tool_env(), "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    code, peak_mib = map(int, result.stdout.split())
+    lines = result.stderr.strip().splitlines()
+    assert code == BAD_INPUT_EXIT and len(lines) == 1, result.stderr[-2000:]
+    assert re.search(message, lines[0]), lines[0]
+    assert peak_mib < 300, f"peak RSS {peak_mib} MiB"
+
+
+def test_a_hub_source_reads_only_its_record_limit(tmp_path):
+    import datasets
+
+    from tasks.ingest import read_source
+    from tasks.params import DataParams
+
+    folder = tmp_path / "local-dataset"
+    datasets.Dataset.from_dict({"text": [f"record {n}" for n in range(50)]}).to_parquet(str(folder / "train.parquet"))
+    limited = DataParams(sources=["x"], hub_records=7)
+    records = [record["text"] for _, record in read_source(f"hf:{folder}", ["text"], limited)]
+    assert records == [f"record {n}" for n in range(7)]
+    assert len(list(read_source(f"hf:{folder}", ["text"], DataParams(sources=["x"])))) == 50

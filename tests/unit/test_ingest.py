@@ -135,7 +135,7 @@ def test_the_offset_of_bad_bytes_is_exact_across_read_blocks(tmp_path):
 def test_a_text_without_line_breaks_becomes_records_of_bounded_size(tmp_path):
     source = tmp_path / "one-line.txt"
     source.write_text("x" * (MAX_RECORD_CHARS * 2 + 5))
-    records = [text for _, text in read_source(str(source), ["text"])]
+    records = [text for _, text in read_source(str(source), ["text"], params([source]))]
     assert [len(r) for r in records] == [MAX_RECORD_CHARS, MAX_RECORD_CHARS, 5]
 
 
