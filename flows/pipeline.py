@@ -125,8 +125,17 @@ def run_stage(stage: str, cwd: str, env: dict[str, str]) -> None:
             lines.append(redact(line.rstrip()))  # DVC's and MLflow's own lines too, before Prefect's log has them
             print(lines[-1])
     if process.returncode != 0:
-        errors = [line for line in lines if line.startswith("error:")] or lines[-1:]
-        raise StageFailed(stage, stage_status(lines, process.returncode), errors[-1] if errors else "no output")
+        raise StageFailed(stage, stage_status(lines, process.returncode), failure_line(lines))
+
+
+def failure_line(lines: list[str]) -> str:
+    """The line that explains a failed `dvc repro`: the stage's own (`error: ...`), else DVC's (`ERROR: ...`, such
+    as another run holding the workspace's lock), else the last line."""
+    for prefix in ("error:", "ERROR:"):
+        found = [line for line in lines if line.startswith(prefix)]
+        if found:
+            return found[-1]
+    return lines[-1] if lines else "no output"
 
 
 run_train_stage = run_stage.with_options(
@@ -145,14 +154,19 @@ def training_pipeline(overrides: dict[str, Any] | None = None, promote: bool = F
     """
     overrides = overrides or {}
     project = Path.cwd()
-    cwd, extra = project, {}
-    if overrides:
-        stale = workspace.uncommitted(project)
-        if stale:
-            print(f"warning: the run uses the committed HEAD; uncommitted changes not included: {', '.join(stale)}")
-        cwd, extra = workspace.prepare(project, overrides), workspace.environment(project, overrides)
+    if not overrides:  # DVC's own lock keeps two runs in the project apart
+        return _run_stages(project, stage_env(flow_run.get_id()), promote, remote)
+    stale = workspace.uncommitted(project)
+    if stale:
+        print(f"warning: the run uses the committed HEAD; uncommitted changes not included: {', '.join(stale)}")
+    with workspace.claimed(project, overrides) as cwd:  # no other run resets it under this one
         print(f"overrides {overrides} run in {cwd.relative_to(project)}")
-    env = stage_env(flow_run.get_id(), extra)
+        env = stage_env(flow_run.get_id(), workspace.environment(project, overrides))
+        return _run_stages(cwd, env, promote, remote)
+
+
+def _run_stages(cwd: Path, env: dict[str, str], promote: bool, remote: str | None) -> str:
+    """The stages in cwd (the project or a run workspace) in order, with the remote and promotion around them."""
     if remote:
         sync_remote("pull", remote, str(cwd), env)
     for stage in stages(cwd):

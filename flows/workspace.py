@@ -11,11 +11,14 @@ would delete its temporary copy, checkpoints included, when a run fails.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,29 @@ def prepare(project: Path, overrides: dict[str, Any]) -> Path:
     with atomic_output(workspace / PARAMS_FILE) as tmp:
         tmp.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return workspace
+
+
+@contextmanager
+def claimed(project: Path, overrides: dict[str, Any]) -> Iterator[Path]:
+    """The run workspace for these overrides (prepared), held by this run until it ends. A second run with the
+    same overrides fails at once with one line instead of resetting the workspace under the first: an exclusive
+    lock on .runs/<hash>.lock, released by the system when the holder ends however it ends."""
+    lock = project / RUNS_DIR / f"{overrides_key(overrides)}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise PipelineError(
+                f"{lock.with_suffix('')}: another run with the same overrides is using this workspace (PID {holder}); "
+                "wait for it to finish, or run with other overrides"
+            ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield prepare(project, overrides)
 
 
 def uncommitted(project: Path) -> list[str]:
