@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import flavor, lineage, registry, runs, serving, store
-from tasks.common import PipelineError, read_json, run_cli, write_json
+from tasks.common import PipelineError, read_json, redact, run_cli, write_json
 from tasks.framing import FRAMINGS
 from tasks.params import GenerationParams, Params, flatten, load_params
 from tasks.paths import EVAL_METRICS, INGEST_STATS, MODEL_DIR, REGISTERED_FILE, SAMPLES_FILE, TRAIN_METRICS
@@ -98,7 +98,7 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
     model_name = params.register.model_name
     eval_metrics = read_json(EVAL_METRICS, "evaluate")
     tags = lineage.version_tags(run_id)
-    card = model_card(model_name, params, eval_metrics, tags)
+    card = redact(model_card(model_name, params, eval_metrics, tags))  # it names the model's source
     mlflow = store.use_store()
     # The folder's files as they are, in MLflow's transformers layout (tasks/flavor.py): no load, no second save.
     # log_model links the model to the active run: the model's run, resumed by its explicit id in this process.

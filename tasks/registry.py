@@ -7,6 +7,7 @@ reruns only register.
 from __future__ import annotations
 
 from tasks import store
+from tasks.common import redact
 
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
 
@@ -26,7 +27,7 @@ def set_alias(name: str, alias: str, version: str) -> None:
 def tag_version(name: str, version: str, tags: dict[str, object]) -> None:
     client = store.client()
     for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, str(value))
+        client.set_model_version_tag(name, version, key, redact(str(value)))
 
 
 def describe_champion(name: str, version: str) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tasks import lineage, store
-from tasks.common import Stopped, write_json
+from tasks.common import Stopped, redact, write_json
 from tasks.params import Params, flatten
 from tasks.paths import RUN_RECORD
 
@@ -51,12 +51,13 @@ def create_run(params: Params, tags: dict[str, str] | None = None) -> str:
     mlflow_client = store.client()
     run = mlflow_client.create_run(
         experiment_id(params.mlflow.experiment),
-        tags={**lineage.run_tags(), **(tags or {})},
+        tags={key: redact(str(value)) for key, value in {**lineage.run_tags(), **(tags or {})}.items()},
         run_name=time.strftime("train-%Y%m%d-%H%M%S"),
     )
     logged = {key: value for key, value in flatten(params).items() if key.split(".")[0] in MODEL_SECTIONS}
     logged["overrides"] = lineage.overrides()
-    mlflow_client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in logged.items()])
+    # Params, like every line the project writes, never carry a URI's credentials (a hub or MLflow address).
+    mlflow_client.log_batch(run.info.run_id, params=[Param(k, redact(v)[:6000]) for k, v in logged.items()])
     return run.info.run_id
 
 
@@ -158,7 +159,7 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
 def set_tags(run_id: str, tags: dict[str, object]) -> None:
     from mlflow.entities import RunTag
 
-    store.client().log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+    store.client().log_batch(run_id, tags=[RunTag(key, redact(str(value))) for key, value in tags.items()])
 
 
 def log_metric_steps(run_id: str, entries: list[tuple[int, int, dict[str, float]]]) -> None:

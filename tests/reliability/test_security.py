@@ -145,6 +145,32 @@ def test_one_redaction_hides_every_shape_of_credentials_wherever_they_stand(uri)
         assert redact(plain) == plain
 
 
+def test_params_and_tags_reach_mlflow_without_credentials(tmp_path, monkeypatch):
+    """A URI with credentials in params (a model's address) or in a tag is written to MLflow redacted: the run's
+    params and tags, and a registered version's tags (the redaction's shapes are the test above's)."""
+    from tasks import registry, runs, store
+    from tasks.params import parse_params
+
+    uri = f"http://user:p@ss{SECRET}@127.0.0.1:9/"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)  # lineage tags read params.yaml here, and find no git or dvc.lock
+    raw = merge(tiny_params(), {"model": {"init": "pretrained", "name_or_path": f"{uri}gpt2"}})
+    write_params(tmp_path, raw)
+    params = parse_params(raw)
+    run_id = runs.create_run(params, tags={"source": uri})
+    runs.set_tags(run_id, {"address": f"model at {uri}"})
+    client = store.client()
+    client.create_registered_model("m")
+    version = client.create_model_version("m", (tmp_path / "model").as_uri(), run_id).version
+    registry.tag_version("m", str(version), {"source": uri})
+
+    logged = client.get_run(run_id).data
+    written = [*logged.params.values(), *logged.tags.values(), *client.get_model_version("m", version).tags.values()]
+    assert SECRET not in "\n".join(written)
+    assert logged.params["model.name_or_path"] == f"{URI_SHAPES[uri]}gpt2"
+    assert logged.tags["address"] == f"model at {URI_SHAPES[uri]}"
+
+
 @pytest.mark.slow  # four CLI processes: kept out of the edit-test loop
 def test_a_password_in_the_tracking_uri_is_printed_nowhere_when_the_server_is_down():
     """With each shape of credentials in MLFLOW_TRACKING_URI and nothing listening there, the CLI (loading a
