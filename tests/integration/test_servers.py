@@ -33,6 +33,7 @@ from tests.servers import (
 pytestmark = [pytest.mark.slow, pytest.mark.servers]
 
 POOL = "gpt2-local"
+PREFECT_AUTH = "admin:test-only-prefect-auth"
 TINY_MODEL = {"model.config.n_layer": 1, "train.max_steps": 30}  # the override each deployment run passes
 
 
@@ -41,7 +42,8 @@ class Stack:
 
     def __init__(self, project: Path, mlflow_url: str, prefect_url: str, env: dict[str, str]):
         self.project, self.mlflow_url, self.prefect_url, self.env = project, mlflow_url, prefect_url, env
-        self.api = httpx.Client(base_url=prefect_url, timeout=30)
+        user, _, password = env["PREFECT_API_AUTH_STRING"].partition(":")
+        self.api = httpx.Client(base_url=prefect_url, timeout=30, auth=(user, password))
         self.outcomes: dict[str, object] = {}
 
     def deployment(self, name: str) -> dict:
@@ -117,6 +119,7 @@ def stack(golden, tmp_path_factory):
         "PREFECT_WORKER_QUERY_SECONDS": "2",
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        "PREFECT_API_AUTH_STRING": PREFECT_AUTH,  # every client: the CLI, deploy, the worker, the flows
     }
     ours = {p.pid for p in psutil.Process().children(recursive=True)}  # e.g. the session's Prefect server
     with postgres(("mlflow", "prefect")) as databases:
@@ -126,6 +129,7 @@ def stack(golden, tmp_path_factory):
             "PREFECT_API_DATABASE_CONNECTION_URL": databases["prefect"].replace(
                 "postgresql://", "postgresql+asyncpg://"
             ),
+            "PREFECT_SERVER_API_AUTH_STRING": PREFECT_AUTH,  # API auth on, as infra/ runs it
         }
         prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", LOOPBACK, "--port", str(prefect_port)]
         with (
@@ -151,6 +155,9 @@ def stack(golden, tmp_path_factory):
 def a_day_of_work(stack: Stack, worker) -> None:
     """What the tests check, in the order a team does it; each outcome recorded in stack.outcomes."""
     seen = stack.outcomes
+    anonymous = httpx.Client(base_url=stack.prefect_url, timeout=30)
+    seen["without auth"] = [anonymous.get("/deployments/name/training-pipeline/nightly").status_code,
+                            anonymous.get("/health").status_code]  # fmt: skip
     seen["nightly"] = stack.deployment("training-pipeline/nightly")
     seen["scheduled"] = stack.scheduled_runs("training-pipeline/nightly", at_least=3)
     seen["checked at"] = datetime.datetime.now(datetime.UTC)
@@ -198,6 +205,10 @@ def next_three_am(after: datetime.datetime, count: int) -> list[datetime.datetim
     day = after.replace(hour=3, minute=0, second=0, microsecond=0)
     day += datetime.timedelta(days=1) if day <= after else datetime.timedelta(0)
     return [day + datetime.timedelta(days=n) for n in range(count)]
+
+
+def test_the_prefect_api_refuses_a_caller_without_the_auth_string(stack):
+    assert stack.outcomes["without auth"] == [401, 200]  # the health probe stays open, as Kubernetes needs
 
 
 def test_nightly_deployment_schedules_runs_at_3_utc_one_at_a_time(stack):

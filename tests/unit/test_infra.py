@@ -122,3 +122,61 @@ def test_dvc_reads_the_projects_remote_config_with_the_default_install():
     assert re.search(r"Supports:[\s\S]*\bs3\b", version.stdout), version.stdout
     remotes = subprocess.run([dvc, "remote", "list"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert re.match(r"minio\s+s3://dvc", remotes), remotes
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """The pod specs the pipeline runs in on Kubernetes: the work pool's jobs and the multinode training job."""
+    template = json.loads((INFRA / "k8s/base-job-template.json").read_text())
+    _, job = yaml.safe_load_all((INFRA / "k8s/train-multinode.yaml").read_text())
+    return [
+        ("base-job-template.json", template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]),
+        ("train-multinode.yaml", job["spec"]["template"]["spec"]),
+    ]
+
+
+def test_pods_run_unprivileged_under_a_dedicated_account_without_its_token():
+    account = yaml.safe_load((INFRA / "k8s/serviceaccount.yaml").read_text())
+    assert account["kind"] == "ServiceAccount" and account["automountServiceAccountToken"] is False
+    template = json.loads((INFRA / "k8s/base-job-template.json").read_text())
+    assert template["variables"]["properties"]["service_account_name"]["default"] == account["metadata"]["name"]
+    for name, spec in pod_specs():
+        assert spec["automountServiceAccountToken"] is False, name
+        assert spec["serviceAccountName"] in (account["metadata"]["name"], "{{ service_account_name }}"), name
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0, name
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["privileged"] is False, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+    assert "USER pipeline" in (INFRA / "Dockerfile").read_text()  # uid 1000, as runAsUser says
+
+
+def test_images_are_pinned_by_version():
+    images = [service["image"] for service in compose()["services"].values()]
+    images.append(json.loads((INFRA / "k8s/base-job-template.json").read_text())["variables"]["properties"]["image"]
+                  ["default"])  # fmt: skip
+    images += [c["image"] for _, spec in pod_specs() for c in spec["containers"] if "{{" not in c["image"]]
+    images += re.findall(r"^FROM (\S+)", (INFRA / "Dockerfile").read_text(), re.M)
+    for image in images:
+        name, _, tag = image.rpartition(":")
+        assert name and tag and tag != "latest" and re.search(r"\d", tag), image
+    project_version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert {i.rpartition(":")[2] for i in images if i.startswith("gpt2-pipeline:")} == {project_version}
+
+
+def test_servers_ask_who_is_calling_and_listen_on_the_loopback_unless_told():
+    services = compose()["services"]
+    server = services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+    assert (
+        server
+        == services["worker"]["environment"]["PREFECT_API_AUTH_STRING"]
+        == "${PREFECT_AUTH_STRING:?set PREFECT_AUTH_STRING}"
+    )
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond the loopback"
+    auth = (INFRA / "mlflow/basic_auth.ini").read_text()
+    assert re.search(r"^default_permission = NO_PERMISSIONS$", auth, re.M)
+    manual = (INFRA / "README.md").read_text()
+    for command in re.findall(r"(?:mlflow|prefect) server [^`]*?--host (\S+)", manual):
+        assert command == "127.0.0.1", command
+    assert "--app-name basic-auth" in manual and "PREFECT_SERVER_API_AUTH_STRING=" in manual
