@@ -184,16 +184,16 @@ def test_a_password_in_the_tracking_uri_is_printed_nowhere_when_the_server_is_do
 
 
 @pytest.mark.servers
-def test_a_password_refused_by_the_server_is_printed_nowhere(tmp_path):
-    """A real MLflow server with basic auth answers 401 to a wrong password: the stage that logs to it fails
-    with one line, and neither its output nor the files it leaves hold the password."""
+def test_a_password_refused_by_the_server_is_printed_nowhere(tmp_path, monkeypatch):
+    """A real MLflow server with basic auth (infra's settings) answers 401 to a wrong password: the stage that logs
+    to it fails with one line, and neither its output nor the files it leaves hold the password. A new user sees
+    nothing until the admin grants it, as infra/README.md shows."""
     port = free_port()
     auth = tmp_path / "basic_auth.ini"
+    shipped = (ROOT / "infra/mlflow/basic_auth.ini").read_text()
     auth.write_text(
-        "[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
-        f"database_uri = sqlite:///{tmp_path}/auth.db\nadmin_username = admin\n"
-        "admin_password = admin-password-for-the-test\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        re.sub(r"^database_uri = .*$", f"database_uri = sqlite:///{tmp_path}/auth.db", shipped, flags=re.M)
+        + "admin_username = admin\nadmin_password = admin-password-for-the-test\n"
     )
     csrf = {"MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-the-test"}  # the basic-auth app refuses to start without
     env = tool_env(MLFLOW_AUTH_CONFIG_PATH=str(auth), **csrf)
@@ -206,9 +206,39 @@ def test_a_password_refused_by_the_server_is_printed_nowhere(tmp_path):
         uri = f"http://admin:wrong{SECRET}@{LOOPBACK}:{port}"
         generate = [str(BIN / "gpt2-pipeline"), "generate", "--model", "models:/gpt2-lm/1", "--prompt", "a"]
         result = run(generate, ROOT, check=False, env=tool_env(MLFLOW_TRACKING_URI=uri))
+        granted = _grant_as_infra_readme_shows(f"http://{LOOPBACK}:{port}", monkeypatch)
+    assert granted == {"before": 403, "after": "shared"}
     output = result.stdout + result.stderr
     assert result.returncode != 0 and SECRET not in output, output[-2000:]
     assert "401" in output or "Unauthorized" in output or "credentials" in output.lower(), output[-2000:]
+
+
+def _grant_as_infra_readme_shows(url: str, monkeypatch) -> dict[str, object]:
+    """The admin creates an experiment and a user; what the user gets for it before and after the grant."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-password-for-the-test")
+    experiment = MlflowClient(url).create_experiment("shared")
+    admin = get_app_client("basic-auth", tracking_uri=url)
+    admin.create_user("ci", "a-long-password-for-ci")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ci")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "a-long-password-for-ci")
+    seen: dict[str, object] = {}
+    try:
+        MlflowClient(url).get_experiment(experiment)
+        seen["before"] = "shared"
+    except MlflowException as exc:
+        seen["before"] = exc.get_http_status_code()
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-password-for-the-test")
+    admin.grant_user_permission("ci", "experiment", experiment, "EDIT")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ci")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "a-long-password-for-ci")
+    seen["after"] = MlflowClient(url).get_experiment(experiment).name
+    return seen
 
 
 def test_bandit_finds_nothing_of_medium_or_high_severity():
