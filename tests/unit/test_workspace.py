@@ -53,8 +53,9 @@ def test_a_workspace_follows_the_project_to_its_new_commit(project):
 
 def test_bad_overrides_fail_before_any_workspace_exists(tmp_path):
     project = copy_project(tmp_path)
-    with pytest.raises(PipelineError, match=r"^override train\.max_step: unknown key"):
-        workspace.prepare(project, {"train.max_step": 7})
+    for start in (workspace.prepare, lambda *args: workspace.claimed(*args).__enter__()):
+        with pytest.raises(PipelineError, match=r"^override train\.max_step: unknown key"):
+            start(project, {"train.max_step": 7})
     assert not (project / ".runs").exists()
 
 
