@@ -4,19 +4,31 @@ VENV := .venv
 BIN := $(VENV)/bin
 # A CPU build of torch sits on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
+LOCK := requirements.lock
+LOCK_TOOLS := .venv-lock
 # dvc runs each stage's `python -m tasks.<stage>` through PATH: make that the project's interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast lint audit bench clean
+.PHONY: install lock run test test-fast lint audit bench clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Exactly the versions and files requirements.lock names (hashes checked), then the project itself: two installs
+# on two machines get the same set. The lock holds the CPU build of torch (`make lock` refreshes it).
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
+
+# Refresh requirements.lock after changing pyproject.toml's dependencies: pip-compile (in a venv of its own) pins
+# every package of the dev and s3 sets with the hashes of its files; it needs PyPI (16 minutes here, 2026-11-27).
+lock:
+	test -x $(LOCK_TOOLS)/bin/pip-compile || ($(PYTHON) -m venv $(LOCK_TOOLS) && $(LOCK_TOOLS)/bin/pip install -q pip-tools)
+	echo '$(TORCH)+cpu' > $(LOCK_TOOLS)/torch-cpu.txt
+	$(LOCK_TOOLS)/bin/pip-compile --quiet --generate-hashes --strip-extras --extra dev --extra s3 --unsafe-package gpt2-pipeline \
+		--constraint $(LOCK_TOOLS)/torch-cpu.txt --no-emit-index-url --no-emit-find-links --output-file $(LOCK) \
+		pyproject.toml
 
 run: install
 	$(BIN)/dvc repro

@@ -105,10 +105,16 @@ def test_multinode_job_rendezvous_names_its_own_service_and_sizes_agree():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == int(env["GPUS_PER_NODE"])
 
 
-def test_dockerfile_pins_torch_as_the_makefile_does_before_installing_the_project():
+def test_dockerfile_pins_torch_as_the_makefile_does_then_installs_the_lock_without_its_cpu_torch(tmp_path):
     dockerfile = (INFRA / "Dockerfile").read_text()
     pin = re.search(r"^TORCH := (\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
-    assert dockerfile.index(f"pip install {pin}") < dockerfile.index("pip install -e")
+    assert dockerfile.index(f"pip install {pin}") < dockerfile.index("--require-hashes") < dockerfile.index("-e .")
+    # The image's filter, run on the lock: every package but torch, each with its hashes.
+    program = re.search(r"awk '([^']+)' requirements\.lock", dockerfile).group(1)
+    kept = subprocess.run(["awk", program, str(ROOT / "requirements.lock")], capture_output=True, text=True, check=True)
+    pins = re.findall(r"^([\w.-]+)==\S+ \\\n(?:    --hash=sha256:\w+(?: \\)?\n)+", kept.stdout, re.M)
+    locked = re.findall(r"^([\w.-]+)==", (ROOT / "requirements.lock").read_text(), re.M)
+    assert "torch" in locked and sorted(pins) == sorted(name for name in locked if name != "torch")
     assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", dockerfile, re.M)
     for source in re.findall(r"^COPY (\S+) ", dockerfile, re.M):
         assert source == "." or (ROOT / source).exists(), source
