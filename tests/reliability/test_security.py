@@ -1,16 +1,22 @@
-"""Loading only safe formats, no remote code, no pickle from users' data, and no credentials in logs or MLflow."""
+"""Loading only safe formats, no remote code, no pickle from users' data, no credentials in logs or MLflow, runs that
+never share a workspace, and infra whose servers ask who is calling, whose pods run unprivileged and whose images are
+pinned."""
 
 from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import subprocess
 
 import pytest
+import yaml
 
-from tasks.common import EOS
-from tests.conftest import BIN, ROOT, merge, run, tiny_params, tool_env, trained_copy, write_params
+from flows import workspace
+from flows.pipeline import failure_line
+from tasks.common import EOS, PipelineError
+from tests.conftest import BIN, ROOT, copy_project, merge, run, tiny_params, tool_env, trained_copy, write_params
 from tests.servers import LOOPBACK, MLFLOW_SERVER_ENV, free_port, mlflow_server, process, wait_http
 
 SOURCES = sorted([*(ROOT / "tasks").glob("*.py"), *(ROOT / "flows").glob("*.py")])
@@ -248,3 +254,105 @@ def test_bandit_finds_nothing_of_medium_or_high_severity():
     )  # fmt: skip
     findings = json.loads(result.stdout)["results"]
     assert findings == [], [(f["filename"], f["line_number"], f["test_id"]) for f in findings]
+
+
+def test_two_runs_with_the_same_overrides_never_share_a_workspace(tmp_path):
+    project = copy_project(tmp_path)
+    overrides = {"train.seed": 11}
+    with workspace.claimed(project, overrides) as folder:
+        assert folder == project / ".runs" / workspace.overrides_key(overrides)
+        with pytest.raises(PipelineError) as busy, workspace.claimed(project, overrides):
+            pass
+        with workspace.claimed(project, {"train.seed": 12}):  # other overrides, another workspace: no wait
+            pass
+    assert str(busy.value) == (
+        f"{folder}: another run with the same overrides is using this workspace (PID {os.getpid()}); "
+        "wait for it to finish, or run with other overrides"
+    )
+    with workspace.claimed(project, overrides):  # released when the first run ended
+        pass
+
+
+DVC_BUSY = [
+    "Running stage 'ingest':",
+    "ERROR: failed to reproduce 'ingest': '/p/data/prepared' is busy, it is being blocked by:",
+    "  (PID 4242): /p/.venv/bin/python -m dvc repro",
+    "",
+    "If there are no processes with such PIDs, you can manually remove '.dvc/tmp/rwlock' and try again.",
+]
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (["Running stage 'train':", "error: train.learning_rate: bad", "ERROR: failed to reproduce 'train'"],
+         "error: train.learning_rate: bad"),
+        (DVC_BUSY, DVC_BUSY[1]),
+        (["Running stage 'train':", "Killed"], "Killed"),
+        ([], "no output"),
+    ],
+)  # fmt: skip
+def test_a_failed_stage_is_explained_by_its_own_line_else_dvc_s(lines, expected):
+    assert failure_line(lines) == expected
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "infra/docker-compose.yml").read_text())
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """The pod specs the pipeline runs in on Kubernetes: the work pool's jobs and the multinode training job."""
+    template = json.loads((ROOT / "infra/k8s/base-job-template.json").read_text())
+    _, job = yaml.safe_load_all((ROOT / "infra/k8s/train-multinode.yaml").read_text())
+    return [
+        ("base-job-template.json", template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]),
+        ("train-multinode.yaml", job["spec"]["template"]["spec"]),
+    ]
+
+
+def test_pods_run_unprivileged_under_a_dedicated_account_without_its_token():
+    account = yaml.safe_load((ROOT / "infra/k8s/serviceaccount.yaml").read_text())
+    assert account["kind"] == "ServiceAccount" and account["automountServiceAccountToken"] is False
+    template = json.loads((ROOT / "infra/k8s/base-job-template.json").read_text())
+    assert template["variables"]["properties"]["service_account_name"]["default"] == account["metadata"]["name"]
+    for name, spec in pod_specs():
+        assert spec["automountServiceAccountToken"] is False, name
+        assert spec["serviceAccountName"] in (account["metadata"]["name"], "{{ service_account_name }}"), name
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0, name
+        for container in spec["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["privileged"] is False, name
+            assert context["capabilities"]["drop"] == ["ALL"], name
+    assert "USER pipeline" in (ROOT / "infra/Dockerfile").read_text()  # uid 1000, as runAsUser says
+
+
+def test_images_are_pinned_by_version():
+    images = [service["image"] for service in compose()["services"].values()]
+    template = json.loads((ROOT / "infra/k8s/base-job-template.json").read_text())
+    images.append(template["variables"]["properties"]["image"]["default"])
+    images += [c["image"] for _, spec in pod_specs() for c in spec["containers"] if "{{" not in c["image"]]
+    images += re.findall(r"^FROM (\S+)", (ROOT / "infra/Dockerfile").read_text(), re.M)
+    for image in images:
+        name, _, tag = image.rpartition(":")
+        assert name and tag and tag != "latest" and re.search(r"\d", tag), image
+    project_version = re.search(r'^version = "(.+)"', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert {i.rpartition(":")[2] for i in images if i.startswith("gpt2-pipeline:")} == {project_version}
+
+
+def test_servers_ask_who_is_calling_and_listen_on_the_loopback_unless_told():
+    services = compose()["services"]
+    server = services["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+    assert (
+        server
+        == services["worker"]["environment"]["PREFECT_API_AUTH_STRING"]
+        == "${PREFECT_AUTH_STRING:?set PREFECT_AUTH_STRING}"
+    )
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond the loopback"
+    auth = (ROOT / "infra/mlflow/basic_auth.ini").read_text()
+    assert re.search(r"^default_permission = NO_PERMISSIONS$", auth, re.M)
+    manual = (ROOT / "infra/README.md").read_text()
+    for command in re.findall(r"(?:mlflow|prefect) server [^`]*?--host (\S+)", manual):
+        assert command == "127.0.0.1", command
+    assert "--app-name basic-auth" in manual and "PREFECT_SERVER_API_AUTH_STRING=" in manual

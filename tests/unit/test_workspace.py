@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import yaml
 from prefect.states import Failed
 
 from flows import workspace
-from flows.pipeline import TRAIN_RETRY_DELAYS, StageFailed, failure_line, run_train_stage, worth_retrying
+from flows.pipeline import TRAIN_RETRY_DELAYS, StageFailed, run_train_stage, worth_retrying
 from tasks.common import BAD_INPUT_EXIT, PipelineError
 from tests.conftest import copy_project, run
 
@@ -65,42 +63,3 @@ def test_train_retries_faults_with_backoff_but_not_bad_input():
     bad_params = Failed(data=StageFailed("train", BAD_INPUT_EXIT, "error: params.yaml: ..."))
     assert worth_retrying(None, None, crash) is True
     assert worth_retrying(None, None, bad_params) is False
-
-
-def test_two_runs_with_the_same_overrides_never_share_a_workspace(project):
-    overrides = {"train.seed": 11}
-    with workspace.claimed(project, overrides) as folder:
-        assert folder == project / ".runs" / workspace.overrides_key(overrides)
-        with pytest.raises(PipelineError) as busy, workspace.claimed(project, overrides):
-            pass
-        with workspace.claimed(project, {"train.seed": 12}):  # other overrides, another workspace: no wait
-            pass
-    assert str(busy.value) == (
-        f"{folder}: another run with the same overrides is using this workspace (PID {os.getpid()}); "
-        "wait for it to finish, or run with other overrides"
-    )
-    with workspace.claimed(project, overrides):  # released when the first run ended
-        pass
-
-
-DVC_BUSY = [
-    "Running stage 'ingest':",
-    "ERROR: failed to reproduce 'ingest': '/p/data/prepared' is busy, it is being blocked by:",
-    "  (PID 4242): /p/.venv/bin/python -m dvc repro",
-    "",
-    "If there are no processes with such PIDs, you can manually remove '.dvc/tmp/rwlock' and try again.",
-]
-
-
-@pytest.mark.parametrize(
-    ("lines", "expected"),
-    [
-        (["Running stage 'train':", "error: train.learning_rate: bad", "ERROR: failed to reproduce 'train'"],
-         "error: train.learning_rate: bad"),
-        (DVC_BUSY, DVC_BUSY[1]),
-        (["Running stage 'train':", "Killed"], "Killed"),
-        ([], "no output"),
-    ],
-)  # fmt: skip
-def test_a_failed_stage_is_explained_by_its_own_line_else_dvc_s(lines, expected):
-    assert failure_line(lines) == expected
