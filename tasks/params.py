@@ -250,6 +250,12 @@ with warnings.catch_warnings():
             return self
 
 
+class _AnchorRefused(Exception):
+    def __init__(self, anchor: str, line: int):
+        super().__init__(f"YAML anchors and aliases (&{anchor}, *{anchor}) are not accepted; write the value out")
+        self.line = line
+
+
 class _Loader(yaml.SafeLoader):
     """PyYAML follows YAML 1.1, where `1e-3` is a string; accept it as a float, as YAML 1.2 does. Anchors and
     aliases are refused before any node is built: ten nested aliases to ten items each expand to 10^10 values
@@ -260,12 +266,6 @@ class _Loader(yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             raise _AnchorRefused(event.anchor, event.start_mark.line + 1)
         return super().compose_node(parent, index)
-
-
-class _AnchorRefused(Exception):
-    def __init__(self, anchor: str, line: int):
-        super().__init__(f"YAML anchors and aliases (&{anchor}, *{anchor}) are not accepted; write the value out")
-        self.line = line
 
 
 _Loader.add_implicit_resolver(
@@ -298,6 +298,18 @@ def parse_params(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
         raise PipelineError(f"{source}: {_describe(exc.errors()[0])}") from None
 
 
+def _read_yaml(text: str, source: str, lines: bool = True) -> Any:
+    """text read by _Loader; a problem is one PipelineError naming source (and the line, for a file)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506  # nosec B506
+    except _AnchorRefused as exc:
+        line, problem = exc.line, str(exc)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line, problem = mark.line + 1 if mark else None, f"not valid YAML ({getattr(exc, 'problem', exc)})"
+    raise PipelineError(f"{source}{f':{line}' if lines and line else ''}: {problem}") from None
+
+
 def load_params(path: Path = PARAMS_FILE) -> Params:
     """Read and validate params.yaml."""
     try:
@@ -310,21 +322,13 @@ def load_params(path: Path = PARAMS_FILE) -> Params:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PipelineError(f"{path}: not found; run from the project root, next to dvc.yaml") from None
-    try:
-        raw = yaml.load(text, Loader=_Loader)  # noqa: S506  # nosec B506
-    except _AnchorRefused as exc:
-        raise PipelineError(f"{path}:{exc.line}: {exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise PipelineError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    return parse_params(raw, str(path))
+    return parse_params(_read_yaml(text, str(path)), str(path))
 
 
 def read_raw(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """params.yaml as a plain mapping, validated first so that a bad file is reported as itself."""
     load_params(path)
-    return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506  # nosec B506
+    return _read_yaml(path.read_text(encoding="utf-8"), str(path))
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -332,12 +336,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise PipelineError(f"override {text!r}: expected KEY=VALUE, for example train.max_steps=200")
-    try:
-        return key.strip(), yaml.load(value, Loader=_Loader)  # noqa: S506  # nosec B506
-    except _AnchorRefused as exc:
-        raise PipelineError(f"override {key.strip()}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"override {key.strip()}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return key.strip(), _read_yaml(value, f"override {key.strip()}", lines=False)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -119,7 +119,9 @@ def test_a_stage_stuck_where_no_handler_runs_still_ends_after_sigterm(tmp_path):
     )
     try:
         assert stage.stdout.readline() == "stuck\n"
-        watchdogs = psutil.Process(stage.pid).parent().children()  # this process's: the stage, its watchdog
+        # The stage's watchdog: the stage's child whose arguments name the stage.
+        watchdogs = [p for p in psutil.Process(stage.pid).children() if str(stage.pid) in p.cmdline()[1:]]
+        assert len(watchdogs) == 1, psutil.Process(stage.pid).children()
         stage.send_signal(signal.SIGTERM)
         _, stderr = stage.communicate(timeout=60)
     finally:
@@ -128,7 +130,8 @@ def test_a_stage_stuck_where_no_handler_runs_still_ends_after_sigterm(tmp_path):
     assert stderr.strip().splitlines() == [
         "error: the stage did not stop within 1 s of SIGTERM; killed it (SIGKILL), its previous outputs are kept"
     ]
-    assert [p for p in watchdogs if p.pid != stage.pid and p.is_running() and p.status() != "zombie"] == []
+    psutil.wait_procs(watchdogs, timeout=30)
+    assert [p for p in watchdogs if p.is_running() and p.status() != "zombie"] == []
 
 
 def test_a_finished_stage_leaves_no_watchdog_behind(tmp_path):
