@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -53,8 +54,40 @@ class Stopped(BaseException):
         self.signum = signum
 
 
+# The stop signals run_cli's handler received. A library can swallow the Stopped it raises (one raised while a
+# finalizer runs is only printed), so a commit of outputs and run_cli's end look here as well.
+_stops_received: list[int] = []
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def _raise_stopped(signum: int, frame: Any) -> None:
+    _stops_received.append(signum)
     raise Stopped(signum=signum)
+
+
+def raise_if_stopped() -> None:
+    """Raise the stop that arrived earlier and was swallowed before it reached run_cli."""
+    if _stops_received:
+        raise Stopped(signum=_stops_received[0])
+
+
+@contextmanager
+def stops_deferred() -> Iterator[None]:
+    """SIGTERM and Ctrl-C that arrive during the block are handled right after it, by the handler they would
+    have met: a commit (the renames that swap outputs in) is never cut in half. Off the main thread, where
+    handlers cannot be set (nor run), the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {signum: signal.signal(signum, lambda got, frame: arrived.append(got)) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 # How long a stage has, after SIGTERM or Ctrl-C, to unwind (train saves a checkpoint, runs are closed) before it is
@@ -133,22 +166,39 @@ def atomic_output(dest: Path) -> Iterator[Path]:
 
     A stage killed halfway leaves the previous output (or nothing), never half a file or folder.
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    _remove(tmp)
-    try:
+    with atomic_outputs(dest) as (tmp,):
         yield tmp
-        _swap_in(tmp, dest)
+
+
+@contextmanager
+def atomic_outputs(*dests: Path) -> Iterator[tuple[Path, ...]]:
+    """atomic_output for outputs that belong together: all are swapped in at the end, or none is.
+
+    A stop (SIGTERM, Ctrl-C) that arrives while they are swapped in waits until they all are; one that came
+    earlier and was swallowed on its way up keeps them all out.
+    """
+    dests = tuple(Path(dest) for dest in dests)
+    tmps = tuple(dest.with_name(f".{dest.name}.tmp-{os.getpid()}") for dest in dests)
+    for dest, tmp in zip(dests, tmps, strict=True):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _remove(tmp)
+    try:
+        yield tmps
+        raise_if_stopped()
+        with stops_deferred():
+            for dest, tmp in zip(dests, tmps, strict=True):
+                _swap_in(tmp, dest)
     except Exception as exc:
         if _disk_full(exc):
+            named, one = " and ".join(map(str, dests)), len(dests) == 1
             raise PipelineError(
-                f"{dest}: the disk filled up while writing it ({exc}); free space on {dest.parent.resolve()} "
-                f"and rerun; the previous {dest} is kept"
+                f"{named}: the disk filled up while writing {'it' if one else 'them'} ({exc}); free space on "
+                f"{dests[0].parent.resolve()} and rerun; the previous {named} {'is' if one else 'are'} kept"
             ) from None
         raise
     finally:
-        _remove(tmp)
+        for tmp in tmps:
+            _remove(tmp)
 
 
 def _swap_in(tmp: Path, dest: Path) -> None:
@@ -288,12 +338,14 @@ def run_cli(main: Callable[[], Any]) -> None:
     SIGTERM and Ctrl-C unwind the stage (temporary outputs are removed, finished ones kept) and exit 128 + signal;
     a stage that cannot unwind within STOP_GRACE_SECONDS is killed.
     """
+    _stops_received.clear()
     signal.signal(signal.SIGTERM, _raise_stopped)
     disarm = _start_stop_watchdog()
     console_output()
     stopped = False
     try:
         main()
+        raise_if_stopped()
     except (Exception, Stopped, KeyboardInterrupt) as exc:
         status = report(exc)
         stopped = status > interrupted_exit(0)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tasks import framing
-from tasks.common import EOS, SEP, UNK, PipelineError, atomic_output, hash_file, read_json, run_cli
+from tasks.common import EOS, SEP, UNK, PipelineError, atomic_outputs, hash_file, read_json, run_cli
 from tasks.loading import load_tokenizer
 from tasks.params import CHAR_SPECIALS, ModelParams, TokenizerParams, load_params
 from tasks.paths import DATA_STATS, FRAMING_FIGURE, INGEST_STATS, PREPARED_DIR, SPLITS, TOKENIZED_DIR, TOKENIZER_DIR
@@ -292,7 +292,7 @@ def tokenize(
         stats["framing"] = f"{chosen.name} ({chosen.shown})"
         # Both outputs are written first and swapped in together: a stop in between never pairs the new blocks
         # with the old tokenizer.
-        with atomic_output(tokenized_dir) as blocks_tmp, atomic_output(tokenizer_dir) as tokenizer_tmp:
+        with atomic_outputs(tokenized_dir, tokenizer_dir) as (blocks_tmp, tokenizer_tmp):
             blocks.save_to_disk(str(blocks_tmp))
             (blocks_tmp / DATA_STATS.name).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
             tokenizer.save_pretrained(str(tokenizer_tmp))

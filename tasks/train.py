@@ -199,7 +199,11 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self):
         self.signum: int | None = None
-        signal.signal(signal.SIGTERM, self._note)
+        self._previous = signal.signal(signal.SIGTERM, self._note)
+
+    def release(self) -> None:
+        """After training, SIGTERM stops the stage at once again (saving and plotting are run_cli's to unwind)."""
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
 
     def _note(self, signum: int, frame: Any) -> None:
         self.signum = signum
@@ -322,6 +326,8 @@ def train(
         with contextlib.suppress(Exception):  # keep what was measured before a nan or a crash; the error wins
             logger.flush()
         raise
+    finally:
+        stop.release()
     seconds = time.perf_counter() - started
     if stop.signum is not None:
         raise Stopped(

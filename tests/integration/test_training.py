@@ -176,3 +176,22 @@ def test_the_tang_poetry_params_train_a_model_far_better_than_untrained(tmp_path
     samples = json.loads((project / "reports/samples.json").read_text())
     assert [s["prompt"] for s in samples] == ["春", "月"]
     assert all(len(s["text"]) > len(s["prompt"]) for s in samples)
+
+
+def test_sigterm_after_the_last_step_stops_the_stage_at_once():
+    """During training SIGTERM is noted (the Trainer checkpoints at the step's end); after it, while the model is
+    saved and plotted, the stage's own handler is back and stops it at once instead of noting it for no one."""
+    from tasks import common
+    from tasks.train import StopOnSignal
+
+    previous = signal.signal(signal.SIGTERM, common._raise_stopped)  # what run_cli installs
+    try:
+        stop = StopOnSignal()
+        signal.raise_signal(signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        stop.release()
+        with pytest.raises(common.Stopped):
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        common._stops_received.clear()

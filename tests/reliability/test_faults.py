@@ -77,20 +77,21 @@ def start_repro(project: Path) -> subprocess.Popen:
 
 
 def terminate_when(proc: subprocess.Popen, stage: str, ready, timeout: float = 300) -> str:
-    """SIGTERM the stage's process (`kill PID`, a scheduler stopping it) once ready(); dvc reports its exit.
+    """SIGTERM the stage's process (`kill PID`, a scheduler stopping it) at a moment when ready() holds; dvc
+    reports its exit.
 
-    The process is looked up before ready() holds, not after: on a busy machine walking the process tree can
-    take longer than what is left of the stage's work, and the signal would reach a process that finished.
+    ready() is judged while the stage is frozen (SIGSTOP) and the signal is sent before it is thawed (SIGCONT):
+    a stage seen mid-work is still mid-work when the signal lands, however busy the machine.
     """
     deadline = time.monotonic() + timeout
     try:
         target = None
-        while target is None or not ready():
+        while True:
             assert proc.poll() is None and time.monotonic() < deadline, "the stage finished or never got there"
-            if target is None:
-                target = next(iter(stage_processes(proc.pid, stage)), None)
-            time.sleep(0.05)
-        target.send_signal(signal.SIGTERM)
+            target = target or next(iter(stage_processes(proc.pid, stage)), None)
+            if target is not None and frozen_signal(target, ready):
+                break
+            time.sleep(0.02)
         return proc.communicate(timeout=300)[0]
     finally:  # a failed test must not leave a dvc repro holding the project's lock for the next one
         if proc.poll() is None:
@@ -98,18 +99,47 @@ def terminate_when(proc: subprocess.Popen, stage: str, ready, timeout: float = 3
             proc.wait()
 
 
+def frozen_signal(target, ready) -> bool:
+    """SIGTERM target if ready() holds while it is frozen; whether it was sent."""
+    target.suspend()
+    try:
+        if not ready():
+            return False
+        target.send_signal(signal.SIGTERM)
+        return True
+    finally:
+        target.resume()
+
+
+def untouched(folder: Path):
+    """Whether folder is still the one there now: an output swapped in is a new folder (another inode)."""
+    inode = folder.stat().st_ino
+
+    def check() -> bool:
+        try:
+            return folder.stat().st_ino == inode
+        except FileNotFoundError:  # between the two renames of a swap
+            return False
+
+    return check
+
+
 def test_sigterm_during_tokenize_keeps_the_old_outputs_and_a_rerun_finishes(stoppable):
     # A corpus big enough (8 MB) that tokenizing it takes seconds: the SIGTERM lands while it works.
     write_corpus(stoppable / "bad/corpus.jsonl", 8 * MB)
     write_params(stoppable, merge(tiny_params(), {"data": {"sources": ["bad/corpus.jsonl"]}}))
     run([str(BIN / "dvc"), "repro", "ingest"], stoppable)
-    before = digest(stoppable)
-    output = terminate_when(start_repro(stoppable), "tokenize", lambda: any((stoppable / "data").glob(".tokenize-*")))
+    before, data, kept = digest(stoppable), stoppable / "data", untouched(stoppable / "data/tokenized")
+
+    def encoding() -> bool:  # the blocks are being made: its scratch folder is there, its outputs not begun
+        return any(data.glob(".tokenize-*")) and not any(data.glob(".tokenized.tmp-*")) and kept()
+
+    output = terminate_when(start_repro(stoppable), "tokenize", encoding)
     lines = [line for line in output.splitlines() if line.startswith("error:")]
     assert lines == ["error: stopped by SIGTERM before it finished; its previous outputs are kept; "
                      "rerun `dvc repro` to continue"], output[-2000:]  # fmt: skip
     assert digest(stoppable) == before and leftovers(stoppable) == []
-    assert list((stoppable / "data").glob(".tokenize-*")) == []
+    assert list(data.glob(".tokenize-*")) == []
     run([str(BIN / "dvc"), "repro", "tokenize"], stoppable)
     assert digest(stoppable)["data/tokenized"] != before["data/tokenized"]  # the rerun finished the new blocks
 
@@ -117,8 +147,13 @@ def test_sigterm_during_tokenize_keeps_the_old_outputs_and_a_rerun_finishes(stop
 def test_sigterm_during_training_saves_a_checkpoint_that_the_rerun_resumes(stoppable):
     write_params(stoppable, merge(tiny_params(), CHECKPOINTED))
     model_before = digest(stoppable)["models/gpt2"]
-    checkpoint = stoppable / "checkpoints/train/checkpoint-20"
-    output = terminate_when(start_repro(stoppable), "train", checkpoint.exists)
+    checkpoints, kept = stoppable / "checkpoints/train", untouched(stoppable / "models/gpt2")
+
+    def early() -> bool:  # a checkpoint saved, at most 60 of the 100 steps done: the stop lands mid-training
+        steps = [int(path.name.rsplit("-", 1)[1]) for path in checkpoints.glob("checkpoint-*")]
+        return bool(steps) and max(steps) <= 60 and kept()
+
+    output = terminate_when(start_repro(stoppable), "train", early)
     lines = [line for line in output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith("error: train stopped by SIGTERM at step "), output[-2000:]
     stopped_at = int(lines[0].split("at step ")[1].split(";")[0])

@@ -1,4 +1,4 @@
-"""Atomic outputs: a failed write leaves the previous output whole."""
+"""Atomic outputs: a failed write, or a stop, leaves the previous output whole."""
 
 from __future__ import annotations
 
@@ -46,6 +46,67 @@ def test_a_full_disk_keeps_the_previous_output_and_says_so(tmp_path):
     assert str(info.value).endswith(f"and rerun; the previous {dest} is kept")
     assert (dest / "model.safetensors").read_text() == "previous"
     assert sorted(p.name for p in dest.parent.iterdir()) == ["gpt2"]
+
+
+STOPPED_LINE = (
+    "error: stopped by SIGTERM before it finished; its previous outputs are kept; rerun `dvc repro` to continue\n"
+)
+
+
+def run_stage(folder, body: str) -> subprocess.CompletedProcess:
+    """A stage run through run_cli, as DVC runs one: body is main()'s code, with atomic_outputs at hand."""
+    script = "\n".join(
+        [
+            "import signal",
+            "from pathlib import Path",
+            "from tasks import common",
+            "from tasks.common import atomic_output, atomic_outputs, run_cli",
+            "class Finalized:",
+            "    def __del__(self):  # a stop that lands in a finalizer: its Stopped is only printed, then dropped",
+            "        signal.raise_signal(signal.SIGTERM)",
+            "def main():",
+            *(f"    {line}" for line in body.splitlines()),
+            "run_cli(main)",
+        ]
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=folder, capture_output=True, text=True, check=False, timeout=60
+    )
+
+
+def test_a_stop_during_a_commit_waits_until_every_output_is_swapped_in(tmp_path):
+    (tmp_path / "blocks").write_text("old")
+    (tmp_path / "tokenizer").write_text("old")
+    body = """
+swap = common._swap_in
+def swap_then_stop(tmp, dest):  # SIGTERM lands between the two renames
+    swap(tmp, dest)
+    signal.raise_signal(signal.SIGTERM)
+common._swap_in = swap_then_stop
+with atomic_outputs(Path("blocks"), Path("tokenizer")) as (blocks, tokenizer):
+    blocks.write_text("new")
+    tokenizer.write_text("new")
+"""
+    result = run_stage(tmp_path, body)
+    assert (result.returncode, result.stderr) == (128 + 15, STOPPED_LINE)
+    # The new blocks never pair with the old tokenizer.
+    assert [(tmp_path / name).read_text() for name in ("blocks", "tokenizer")] == ["new", "new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocks", "tokenizer"]
+
+
+@pytest.mark.parametrize("writing", [True, False])
+def test_a_stop_swallowed_on_its_way_up_still_stops_the_stage(tmp_path, writing):
+    (tmp_path / "model").write_text("old")
+    body = (
+        'with atomic_output(Path("model")) as tmp:\n    tmp.write_text("new")\n    Finalized()'
+        if writing
+        else "Finalized()"
+    )
+    result = run_stage(tmp_path, body + '\nprint("finished")')
+    assert result.returncode == 128 + 15 and result.stdout == ("" if writing else "finished\n")
+    assert result.stderr.endswith(STOPPED_LINE) and "Exception ignored" in result.stderr
+    assert (tmp_path / "model").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 @pytest.mark.parametrize("imported_first", [True, False])
