@@ -122,7 +122,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both arms")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    precision, why = resolve_precision(args.precision, device, args.width)
+    print(f"precision {precision} ({why})")
     datasets.disable_progress_bars()
     quiet_progress_bars()  # the Trainer saves a checkpoint a round: no shard-writing bar between the figures
     rng = np.random.default_rng(0)
@@ -144,6 +145,9 @@ def main() -> None:
         f"project {project:,.0f} tokens/s, bare loop {reference:,.0f} tokens/s, ratio {project / reference:.3f}, "
         f"project MFU {project * flops / peak:.1%} (peak {peak / 1e12:.2f} TFLOP/s: {source})"
     )
+    if args.precision == "auto" and precision != "fp32":  # what auto's choice gives over fp32 on this machine
+        fp32 = statistics.median(project_path(args, blocks, device, "fp32") for _ in range(args.rounds))
+        print(f"auto ({precision}) against fp32 through the project path: {project / fp32:.2f}x ({fp32:,.0f} tokens/s)")
 
 
 if __name__ == "__main__":

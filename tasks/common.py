@@ -26,11 +26,13 @@ EOS, SEP, UNK = "<|endoftext|>", "[SEP]", "[UNK]"
 
 # The exit status contract, shared by the stages, the CLI and the flow's retry condition: a fault nobody
 # anticipated (retrying may help), bad params or data (the same input fails the same way), a promotion that kept
-# the champion (nothing failed, nothing to retry: a scheduler or CI tells it from both), and a stop by a signal,
-# 128 + its number as shells report it.
+# the champion (nothing failed, nothing to retry: a scheduler or CI tells it from both), a node of a multi-node
+# training whose part is done while another node holds the outputs (DVC must not record this node's old ones),
+# and a stop by a signal, 128 + its number as shells report it.
 FAULT_EXIT = 1
 BAD_INPUT_EXIT = 2
 NOT_PROMOTED_EXIT = 3
+OUTPUTS_ELSEWHERE_EXIT = 4
 
 
 def interrupted_exit(signum: int) -> int:

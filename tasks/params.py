@@ -47,6 +47,7 @@ MAX_POSITIONS = 131_072  # n_positions, block_size, max_new_tokens
 MAX_VOCAB = 1 << 20
 MAX_STEPS = 100_000_000
 MAX_BATCH = 65_536
+MAX_NODES = 4096
 
 
 def short(value: Any) -> str:
@@ -152,10 +153,21 @@ class TrainParams(Section):
     )
     keep_checkpoints: int = Field(2, gt=0, le=1000)
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
-    num_processes: int = Field(1, gt=0, le=1024, description="> 1 runs data-parallel under torchrun")
+    num_processes: int = Field(1, gt=0, le=1024, description="> 1 runs data-parallel under torchrun (per node)")
+    nodes: int = Field(1, gt=0, le=MAX_NODES, description="> 1: torchrun across nodes, one c10d rendezvous")
+    rendezvous: str | None = Field(
+        None, description="host:port where the nodes meet; null: the scheduler's (PET_RDZV_ENDPOINT or MASTER_ADDR)"
+    )
     torch_compile: bool = False
     gradient_checkpointing: bool = False
     dataloader_workers: int = Field(0, ge=0, le=256)
+
+    @field_validator("rendezvous")
+    @classmethod
+    def host_and_port(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}", value):
+            raise ValueError("must be host:port, as node-0.train:29500 or 10.0.0.5:29500")
+        return value
 
     @field_validator("max_steps")
     @classmethod

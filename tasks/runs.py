@@ -46,8 +46,6 @@ def experiment_id(name: str) -> str:
 
 def create_run(params: Params, tags: dict[str, str] | None = None) -> str:
     """A new run with the model-making params and the lineage tags; it starts RUNNING."""
-    from mlflow.entities import Param
-
     mlflow_client = store.client()
     run = mlflow_client.create_run(
         experiment_id(params.mlflow.experiment),
@@ -56,9 +54,24 @@ def create_run(params: Params, tags: dict[str, str] | None = None) -> str:
     )
     logged = {key: value for key, value in flatten(params).items() if key.split(".")[0] in MODEL_SECTIONS}
     logged["overrides"] = lineage.overrides()
-    # Params, like every line the project writes, never carry a URI's credentials (a hub or MLflow address).
-    mlflow_client.log_batch(run.info.run_id, params=[Param(k, redact(v)[:6000]) for k, v in logged.items()])
+    _log_params(run.info.run_id, logged)
     return run.info.run_id
+
+
+def _log_params(run_id: str, params: dict[str, object]) -> None:
+    from mlflow.entities import Param
+
+    # Params, like every line the project writes, never carry a URI's credentials (a hub or MLflow address).
+    store.client().log_batch(run_id, params=[Param(key, redact(str(value))[:6000]) for key, value in params.items()])
+
+
+def log_params_once(run_id: str, params: dict[str, str]) -> None:
+    """Params a stage decides (not params.yaml's): logged by the run's first attempt; a resumed attempt, maybe on
+    another machine, keeps them (MLflow refuses to change a logged param)."""
+    logged = store.client().get_run(run_id).data.params
+    fresh = {key: value for key, value in params.items() if key not in logged}
+    if fresh:
+        _log_params(run_id, fresh)
 
 
 def write_record(folder: Path, run_id: str) -> None:

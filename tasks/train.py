@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,7 +25,7 @@ from transformers import TrainerCallback
 
 from tasks import checkpoints, runs, throughput
 from tasks.charts import COLORS, line_chart
-from tasks.common import PipelineError, Stopped, atomic_output, read_json, run_cli, write_json
+from tasks.common import OUTPUTS_ELSEWHERE_EXIT, PipelineError, Stopped, atomic_output, read_json, run_cli, write_json
 from tasks.framing import FRAMINGS, Framing
 from tasks.loading import load_pretrained, resolve_device
 from tasks.params import ModelParams, Params, TrainParams, load_params
@@ -34,6 +35,7 @@ from tasks.paths import (
     FRAMING_FIGURE,
     MODEL_DIR,
     PLOTS_DIR,
+    RUN_RECORD,
     TOKENIZED_DIR,
     TOKENIZER_DIR,
     TRAIN_METRICS,
@@ -44,15 +46,42 @@ RUN_FACTS = ("steps", "tokens_seen", "seconds", "parameters", "processes", "devi
 VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: faster matmuls, as nanoGPT does
 
 
-def resolve_precision(setting: str, device: str) -> str:
-    """`auto` is bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on the CPU."""
+# On the CPU, bf16 autocast pays only where the CPU computes bf16 natively (AMX or AVX512_BF16; elsewhere it is
+# emulated, ~36x slower) and the matmuls are wide enough to outweigh the casts around them. Measured through the
+# Trainer on a 2-core Xeon with AMX (docs/benchmarks.md): n_embd 128 trains 0.83x as fast in bf16, 256 1.10x.
+CPU_BF16_MIN_WIDTH = 256
+
+
+def native_bf16() -> str | None:
+    """The CPU feature that computes bf16 natively (torch's own check, else /proc/cpuinfo's flags), or None."""
+    flags = throughput.cpu_facts()[0]
+    for flag, check in (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        supported = getattr(torch.cpu, check, None)
+        if flag in flags or (supported is not None and supported()):
+            return flag
+    return None
+
+
+def resolve_precision(setting: str, device: str, width: int, native: Callable[[], str | None] = native_bf16):
+    """(precision, why): `auto` is bf16 on a GPU that supports it, fp16 on an older GPU; on the CPU bf16 where
+    it computes bf16 natively and the model is at least CPU_BF16_MIN_WIDTH wide, else fp32."""
     if setting != "auto":
         if setting == "fp16" and device == "cpu":
             raise PipelineError("train.precision: fp16 needs a GPU; use fp32 or bf16 on the CPU")
-        return setting
+        return setting, f"train.precision is {setting}"
     if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the GPU supports bf16"
+        return "fp16", "auto: the GPU has no bf16"
+    flag = native()
+    if flag is None:
+        return "fp32", "auto: the CPU has no native bf16 (neither amx_bf16 nor avx512_bf16), where bf16 is emulated"
+    if width < CPU_BF16_MIN_WIDTH:
+        return "fp32", (
+            f"auto: the CPU has native bf16 ({flag}), but at n_embd {width} (under {CPU_BF16_MIN_WIDTH}) "
+            "bf16 autocast costs more in casts than it saves"
+        )
+    return "bf16", f"auto: the CPU has native bf16 ({flag}) and n_embd {width} is at least {CPU_BF16_MIN_WIDTH}"
 
 
 def padded_vocab(size: int) -> int:
@@ -289,7 +318,6 @@ def train(
     if not (tokenized_dir / "dataset_dict.json").exists():
         raise PipelineError(f"{tokenized_dir}: not found; run the tokenize stage first (dvc repro)")
     device = resolve_device(params.train.device)
-    precision = resolve_precision(params.train.precision, device)
     if device == "cuda":
         throughput.use_tf32()
     set_seed(params.train.seed)
@@ -297,6 +325,7 @@ def train(
     blocks = datasets.load_from_disk(str(tokenized_dir)).select_columns(["input_ids"]).with_format("torch")
     framing_name = read_json(tokenized_dir / DATA_STATS.name, "tokenize").get(FRAMING_FIGURE, "eos")
     model = build_model(params.model, tokenizer, params.tokenizer.block_size, framing_name)
+    precision, why = resolve_precision(params.train.precision, device, model.config.n_embd)
     args = training_arguments(params.train, device, precision, checkpoint_dir)
     tokens_per_step = params.train.batch_size * params.train.grad_accum * params.tokenizer.block_size * args.world_size
     meter = throughput.Meter(model, tokens_per_step, params.tokenizer.block_size, args.world_size, device, precision)
@@ -318,7 +347,9 @@ def train(
             f"train: {model.num_parameters():,} parameters on {device} ({precision}) x {args.world_size} process(es), "
             f"{len(blocks['train'])} blocks of {params.tokenizer.block_size}"
             + (f", resuming from {resume_from}" if resume_from else "")
+            + f"\ntrain: precision {precision} ({why})"
         )
+        runs.log_params_once(run_id, {"train.precision_chosen": precision, "train.precision_reason": why})
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -383,19 +414,63 @@ def write_plots(curve: list[tuple[int, float]], evals: list[tuple[int, float]], 
         tmp.write_text(line_chart(series, "loss by step"), encoding="utf-8")
 
 
-def launch_processes(params: Params, run_id: str) -> int:
-    """Rerun this stage under torchrun with train.num_processes workers, all writing to one MLflow run."""
-    env = {**os.environ, runs.RUN_ID_ENV: run_id, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={params.train.num_processes}",
-        "-m",
-        "tasks.train",
-    ]
-    return subprocess.run(command, env=env, check=False).returncode
+def launch_processes(params: Params, run_id: str | None) -> int:
+    """Rerun this stage under torchrun: train.num_processes workers on this machine, all writing to the run run_id;
+    or, with train.nodes > 1, this node's share of a c10d rendezvous (run_id None: the worker that becomes global
+    rank 0, on whichever node, creates the run and writes the outputs)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if run_id is not None:
+        env[runs.RUN_ID_ENV] = run_id
+    return subprocess.run(torchrun_command(params), env=env, check=False).returncode
+
+
+def torchrun_command(params: Params) -> list[str]:
+    train = params.train
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={train.num_processes}"]
+    if train.nodes == 1:
+        command.append("--standalone")
+    else:
+        # The same id on every node, and another for other params or data: nodes of different jobs never meet.
+        job = checkpoints.fingerprint(params, TOKENIZED_DIR)[:16]
+        endpoint = rendezvous_endpoint(train, os.environ)
+        command += [f"--nnodes={train.nodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={job}"]
+    return [*command, "-m", "tasks.train"]
+
+
+def rendezvous_endpoint(train: TrainParams, environ: Mapping[str, str]) -> str:
+    """Where the nodes meet: train.rendezvous, else the scheduler's (torchrun's own PET_RDZV_ENDPOINT, or the
+    MASTER_ADDR and MASTER_PORT a PyTorchJob sets)."""
+    if train.rendezvous:
+        return train.rendezvous
+    if environ.get("PET_RDZV_ENDPOINT"):
+        return environ["PET_RDZV_ENDPOINT"]
+    if environ.get("MASTER_ADDR"):
+        return f"{environ['MASTER_ADDR']}:{environ.get('MASTER_PORT', '29500')}"
+    raise PipelineError(
+        f"train.nodes: {train.nodes} nodes need a place to meet: set train.rendezvous to host:port of the first "
+        "node (the same on every node), or run where the scheduler sets MASTER_ADDR and MASTER_PORT"
+    )
+
+
+def train_on_nodes(params: Params) -> None:
+    """This node's launcher of a multi-node training. c10d may give global rank 0 to any node: the node where it
+    ran holds the model and the run; any other node exits OUTPUTS_ELSEWHERE_EXIT, so that DVC does not record
+    its old outputs as this training's."""
+    record = MODEL_DIR / RUN_RECORD
+
+    def written() -> tuple[int, int] | None:  # a model swapped in is a new file, even for a resumed run's id
+        return (record.stat().st_ino, record.stat().st_mtime_ns) if record.exists() else None
+
+    before = written()
+    code = launch_processes(params, None)
+    if code:
+        raise PipelineError(f"train: a torchrun worker failed (exit status {code}); see its output above")
+    if written() in (None, before):
+        print(
+            f"train: this node's {params.train.num_processes} process(es) trained; global rank 0 ran on another node, "
+            f"which saved {MODEL_DIR} and logged the run: evaluate and register there"
+        )
+        sys.exit(OUTPUTS_ELSEWHERE_EXIT)
 
 
 def finish(run_id: str, metrics: dict[str, Any]) -> None:
@@ -417,6 +492,9 @@ def finish(run_id: str, metrics: dict[str, Any]) -> None:
 def main() -> None:
     params = load_params()
     distributed = "LOCAL_RANK" in os.environ
+    if params.train.nodes > 1 and not distributed:
+        train_on_nodes(params)
+        return
     first = os.environ.get("RANK", "0") == "0"
     fingerprint = checkpoints.fingerprint(params, TOKENIZED_DIR)
     launched = os.environ.get(runs.RUN_ID_ENV)

@@ -70,6 +70,9 @@ def test_one_mlflow_run_holds_params_curve_metrics_and_model(pipeline):
     run_data = runs[0]
     assert run_data.info.run_id == registered["run_id"] and run_data.info.status == "FINISHED"
     assert run_data.data.params["train.max_steps"] == "150" and run_data.data.params["model.config.n_layer"] == "2"
+    # precision: auto, and a 64-wide model: fp32 on any CPU, with the reason the stage printed.
+    assert run_data.data.params["train.precision_chosen"] == "fp32"
+    assert run_data.data.params["train.precision_reason"].startswith("auto: the CPU has ")
     losses = client.get_metric_history(run_data.info.run_id, "train/loss")
     assert [m.step for m in losses] == list(range(10, 151, 10))
     assert losses[-1].value < losses[0].value - 1.0

@@ -27,6 +27,7 @@ from tests.conftest import (
     untrained_perplexity,
     write_params,
 )
+from tests.servers import LOOPBACK, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +85,20 @@ def curve(plot_file) -> list[tuple[int, float]]:
         return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
 
 
+def single_process_curve(project, tmp_path, monkeypatch) -> list[tuple[int, float]]:
+    """The loss curve of 1 process x batch 16 (DATA_PARALLEL), trained in this process on project's data."""
+    from tasks import runs as pipeline_runs
+    from tasks.params import parse_params
+    from tasks.train import train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/single.db")
+    single = parse_params(merge(tiny_params(), {"train": {**DATA_PARALLEL, "num_processes": 1, "batch_size": 16}}))
+    run_id = pipeline_runs.create_run(single)
+    train(single, run_id, project / "models/tokenizer", project / "data/tokenized", tmp_path / "single",
+          tmp_path / "single", tmp_path / "checkpoints")  # fmt: skip
+    return curve(tmp_path / "single/train_loss.csv")
+
+
 def test_two_processes_train_like_one_process_with_twice_the_batch(golden, tmp_path, monkeypatch):
     """2 processes x batch 8 (torchrun, gradients averaged) take the same steps as 1 process x batch 16: the same
     loss at every step, to float rounding (1e-4; measured: within 2e-7), in one MLflow run."""
@@ -94,17 +109,7 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(golden, tmp_p
     metrics = json.loads((project / "metrics/train.json").read_text())
     assert metrics["processes"] == 2 and metrics["tokens_seen"] == 6 * 8 * 64 * 2
     two = curve(project / "plots/train_loss.csv")
-
-    from tasks import runs as pipeline_runs
-    from tasks.params import parse_params
-    from tasks.train import train
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/single.db")
-    single = parse_params(merge(tiny_params(), {"train": {**DATA_PARALLEL, "num_processes": 1, "batch_size": 16}}))
-    run_id = pipeline_runs.create_run(single)
-    train(single, run_id, project / "models/tokenizer", project / "data/tokenized", tmp_path / "single",
-          tmp_path / "single", tmp_path / "checkpoints")  # fmt: skip
-    one = curve(tmp_path / "single/train_loss.csv")
+    one = single_process_curve(project, tmp_path, monkeypatch)
     assert [step for step, _ in two] == [step for step, _ in one] == list(range(1, 7))
     assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], abs=1e-4)
     assert two[-1][1] < two[0][1] - 0.1  # and they learn: six steps at this rate move the loss
@@ -116,14 +121,76 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(golden, tmp_p
     assert sorted(p.name for p in (project / "models").iterdir()) == ["gpt2", "tokenizer"]
 
 
-def test_data_parallel_ranks_hold_identical_weights_after_each_step(golden, tmp_path):
+def test_two_nodes_train_as_one_node_with_two_processes(golden, tmp_path, monkeypatch):
+    """train.nodes: 2 runs each node's share under torchrun, meeting at a c10d rendezvous: here two "nodes" on this
+    machine (two copies of the project, one process each, meeting on the loopback) logging to one team store.
+    c10d gives global rank 0 to either: that node saves the model and holds the one run; the other exits 4 with
+    its outputs untouched, so DVC there records nothing. The loss curve is 1 process x batch 16's, as 1 node x 2
+    processes' is (the test above)."""
+    nodes = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        nodes.append(trained_copy(golden, tmp_path / name))
+    settings = {
+        **DATA_PARALLEL,
+        "nodes": 2,
+        "num_processes": 1,
+        "batch_size": 8,
+        "rendezvous": f"{LOOPBACK}:{free_port()}",
+    }
+    records = []
+    for node in nodes:
+        write_params(node, merge(tiny_params(), {"train": settings}))
+        records.append((node / "models/gpt2/mlflow_run.json").read_text())
+    team = f"sqlite:///{tmp_path / 'team.db'}"  # the team's tracking server both nodes log to
+    env = tool_env(MLFLOW_TRACKING_URI=team, OMP_NUM_THREADS="1")
+    launched = [
+        subprocess.Popen([str(BIN / "python"), "-m", "tasks.train"], cwd=node, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for node in nodes
+    ]  # fmt: skip
+    outputs = [process.communicate(timeout=600)[0] for process in launched]
+    statuses = [process.returncode for process in launched]
+    assert sorted(statuses) == [0, 4], outputs
+    writer, other = (0, 1) if statuses[0] == 0 else (1, 0)
+    assert "global rank 0 ran on another node" in outputs[other] and "Traceback" not in "".join(outputs)
+    assert (nodes[other] / "models/gpt2/mlflow_run.json").read_text() == records[other]  # untouched
+    run_id = json.loads((nodes[writer] / "models/gpt2/mlflow_run.json").read_text())["run_id"]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(team)
+    (only,) = client.search_runs([client.get_experiment_by_name("gpt2-pipeline").experiment_id])
+    assert only.info.run_id == run_id and only.info.status == "FINISHED" and only.data.params["train.nodes"] == "2"
+    metrics = json.loads((nodes[writer] / "metrics/train.json").read_text())
+    assert metrics["processes"] == 2 and metrics["tokens_seen"] == 6 * 8 * 64 * 2
+    two_nodes = curve(nodes[writer] / "plots/train_loss.csv")
+    one = single_process_curve(nodes[writer], tmp_path, monkeypatch)
+    assert [step for step, _ in two_nodes] == [step for step, _ in one] == list(range(1, 7))
+    assert [loss for _, loss in two_nodes] == pytest.approx([loss for _, loss in one], abs=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["one node x 2 processes", "two nodes x 1 process"])
+def test_data_parallel_ranks_hold_identical_weights_after_each_step(golden, tmp_path, layout):
     """Two ranks see different blocks; after each optimizer step their weights are the same, bit for bit
-    (tests/ddp_ranks.py records each rank's weights from inside the train stage's own train())."""
+    (tests/ddp_ranks.py records each rank's weights from inside the train stage's own train()), on one node or
+    on two meeting at a c10d rendezvous as train.nodes launches them."""
     project = trained_copy(golden, tmp_path)
     write_params(project, merge(tiny_params(), {"train": {**DATA_PARALLEL, "max_steps": 2, "num_processes": 2}}))
-    command = [str(BIN / "python"), "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(ROOT / "tests/ddp_ranks.py"), "ranks"]  # fmt: skip
-    run(command, project, env=tool_env(OMP_NUM_THREADS="1"))
+    torchrun, script = [str(BIN / "python"), "-m", "torch.distributed.run"], [str(ROOT / "tests/ddp_ranks.py"), "ranks"]
+    if layout.startswith("one"):
+        launches = [[*torchrun, "--standalone", "--nproc-per-node=2", *script]]
+    else:
+        meet = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={LOOPBACK}:{free_port()}"]
+        launches = [[*torchrun, *meet, "--rdzv-id=weights", *script]] * 2
+    processes = [
+        subprocess.Popen(command, cwd=project, env=tool_env(OMP_NUM_THREADS="1"), text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for command in launches
+    ]  # fmt: skip
+    for process in processes:
+        output = process.communicate(timeout=600)[0]
+        assert process.returncode == 0, output[-3000:]
     ranks = [json.loads((project / f"ranks/{rank}.json").read_text()) for rank in (0, 1)]
     for step in ("1", "2"):  # each rank trained on blocks of its own
         assert ranks[0]["blocks"][step] != ranks[1]["blocks"][step]

@@ -100,8 +100,13 @@ def test_multinode_job_rendezvous_names_its_own_service_and_sizes_agree():
     container = spec["containers"][0]
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert spec["subdomain"] == service["metadata"]["name"] == service["spec"]["selector"]["job-name"]
-    assert f"{job['metadata']['name']}-0.{service['metadata']['name']}:29500" in container["args"][0]
+    assert env["MASTER_ADDR"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert env["MASTER_PORT"] == str(service["spec"]["ports"][0]["port"])
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == int(env["NODES"])
+    script = container["args"][0]
+    assert "python -m tasks.train || status=$?" in script and not re.search(r"^\s*torchrun", script, re.M)
+    subprocess.run(["sh", "-n", "-c", script], check=True)  # the pod's shell parses it
+    assert re.search(r"^\s+4\) echo", script, re.M)  # a pod without global rank 0 is not a failure
     assert container["resources"]["limits"]["nvidia.com/gpu"] == int(env["GPUS_PER_NODE"])
 
 
