@@ -2,9 +2,9 @@
 
 `mlflow.transformers.log_model` loads the model and tokenizer, saves them again, and scans every installed
 distribution for requirement mismatches: for GPT-2 124M that is ten times a save_pretrained. Register instead
-hands MLflow's `Model.log` this module as the flavor: its `save_model` hard-links (or copies) the weights and
-tokenizer files into the layout that `mlflow.transformers.load_model` reads (model/, components/tokenizer/) and
-writes the MLmodel, the requirements and the model card. Nothing here imports torch or transformers.
+writes the logged model's folder with `save_model` here: the weights hard-linked (the other files copied) into
+the layout that `mlflow.transformers.load_model` reads (model/, components/tokenizer/), with the MLmodel, the
+requirements and the model card. Nothing here imports torch or transformers.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import shutil
+from fnmatch import fnmatch
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,16 @@ def pip_requirements() -> list[str]:
 
 
 def place(source: Path, dest: Path) -> None:
-    """dest as a hard link to source (no second copy of the weights while staging), or a copy across devices."""
+    """dest as a hard link to source, or a copy across devices. Only weights are linked: save_pretrained and DVC
+    replace them with new files, never edit them in place; the small files a user might edit are copied."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, dest)
-    except OSError:
-        shutil.copy2(source, dest)
+    if fnmatch(source.name, MODEL_WEIGHTS):
+        try:
+            os.link(source, dest)
+            return
+        except OSError:
+            pass
+    shutil.copy2(source, dest)
 
 
 def split_files(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -86,11 +91,12 @@ def environment_files(path: Path, requirements: list[str]) -> None:
 
 
 def save_model(path: str, mlflow_model, folder: Path, card: str, signature, loader: Path) -> None:
-    """Called by mlflow.models.Model.log with its staging folder `path`: the layout of `folder`, with `loader`
+    """The layout of `folder` in `path` (the logged model's artifact folder, or a staging folder), with `loader`
     (a module in code/) as the python_function loader and `card` as the model card."""
     from mlflow.pyfunc import add_to_model
 
     root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
     model_files, tokenizer_files = split_files(folder)
     for source in model_files:
         place(source, root / MLFLOW_MODEL_SUBDIR / source.name)

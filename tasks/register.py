@@ -11,6 +11,7 @@ Run: python -m tasks.register
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -90,38 +91,19 @@ or `GPT2LMHeadModel.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(
 
 def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[str, str]:
     """Log the model folder in MLflow's transformers layout (its files as they are, tasks/flavor.py) with its
-    card, register it, alias it challenger, tag its lineage and scores."""
-    from mlflow.models import Model
-
+    card, register it with its lineage, scores and settings as tags, and alias it challenger."""
     if not (model_dir / "model.safetensors").exists():
         raise PipelineError(f"{model_dir}: no model.safetensors there; run the train stage first (dvc repro)")
     model_name = params.register.model_name
     eval_metrics = read_json(EVAL_METRICS, "evaluate")
     tags = lineage.version_tags(run_id)
     card = redact(model_card(model_name, params, eval_metrics, tags))  # it names the model's source
-    mlflow = store.use_store()
-    # The folder's files as they are, in MLflow's transformers layout (tasks/flavor.py): no load, no second save.
-    # log_model links the model to the active run: the model's run, resumed by its explicit id in this process.
-    with mlflow.start_run(run_id=run_id):
-        info = Model.log(
-            artifact_path=None,  # deprecated in favour of name, yet still a required argument
-            name="model",
-            flavor=flavor,
-            flavor_name=flavor.FLAVOR,
-            registered_model_name=model_name,
-            folder=model_dir.resolve(),
-            card=card,
-            signature=generation_signature(params.evaluate.generation),
-            loader=SERVING_CODE,
-        )
-    client = store.client()
-    client.log_text(run_id, card, "README.md")
-    model_version = str(info.registered_model_version)
-    client.update_model_version(model_name, model_version, description=card)  # the version's page shows it
-    registry.set_alias(model_name, CHALLENGER, model_version)
+    model_id = log_model(run_id, model_dir.resolve(), card, generation_signature(params.evaluate.generation))
+    store.client().log_text(run_id, card, "README.md")
     settings = {key: value for key, value in flatten(params).items() if key.startswith("evaluate.")}
     scores = {f"eval_{key.removeprefix('eval_')}": value for key, value in eval_metrics.items()}  # not eval_eval_loss
-    registry.tag_version(model_name, model_version, {**tags, **scores, **settings})
+    model_version = registry.new_version(model_name, model_id, run_id, card, {**tags, **scores, **settings})
+    registry.set_alias(model_name, CHALLENGER, model_version)
     return {
         "name": model_name,
         "version": model_version,
@@ -129,6 +111,38 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
         "run_id": run_id,
         "model_uri": f"models:/{model_name}/{model_version}",
     }
+
+
+def log_model(run_id: str, model_dir: Path, card: str, signature) -> str:
+    """model_dir as a logged model of the run, in MLflow's transformers layout; returns its id. In a local artifact
+    store the layout is written in place, the weights hard-linked (no copy at all); elsewhere it is staged (links)
+    and uploaded once."""
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model
+    from mlflow.utils.file_utils import local_file_uri_to_path
+    from mlflow.utils.uri import is_local_uri
+
+    mlflow, client = store.use_store(), store.client()
+    logged = mlflow.initialize_logged_model(
+        name="model", source_run_id=run_id, params=client.get_run(run_id).data.params
+    )  # the run's params on the model, as Model.log records them
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])  # the run's page lists the model
+    described = Model(
+        artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id, model_id=logged.model_id
+    )
+    layout = {"mlflow_model": described, "folder": model_dir, "card": card, "signature": signature}
+    try:
+        if is_local_uri(logged.artifact_location, is_tracking_or_registry_uri=False):
+            flavor.save_model(local_file_uri_to_path(logged.artifact_location), loader=SERVING_CODE, **layout)
+        else:
+            with tempfile.TemporaryDirectory() as staging:
+                flavor.save_model(staging, loader=SERVING_CODE, **layout)
+                client.log_model_artifacts(logged.model_id, staging)
+    except BaseException:
+        mlflow.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    mlflow.finalize_logged_model(logged.model_id, "READY")
+    return logged.model_id
 
 
 def main() -> None:

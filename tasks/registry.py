@@ -24,6 +24,30 @@ def set_alias(name: str, alias: str, version: str) -> None:
     store.client().set_registered_model_alias(name, alias, version)
 
 
+def new_version(name: str, model_id: str, run_id: str, card: str, tags: dict[str, object]) -> str:
+    """A new version of the registered model name (created if missing) from a logged model, with its model card
+    as description and its tags, in one call; returns its number."""
+    from mlflow.exceptions import MlflowException
+
+    client = store.client()
+    try:
+        client.create_registered_model(name)
+        print(f"Registered model {name!r} created.")
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    version = client.create_model_version(
+        name,
+        source=f"models:/{model_id}",
+        run_id=run_id,
+        tags={key: redact(str(value)) for key, value in tags.items()},
+        description=card,
+        model_id=model_id,
+    )
+    print(f"Created version {version.version!r} of model {name!r}.")
+    return str(version.version)
+
+
 def tag_version(name: str, version: str, tags: dict[str, object]) -> None:
     client = store.client()
     for key, value in tags.items():

@@ -252,5 +252,14 @@ def test_registering_logs_the_trained_files_as_they_are_without_loading_them(tra
     ):
         assert (local / folder / name).read_bytes() == (trained / name).read_bytes(), name
     assert not (local / "model" / "mlflow_run.json").exists()
+    # In the project's local store the weights are the trained file itself, hard-linked: no second copy; the small
+    # files a user might edit in place are copies.
+    client = store_client(trained_project)
+    source = client.get_model_version("gpt2-lm", outcome["version"]).source  # models:/<logged model id>
+    logged = client.get_logged_model(source.removeprefix("models:/"))
+    stored = Path(logged.artifact_location.removeprefix("file://")) / "model"
+    assert (stored / "model.safetensors").stat().st_ino == (trained / "model.safetensors").stat().st_ino
+    assert (stored / "config.json").stat().st_ino != (trained / "config.json").stat().st_ino
+    assert str(logged.status) == "READY"  # finalized
     requirements = (local / "requirements.txt").read_text().split()
     assert f"torch=={version('torch')}" in requirements and f"mlflow=={version('mlflow')}" in requirements
