@@ -6,6 +6,8 @@ reruns only register.
 
 from __future__ import annotations
 
+import json
+
 from tasks import store
 from tasks.common import redact
 
@@ -28,11 +30,12 @@ def new_version(name: str, model_id: str, run_id: str, card: str, tags: dict[str
     """A new version of the registered model name (created if missing) from a logged model, with its model card
     as description and its tags, in one call; returns its number."""
     from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
     client = store.client()
     try:
         client.create_registered_model(name)
-        print(f"Registered model {name!r} created.")
+        print(f"Registered model '{name}' created.")
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
@@ -44,7 +47,13 @@ def new_version(name: str, model_id: str, run_id: str, card: str, tags: dict[str
         description=card,
         model_id=model_id,
     )
-    print(f"Created version {version.version!r} of model {name!r}.")
+    print(f"Created version '{version.version}' of model '{name}'.")
+    # The logged model's page lists the versions made from it (what mlflow.register_model records too; a
+    # tracking server may have recorded it already).
+    logged = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    listed, made = json.loads(logged) if logged else [], {"name": name, "version": int(version.version)}
+    if made not in listed:
+        client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*listed, made])})
     return str(version.version)
 
 

@@ -260,6 +260,7 @@ def test_registering_logs_the_trained_files_as_they_are_without_loading_them(tra
     stored = Path(logged.artifact_location.removeprefix("file://")) / "model"
     assert (stored / "model.safetensors").stat().st_ino == (trained / "model.safetensors").stat().st_ino
     assert (stored / "config.json").stat().st_ino != (trained / "config.json").stat().st_ino
-    assert str(logged.status) == "READY"  # finalized
+    assert str(logged.status) == "READY"  # finalized, and its page in the UI lists the version made from it
+    assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "gpt2-lm", "version": int(outcome["version"])}]
     requirements = (local / "requirements.txt").read_text().split()
     assert f"torch=={version('torch')}" in requirements and f"mlflow=={version('mlflow')}" in requirements
