@@ -123,9 +123,12 @@ def log_model(run_id: str, model_dir: Path, card: str, signature) -> str:
     from mlflow.utils.uri import is_local_uri
 
     mlflow, client = store.use_store(), store.client()
+    run = client.get_run(run_id)
+    # In the run's experiment (not the default one MLflow would pick with no active run), with the run's params,
+    # as Model.log records them.
     logged = mlflow.initialize_logged_model(
-        name="model", source_run_id=run_id, params=client.get_run(run_id).data.params
-    )  # the run's params on the model, as Model.log records them
+        name="model", source_run_id=run_id, params=run.data.params, experiment_id=run.info.experiment_id
+    )
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])  # the run's page lists the model
     described = Model(
         artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id, model_id=logged.model_id

@@ -261,6 +261,7 @@ def test_registering_logs_the_trained_files_as_they_are_without_loading_them(tra
     assert (stored / "model.safetensors").stat().st_ino == (trained / "model.safetensors").stat().st_ino
     assert (stored / "config.json").stat().st_ino != (trained / "config.json").stat().st_ino
     assert str(logged.status) == "READY"  # finalized, and its page in the UI lists the version made from it
+    assert logged.experiment_id == client.get_run(logged.source_run_id).info.experiment_id != "0"
     assert json.loads(logged.tags["mlflow.modelVersions"]) == [{"name": "gpt2-lm", "version": int(outcome["version"])}]
     requirements = (local / "requirements.txt").read_text().split()
     assert f"torch=={version('torch')}" in requirements and f"mlflow=={version('mlflow')}" in requirements
