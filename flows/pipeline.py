@@ -24,7 +24,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import server, workspace
 from flows.promote import promote_model
-from tasks.common import BAD_INPUT_EXIT, PipelineError, read_json, redact, tools_first
+from tasks.common import BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError, read_json, redact, tools_first
 from tasks.lineage import FLOW_RUN_ENV
 from tasks.paths import REGISTERED_FILE
 
@@ -96,8 +96,10 @@ def stage_status(lines: list[str], dvc_status: int) -> int:
 
 
 def worth_retrying(task, task_run, state) -> bool:
-    """Retry crashes and faults, not bad input: the same params would fail the same way."""
-    return not (isinstance(state.data, StageFailed) and state.data.exit_status == BAD_INPUT_EXIT)
+    """Retry crashes and faults, not bad input (the same params would fail the same way) nor a node whose part of
+    a multi-node training is done (rerun alone, it would wait at the rendezvous for nodes that have finished)."""
+    final = (BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT)
+    return not (isinstance(state.data, StageFailed) and state.data.exit_status in final)
 
 
 @task(name="dvc-remote", task_run_name="dvc {action}")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.pipeline import StageFailed, stage_status, worth_retrying
-from tasks.common import BAD_INPUT_EXIT, FAULT_EXIT, PipelineError, Stopped, report
+from tasks.common import BAD_INPUT_EXIT, FAULT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError, Stopped, report
 from tests.conftest import BIN, copy_project, tool_env
 
 
@@ -42,6 +42,7 @@ def test_the_flow_reads_the_stage_s_status_through_dvc():
 def test_the_flow_retries_by_the_same_contract():
     assert worth_retrying(None, None, Failed(data=StageFailed("train", FAULT_EXIT, "crash"))) is True
     assert worth_retrying(None, None, Failed(data=StageFailed("train", BAD_INPUT_EXIT, "bad"))) is False
+    assert worth_retrying(None, None, Failed(data=StageFailed("train", OUTPUTS_ELSEWHERE_EXIT, "elsewhere"))) is False
 
 
 def test_a_stage_and_the_cli_report_bad_input_alike(tmp_path, monkeypatch):
