@@ -4,6 +4,7 @@ against a bare PyTorch loop (forward, backward, AdamW step, zero_grad) on the sa
 The two alternate for several rounds in one process, so machine noise hits both alike; each round times
 `--steps` steps after `--warmup` untimed ones. Prints tokens/s of both, the ratio and the project path's MFU.
 Run: python bench/train_throughput.py [--layers 6 --width 256 --heads 8 --block 256 --batch 8 --precision fp32]
+(--transformers-loss: the project path with transformers' loss and the unpadded vocabulary, to measure those two)
 GPT-2 124M as OpenAI shipped it: --layers 12 --width 768 --heads 12 --block 1024 --vocab 50257.
 """
 
@@ -24,7 +25,7 @@ from tasks import throughput
 from tasks.common import quiet_progress_bars
 from tasks.loading import resolve_device
 from tasks.params import TrainParams
-from tasks.train import _collate, resolve_precision, training_arguments
+from tasks.train import _collate, for_training, resolve_precision, training_arguments
 
 
 class StepClock(TrainerCallback):
@@ -69,9 +70,12 @@ def project_path(args, blocks, device: str, precision: str) -> float:
         torch_compile=args.compile,
     )
     clock = StepClock(args.warmup)
+    model = make_model(args)
+    if not args.transformers_loss:
+        for_training(model)  # as the stage trains: vocabulary padded, loss chunk by chunk
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(
-            model=make_model(args),
+            model=model,
             args=training_arguments(params, device, precision, Path(scratch)),
             data_collator=_collate,
             eval_dataset=blocks,
@@ -120,6 +124,11 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both arms")
+    parser.add_argument(
+        "--transformers-loss",
+        action="store_true",
+        help="the project path without its training loss (tasks/loss.py) and padded vocabulary: transformers' own",
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     precision, why = resolve_precision(args.precision, device, args.width)

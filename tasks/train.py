@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import TrainerCallback
 
-from tasks import checkpoints, runs, throughput
+from tasks import checkpoints, loss, runs, throughput
 from tasks.charts import COLORS, line_chart
 from tasks.common import OUTPUTS_ELSEWHERE_EXIT, PipelineError, Stopped, atomic_output, read_json, run_cli, write_json
 from tasks.framing import FRAMINGS, Framing
@@ -43,7 +43,10 @@ from tasks.paths import (
 
 # What a run is rather than how it went: one value each, so run tags (MLflow draws a metric as a chart).
 RUN_FACTS = ("steps", "tokens_seen", "seconds", "parameters", "processes", "device", "precision", "mfu_peak")
-VOCAB_MULTIPLE = 64  # embedding rows padded to a multiple of 64: faster matmuls, as nanoGPT does
+# While training, the embedding rows are padded to a multiple of 128 (50304 for GPT-2's 50257): matmul shapes
+# the GPU's tensor cores take whole, as nanoGPT and llm.c pad. The saved model has the tokenizer's size again,
+# so generation can never sample a padding id.
+VOCAB_MULTIPLE = 128
 
 
 # On the CPU, bf16 autocast pays only where the CPU computes bf16 natively (AMX or AVX512_BF16; elsewhere it is
@@ -107,7 +110,7 @@ def build_model(model_params: ModelParams, tokenizer, block_size: int, framing_n
     eos = tokenizer.eos_token_id
     if model_params.init == "scratch":
         config = GPT2Config(
-            vocab_size=padded_vocab(len(tokenizer)),
+            vocab_size=len(tokenizer),
             bos_token_id=eos,
             eos_token_id=eos,
             attn_implementation="sdpa",
@@ -123,13 +126,31 @@ def build_model(model_params: ModelParams, tokenizer, block_size: int, framing_n
                 f"tokenizer.block_size: {block_size} exceeds the n_positions "
                 f"({model.config.n_positions}) of {model_params.name_or_path!r}; lower block_size"
             )
-        if model.config.vocab_size not in (len(tokenizer), padded_vocab(len(tokenizer))):
+        if model.config.vocab_size != len(tokenizer):  # a model saved padded by an earlier version: trimmed
             print(
                 f"train: resizing token embeddings from {model.config.vocab_size} to {len(tokenizer)} "
                 "to match the tokenizer"
             )
             model.resize_token_embeddings(len(tokenizer))
     frame(model, tokenizer, FRAMINGS[framing_name])
+    return model
+
+
+def for_training(model) -> None:
+    """The model as it trains: vocabulary rows padded to VOCAB_MULTIPLE (the padding columns masked out of the
+    loss) and the loss computed chunk by chunk from the hidden states (tasks/loss.py). `trimmed` undoes the
+    padding before saving."""
+    size = model.config.vocab_size
+    model.resize_token_embeddings(padded_vocab(size), mean_resizing=False)  # padding rows: never looked up
+    loss.use_chunked_loss(model, size)
+    model.config.trained_vocab_size = size
+
+
+def trimmed(model):
+    """The model at its tokenizer's size again, as it is saved."""
+    size = model.config.to_dict().pop("trained_vocab_size", model.config.vocab_size)
+    model.resize_token_embeddings(size)
+    del model.config.trained_vocab_size
     return model
 
 
@@ -325,6 +346,7 @@ def train(
     blocks = datasets.load_from_disk(str(tokenized_dir)).select_columns(["input_ids"]).with_format("torch")
     framing_name = read_json(tokenized_dir / DATA_STATS.name, "tokenize").get(FRAMING_FIGURE, "eos")
     model = build_model(params.model, tokenizer, params.tokenizer.block_size, framing_name)
+    for_training(model)
     precision, why = resolve_precision(params.train.precision, device, model.config.n_embd)
     args = training_arguments(params.train, device, precision, checkpoint_dir)
     tokens_per_step = params.train.batch_size * params.train.grad_accum * params.tokenizer.block_size * args.world_size
@@ -395,6 +417,7 @@ def train(
 
 
 def _save(model, tokenizer, model_dir: Path, run_id: str) -> None:
+    model.resize_token_embeddings(len(tokenizer))  # the padding rows go: the model as its tokenizer sizes it
     with atomic_output(model_dir) as tmp:
         model.save_pretrained(str(tmp))  # safetensors weights, config.json, generation_config.json
         tokenizer.save_pretrained(str(tmp))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -16,15 +17,16 @@ from tasks.common import PipelineError
 from tasks.evaluate import evaluate, load_model, score, windows
 from tasks.params import ModelParams, parse_params
 from tasks.tokenize import tokenize
-from tasks.train import MlflowLogger, build_model, padded_vocab, train
+from tasks.train import MlflowLogger, _save, build_model, for_training, train
 from tests.conftest import merge, tiny_params
+
+TOKENIZER_SIZE = 500  # not a multiple of 128: the models here train with their vocabulary padded to 512
 
 
 @pytest.fixture
 def tokenized(prepared, tmp_path):
-    tokenize(
-        parse_params(tiny_params()).tokenizer, ModelParams(), prepared, tmp_path / "tokenizer", tmp_path / "tokenized"
-    )
+    params = parse_params(merge(tiny_params(), {"tokenizer": {"vocab_size": TOKENIZER_SIZE}}))
+    tokenize(params.tokenizer, ModelParams(), prepared, tmp_path / "tokenizer", tmp_path / "tokenized")
     return tmp_path
 
 
@@ -90,11 +92,23 @@ def test_sliding_window_matches_a_direct_computation_and_lowers_perplexity():
     assert strided.metrics()["perplexity"] < blockwise.metrics()["perplexity"]
 
 
-def test_scratch_model_pads_the_vocabulary(tokenized):
+def test_the_vocabulary_is_padded_for_training_only(tokenized, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(str(tokenized / "tokenizer"))
     model = build_model(parse_params(tiny_params()).model, tokenizer, 64)
-    assert model.config.vocab_size == padded_vocab(len(tokenizer)) == 512
+    assert model.config.vocab_size == len(tokenizer) == TOKENIZER_SIZE
     assert model.config.n_layer == 2 and model.config.eos_token_id == tokenizer.eos_token_id
+    reference = copy.deepcopy(model)
+    for_training(model)
+    assert model.get_input_embeddings().weight.shape[0] == model.lm_head.weight.shape[0] == 512
+    ids = torch.randint(0, TOKENIZER_SIZE, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the padding columns take no probability: the loss is the unpadded model's
+        assert model(input_ids=ids, labels=ids).loss.item() == pytest.approx(
+            reference(input_ids=ids, labels=ids).loss.item(), rel=1e-5
+        )
+    _save(model, tokenizer, tmp_path / "saved", "run-id")
+    saved = GPT2LMHeadModel.from_pretrained(tmp_path / "saved")
+    assert saved.config.vocab_size == saved.lm_head.weight.shape[0] == TOKENIZER_SIZE  # no padding id to sample
+    torch.testing.assert_close(saved.lm_head.weight, reference.lm_head.weight)
 
 
 def test_pretrained_from_a_local_folder_resizes_embeddings(tokenized, tmp_path, capsys):

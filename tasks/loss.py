@@ -1,0 +1,104 @@
+"""The training loss of a causal LM computed from the hidden states, a chunk of tokens at a time.
+
+transformers' loss takes the logits of the whole batch (batch x block x vocabulary; 16 x 1024 x 50257 for GPT-2
+124M, 1.6 GB in bf16) and upcasts all of them to fp32 (3.3 GB more) before the cross-entropy; backward keeps them
+too. Here the output projection, the fp32 log-softmax and its gradient are done for one chunk of tokens at a
+time, and the gradients of the hidden states and of the projection's weight are computed in the same pass:
+the full logits never exist. The vocabulary may be padded (rows past `vocab_size` in the weight, for matmul
+shapes the GPU likes): padded columns are masked to -inf, so the loss is the unpadded model's exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100  # labels that take no part in the loss (transformers' convention)
+CHUNK_LOGITS = 1 << 25  # logits in one chunk: 128 MiB in fp32, whatever the vocabulary
+
+
+def chunk_tokens(vocab_rows: int) -> int:
+    """Tokens per chunk: as many as keep one chunk's fp32 logits within CHUNK_LOGITS, a multiple of 128."""
+    return max(128, CHUNK_LOGITS // vocab_rows // 128 * 128)
+
+
+def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the projection runs in: autocast's when it is on (what lm_head would have used), else dtype."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over valid targets of -log softmax(hidden @ weight.T)[target] / divisor, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_size: int, divisor, chunk: int, wants_grad: bool):
+        device_type = hidden.device.type
+        compute = _compute_dtype(device_type, hidden.dtype)
+        with torch.autocast(device_type, enabled=False), torch.no_grad():
+            w = weight.to(compute)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty_like(hidden) if wants_grad else None
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_grad else None
+            for start in range(0, hidden.shape[0], chunk):
+                h, t = hidden[start : start + chunk].to(compute), targets[start : start + chunk]
+                logits = (h @ w.T).float()
+                if vocab_size < logits.shape[1]:
+                    logits[:, vocab_size:] = -math.inf
+                valid = t != IGNORE_INDEX
+                safe = torch.where(valid, t, 0)
+                lse = torch.logsumexp(logits, dim=1)
+                total += ((lse - logits.gather(1, safe[:, None]).squeeze(1)) * valid).sum()
+                if wants_grad:  # d loss / d logits = softmax - one_hot(target), for valid rows only
+                    grad = torch.exp(logits.sub_(lse[:, None]))
+                    grad[torch.arange(len(t), device=t.device), safe] -= 1.0
+                    grad.mul_((valid / divisor)[:, None])
+                    grad = grad.to(compute)
+                    grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)
+                    grad_weight += (grad.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int, num_items_in_batch=None
+) -> torch.Tensor:
+    """transformers' causal-LM loss (labels shifted by one inside, IGNORE_INDEX skipped; the mean over the valid
+    targets, or their sum over num_items_in_batch when the Trainer accumulates gradients) from the last hidden
+    states (batch, block, width) and the output projection's weight (vocabulary rows, width)."""
+    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    divisor = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
+    if torch.is_tensor(divisor):
+        divisor = divisor.to(flat.device, torch.float32)
+    # Inside the Function grad mode is off: whether backward will come is decided here.
+    wants_grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad)
+    chunk = chunk_tokens(weight.shape[0])
+    return _LinearCrossEntropy.apply(flat, weight, targets, vocab_size, divisor, chunk, wants_grad)
+
+
+def use_chunked_loss(model, vocab_size: int) -> None:
+    """Make a GPT2LMHeadModel compute its training loss with linear_cross_entropy (only the first vocab_size
+    columns count). Forward without labels (generation, the evaluate stage) is the model's own."""
+    from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
+
+    own = model.forward
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs: Any):
+        if labels is None:
+            return own(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden = self.transformer(input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        loss = linear_cross_entropy(hidden, self.lm_head.weight, labels, vocab_size, num_items_in_batch)
+        return CausalLMOutputWithCrossAttentions(loss=loss)
+
+    model.forward = types.MethodType(forward, model)
