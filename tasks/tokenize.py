@@ -1,7 +1,9 @@
 """Stage `tokenize`: train (or load) the tokenizer, then cut both splits into block_size blocks.
 
 Writes models/tokenizer/ (loadable by AutoTokenizer.from_pretrained) and data/tokenized/ (a DatasetDict with
-`train` and `validation`, columns `input_ids`, `token_bytes` and `token_chars`, saved with save_to_disk).
+`train` and `validation`, columns `input_ids`, `token_bytes` and `token_chars`, in the layout of datasets'
+save_to_disk: datasets.load_from_disk reads it). The blocks are written once, batch by batch, straight into the
+new output folder: no Arrow cache, no copy.
 Run: python -m tasks.tokenize
 """
 
@@ -10,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +26,7 @@ from tasks.params import CHAR_SPECIALS, ModelParams, TokenizerParams, load_param
 from tasks.paths import DATA_STATS, FRAMING_FIGURE, INGEST_STATS, PREPARED_DIR, SPLITS, TOKENIZED_DIR, TOKENIZER_DIR
 
 CHAR_PATTERN = r"[\s\S]"  # the char tokenizer's pre-tokenizer: every character on its own
-MAP_BATCH = 1000  # records per batched map call; group_texts drops at most block_size-1 tokens per batch
+RECORD_BATCH = 1000  # records encoded at a time; each batch's last block_size-1 tokens at most are dropped
 
 
 def _train_texts(path: Path) -> Iterator[str]:
@@ -229,6 +229,63 @@ def blocks_fingerprint(prepared_file: Path, tokenizer, block_size: int) -> str:
     return digest.hexdigest()[:16]
 
 
+def _record_batches(path: Path, size: int) -> Iterator[dict[str, list]]:
+    """A prepared split's records, `size` at a time, as columns: {"text": [...]} (and "turns" for dialogues)."""
+    with path.open(encoding="utf-8") as handle:
+        while lines := list(itertools.islice(handle, size)):
+            records = [json.loads(line) for line in lines]
+            yield {key: [record[key] for record in records] for key in records[0]}
+
+
+def _blocks_table(blocks: dict[str, np.ndarray]):
+    """encode_and_group's arrays as an Arrow table of list<int32>/list<uint16> columns, without a copy per row."""
+    import pyarrow as pa
+
+    rows, width = blocks["input_ids"].shape
+    offsets = pa.array(np.arange(0, (rows + 1) * width, width, dtype=np.int32))
+    columns = {name: pa.ListArray.from_arrays(offsets, pa.array(array.ravel())) for name, array in blocks.items()}
+    return pa.table(columns)
+
+
+def write_split(prepared_file: Path, folder: Path, encode, fingerprint: str) -> int:
+    """Encode a split batch by batch and write its blocks once, straight into `folder` in the layout of
+    datasets' save_to_disk (one Arrow file, state.json, dataset_info.json); returns the number of blocks."""
+    from dataclasses import asdict
+
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    folder.mkdir(parents=True)
+    arrow = folder / "data-00000-of-00001.arrow"
+    with ArrowWriter(features=block_features(), path=str(arrow)) as writer:
+        for batch in _record_batches(prepared_file, RECORD_BATCH):
+            writer.write_table(_blocks_table(encode(batch)))
+        count, _ = writer.finalize()
+    dataset = datasets.Dataset.from_file(str(arrow))  # memory-mapped: read for its state, not copied
+    state = {key: dataset.__dict__[key] for key in ("_format_columns", "_format_kwargs", "_format_type")}
+    state |= {"_fingerprint": fingerprint, "_output_all_columns": False, "_split": prepared_file.stem}
+    state["_data_files"] = [{"filename": arrow.name}]
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    info = asdict(dataset.info)
+    (folder / "dataset_info.json").write_text(
+        json.dumps({k: info[k] for k in sorted(info)}, indent=2), encoding="utf-8"
+    )
+    return count
+
+
+def block_features():
+    """The blocks' columns as datasets types them (list<int32>, list<uint16>)."""
+    import datasets
+
+    return datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "token_bytes": datasets.Sequence(datasets.Value("uint16")),
+            "token_chars": datasets.Sequence(datasets.Value("uint16")),
+        }
+    )
+
+
 def tokenize(
     tokenizer_params: TokenizerParams,
     model_params: ModelParams,
@@ -237,67 +294,39 @@ def tokenize(
     tokenized_dir: Path = TOKENIZED_DIR,
     dialog: bool = False,
 ) -> dict[str, Any]:
-    """Build the tokenizer and the block datasets; returns blocks and tokens per split."""
-    import datasets
-
+    """Build the tokenizer and the block datasets (read back with datasets.load_from_disk); returns blocks and
+    tokens per split."""
     for split in SPLITS:
         if not (prepared_dir / f"{split}.jsonl").exists():
             raise PipelineError(f"{prepared_dir / f'{split}.jsonl'}: not found; run the ingest stage first (dvc repro)")
     tokenizer, chosen = build_tokenizer(tokenizer_params, model_params, prepared_dir / "train.jsonl", dialog)
     start_id = tokenizer.convert_tokens_to_ids(getattr(tokenizer, chosen.start)) if chosen.start else None
     block_size = tokenizer_params.block_size
-    features = datasets.Features(
-        {
-            "input_ids": datasets.Sequence(datasets.Value("int32")),
-            "token_bytes": datasets.Sequence(datasets.Value("uint16")),
-            "token_chars": datasets.Sequence(datasets.Value("uint16")),
-        }
-    )
-    datasets.disable_progress_bars()
-    # The Arrow cache of load_dataset/map lives in a scratch folder next to the output and goes away after it.
-    scratch = Path(
-        tempfile.mkdtemp(prefix=".tokenize-", dir=tokenized_dir.parent if tokenized_dir.parent.exists() else None)
-    )
-    try:
-        raw = datasets.load_dataset(  # nosec B615
-            "json", cache_dir=str(scratch), data_files={s: str(prepared_dir / f"{s}.jsonl") for s in SPLITS}
-        )
-        sizes = TokenSizes(tokenizer.backend_tokenizer)
-        blocks = datasets.DatasetDict(
-            {
-                split: raw[split].map(
-                    encode_and_group,
-                    batched=True,
-                    batch_size=MAP_BATCH,
-                    remove_columns=raw[split].column_names,
-                    fn_kwargs={"tokenizer": tokenizer, "block_size": block_size, "sizes": sizes, "start_id": start_id},
-                    features=features,
-                    new_fingerprint=blocks_fingerprint(prepared_dir / f"{split}.jsonl", tokenizer, block_size),
-                )
-                for split in SPLITS
-            }
-        )
+    sizes = TokenSizes(tokenizer.backend_tokenizer)
+
+    def encode(batch: dict[str, list]) -> dict[str, np.ndarray]:
+        return encode_and_group(batch, tokenizer, block_size, sizes, start_id)
+
+    stats: dict[str, Any] = {"vocab_size": len(tokenizer), "block_size": block_size}
+    # Both outputs are written in place of a scratch copy and swapped in together: a stop in between never pairs
+    # the new blocks with the old tokenizer, and a failure leaves the previous outputs as they were.
+    with atomic_outputs(tokenized_dir, tokenizer_dir) as (blocks_tmp, tokenizer_tmp):
         for split in SPLITS:
-            if len(blocks[split]) == 0:
+            prepared_file = prepared_dir / f"{split}.jsonl"
+            fingerprint = blocks_fingerprint(prepared_file, tokenizer, block_size)
+            blocks = write_split(prepared_file, blocks_tmp / split, encode, fingerprint)
+            if blocks == 0:
                 raise PipelineError(
-                    f"{prepared_dir / f'{split}.jsonl'}: fewer tokens than one block (tokenizer.block_size="
-                    f"{block_size}); add text or lower block_size"
+                    f"{prepared_file}: fewer tokens than one block (tokenizer.block_size={block_size}); add text or "
+                    "lower block_size"
                 )
-        stats: dict[str, Any] = {"vocab_size": len(tokenizer), "block_size": block_size}
-        for split in SPLITS:
-            stats[f"{split}_blocks"] = len(blocks[split])
-            stats[f"{split}_tokens"] = len(blocks[split]) * block_size
+            stats[f"{split}_blocks"], stats[f"{split}_tokens"] = blocks, blocks * block_size
+        (blocks_tmp / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
         figures = data_figures(read_json(prepared_dir / INGEST_STATS.name, "ingest"), stats)
         figures[FRAMING_FIGURE] = chosen.name  # for train (the model's prompt prefix), the run and the card
         stats["framing"] = f"{chosen.name} ({chosen.shown})"
-        # Both outputs are written first and swapped in together: a stop in between never pairs the new blocks
-        # with the old tokenizer.
-        with atomic_outputs(tokenized_dir, tokenizer_dir) as (blocks_tmp, tokenizer_tmp):
-            blocks.save_to_disk(str(blocks_tmp))
-            (blocks_tmp / DATA_STATS.name).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
-            tokenizer.save_pretrained(str(tokenizer_tmp))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        (blocks_tmp / DATA_STATS.name).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+        tokenizer.save_pretrained(str(tokenizer_tmp))
     return stats
 
 

@@ -51,7 +51,10 @@ def test_tokenize_writes_a_loadable_tokenizer_and_blocks(prepared, tmp_path):
     )
     covered = int(np.array(blocks["validation"]["token_bytes"]).sum())
     assert source_bytes - 32 * 4 < covered <= source_bytes
-    assert not list(tmp_path.glob(".tokenize-*")), "the Arrow scratch cache is removed"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["prepared", "tokenized", "tokenizer"]  # no scratch
+    assert [path.name for path in (tmp_path / "tokenized/train").iterdir() if path.suffix == ".arrow"] == [
+        "data-00000-of-00001.arrow"
+    ]  # written once, straight into the output: no cache file beside it
 
 
 def test_the_same_text_gives_byte_identical_blocks(prepared, tmp_path):
