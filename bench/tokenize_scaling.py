@@ -5,7 +5,8 @@ the ingest stage's JSONL. The same BPE tokenizer (4,096 tokens, trained once on 
 as a folder) then goes through
   - the stage: `tasks.tokenize.tokenize` with `tokenizer.kind: pretrained` pointing at that folder (read the
     JSONL, encode with offsets, count bytes and characters per token, cut blocks, write Arrow to disk), and
-  - the bare reference: read the same JSONL, `Tokenizer.encode_batch` 1,000 records at a time, count tokens.
+  - the bare reference: read the same JSONL, `Tokenizer.encode_batch` 1,000 records at a time, count tokens;
+  - the hand-written script of bench/tokenize_whole.py (encode_batch, end-of-text ids, blocks, np.save).
 Each runs in a child process whose whole process tree's RSS is sampled; the clock starts once the libraries
 are imported (the process's wall time, imports included, is reported beside it). MB/s counts UTF-8 text bytes.
 Run: python bench/tokenize_scaling.py [--sizes 10,100] [--large] [--memory-limit-mb N]   (--large adds 1,000 MB)
@@ -69,6 +70,18 @@ def bare(work: Path) -> None:
     print(json.dumps({"seconds": time.perf_counter() - started, "tokens": tokens}))
 
 
+def script(work: Path) -> None:
+    """bench/tokenize_whole.py's hand-written script, with the given tokenizer instead of training one."""
+    from tokenizers import Tokenizer
+
+    from bench.tokenize_whole import script_blocks
+
+    started = time.perf_counter()
+    tokenizer = Tokenizer.from_file(str(work / "tokenizer/tokenizer.json"))
+    tokens = script_blocks(tokenizer, work / "prepared", work / "out/script", BLOCK)
+    print(json.dumps({"seconds": time.perf_counter() - started, "tokens": tokens}))
+
+
 def train_tokenizer(work: Path) -> None:
     from tasks.params import TokenizerParams
     from tasks.tokenize import train_bpe
@@ -80,9 +93,11 @@ def measure(work: Path, size_mb: int, tokenizer: Path, memory_limit: int = 0) ->
     prepared = work / "prepared"
     text_bytes = write_corpus(prepared / "train.jsonl", size_mb * MB * 99 // 100, seed=size_mb)
     text_bytes += write_corpus(prepared / "validation.jsonl", size_mb * MB // 100, seed=size_mb + 1)
+    stats = {split: {"records": 1, "chars": 1, "bytes": 1} for split in ("train", "validation")}
+    (prepared / "stats.json").write_text(json.dumps(stats))  # ingest's figures: only copied beside the blocks
     shutil.copytree(tokenizer, work / "tokenizer")
     row = {"size_mb": size_mb, "text_mb": text_bytes / MB}
-    for name in ("bare", "stage"):  # bare first: it warms the page cache for both alike
+    for name in ("bare", "script", "stage"):  # bare first: it warms the page cache for all alike
         run = run_measured([__file__, f"_{name}", str(work)], cwd=ROOT, memory_limit=memory_limit)
         inner = json.loads(run.output.strip().splitlines()[-1])
         row[name] = {
@@ -95,6 +110,7 @@ def measure(work: Path, size_mb: int, tokenizer: Path, memory_limit: int = 0) ->
         }
         shutil.rmtree(work / "out", ignore_errors=True)
     row["ratio"] = row["stage"]["mb_per_s"] / row["bare"]["mb_per_s"]
+    row["ratio_script"] = row["stage"]["mb_per_s"] / row["script"]["mb_per_s"]
     shutil.rmtree(prepared)
     shutil.rmtree(work / "tokenizer")
     return row
@@ -123,6 +139,8 @@ def main() -> None:
                 f"{row['stage']['peak_rss_mb']:,.0f} MB, of it private {row['stage']['peak_private_mb']:,.0f} MB), "
                 f"bare encode_batch {row['bare']['mb_per_s']:.2f} MB/s "
                 f"({row['bare']['seconds']:.1f} s, {row['bare']['peak_rss_mb']:,.0f} MB), ratio {row['ratio']:.3f}; "
+                f"hand-written script {row['script']['mb_per_s']:.2f} MB/s ({row['script']['seconds']:.1f} s), "
+                f"ratio {row['ratio_script']:.3f}; "
                 f"tokens {row['stage']['tokens']:,} / {row['bare']['tokens']:,}",
                 flush=True,
             )
@@ -134,7 +152,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] in ("_stage", "_bare", "_train"):
-        {"_stage": stage, "_bare": bare, "_train": train_tokenizer}[sys.argv[1]](Path(sys.argv[2]))
+    if len(sys.argv) == 3 and sys.argv[1] in ("_stage", "_bare", "_script", "_train"):
+        {"_stage": stage, "_bare": bare, "_script": script, "_train": train_tokenizer}[sys.argv[1]](Path(sys.argv[2]))
     else:
         main()

@@ -15,6 +15,10 @@ from tasks.common import hash_file
 from tasks.params import Params
 
 FINGERPRINT_FILE = "fingerprint.txt"
+# The shape of what a checkpoint holds beyond the params: changed when the training model's layout changes, so
+# that a checkpoint from before is started afresh rather than resumed into weights of another shape.
+# 2: embedding rows padded to a multiple of 128 while training (they were saved padded to 64).
+CHECKPOINT_LAYOUT = 2
 
 
 def fingerprint(params: Params, tokenized_dir: Path) -> str:
@@ -25,6 +29,7 @@ def fingerprint(params: Params, tokenized_dir: Path) -> str:
         "model": params.model.model_dump(),
         "train": params.train.model_dump(),
         "tokenizer": params.tokenizer.model_dump(),
+        "layout": CHECKPOINT_LAYOUT,
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for arrow in sorted((tokenized_dir / "train").glob("*.arrow")):
