@@ -138,20 +138,11 @@ def build_model(model_params: ModelParams, tokenizer, block_size: int, framing_n
 
 def for_training(model) -> None:
     """The model as it trains: vocabulary rows padded to VOCAB_MULTIPLE (the padding columns masked out of the
-    loss) and the loss computed chunk by chunk from the hidden states (tasks/loss.py). `trimmed` undoes the
-    padding before saving."""
+    loss) and the loss computed chunk by chunk from the hidden states (tasks/loss.py). _save trims the padding
+    off again (to the tokenizer's size)."""
     size = model.config.vocab_size
     model.resize_token_embeddings(padded_vocab(size), mean_resizing=False)  # padding rows: never looked up
     loss.use_chunked_loss(model, size)
-    model.config.trained_vocab_size = size
-
-
-def trimmed(model):
-    """The model at its tokenizer's size again, as it is saved."""
-    size = model.config.to_dict().pop("trained_vocab_size", model.config.vocab_size)
-    model.resize_token_embeddings(size)
-    del model.config.trained_vocab_size
-    return model
 
 
 def frame(model, tokenizer, framing: Framing) -> None:
