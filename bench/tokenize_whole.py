@@ -15,6 +15,7 @@ Run: python bench/tokenize_whole.py [--mb 50] [--rounds 3] [--stage-alone]
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -41,17 +42,19 @@ def script_blocks(tokenizer, prepared: Path, out: Path, block: int) -> int:
     eos, tokens = tokenizer.token_to_id("<|endoftext|>"), 0
     out.mkdir(parents=True, exist_ok=True)
     for split in ("train", "validation"):
-        ids: list[int] = []
+        parts: list[np.ndarray] = []  # one int32 array a batch: a Python list of every id would not fit at 1 GB
         batch: list[str] = []
-        for text in [*prepared_texts(prepared, split), None]:
+        for text in itertools.chain(prepared_texts(prepared, split), [None]):  # None: the end, flush
             if text is not None:
                 batch.append(text)
             if len(batch) == 1000 or (text is None and batch):
+                ids: list[int] = []
                 for encoding in tokenizer.encode_batch(batch, add_special_tokens=False):
                     ids.extend(encoding.ids)
                     ids.append(eos)
+                parts.append(np.array(ids, dtype=np.int32))
                 batch = []
-        stream = np.array(ids, dtype=np.int32)
+        stream = np.concatenate(parts)
         np.save(out / f"{split}.npy", stream[: len(stream) // block * block].reshape(-1, block))
         tokens += len(stream)
     return tokens
