@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,13 +43,16 @@ def prepare(project: Path, overrides: dict[str, Any]) -> Path:
     """The run workspace for these overrides, at the project's committed HEAD, params written; created once."""
     params = apply_overrides(read_raw(project / PARAMS_FILE), overrides)
     workspace = project / RUNS_DIR / overrides_key(overrides)
-    if not (workspace / ".git").exists():
+    new = not (workspace / ".git").exists()
+    if new:
         workspace.mkdir(parents=True, exist_ok=True)
         _git(workspace, "init", "--quiet")
     # Reset tracked files to the project's commit; untracked outputs (data, models, checkpoints) stay.
     _git(workspace, "fetch", "--quiet", "--no-tags", str(project.resolve()), "HEAD")
     _git(workspace, "reset", "--quiet", "--hard", "FETCH_HEAD")
     _share_dvc_cache(project, workspace)
+    if new:
+        _check_out_committed_outputs(workspace)
     params["data"]["sources"] = [_source_for(workspace, project, source) for source in params["data"]["sources"]]
     with atomic_output(workspace / PARAMS_FILE) as tmp:
         tmp.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
@@ -102,6 +106,15 @@ def _share_dvc_cache(project: Path, workspace: Path) -> None:
     config = workspace / ".dvc" / "config.local"
     cache = (project / ".dvc" / "cache").resolve()
     config.write_text(f"[cache]\n    dir = {cache}\n", encoding="utf-8")
+
+
+def _check_out_committed_outputs(workspace: Path) -> None:
+    """Give a new workspace the outputs its dvc.lock names, from the shared cache, so that DVC skips the stages
+    the overrides leave unchanged (ingest and tokenize for a training override) instead of running them again:
+    the stages' outputs are `persist`, which keeps DVC from restoring them from its run cache. An output the
+    cache lacks is left out (`--allow-missing`); DVC then runs its stage."""
+    command = [sys.executable, "-m", "dvc", "checkout", "--quiet", "--allow-missing"]
+    subprocess.run(command, cwd=workspace, capture_output=True, check=False)
 
 
 def environment(project: Path, overrides: dict[str, Any]) -> dict[str, str]:

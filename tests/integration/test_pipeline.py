@@ -140,6 +140,18 @@ def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(trained_pr
     assert evaluations == list(range(len(evaluations))) and len(evaluations) >= 2
 
 
+def test_a_new_run_workspace_starts_from_the_committed_outputs(trained_project):
+    """A run with a training override runs train onwards: its new workspace has the committed data and tokenizer
+    from the shared cache, so DVC does not ingest and tokenize again."""
+    from flows import workspace
+
+    folder = workspace.prepare(trained_project, {"train.seed": 9})
+    for output in ("data/prepared/train.jsonl", "data/tokenized/dataset_dict.json", "models/tokenizer/tokenizer.json"):
+        assert (folder / output).read_bytes() == (trained_project / output).read_bytes()
+    changed = run([str(BIN / "dvc"), "status"], folder).stdout
+    assert [line for line in changed.splitlines() if not line.startswith(("\t", " "))] == ["train:"], changed
+
+
 def test_a_registered_model_is_where_a_training_can_start(pipeline, monkeypatch):
     """model.name_or_path: models:/gpt2-lm@challenger gives train the registered weights and tokenize its
     tokenizer (the fine-tune below runs the same path from a folder); an alias that does not exist is one line."""

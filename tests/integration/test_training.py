@@ -99,13 +99,33 @@ def single_process_curve(project, tmp_path, monkeypatch) -> list[tuple[int, floa
     return curve(tmp_path / "single/train_loss.csv")
 
 
+def recording_ranks(folder, **extra: str) -> dict[str, str]:
+    """The environment for a train stage whose torchrun ranks record their weights and blocks to folder
+    (tests/rank_hook: a sitecustomize that only torchrun's workers act on)."""
+    return tool_env(PYTHONPATH=str(ROOT / "tests/rank_hook"), RECORD_RANKS_TO=str(folder), **extra)
+
+
+def assert_ranks_in_step(folder, steps: int) -> None:
+    """Two ranks saw different blocks at every step, and after each optimizer step their weights were the same,
+    bit for bit, and changed by the step."""
+    ranks = [json.loads((folder / f"{rank}.json").read_text()) for rank in (0, 1)]
+    for step in range(1, steps + 1):
+        assert ranks[0]["blocks"][str(step)] != ranks[1]["blocks"][str(step)]
+    weights = [rank["weights"] for rank in ranks]
+    assert list(weights[0]) == [str(step) for step in range(steps + 1)]  # before training, then after each step
+    assert weights[0] == weights[1]
+    assert len(set(weights[0].values())) == steps + 1  # each step changed them
+
+
 def test_two_processes_train_like_one_process_with_twice_the_batch(golden, tmp_path, monkeypatch):
     """2 processes x batch 8 (torchrun, gradients averaged) take the same steps as 1 process x batch 16: the same
-    loss at every step, to float rounding (1e-4; measured: within 2e-7), in one MLflow run."""
+    loss at every step, to float rounding (1e-4; measured: within 2e-7), in one MLflow run; the two ranks train
+    on different blocks and hold identical weights after every step."""
     project = trained_copy(golden, tmp_path)
     write_params(project, merge(tiny_params(), {"train": {**DATA_PARALLEL, "num_processes": 2, "batch_size": 8}}))
-    result = run([str(BIN / "dvc"), "repro", "train"], project)
+    result = run([str(BIN / "dvc"), "repro", "train"], project, env=recording_ranks(tmp_path / "ranks"))
     assert "x 2 process(es)" in result.stdout
+    assert_ranks_in_step(tmp_path / "ranks", DATA_PARALLEL["max_steps"])
     metrics = json.loads((project / "metrics/train.json").read_text())
     assert metrics["processes"] == 2 and metrics["tokens_seen"] == 6 * 8 * 64 * 2
     two = curve(project / "plots/train_loss.csv")
@@ -126,7 +146,7 @@ def test_two_nodes_train_as_one_node_with_two_processes(golden, tmp_path, monkey
     machine (two copies of the project, one process each, meeting on the loopback) logging to one team store.
     c10d gives global rank 0 to either: that node saves the model and holds the one run; the other exits 4 with
     its outputs untouched, so DVC there records nothing. The loss curve is 1 process x batch 16's, as 1 node x 2
-    processes' is (the test above)."""
+    processes' is (the test above), and the two nodes' ranks hold identical weights after every step."""
     nodes = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -143,7 +163,7 @@ def test_two_nodes_train_as_one_node_with_two_processes(golden, tmp_path, monkey
         write_params(node, merge(tiny_params(), {"train": settings}))
         records.append((node / "models/gpt2/mlflow_run.json").read_text())
     team = f"sqlite:///{tmp_path / 'team.db'}"  # the team's tracking server both nodes log to
-    env = tool_env(MLFLOW_TRACKING_URI=team, OMP_NUM_THREADS="1")
+    env = recording_ranks(tmp_path / "ranks", MLFLOW_TRACKING_URI=team, OMP_NUM_THREADS="1")
     launched = [
         subprocess.Popen([str(BIN / "python"), "-m", "tasks.train"], cwd=node, env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -155,6 +175,7 @@ def test_two_nodes_train_as_one_node_with_two_processes(golden, tmp_path, monkey
     writer, other = (0, 1) if statuses[0] == 0 else (1, 0)
     assert "global rank 0 ran on another node" in outputs[other] and "Traceback" not in "".join(outputs)
     assert (nodes[other] / "models/gpt2/mlflow_run.json").read_text() == records[other]  # untouched
+    assert_ranks_in_step(tmp_path / "ranks", DATA_PARALLEL["max_steps"])
     run_id = json.loads((nodes[writer] / "models/gpt2/mlflow_run.json").read_text())["run_id"]
 
     import mlflow
@@ -168,36 +189,6 @@ def test_two_nodes_train_as_one_node_with_two_processes(golden, tmp_path, monkey
     one = single_process_curve(nodes[writer], tmp_path, monkeypatch)
     assert [step for step, _ in two_nodes] == [step for step, _ in one] == list(range(1, 7))
     assert [loss for _, loss in two_nodes] == pytest.approx([loss for _, loss in one], abs=1e-4)
-
-
-@pytest.mark.parametrize("layout", ["one node x 2 processes", "two nodes x 1 process"])
-def test_data_parallel_ranks_hold_identical_weights_after_each_step(golden, tmp_path, layout):
-    """Two ranks see different blocks; after each optimizer step their weights are the same, bit for bit
-    (tests/ddp_ranks.py records each rank's weights from inside the train stage's own train()), on one node or
-    on two meeting at a c10d rendezvous as train.nodes launches them."""
-    project = trained_copy(golden, tmp_path)
-    write_params(project, merge(tiny_params(), {"train": {**DATA_PARALLEL, "max_steps": 2, "num_processes": 2}}))
-    torchrun, script = [str(BIN / "python"), "-m", "torch.distributed.run"], [str(ROOT / "tests/ddp_ranks.py"), "ranks"]
-    if layout.startswith("one"):
-        launches = [[*torchrun, "--standalone", "--nproc-per-node=2", *script]]
-    else:
-        meet = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={LOOPBACK}:{free_port()}"]
-        launches = [[*torchrun, *meet, "--rdzv-id=weights", *script]] * 2
-    processes = [
-        subprocess.Popen(command, cwd=project, env=tool_env(OMP_NUM_THREADS="1"), text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for command in launches
-    ]  # fmt: skip
-    for process in processes:
-        output = process.communicate(timeout=600)[0]
-        assert process.returncode == 0, output[-3000:]
-    ranks = [json.loads((project / f"ranks/{rank}.json").read_text()) for rank in (0, 1)]
-    for step in ("1", "2"):  # each rank trained on blocks of its own
-        assert ranks[0]["blocks"][step] != ranks[1]["blocks"][step]
-    weights = [rank["weights"] for rank in ranks]
-    assert list(weights[0]) == ["0", "1", "2"]  # before training, after step 1, after step 2
-    assert weights[0] == weights[1]
-    assert weights[0]["1"] != weights[0]["0"] and weights[0]["2"] != weights[0]["1"]  # each step changed them
 
 
 def test_chinese_dialogue_trains_with_a_char_tokenizer(tmp_path):

@@ -1,23 +1,18 @@
-"""Run under torchrun in a trained project: the train stage's own train(), recording for each rank a digest of its
-weights before training and after every optimizer step, and of the blocks it trained on at each step, written to
-<folder>/<rank>.json as {"weights": {step: digest}, "blocks": {step: digest}}.
+"""What each data-parallel rank did, recorded from inside the train stage's own Trainer: a digest of its weights
+before training and after every optimizer step, and of the blocks it trained on at each step, written to
+<folder>/<global rank>.json as {"weights": {step: digest}, "blocks": {step: digest}}.
 
-Usage: python -m torch.distributed.run --standalone --nproc-per-node=2 tests/ddp_ranks.py <folder>
-(tests/integration/test_training.py compares the ranks' digests)."""
+sitecustomize.py (beside this file) installs it in the ranks of a train stage that a test starts;
+tests/integration/test_training.py compares the ranks' records."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import transformers
-
-from tasks import runs
-from tasks.params import load_params
-from tasks.train import train
 
 
 def digest(tensors: dict) -> str:
@@ -38,13 +33,13 @@ class RankWeights(transformers.TrainerCallback):
         self.seen["weights"][str(state.global_step)] = digest(model.state_dict())
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.folder.mkdir(exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"{os.environ['RANK']}.json").write_text(json.dumps(self.seen))
 
 
 def with_rank_weights(folder: Path) -> None:
-    """Every Trainer made from here on also records its rank's weights and blocks (train() builds its Trainer
-    when called)."""
+    """Every Trainer made from here on also records its rank's weights and blocks (the train stage builds its
+    Trainer after the interpreter has started)."""
     init, training_step = transformers.Trainer.__init__, transformers.Trainer.training_step
     recorder = RankWeights(folder)
 
@@ -57,14 +52,3 @@ def with_rank_weights(folder: Path) -> None:
 
     transformers.Trainer.__init__ = recording_init
     transformers.Trainer.training_step = recording_step
-
-
-if __name__ == "__main__":
-    with_rank_weights(Path(sys.argv[1]))
-    params = load_params()
-    if os.environ["RANK"] == "0":  # only rank 0 logs, here to a run of its own
-        run_id = runs.create_run(params)
-        with runs.active(run_id):
-            train(params, run_id)
-    else:
-        train(params, "")
