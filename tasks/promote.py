@@ -17,12 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tasks import report, store
 from tasks.common import PipelineError, inside_project
-from tasks.evaluate import sample, score
-from tasks.loading import load_pretrained
 from tasks.params import EvaluateParams, Params
 from tasks.paths import PREPARED_DIR
 from tasks.registry import (
@@ -34,7 +30,6 @@ from tasks.registry import (
     set_alias,
     tag_version,
 )
-from tasks.tokenize import encode_and_group
 
 LOCK_FILE = Path(".promote.lock")
 DEFAULT_TEXT = PREPARED_DIR / "validation.jsonl"
@@ -59,6 +54,14 @@ def frozen_texts(path: Path) -> list[str]:
 def measure(uri: str, texts: list[str], block_size: int, evaluation: EvaluateParams) -> tuple[float, list[dict]]:
     """Bits per byte of a model on texts (tokenized with the model's own tokenizer), and its samples for the
     evaluation prompts and seed: what the report shows of each model."""
+    # Here, not at the top: a rollback, or a challenger that is already champion, never loads a model, and
+    # torch with transformers is most of what this module would otherwise cost to import.
+    import torch
+
+    from tasks.evaluate import sample, score
+    from tasks.loading import load_pretrained
+    from tasks.tokenize import encode_and_group
+
     model, tokenizer = load_pretrained(uri, key=uri)
     block = min(block_size, model.config.n_positions)
     blocks = {key: torch.tensor(value) for key, value in encode_and_group({"text": texts}, tokenizer, block).items()}
