@@ -300,11 +300,12 @@ def generate(
     seed: int = 0,
 ):
     """Continue a prompt with a trained model (sampling with a fixed seed, so the same call gives the same text)."""
-    from tasks.evaluate import sample
     from tasks.loading import load_pretrained
     from tasks.params import GenerationParams
 
     lm, tokenizer = load_pretrained(model, key="--model")
+    from tasks.evaluate import sample  # after the model: a model that cannot be loaded fails without torch
+
     settings = GenerationParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     )

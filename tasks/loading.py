@@ -53,10 +53,11 @@ def model_source(name_or_path: str) -> Iterator[ModelSource]:
 def load_pretrained(name_or_path: str, key: str = "model.name_or_path", **model_kwargs: Any):
     """(GPT2LMHeadModel, tokenizer) from a folder, hub id or MLflow URI; a model that cannot be loaded is one
     PipelineError naming `key`. model_kwargs go to from_pretrained (config overrides, attn_implementation)."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-
     try:
         with model_source(name_or_path) as source:
+            # After the registry has answered: a model URI that fails there fails before torch is imported.
+            from transformers import AutoTokenizer, GPT2LMHeadModel
+
             # Safetensors where the folder has them, else pytorch_model.bin read by torch's weights_only loader.
             model = GPT2LMHeadModel.from_pretrained(source.model, weights_only=True, **model_kwargs)  # nosec B615
             tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)  # nosec B615
@@ -77,10 +78,10 @@ def load_pretrained(name_or_path: str, key: str = "model.name_or_path", **model_
 
 def load_tokenizer(name_or_path: str, key: str = "model.name_or_path"):
     """The tokenizer alone, from the same places as load_pretrained."""
-    from transformers import AutoTokenizer
-
     try:
         with model_source(name_or_path) as source:
+            from transformers import AutoTokenizer
+
             return AutoTokenizer.from_pretrained(source.tokenizer)  # nosec B615
     except OSError as exc:
         raise PipelineError(
