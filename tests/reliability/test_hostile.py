@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -108,6 +109,14 @@ common.run_cli(main)
 """
 
 
+def wait_in_futex(pid: int, timeout: float = 60) -> None:
+    """Until the process's main thread sleeps in the kernel's futex wait (its wchan names it)."""
+    wchan, deadline = Path(f"/proc/{pid}/wchan"), time.monotonic() + timeout
+    while "futex" not in wchan.read_text():
+        assert time.monotonic() < deadline, f"the stage never blocked (wchan {wchan.read_text()!r})"
+        time.sleep(0.01)
+
+
 def test_a_stage_stuck_where_no_handler_runs_still_ends_after_sigterm(tmp_path):
     stage = subprocess.Popen(
         [str(BIN / "python"), "-c", STUCK_STAGE],
@@ -119,6 +128,7 @@ def test_a_stage_stuck_where_no_handler_runs_still_ends_after_sigterm(tmp_path):
     )
     try:
         assert stage.stdout.readline() == "stuck\n"
+        wait_in_futex(stage.pid)  # a signal sent before the second lock would still reach Python's handler
         # The stage's watchdog: the stage's child whose arguments name the stage.
         watchdogs = [p for p in psutil.Process(stage.pid).children() if str(stage.pid) in p.cmdline()[1:]]
         assert len(watchdogs) == 1, psutil.Process(stage.pid).children()
