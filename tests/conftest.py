@@ -232,12 +232,17 @@ LONG_SCENARIOS = {"scenario", "stack"}  # module fixtures that play a whole stor
 
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
 def pytest_collection_modifyitems(session, config, items):
-    """The tests that need the golden project after the others, so those run while it trains in the background;
-    among them the long scenarios first, so no worker starts one when the others are nearly done. Each part
+    """The modules none of whose tests need the golden project first, so they run while it trains in the
+    background; then the modules with a long scenario, so no worker starts one when the others are nearly done;
+    then the rest. Whole modules, because pytest-xdist (--dist loadscope) hands a worker a module at a time: a
+    module with one golden test among others would hold its worker waiting for the golden project. Each part
     keeps pytest-randomly's order."""
+    modules: dict[object, set[str]] = {}
+    for item in items:
+        modules.setdefault(item.module, set()).update(getattr(item, "fixturenames", ()))
 
     def rank(item) -> int:
-        names = set(getattr(item, "fixturenames", ()))
+        names = modules[item.module]
         return 0 if "golden" not in names else 1 if names & LONG_SCENARIOS else 2
 
     items.sort(key=rank)
