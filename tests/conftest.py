@@ -227,25 +227,47 @@ class _Background(threading.Thread):
             self.error = exc
 
 
-LONG_SCENARIOS = {"scenario", "stack"}  # module fixtures that play a whole story (registry, servers)
+DURATIONS = ROOT / "tests/durations.json"  # seconds per module, from a full run with --store-durations
+_measured: dict[str, float] = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--store-durations",
+        action="store_true",
+        help="write each test module's measured seconds to tests/durations.json: the order modules are handed out",
+    )
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
 def pytest_collection_modifyitems(session, config, items):
     """The modules none of whose tests need the golden project first, so they run while it trains in the
-    background; then the modules with a long scenario, so no worker starts one when the others are nearly done;
-    then the rest. Whole modules, because pytest-xdist (--dist loadscope) hands a worker a module at a time: a
-    module with one golden test among others would hold its worker waiting for the golden project. Each part
-    keeps pytest-randomly's order."""
-    modules: dict[object, set[str]] = {}
+    background; then the others. Within each part the longest module first (tests/durations.json; one not there
+    counts as short): pytest-xdist (--dist loadscope --no-loadscope-reorder) hands a worker a whole module at a
+    time in this order, so the last ones, running while the other worker may have nothing left, are short. Tests
+    keep pytest-randomly's order within their module."""
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+    modules: dict[str, set[str]] = {}
     for item in items:
-        modules.setdefault(item.module, set()).update(getattr(item, "fixturenames", ()))
+        modules.setdefault(item.nodeid.split("::")[0], set()).update(getattr(item, "fixturenames", ()))
 
-    def rank(item) -> int:
-        names = modules[item.module]
-        return 0 if "golden" not in names else 1 if names & LONG_SCENARIOS else 2
+    def order(item) -> tuple[bool, float]:
+        module = item.nodeid.split("::")[0]
+        return "golden" in modules[module], -known.get(module, 0.0)
 
-    items.sort(key=rank)
+    items.sort(key=order)
+
+
+def pytest_runtest_logreport(report):
+    """Setup, call and teardown of every test, summed by module (under xdist the controller sees every worker's)."""
+    module = report.nodeid.split("::")[0]
+    _measured[module] = _measured.get(module, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if session.config.getoption("store_durations") and not os.environ.get("PYTEST_XDIST_WORKER") and _measured:
+        rounded = {module: round(seconds, 1) for module, seconds in sorted(_measured.items())}
+        DURATIONS.write_text(json.dumps(rounded, indent=1) + "\n")
 
 
 def pytest_collection_finish(session):
