@@ -36,12 +36,12 @@ run: install
 
 # Two workers (pytest-xdist), each taking whole modules so a module's shared fixture is built once (faster than
 # --dist loadgroup in fresh-clone .ci/run runs on 2026-11-26: 8 min 48 s and 9 min 08 s against 10 min 51 s; three
-# workers were slower than two on 2026-11-27: 10 min 19 s against 9 min 55 s). Modules go out longest first, as
-# tests/conftest.py orders them (--no-loadscope-reorder keeps that order; PYTEST_ARGS=--store-durations refreshes
+# workers were slower than two on 2026-11-27: 10 min 19 s against 9 min 55 s). Modules go out one at a time,
+# longest first, as tests/conftest.py orders and schedules them (PYTEST_ARGS=--store-durations refreshes
 # tests/durations.json); tests are in a random order within them (pytest-randomly prints its seed; replay an order
 # with PYTEST_ARGS=--randomly-seed=N).
 test: install
-	$(BIN)/python -m pytest -n 2 --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadscope $(PYTEST_ARGS)
 
 # The edit-test loop: no model trained through DVC, no servers, on both cores (-n 2: about half the time of one
 # process). CI always runs everything (make test).

@@ -243,8 +243,8 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(session, config, items):
     """The modules none of whose tests need the golden project first, so they run while it trains in the
     background; then the others. Within each part the longest module first (tests/durations.json; one not there
-    counts as short): pytest-xdist (--dist loadscope --no-loadscope-reorder) hands a worker a whole module at a
-    time in this order, so the last ones, running while the other worker may have nothing left, are short. Tests
+    counts as short): pytest-xdist (--dist loadscope, with the scheduler below) hands a worker a whole module
+    at a time in this order, so the last ones, running while the other worker may have nothing left, are short. Tests
     keep pytest-randomly's order within their module."""
     known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
     modules: dict[str, set[str]] = {}
@@ -256,6 +256,33 @@ def pytest_collection_modifyitems(session, config, items):
         return "golden" in modules[module], -known.get(module, 0.0)
 
     items.sort(key=order)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadscope, handing out modules in the order above and one at a time (see _one_module_at_a_time)."""
+    if config.getoption("dist") == "loadscope":
+        return _one_module_at_a_time(config, log)
+    return None
+
+
+def _one_module_at_a_time(config, log):
+    """xdist's loadscope scheduler, except that a worker gets its next module only on the last test of the one it
+    has (xdist gives it when three tests are left, and two modules at the start): a worker never holds a module
+    queued behind a long test while the other worker has nothing to do. And the modules keep the collection's order
+    (xdist sorts them by their number of tests unless told --no-loadscope-reorder)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneModuleAtATime(LoadScopeScheduling):
+        def _reschedule(self, node) -> None:
+            if node.shutting_down:
+                return
+            if not self.workqueue:
+                node.shutdown()
+            elif self._pending_of(self.assigned_work[node]) <= 1:  # its last test waits for the next to be known
+                self._assign_work_unit(node)
+
+    config.option.loadscopereorder = False
+    return OneModuleAtATime(config, log)
 
 
 def pytest_runtest_logreport(report):
