@@ -119,11 +119,22 @@ def prepared(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An MLflow SQLite store as MLflow makes it (tables created, migrations run: seconds), for tests to copy."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    folder = tmp_path_factory.mktemp("empty-store")
+    SqlAlchemyStore(f"sqlite:///{folder}/mlflow.db", (folder / "artifacts").as_uri()).engine.dispose()
+    return folder / "mlflow.db"
+
+
 @pytest.fixture
-def mlflow_run(tmp_path, monkeypatch) -> str:
+def mlflow_run(empty_store, tmp_path, monkeypatch) -> str:
     """A real run in a throwaway SQLite MLflow store; MLFLOW_TRACKING_URI points at it for the test."""
     from tasks import store
 
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     client = store.client()
     experiment = client.create_experiment("tests", artifact_location=(tmp_path / "artifacts").as_uri())
