@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -84,12 +85,13 @@ def curve(plot_file) -> list[tuple[int, float]]:
         return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
 
 
-def single_process_curve(project, tmp_path, monkeypatch) -> list[tuple[int, float]]:
+def single_process_curve(project, tmp_path, monkeypatch, empty_store) -> list[tuple[int, float]]:
     """The loss curve of 1 process x batch 16 (DATA_PARALLEL), trained in this process on project's data."""
     from tasks import runs as pipeline_runs
     from tasks.params import parse_params
     from tasks.train import train
 
+    shutil.copyfile(empty_store, tmp_path / "single.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/single.db")
     single = parse_params(merge(tiny_params(), {"train": {**DATA_PARALLEL, "num_processes": 1, "batch_size": 16}}))
     run_id = pipeline_runs.create_run(single)
@@ -116,7 +118,7 @@ def assert_ranks_in_step(folder, steps: int) -> None:
     assert len(set(weights[0].values())) == steps + 1  # each step changed them
 
 
-def test_two_processes_train_like_one_process_with_twice_the_batch(golden, tmp_path, monkeypatch):
+def test_two_processes_train_like_one_process_with_twice_the_batch(golden, tmp_path, monkeypatch, empty_store):
     """2 processes x batch 8 (torchrun, gradients averaged) take the same steps as 1 process x batch 16: the same
     loss at every step, to float rounding (1e-4; measured: within 2e-7), in one MLflow run; the two ranks train
     on different blocks and hold identical weights after every step."""
@@ -128,7 +130,7 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(golden, tmp_p
     metrics = json.loads((project / "metrics/train.json").read_text())
     assert metrics["processes"] == 2 and metrics["tokens_seen"] == 6 * 8 * 64 * 2
     two = curve(project / "plots/train_loss.csv")
-    one = single_process_curve(project, tmp_path, monkeypatch)
+    one = single_process_curve(project, tmp_path, monkeypatch, empty_store)
     assert [step for step, _ in two] == [step for step, _ in one] == list(range(1, 7))
     assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], abs=1e-4)
     assert two[-1][1] < two[0][1] - 0.1  # and they learn: six steps at this rate move the loss
@@ -140,7 +142,7 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(golden, tmp_p
     assert sorted(p.name for p in (project / "models").iterdir()) == ["gpt2", "tokenizer"]
 
 
-def test_two_nodes_train_as_one_node_with_two_processes(golden, tmp_path, monkeypatch):
+def test_two_nodes_train_as_one_node_with_two_processes(golden, tmp_path, monkeypatch, empty_store):
     """train.nodes: 2 runs each node's share under torchrun, meeting at a c10d rendezvous: here two "nodes" on this
     machine (two copies of the project, one process each, meeting on the loopback) logging to one team store.
     c10d gives global rank 0 to either: that node saves the model and holds the one run; the other exits 4 with
@@ -161,6 +163,7 @@ def test_two_nodes_train_as_one_node_with_two_processes(golden, tmp_path, monkey
     for node in nodes:
         write_params(node, merge(tiny_params(), {"train": settings}))
         records.append((node / "models/gpt2/mlflow_run.json").read_text())
+    shutil.copyfile(empty_store, tmp_path / "team.db")
     team = f"sqlite:///{tmp_path / 'team.db'}"  # the team's tracking server both nodes log to
     env = recording_ranks(tmp_path / "ranks", MLFLOW_TRACKING_URI=team, OMP_NUM_THREADS="1")
     launched = [
@@ -185,7 +188,7 @@ def test_two_nodes_train_as_one_node_with_two_processes(golden, tmp_path, monkey
     metrics = json.loads((nodes[writer] / "metrics/train.json").read_text())
     assert metrics["processes"] == 2 and metrics["tokens_seen"] == 6 * 8 * 64 * 2
     two_nodes = curve(nodes[writer] / "plots/train_loss.csv")
-    one = single_process_curve(nodes[writer], tmp_path, monkeypatch)
+    one = single_process_curve(nodes[writer], tmp_path, monkeypatch, empty_store)
     assert [step for step, _ in two_nodes] == [step for step, _ in one] == list(range(1, 7))
     assert [loss for _, loss in two_nodes] == pytest.approx([loss for _, loss in one], abs=1e-4)
 

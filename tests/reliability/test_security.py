@@ -8,6 +8,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -151,13 +152,14 @@ def test_one_redaction_hides_every_shape_of_credentials_wherever_they_stand(uri)
         assert redact(plain) == plain
 
 
-def test_params_and_tags_reach_mlflow_without_credentials(tmp_path, monkeypatch):
+def test_params_and_tags_reach_mlflow_without_credentials(tmp_path, monkeypatch, empty_store):
     """A URI with credentials in params (a model's address) or in a tag is written to MLflow redacted: the run's
     params and tags, and a registered version's tags (the redaction's shapes are the test above's)."""
     from tasks import registry, runs, store
     from tasks.params import parse_params
 
     uri = f"http://user:p@ss{SECRET}@127.0.0.1:9/"
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)  # lineage tags read params.yaml here, and find no git or dvc.lock
     raw = merge(tiny_params(), {"model": {"init": "pretrained", "name_or_path": f"{uri}gpt2"}})
