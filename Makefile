@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 
 # Refresh requirements.lock after changing pyproject.toml's dependencies: pip-compile (in a venv of its own) pins
 # every package of the dev and s3 sets with the hashes of its files; it needs PyPI (16 minutes here, 2026-11-27).
+# It resolves for the Python it runs on: what only an earlier 3.11 needs is left out (async-timeout, which redis
+# needs below 3.11.3; Debian 12's python3 is 3.11.2): put it back with its marker and hashes, as the lock has it
+# now; tests/unit/test_infra.py checks the lock against every locked package's needs on Python 3.11.0.
 lock:
 	test -x $(LOCK_TOOLS)/bin/pip-compile || ($(PYTHON) -m venv $(LOCK_TOOLS) && $(LOCK_TOOLS)/bin/pip install -q pip-tools)
 	echo '$(TORCH)+cpu' > $(LOCK_TOOLS)/torch-cpu.txt

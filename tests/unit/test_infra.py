@@ -117,12 +117,34 @@ def test_dockerfile_pins_torch_as_the_makefile_does_then_installs_the_lock_witho
     # The image's filter, run on the lock: every package but torch, each with its hashes.
     program = re.search(r"awk '([^']+)' requirements\.lock", dockerfile).group(1)
     kept = subprocess.run(["awk", program, str(ROOT / "requirements.lock")], capture_output=True, text=True, check=True)
-    pins = re.findall(r"^([\w.-]+)==\S+ \\\n(?:    --hash=sha256:\w+(?: \\)?\n)+", kept.stdout, re.M)
+    pins = re.findall(r"^([\w.-]+)==\S+(?: ; [^\n]+)? \\\n(?:    --hash=sha256:\w+(?: \\)?\n)+", kept.stdout, re.M)
     locked = re.findall(r"^([\w.-]+)==", (ROOT / "requirements.lock").read_text(), re.M)
     assert "torch" in locked and sorted(pins) == sorted(name for name in locked if name != "torch")
     assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", dockerfile, re.M)
     for source in re.findall(r"^COPY (\S+) ", dockerfile, re.M):
         assert source == "." or (ROOT / source).exists(), source
+
+
+def test_the_lock_has_what_its_packages_need_on_the_oldest_python_the_project_allows():
+    """pip-compile locks for the Python it runs on; a package that something locked needs only on an earlier 3.11
+    (redis: async-timeout below 3.11.3, and Debian 12's python3 is 3.11.2) must be in the lock all the same."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    floor = re.search(r'^requires-python = ">=(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text(), re.M).groups()
+    oldest = {"python_version": ".".join(floor), "python_full_version": ".".join(floor) + ".0", "extra": ""}
+    lock = (ROOT / "requirements.lock").read_text()
+    locked = {canonicalize_name(name) for name in re.findall(r"^([\w.-]+)==", lock, re.M)}
+    installed = {canonicalize_name(dist.metadata["Name"]): dist for dist in metadata.distributions()}
+    missing = sorted(
+        f"{needed.name} (for {name})"
+        for name in locked & installed.keys()  # the others' markers leave them out on this Python
+        for needed in map(Requirement, installed[name].requires or [])
+        if (needed.marker is None or needed.marker.evaluate(oldest)) and canonicalize_name(needed.name) not in locked
+    )
+    assert missing == [], f"requirements.lock lacks what these need on Python {oldest['python_full_version']}"
 
 
 def test_dvc_reads_the_projects_remote_config_with_the_default_install():
