@@ -18,6 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 START_LOCK = "gpt2-pipeline-server.lock"
+# A first start makes the database's tables: about 13 s on an idle 2-core machine, past Prefect's default budget of
+# 20 s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS) when training or tests keep the machine busy.
+STARTUP_SECONDS = 120
 
 
 def shared() -> bool:
@@ -30,7 +33,11 @@ def shared() -> bool:
 def start_local() -> None:
     """Start the temporary server now (Prefect would at the first flow call), one start at a time per
     PREFECT_HOME; nothing to do with PREFECT_API_URL set."""
-    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_SERVER_EPHEMERAL_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    )
 
     if shared() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
         return
@@ -40,7 +47,8 @@ def start_local() -> None:
     home.mkdir(parents=True, exist_ok=True)
     with (home / START_LOCK).open("w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, also if the start fails
-        SubprocessASGIServer().start()  # returns once the server answers, its tables made
+        budget = max(STARTUP_SECONDS, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())  # a longer one stands
+        SubprocessASGIServer().start(timeout=budget)  # returns once the server answers, its tables made
 
 
 def promotion_limit(model_name: str) -> str:
