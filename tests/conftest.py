@@ -104,6 +104,23 @@ def run(args: list[str], cwd: Path, check: bool = True, env: dict | None = None)
     return result
 
 
+def cli_here(project: Path, *args: str) -> str:
+    """`gpt2-pipeline args...` run in this process in project (the same command, without a new interpreter to
+    import torch and transformers again); its output."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    cwd = Path.cwd()
+    os.chdir(project)
+    try:
+        result = CliRunner().invoke(app, list(args))
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output[-3000:]
+    return result.stdout
+
+
 @pytest.fixture
 def prepared(tmp_path: Path) -> Path:
     """A prepared-data folder (as ingest writes it, stats.json too): a few hundred English and Chinese records."""

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from examples.bert_gpt2 import bert_gpt2
-from tests.conftest import BIN, copy_project, merge, mlflow_on, run, store_client, write_params
+from tests.conftest import BIN, cli_here, copy_project, merge, mlflow_on, run, store_client, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -56,9 +56,9 @@ def test_a_uer_style_gpt2_fine_tunes_on_tang_poems_and_writes_chinese(tmp_path):
         text = sample["text"]
         assert text.startswith(sample["prompt"]) and len(text) > len(sample["prompt"]) + 3
         assert not CJK_SPACE.search(text) and "[CLS]" not in text and "[SEP]" not in text, text
-    command = [str(BIN / "gpt2-pipeline"), "generate", "--prompt", "月", "--max-new-tokens", "20", "--model"]
-    from_folder = run([*command, "models/gpt2"], project).stdout
-    assert run([*command, "models:/gpt2-lm@challenger"], project).stdout == from_folder
+    command = ["generate", "--prompt", "月", "--max-new-tokens", "20", "--model"]
+    from_folder = cli_here(project, *command, "models/gpt2")
+    assert run([str(BIN / "gpt2-pipeline"), *command, "models:/gpt2-lm@challenger"], project).stdout == from_folder
     assert from_folder.startswith("月") and not CJK_SPACE.search(from_folder)
     with mlflow_on(f"sqlite:///{project}/mlflow.db") as mlflow:  # as `mlflow models serve` loads it
         served = mlflow.pyfunc.load_model("models:/gpt2-lm@challenger").predict(["春"], params={"max_new_tokens": 12})

@@ -1,6 +1,6 @@
 """Lineage across processes: one MLflow run per trained model, found from the model's DVC-tracked record, in
-every workflow (dvc repro, a re-evaluation, a DVC experiment in a temporary copy), no run left RUNNING, and
-dvc.yaml's code deps rerunning exactly the stages an edit can change."""
+every workflow (dvc repro, a DVC experiment in a temporary copy; a re-evaluation through the flow is in
+test_pipeline.py), no run left RUNNING, and dvc.yaml's code deps rerunning exactly the stages an edit can change."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import pytest
 from tests.conftest import BIN, merge, run, store_client, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
-
-TRAINED_STEPS = list(range(10, 151, 10))  # the golden project's tiny_params(): 150 steps, logged every 10
 
 
 def all_runs(project) -> list:
@@ -44,36 +42,6 @@ def changed_stages(project) -> set[str]:
 def project(trained_project):
     """A trained project of the test's own (params and dvc.lock committed): each test changes it."""
     return trained_project
-
-
-def test_a_new_evaluation_registers_a_version_whose_run_has_the_training_curve(project):
-    before = registered(project)
-    write_params(project, merge(tiny_params(), {"evaluate": {"stride": 32}}))
-    output = dvc(project, "repro").stdout
-    assert stages_ran(output) == ["evaluate", "register"]
-    after = registered(project)
-    assert int(after["version"]) == int(before["version"]) + 1 and after["run_id"] == before["run_id"]
-    mlflow_client = store_client(project)
-    version = mlflow_client.get_model_version("gpt2-lm", after["version"])
-    assert version.run_id == after["run_id"] and version.tags["evaluate.stride"] == "32"
-    source = mlflow_client.get_run(version.run_id)
-    assert [m.step for m in mlflow_client.get_metric_history(version.run_id, "train/loss")] == TRAINED_STEPS
-    evaluations = sorted(m.step for m in mlflow_client.get_metric_history(version.run_id, "eval/perplexity"))
-    assert evaluations == list(range(len(evaluations))) and len(evaluations) >= 2  # each evaluation one more step
-    perplexity = json.loads((project / "metrics/eval.json").read_text())["perplexity"]
-    assert source.data.metrics["eval/perplexity"] == pytest.approx(perplexity)
-    assert float(version.tags["eval_perplexity"]) == pytest.approx(perplexity)
-    for key in ("train/mean_tokens_per_second", "train/mean_mfu"):
-        assert source.data.metrics[key] > 0, key
-    # What a run is, one value each, are tags (MLflow draws every metric as a chart); measurements are metrics.
-    facts = ("ingest/train_records", "tokenize/train_blocks", "train/steps", "train/parameters", "train/processes")
-    assert all(int(source.data.tags[key]) > 0 for key in facts) and not set(facts) & set(source.data.metrics)
-    assert source.data.tags["train/mfu_peak"].startswith(("CPU upper bound", "measured CPU matmul"))
-    assert mlflow_client.get_metric_history(version.run_id, "system/cpu_utilization_percentage")  # while training
-    assert {"eval_loss", "eval_tokens"} <= set(version.tags) and not [t for t in version.tags if "eval_eval" in t]
-    assert version.description.startswith("# gpt2-lm\n") and "perplexity" in version.description  # the card
-    assert source.data.params["train.max_steps"] == "150"
-    assert {r.info.status for r in all_runs(project)} == {"FINISHED"}
 
 
 def test_a_failed_stage_closes_its_run_as_failed(project):

@@ -15,6 +15,7 @@ import yaml
 
 from tests.conftest import (
     BIN,
+    cli_here,
     merge,
     mlflow_on,
     run,
@@ -55,9 +56,10 @@ def test_dvc_repro_registers_a_model_that_loads_and_generates(pipeline):
 
 
 def test_generate_from_the_registry_and_from_the_folder(pipeline):
-    command = [str(BIN / "gpt2-pipeline"), "generate", "--prompt", "KING:", "--max-new-tokens", "20"]
-    from_registry = run([*command, "--model", "models:/gpt2-lm@challenger"], pipeline).stdout
-    from_folder = run([*command, "--model", "models/gpt2"], pipeline).stdout
+    """The command as a user runs it on the registered model, and in this process on the trained folder."""
+    command = ["generate", "--prompt", "KING:", "--max-new-tokens", "20", "--model"]
+    from_registry = run([str(BIN / "gpt2-pipeline"), *command, "models:/gpt2-lm@challenger"], pipeline).stdout
+    from_folder = cli_here(pipeline, *command, "models/gpt2")
     assert from_registry.startswith("KING:") and len(from_registry.strip()) > len("KING:")
     assert from_registry == from_folder  # the same weights and the same seed give the same text
 
@@ -117,27 +119,45 @@ def test_bad_params_stop_with_one_line_and_keep_outputs(trained_project):
 
 
 def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(trained_project, prefect_env):
+    """A new evaluation (evaluate.stride) through the Prefect flow: evaluate and register run, train does not; the
+    new version belongs to the model's one run, which keeps its training curve, gains an evaluation and is closed."""
+    from flows.pipeline import stages
+
     pipeline = trained_project
     train_metrics = (pipeline / "metrics/train.json").read_text()
     trained_in = json.loads((pipeline / "registered.json").read_text())["run_id"]
     version_before = int(json.loads((pipeline / "registered.json").read_text())["version"])
-    write_params(pipeline, merge(tiny_params(), {"evaluate": {"batch_size": 4}}))
+    write_params(pipeline, merge(tiny_params(), {"evaluate": {"stride": 32}}))
     result = run([str(BIN / "python"), "-m", "flows.pipeline"], pipeline, env=prefect_env)
-    assert "Stage 'train' didn't change, skipping" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "Stage 'train' didn't change, skipping" in output
+    assert [stage for stage in stages(pipeline) if f"Running stage '{stage}'" in output] == ["evaluate", "register"]
     assert (pipeline / "metrics/train.json").read_text() == train_metrics  # not retrained
     registered = json.loads((pipeline / "registered.json").read_text())
     client = store_client(pipeline)
     version = client.get_model_version_by_alias("gpt2-lm", "challenger")
     assert str(version.version) == registered["version"] == str(version_before + 1)
     assert len(version.tags["prefect_flow_run_id"]) == 36  # a UUID
-    assert version.tags["evaluate.batch_size"] == "4"
+    assert version.tags["evaluate.stride"] == "32"
     # The same model, so the same run: its training curve and now two evaluations, and it is closed again.
-    assert registered["run_id"] == trained_in
+    assert registered["run_id"] == version.run_id == trained_in
     model_run = client.get_run(trained_in)
     assert model_run.info.status == "FINISHED"
-    assert len(client.get_metric_history(trained_in, "train/loss")) == 15
+    assert [m.step for m in client.get_metric_history(trained_in, "train/loss")] == list(range(10, 151, 10))
     evaluations = sorted(m.step for m in client.get_metric_history(trained_in, "eval/perplexity"))
-    assert evaluations == list(range(len(evaluations))) and len(evaluations) >= 2
+    assert evaluations == list(range(len(evaluations))) and len(evaluations) >= 2  # each evaluation one more step
+    perplexity = json.loads((pipeline / "metrics/eval.json").read_text())["perplexity"]
+    assert model_run.data.metrics["eval/perplexity"] == pytest.approx(perplexity)
+    assert float(version.tags["eval_perplexity"]) == pytest.approx(perplexity)
+    assert {"eval_loss", "eval_tokens"} <= set(version.tags) and not [t for t in version.tags if "eval_eval" in t]
+    assert version.description.startswith("# gpt2-lm\n") and "perplexity" in version.description  # the card
+    for key in ("train/mean_tokens_per_second", "train/mean_mfu"):
+        assert model_run.data.metrics[key] > 0, key
+    # What a run is, one value each, are tags (MLflow draws every metric as a chart); measurements are metrics.
+    facts = ("ingest/train_records", "tokenize/train_blocks", "train/steps", "train/parameters", "train/processes")
+    assert all(int(model_run.data.tags[key]) > 0 for key in facts) and not set(facts) & set(model_run.data.metrics)
+    assert model_run.data.tags["train/mfu_peak"].startswith(("CPU upper bound", "measured CPU matmul"))
+    assert client.get_metric_history(trained_in, "system/cpu_utilization_percentage")  # sampled while training
 
 
 def test_a_new_run_workspace_starts_from_the_committed_outputs(trained_project):

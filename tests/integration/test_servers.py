@@ -166,13 +166,14 @@ def a_day_of_work(stack: Stack, worker) -> None:
     # promotes its model (the deployment's default); the other leaves it to the on-demand deployment served below.
     parameters = [{"overrides": {**TINY_MODEL, "train.seed": seed}, "promote": seed == 1} for seed in (1, 2)]
     ids = [stack.trigger("training-pipeline/nightly", p) for p in parameters]
-    # Meanwhile another host (a second copy of the project) trains the project's own bigger model (2 layers, 150
+    # Meanwhile another host (a second copy of the project) trains the project's own bigger model (2 layers, 60
     # steps) against the same servers and promotes it: two promotions, each of its own pipeline's version, take
     # turns on the server's limit.
     other = stack.project.parent / "host-b"
     other.mkdir()
     host_b = trained_copy(stack.golden, other)
-    log, command = other / "run.log", [str(BIN / "gpt2-pipeline"), "run", "--set=train.seed=3", "--promote"]
+    overrides = ["--set=train.seed=3", "--set=train.max_steps=60"]
+    log, command = other / "run.log", [str(BIN / "gpt2-pipeline"), "run", *overrides, "--promote"]
     with process(command, log, stack.env, cwd=host_b) as host:
         runs = sorted((stack.wait_completed(i, timeout=1200) for i in ids), key=lambda r: r["start_time"])
         seen["host b exit"] = host.wait(timeout=1200)
