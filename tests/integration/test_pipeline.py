@@ -158,6 +158,8 @@ def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(trained_pr
     assert all(int(model_run.data.tags[key]) > 0 for key in facts) and not set(facts) & set(model_run.data.metrics)
     assert model_run.data.tags["train/mfu_peak"].startswith(("CPU upper bound", "measured CPU matmul"))
     assert client.get_metric_history(trained_in, "system/cpu_utilization_percentage")  # sampled while training
+    every_run = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
+    assert {r.info.status for r in every_run} == {"FINISHED"}  # none left RUNNING
 
 
 def test_a_new_run_workspace_starts_from_the_committed_outputs(trained_project):
