@@ -149,13 +149,18 @@ def empty_store(tmp_path_factory) -> Path:
     return folder / "mlflow.db"
 
 
+def store_copy(empty_store: Path, database: Path) -> str:
+    """A new MLflow store at database, copied from the session's empty one; its tracking URI."""
+    shutil.copyfile(empty_store, database)
+    return f"sqlite:///{database}"
+
+
 @pytest.fixture
 def mlflow_run(empty_store, tmp_path, monkeypatch) -> str:
     """A real run in a throwaway SQLite MLflow store; MLFLOW_TRACKING_URI points at it for the test."""
     from tasks import store
 
-    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_copy(empty_store, tmp_path / "mlflow.db"))
     client = store.client()
     experiment = client.create_experiment("tests", artifact_location=(tmp_path / "artifacts").as_uri())
     return client.create_run(experiment).info.run_id
@@ -258,6 +263,11 @@ class _Background(threading.Thread):
             self.error = exc
 
 
+def module_of(nodeid: str) -> str:
+    """The test module of a test id (tests/x/test_y.py::test_z[case] -> tests/x/test_y.py)."""
+    return nodeid.split("::")[0]
+
+
 DURATIONS = ROOT / "tests/durations.json"  # seconds per module, from a full run with --store-durations
 _measured: dict[str, float] = {}
 
@@ -280,10 +290,10 @@ def pytest_collection_modifyitems(session, config, items):
     known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
     modules: dict[str, set[str]] = {}
     for item in items:
-        modules.setdefault(item.nodeid.split("::")[0], set()).update(getattr(item, "fixturenames", ()))
+        modules.setdefault(module_of(item.nodeid), set()).update(getattr(item, "fixturenames", ()))
 
     def order(item) -> tuple[bool, float]:
-        module = item.nodeid.split("::")[0]
+        module = module_of(item.nodeid)
         return "golden" in modules[module], -known.get(module, 0.0)
 
     items.sort(key=order)
@@ -318,7 +328,7 @@ def _one_module_at_a_time(config, log):
 
 def pytest_runtest_logreport(report):
     """Setup, call and teardown of every test, summed by module (under xdist the controller sees every worker's)."""
-    module = report.nodeid.split("::")[0]
+    module = module_of(report.nodeid)
     _measured[module] = _measured.get(module, 0.0) + report.duration
 
 

@@ -7,7 +7,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -22,6 +21,7 @@ from tests.conftest import (
     merge,
     run,
     store_client,
+    store_copy,
     tiny_params,
     tool_env,
     trained_copy,
@@ -91,8 +91,7 @@ def single_process_curve(project, tmp_path, monkeypatch, empty_store) -> list[tu
     from tasks.params import parse_params
     from tasks.train import train
 
-    shutil.copyfile(empty_store, tmp_path / "single.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/single.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_copy(empty_store, tmp_path / "single.db"))
     single = parse_params(merge(tiny_params(), {"train": {**DATA_PARALLEL, "num_processes": 1, "batch_size": 16}}))
     run_id = pipeline_runs.create_run(single)
     train(single, run_id, project / "models/tokenizer", project / "data/tokenized", tmp_path / "single",
@@ -163,8 +162,7 @@ def test_two_nodes_train_as_one_node_with_two_processes(golden, tmp_path, monkey
     for node in nodes:
         write_params(node, merge(tiny_params(), {"train": settings}))
         records.append((node / "models/gpt2/mlflow_run.json").read_text())
-    shutil.copyfile(empty_store, tmp_path / "team.db")
-    team = f"sqlite:///{tmp_path / 'team.db'}"  # the team's tracking server both nodes log to
+    team = store_copy(empty_store, tmp_path / "team.db")  # the team's tracking server both nodes log to
     env = recording_ranks(tmp_path / "ranks", MLFLOW_TRACKING_URI=team, OMP_NUM_THREADS="1")
     launched = [
         subprocess.Popen([str(BIN / "python"), "-m", "tasks.train"], cwd=node, env=env, text=True,

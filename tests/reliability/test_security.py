@@ -8,7 +8,6 @@ import ast
 import json
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -17,7 +16,18 @@ import yaml
 from flows import workspace
 from flows.pipeline import failure_line
 from tasks.common import EOS, PipelineError
-from tests.conftest import BIN, ROOT, copy_project, merge, run, tiny_params, tool_env, trained_copy, write_params
+from tests.conftest import (
+    BIN,
+    ROOT,
+    copy_project,
+    merge,
+    run,
+    store_copy,
+    tiny_params,
+    tool_env,
+    trained_copy,
+    write_params,
+)
 from tests.servers import LOOPBACK, MLFLOW_SERVER_ENV, free_port, mlflow_server, process, wait_http
 
 SOURCES = sorted([*(ROOT / "tasks").glob("*.py"), *(ROOT / "flows").glob("*.py")])
@@ -159,8 +169,7 @@ def test_params_and_tags_reach_mlflow_without_credentials(tmp_path, monkeypatch,
     from tasks.params import parse_params
 
     uri = f"http://user:p@ss{SECRET}@127.0.0.1:9/"
-    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_copy(empty_store, tmp_path / "mlflow.db"))
     monkeypatch.chdir(tmp_path)  # lineage tags read params.yaml here, and find no git or dvc.lock
     raw = merge(tiny_params(), {"model": {"init": "pretrained", "name_or_path": f"{uri}gpt2"}})
     write_params(tmp_path, raw)
