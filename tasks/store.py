@@ -8,7 +8,10 @@ and model version reaches one store, wherever DVC runs a stage.
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tasks.common import PipelineError, redact
@@ -16,6 +19,9 @@ from tasks.common import PipelineError, redact
 DATABASE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 HEALTH_TIMEOUT_S = 10
+# MLflow's set_tracking_uri / set_registry_uri also write these into os.environ (for child processes).
+URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+_created: set[str] = set()  # the SQLite stores this process has seen with their tables made
 
 
 def project_root() -> Path:
@@ -47,15 +53,54 @@ def mlflow_module():
     return mlflow
 
 
+def created(mlflow, uri: str) -> None:
+    """A new SQLite store's tables, made by one process at a time: two stages opening a new store together (`dvc
+    exp run --run-all --jobs 2` on a fresh clone) would both create them, and one fail ("table experiments already
+    exists"). They wait on an exclusive lock on the database's folder, which leaves no file behind."""
+    if uri in _created or not uri.startswith("sqlite:///"):
+        return
+    folder = Path(uri.removeprefix("sqlite:///")).parent
+    if folder.is_dir():  # else MLflow's own error says what is wrong with the path
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)  # released by the close, also when this fails
+            mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+        finally:
+            os.close(descriptor)
+    _created.add(uri)
+
+
 def client():
-    return mlflow_module().MlflowClient(tracking_uri=tracking_uri(), registry_uri=tracking_uri())
+    mlflow, uri = mlflow_module(), tracking_uri()
+    created(mlflow, uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@contextmanager
+def environment_kept(names: tuple[str, ...] = URI_VARIABLES) -> Iterator[None]:
+    """The variables as they were before the block, whatever it wrote to os.environ."""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def use_store():
-    """mlflow with its fluent API pointed at this store (log_model, download_artifacts); returns the module."""
-    mlflow = mlflow_module()
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_registry_uri(tracking_uri())
+    """mlflow with its fluent API pointed at this store (log_model, download_artifacts); returns the module.
+
+    The environment is left as it was: had MLflow's export of the URI stayed, it would decide the store of every
+    later run in this process and its children (a flow's next stage, a test's next project) instead of the user's
+    setting and DVC's root."""
+    mlflow, uri = mlflow_module(), tracking_uri()
+    created(mlflow, uri)
+    with environment_kept():
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
     return mlflow
 
 

@@ -21,6 +21,7 @@ import yaml
 
 # Tests and benchmarks run the same tools on the same copies.
 from bench.measure import BIN, copy_project, tool_env
+from tasks.store import URI_VARIABLES, environment_kept
 from tests.servers import LOOPBACK, free_port, process, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,22 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.split("%")[0]).is_loopback
     except ValueError:
         return host in LOOPBACK_NAMES
+
+
+# What decides where a process's runs go: a test that leaves one changed sends later tests' runs elsewhere.
+STORE_VARIABLES = (*URI_VARIABLES, "DVC_ROOT")
+
+
+@pytest.fixture(autouse=True)
+def store_variables_kept(monkeypatch):
+    """A test that leaves the store's variables changed in os.environ fails, and they are put back: an in-process
+    mlflow.set_tracking_uri once exported the repository's own mlflow.db to the later tests of its worker."""
+    before = {name: os.environ.get(name) for name in STORE_VARIABLES}
+    with environment_kept(STORE_VARIABLES):
+        yield
+        monkeypatch.undo()  # the test's own changes, undone now instead of after this fixture
+        after = {name: os.environ.get(name) for name in STORE_VARIABLES}
+    assert after == before, f"the test left os.environ changed: {after} (was {before})"
 
 
 @pytest.fixture(autouse=True)
@@ -182,13 +199,15 @@ def mlflow_on(uri: str) -> Iterator[object]:
     import mlflow
 
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    with environment_kept():
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
     try:
         yield mlflow
     finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+        with environment_kept():
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
 
 
 def stage_processes(root: int, stage: str) -> list:
