@@ -53,10 +53,10 @@ def mlflow_module():
     return mlflow
 
 
-def created(mlflow, uri: str) -> None:
-    """A new SQLite store's tables, made by one process at a time: two stages opening a new store together (`dvc
-    exp run --run-all --jobs 2` on a fresh clone) would both create them, and one fail ("table experiments already
-    exists"). They wait on an exclusive lock on the database's folder, which leaves no file behind."""
+def create_once(uri: str) -> None:
+    """A new SQLite store's tables, made by one process at a time: two stages opening a new store together (queued
+    experiments run with `dvc queue start --jobs 2` on a fresh clone) would both create them, and one fail ("table
+    experiments already exists"). They wait on an exclusive lock on the database's folder: no file left behind."""
     if uri in _created or not uri.startswith("sqlite:///"):
         return
     folder = Path(uri.removeprefix("sqlite:///")).parent
@@ -64,7 +64,7 @@ def created(mlflow, uri: str) -> None:
         descriptor = os.open(folder, os.O_RDONLY)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX)  # released by the close, also when this fails
-            mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+            mlflow_module().MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
         finally:
             os.close(descriptor)
     _created.add(uri)
@@ -72,7 +72,7 @@ def created(mlflow, uri: str) -> None:
 
 def client():
     mlflow, uri = mlflow_module(), tracking_uri()
-    created(mlflow, uri)
+    create_once(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -97,7 +97,7 @@ def use_store():
     later run in this process and its children (a flow's next stage, a test's next project) instead of the user's
     setting and DVC's root."""
     mlflow, uri = mlflow_module(), tracking_uri()
-    created(mlflow, uri)
+    create_once(uri)
     with environment_kept():
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)

@@ -52,7 +52,7 @@ print(len(store.client().search_experiments()))
 
 
 def test_stages_opening_a_new_store_together_all_succeed(tmp_path):
-    """Two queued experiments' stages on a fresh clone (`dvc exp run --run-all --jobs 2`) both create the project's
+    """Two queued experiments' stages on a fresh clone (`dvc queue start --jobs 2`) both create the project's
     mlflow.db; unserialized, one failed with "table experiments already exists"."""
     env = tool_env(PYTHONPATH=str(ROOT))
     processes = [
@@ -69,6 +69,6 @@ def test_stages_opening_a_new_store_together_all_succeed(tmp_path):
     while len(list(tmp_path.glob("ready-*"))) < len(processes) and all(p.poll() is None for p in processes):
         time.sleep(0.05)
     (tmp_path / "go").touch()
-    results = [(p.wait(timeout=120), *p.communicate()) for p in processes]
-    assert [(code, out) for code, out, _ in results] == [(0, "1\n")] * 3, [err[-500:] for *_, err in results]
+    results = [(*p.communicate(timeout=120), p.returncode) for p in processes]
+    assert [(code, out) for out, _, code in results] == [(0, "1\n")] * 3, [err[-500:] for _, err, _ in results]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("ready-")) == ["go", "mlflow.db"]
