@@ -90,18 +90,23 @@ def environment_kept(names: tuple[str, ...] = URI_VARIABLES) -> Iterator[None]:
                 os.environ[name] = value
 
 
-def use_store():
-    """mlflow with its fluent API pointed at this store (log_model, download_artifacts); returns the module.
-
-    The environment is left as it was: had MLflow's export of the URI stayed, it would decide the store of every
-    later run in this process and its children (a flow's next stage, a test's next project) instead of the user's
-    setting and DVC's root."""
-    mlflow, uri = mlflow_module(), tracking_uri()
-    create_once(uri)
+def point_mlflow(tracking: str, registry: str | None = None):
+    """mlflow with its fluent API (log_model, download_artifacts) on these URIs, the registry's defaulting to the
+    tracking one; returns the module. The environment is left as it was: MLflow's setters also export the URIs, and
+    had that stayed, it would decide the store of every later run in this process and its children (a flow's next
+    stage, a test's next project) instead of the user's setting and DVC's root."""
+    mlflow = mlflow_module()
     with environment_kept():
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+        mlflow.set_tracking_uri(tracking)
+        mlflow.set_registry_uri(registry or tracking)
     return mlflow
+
+
+def use_store():
+    """mlflow with its fluent API pointed at this store; returns the module."""
+    uri = tracking_uri()
+    create_once(uri)
+    return point_mlflow(uri)
 
 
 def local_artifacts(uri: str) -> str | None:

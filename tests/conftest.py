@@ -21,7 +21,7 @@ import yaml
 
 # Tests and benchmarks run the same tools on the same copies.
 from bench.measure import BIN, copy_project, tool_env
-from tasks.store import URI_VARIABLES, environment_kept
+from tasks.store import URI_VARIABLES, environment_kept, point_mlflow
 from tests.servers import LOOPBACK, free_port, process, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -199,15 +199,10 @@ def mlflow_on(uri: str) -> Iterator[object]:
     import mlflow
 
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    with environment_kept():
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
     try:
-        yield mlflow
+        yield point_mlflow(uri)
     finally:
-        with environment_kept():
-            mlflow.set_tracking_uri(previous[0])
-            mlflow.set_registry_uri(previous[1])
+        point_mlflow(*previous)
 
 
 def stage_processes(root: int, stage: str) -> list:
