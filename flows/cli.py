@@ -28,6 +28,8 @@ from tasks.common import (
 from tasks.params import PARAMS_FILE, apply_overrides, load_params, parse_override, read_raw
 from tasks.paths import EVAL_METRICS, REGISTERED_FILE, TRAIN_METRICS
 
+COMPARE_FILE = "compare.html"
+
 app = typer.Typer(
     help="Build your own GPT-2: DVC-tracked stages, run by Prefect, recorded in MLflow.",
     no_args_is_help=True,
@@ -196,7 +198,9 @@ def promote(
 def compare(
     reference: Annotated[str, typer.Argument(help="model A: an MLflow model URI (models:/gpt2-lm/1) or a folder")],
     candidate: Annotated[str, typer.Argument(help="model B, judged against A as promotion would judge it")],
-    output: Annotated[Path, typer.Option(help="where to write the HTML report")] = Path("compare.html"),
+    output: Annotated[
+        Path, typer.Option(help="the HTML report's file; an existing folder gets compare.html inside it")
+    ] = Path(COMPARE_FILE),
 ):
     """Write the promotion report for any two models: bits per byte on the promotion text, training curves,
     evaluation metrics, samples for the same prompts and seed, what differs, and what promotion would decide."""
@@ -205,6 +209,8 @@ def compare(
 
     params = load_params()
     page, decision = compare_models(reference, candidate, params, text_path(params))
+    if output.is_dir():  # a folder the user owns: write inside it, never in its place
+        output = output / COMPARE_FILE
     with atomic_output(output) as scratch:
         scratch.write_text(page, encoding="utf-8")
     verdict = "would be promoted" if decision["promoted"] else "would not be promoted"

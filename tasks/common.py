@@ -204,7 +204,10 @@ def atomic_outputs(*dests: Path) -> Iterator[tuple[Path, ...]]:
 
 
 def _swap_in(tmp: Path, dest: Path) -> None:
-    """Replace dest with tmp: a file in one rename, a folder by moving the old one aside first."""
+    """Replace dest with tmp: a file in one rename, a folder by moving the old one aside first. A folder is only
+    ever replaced by a folder (the pipeline's own outputs): a file never takes a folder's place."""
+    if dest.is_dir() and not tmp.is_dir():
+        raise PipelineError(f"{dest}: is a folder; name a file to write, the folder and its contents are kept")
     if tmp.is_dir() and dest.is_dir():
         # Directories cannot be swapped in one rename: move the old one aside first, then drop it.
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
@@ -213,8 +216,6 @@ def _swap_in(tmp: Path, dest: Path) -> None:
         tmp.rename(dest)
         _remove(old)
     else:
-        if dest.is_dir():
-            shutil.rmtree(dest)
         tmp.replace(dest)
 
 

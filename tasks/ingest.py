@@ -205,10 +205,13 @@ def resolve_sources(sources: list[str], outside: bool = False) -> list[str]:
     inside the project after following symlinks, unless outside (data.allow_outside_project) says otherwise."""
     resolved: list[str] = []
     for index, source in enumerate(sources):
+        key = f"data.sources[{index}]"
         if source.startswith("hf:"):
+            local = hub_local_path(source)
+            if local is not None and not outside:  # datasets reads a local folder as readily as a hub id
+                inside_project(local, key, OUTSIDE_SWITCH, given=source)
             resolved.append(source)
             continue
-        key = f"data.sources[{index}]"
         base = Path(source)
         while glob.has_magic(str(base)):
             base = base.parent
@@ -226,10 +229,21 @@ def resolve_sources(sources: list[str], outside: bool = False) -> list[str]:
                 inside_project(file, key, OUTSIDE_SWITCH)
         resolved.extend(files)
     if outside:
-        beyond = [str(Path(f).resolve()) for f in resolved if not f.startswith("hf:")]
+        local = [hub_local_path(f) or f for f in resolved if not f.startswith("hf:") or hub_local_path(f)]
+        beyond = [str(Path(f).resolve()) for f in local]
         beyond = [f for f in beyond if not Path(f).is_relative_to(project_root())]
         print(f"ingest: {OUTSIDE_SWITCH}: reading {len(beyond)} files outside the project: {beyond}")
     return resolved
+
+
+def hub_local_path(source: str) -> Path | None:
+    """The local folder or file an `hf:` source names, or None for a hub id (`owner/name`): one that is absolute,
+    starts with `.` or `~`, climbs with `..`, or exists here."""
+    name = source.removeprefix("hf:").partition(":")[0]
+    path = Path(name).expanduser()
+    if name.startswith(("/", ".", "~")) or ".." in path.parts or path.exists():
+        return path
+    return None
 
 
 def read_source(source: str, fields: list[str], limits: DataParams) -> Iterator[Located]:

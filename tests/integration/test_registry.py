@@ -76,10 +76,13 @@ def scenario(golden, prefect_env, tmp_path_factory) -> Scenario:
     outcomes["concurrent"] = [(process.communicate(timeout=600)[0], process.wait()) for process in both]
     outcomes["after better"] = aliases(project)
     outcomes["described after better"] = store_client(project).get_registered_model("gpt2-lm").description
-    report = project.parent / "compare.html"
+    owned = project.parent / "my-reports"  # a folder of the user's: --output writes inside it, keeps the rest
+    owned.mkdir()
+    (owned / "notes.txt").write_text("mine")
     outcomes["compare"] = cli(scenario, "compare", f"models:/gpt2-lm/{scenario.first}",
-                              f"models:/gpt2-lm/{scenario.better}", "--output", str(report))  # fmt: skip
-    outcomes["compare report"] = report.read_text(encoding="utf-8")
+                              f"models:/gpt2-lm/{scenario.better}", "--output", str(owned))  # fmt: skip
+    outcomes["compare report"] = (owned / "compare.html").read_text(encoding="utf-8")
+    outcomes["compare kept"] = (owned / "notes.txt").read_text()
     outcomes["rollback"] = cli(scenario, "rollback").stdout
     outcomes["after rollback"] = aliases(project)
     outcomes["described after rollback"] = store_client(project).get_registered_model("gpt2-lm").description
@@ -205,7 +208,8 @@ def test_the_promotion_report_is_logged_and_draws_in_a_browser(scenario, tmp_pat
 def test_compare_writes_the_same_report_for_any_two_models(scenario):
     line = scenario.outcomes["compare"].stdout.strip()
     reason = r"\d+\.\d\d% fewer bits per byte than A \(promotion needs 1\.00% fewer\)"
-    assert re.fullmatch(rf"\S+compare\.html: B would be promoted over A: {reason}", line), line
+    assert re.fullmatch(rf"\S+my-reports/compare\.html: B would be promoted over A: {reason}", line), line
+    assert scenario.outcomes["compare kept"] == "mine"
     page = scenario.outcomes["compare report"]
     assert re.search(f'<p class="decision promoted">Promoted: {reason}.</p>', page)
     assert f"models:/gpt2-lm/{scenario.first} (version {scenario.first})" in page and page.count("<polyline") == 4

@@ -32,6 +32,17 @@ def test_folder_is_replaced_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_a_file_never_takes_the_place_of_a_folder(tmp_path):
+    """A user-named output that is an existing folder is refused whole: nothing in it is removed."""
+    owned = tmp_path / "reports"
+    owned.mkdir()
+    (owned / "q3.html").write_text("keep me")
+    with pytest.raises(PipelineError, match="reports: is a folder; name a file"), atomic_output(owned) as tmp:
+        tmp.write_text("<html>")
+    assert [p.name for p in owned.iterdir()] == ["q3.html"] and (owned / "q3.html").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]
+
+
 def test_a_full_disk_keeps_the_previous_output_and_says_so(tmp_path):
     import errno
 

@@ -194,3 +194,27 @@ def test_hub_source_reads_a_local_dataset_offline_with_fields_as_for_files(tmp_p
         match=r"tang-poems: record has no field 'body' \(data\.text_field\); its fields are: author, paragraphs",
     ):
         ingest(params([f"hf:{dataset}"], text_field="body"), tmp_path / "no-field")
+
+
+@pytest.mark.parametrize("shape", ["absolute", "relative", "home"])
+def test_a_hub_source_that_is_a_local_path_is_confined_as_a_file_is(tmp_path, monkeypatch, capsys, shape):
+    """`hf:` names a local folder as readily as a hub dataset: outside the project it is refused with the message
+    and the opt-in a plain path gets, and read (and listed) with data.allow_outside_project."""
+    project, outside = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir()
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not for the model\n")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    named = {"absolute": str(outside), "relative": "../elsewhere", "home": "~/elsewhere"}[shape]
+    with pytest.raises(PipelineError) as refused:
+        resolve_sources([f"hf:{named}"])
+    assert str(refused.value) == (
+        f"data.sources[0]: 'hf:{named}' resolves to {outside}, outside the project ({project}); copy it into the "
+        "project, or set data.allow_outside_project: true to read it where it is"
+    )
+    with pytest.raises(PipelineError, match=r"resolves to .*, outside the project"):
+        resolve_sources([str(outside / "secret.txt")])  # the same message for a plain path
+    assert resolve_sources([f"hf:{named}"], outside=True) == [f"hf:{named}"]
+    assert f"reading 1 files outside the project: ['{outside}']" in capsys.readouterr().out
+    assert resolve_sources(["hf:stas/openwebtext-10k"]) == ["hf:stas/openwebtext-10k"]  # a hub id passes
