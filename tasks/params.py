@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import posixpath
 import re
 import reprlib
 import warnings
@@ -161,6 +162,9 @@ class TrainParams(Section):
     torch_compile: bool = False
     gradient_checkpointing: bool = False
     dataloader_workers: int = Field(0, ge=0, le=256)
+    check_memory: bool = Field(
+        True, description="refuse a model whose estimated training memory exceeds the machine's (or the GPU's)"
+    )
 
     @field_validator("rendezvous")
     @classmethod
@@ -193,8 +197,30 @@ class EvaluateParams(Section):
     stride: int | None = Field(None, gt=0, description="sliding-window step; null: block_size (no overlap)")
 
 
+# What MLflow's registry and tracking store accept (mlflow/utils/validation.py, the SQL stores' column sizes),
+# checked with the params so a bad name is refused before any work, not at register after training.
+MAX_MODEL_NAME = 256
+MAX_EXPERIMENT_NAME = 500
+
+
+def _printable_name(value: str, limit: int) -> str:
+    if value != value.strip() or not value.isprintable():
+        raise ValueError(f"must not start or end with spaces nor hold control characters (got {value!r})")
+    if len(value) > limit:
+        raise ValueError(f"must be at most {limit} characters (got {len(value)})")
+    return value
+
+
 class RegisterParams(Section):
-    model_name: str = Field("gpt2-lm", min_length=1)
+    model_name: str = Field("gpt2-lm", min_length=1, description="the registered model's name in MLflow")
+
+    @field_validator("model_name")
+    @classmethod
+    def registry_name(cls, value: str) -> str:
+        # MLflow refuses '/' and ':' and path-like names; '@' would split models:/<name>@<alias> in two.
+        if any(char in value for char in "/:@") or posixpath.normpath(value) != value or value.startswith("."):
+            raise ValueError(f"must be a plain name without '/', ':', '@' or a leading '.', as gpt2-lm (got {value!r})")
+        return _printable_name(value, MAX_MODEL_NAME)
 
 
 class PromoteParams(Section):
@@ -203,7 +229,12 @@ class PromoteParams(Section):
 
 
 class MlflowParams(Section):
-    experiment: str = Field("gpt2-pipeline", min_length=1)
+    experiment: str = Field("gpt2-pipeline", min_length=1, description="the MLflow experiment the runs go to")
+
+    @field_validator("experiment")
+    @classmethod
+    def experiment_name(cls, value: str) -> str:
+        return _printable_name(value, MAX_EXPERIMENT_NAME)
 
 
 with warnings.catch_warnings():

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import TrainerCallback
 
-from tasks import checkpoints, loss, runs, throughput
+from tasks import checkpoints, loss, memory, runs, throughput
 from tasks.charts import COLORS, line_chart
 from tasks.common import OUTPUTS_ELSEWHERE_EXIT, PipelineError, Stopped, atomic_output, read_json, run_cli, write_json
 from tasks.framing import FRAMINGS, Framing
@@ -505,6 +505,8 @@ def finish(run_id: str, metrics: dict[str, Any]) -> None:
 
 def main() -> None:
     params = load_params()
+    device = resolve_device(params.train.device)
+    memory.check_fits(params, device, fp32=device == "cpu")  # before a run, a checkpoint or a model exists
     distributed = "LOCAL_RANK" in os.environ
     if params.train.nodes > 1 and not distributed:
         train_on_nodes(params)

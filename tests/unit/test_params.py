@@ -66,6 +66,13 @@ def test_wrong_type_is_named_with_the_value():
         ({"train": {"device": "tpu"}}, "params.yaml: train.device: input should be 'auto', 'cpu' or 'cuda'"),
         ({"tokenizer": {"framing": "uer"}}, "params.yaml: tokenizer.framing: uer is the framing of a BERT-vocabulary"),
         ({"tokenizer": {"framing": "bert"}}, "params.yaml: tokenizer.framing: input should be 'auto', 'eos', 'uer'"),
+        ({"register": {"model_name": "team/gpt2"}}, "params.yaml: register.model_name: must be a plain name without"),
+        ({"register": {"model_name": "gpt2@v1"}}, "params.yaml: register.model_name: must be a plain name without"),
+        ({"register": {"model_name": ".."}}, "params.yaml: register.model_name: must be a plain name without"),
+        ({"register": {"model_name": "g" * 257}}, "params.yaml: register.model_name: must be at most 256 characters"),
+        ({"register": {"model_name": "gpt2 "}}, "params.yaml: register.model_name: must not start or end with spaces"),
+        ({"mlflow": {"experiment": "a\tb"}}, "params.yaml: mlflow.experiment: must not start or end with spaces nor"),
+        ({"mlflow": {"experiment": "e" * 501}}, "params.yaml: mlflow.experiment: must be at most 500 characters"),
     ],
 )
 def test_impossible_values_are_refused(overrides, expected):
