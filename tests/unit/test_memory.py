@@ -31,7 +31,7 @@ def test_the_default_model_fits_and_gpt2_124m_counts_its_real_parameters():
     gpt2 = params_with(tokenizer={"vocab_size": 50_257, "block_size": 1024}, model={"config": {
         "n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024}})  # fmt: skip
     assert estimate(gpt2, shape(gpt2), fp32=False).parameters == 124_439_808  # GPT2LMHeadModel's, tied head
-    with pytest.raises(PipelineError, match="more than the 80.0 GB the GPU has"):
+    with pytest.raises(PipelineError, match=r"more than the 80\.0 GB the GPU has"):
         check_fits(params_with(**{**gpt2.model_dump(), "train": {"batch_size": 4096}}), "cuda", 80 * GB)
 
 
