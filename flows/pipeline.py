@@ -24,9 +24,10 @@ from prefect.tasks import exponential_backoff
 
 from flows import server, workspace
 from flows.promote import promote_model
-from tasks.common import BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError, read_json, redact, tools_first
+from tasks.common import BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError, read_json, tools_first
 from tasks.lineage import FLOW_RUN_ENV
 from tasks.paths import REGISTERED_FILE
+from tasks.redaction import redact
 
 DVC_FILE = Path("dvc.yaml")
 TRAIN_RETRIES = 2  # a crashed or preempted training resumes from its last checkpoint

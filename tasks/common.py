@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -16,7 +15,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+
+from tasks.redaction import redact_output
 
 DEBUG_ENV = "GPT2_PIPELINE_DEBUG"
 # Special tokens of the tokenizers the pipeline trains: end of text after every record, a separator between
@@ -278,53 +278,6 @@ def one_line_warning(message: Warning | str, category: type[Warning], filename: 
     """A Python warning as one line, naming where it was raised: the default adds the source line below it, two
     lines a log reader takes for an error's traceback."""
     return f"warning: {category.__name__}: {' '.join(str(message).split())} ({Path(filename).name}:{lineno})\n"
-
-
-# A URI in running text: a scheme, then anything up to whitespace, a quote or a bracket.
-URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
-HIDDEN = "***"
-
-
-def redact(text: str) -> str:
-    """text with the user-info of every URI in it hidden: `user:password@` becomes `user:***@`, `token@` `***@`.
-
-    The user-info ends at the last `@` before the query: a password may hold `@` or `/` unescaped
-    (`http://user:p@ss@host/`, `http://user:a/b@host/`), which urlsplit alone would cut at the wrong place."""
-    return URI_IN_TEXT.sub(_hide_user_info, text)
-
-
-def _hide_user_info(match: re.Match) -> str:
-    uri = match.group(0)
-    scheme, _, rest = uri.partition("://")
-    head = re.split(r"[?#]", rest, maxsplit=1)[0]
-    at = head.rfind("@")
-    if at < 0:
-        return uri
-    user_info, host = rest[:at], rest[at + 1 :]
-    user = urlsplit(f"{scheme}://{user_info.split('/')[0]}@{host}").username if ":" in user_info else None
-    return f"{scheme}://{f'{user}:' if user else ''}{HIDDEN}@{host}"
-
-
-class RedactedStream:
-    """A text stream (stdout, stderr) that redacts what is written to it: prints, warnings and the log lines of
-    the libraries (MLflow names its server's URI in its messages), whoever writes them."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def write(self, text: str) -> int:
-        return self._stream.write(redact(text))
-
-    def __getattr__(self, name: str):  # flush, isatty, fileno, encoding: the stream's own
-        return getattr(self._stream, name)
-
-
-def redact_output() -> None:
-    """Route this process's stdout and stderr through redact (once)."""
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if stream is not None and not isinstance(stream, RedactedStream):
-            setattr(sys, name, RedactedStream(stream))
 
 
 def console_output() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 from tasks import store
-from tasks.common import redact
+from tasks.redaction import redact
 
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tasks import runs, store
 from tasks.charts import COLORS, line_chart
+from tasks.redaction import redact
 
 CURVES = {"train/loss": "training loss", "train/eval_loss": "validation loss"}
 DATA_TAGS = ("data_md5", "tokenized_md5")
@@ -96,7 +97,7 @@ def render(reference: ModelView | None, candidate: ModelView, decision: dict) ->
         _differences(views),
     ]
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return PAGE.format(title=_text(title), body="\n".join(body), stamp=stamp)
+    return redact(PAGE.format(title=_text(title), body="\n".join(body), stamp=stamp))  # a model's address may hold one
 
 
 def _text(value: object) -> str:

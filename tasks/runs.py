@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tasks import lineage, store
-from tasks.common import Stopped, redact, write_json
+from tasks.common import Stopped, write_json
 from tasks.params import Params, flatten
 from tasks.paths import RUN_RECORD
+from tasks.redaction import redact
 
 MAX_METRICS_PER_BATCH = 1000  # the most metrics MLflow's log_batch takes in one request
 RUN_ID_ENV = "GPT2_PIPELINE_RUN_ID"  # the run train's launcher opened, for its torchrun workers

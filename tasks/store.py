@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.common import PipelineError, redact
+from tasks.common import PipelineError
+from tasks.redaction import redact
 
 DATABASE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"

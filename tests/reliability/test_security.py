@@ -9,13 +9,17 @@ import json
 import os
 import re
 import subprocess
+from urllib.parse import quote, quote_plus
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis.strategies import text
 
 from flows import workspace
 from flows.pipeline import failure_line
 from tasks.common import EOS, PipelineError
+from tasks.redaction import MIN_SECRET_CHARS
 from tests.conftest import (
     BIN,
     ROOT,
@@ -150,7 +154,7 @@ URI_SHAPES = {
 
 @pytest.mark.parametrize("uri", URI_SHAPES)
 def test_one_redaction_hides_every_shape_of_credentials_wherever_they_stand(uri):
-    from tasks.common import redact
+    from tasks.redaction import redact
     from tasks.store import shown_uri
 
     assert shown_uri(uri) == URI_SHAPES[uri]
@@ -160,6 +164,47 @@ def test_one_redaction_hides_every_shape_of_credentials_wherever_they_stand(uri)
     assert shown_uri("postgresql://u:p%40ss@db/mlflow") == "postgresql://u:***@db/mlflow"
     for plain in ("sqlite:////tmp/mlflow.db", "http://host:5000/a?mail=a@b", "models:/gpt2-lm@champion"):
         assert redact(plain) == plain
+
+
+PRINTABLE = "".join(map(chr, range(0x20, 0x7F)))  # the full printable ASCII range, space included
+
+
+def configured_shapes(password: str) -> dict[str, str]:
+    """Where a password may be configured: each a set of environment variables."""
+    encoded = quote(password, safe="")
+    return {
+        "raw in the tracking URI": {"MLFLOW_TRACKING_URI": f"http://user:{password}@127.0.0.1:9/"},
+        "encoded in the tracking URI": {"MLFLOW_TRACKING_URI": f"https://user:{encoded}@mlflow.example:443/"},
+        "encoded in a database URI": {"DATABASE_URL": f"postgresql+psycopg2://mlflow:{encoded}@db:5432/mlflow"},
+        "MLflow's basic auth": {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "MLFLOW_TRACKING_PASSWORD": password},
+        "a token in the query": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:9/?access_token={encoded}"},
+        "a cloud key": {"AWS_SECRET_ACCESS_KEY": password, "HF_TOKEN": password[::-1]},
+    }
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(password=text(alphabet=PRINTABLE, min_size=MIN_SECRET_CHARS, max_size=40))
+def test_a_password_of_any_printable_characters_is_hidden_wherever_it_is_configured(password, monkeypatch):
+    """Redaction by value: whatever characters a password holds (brackets, quotes, `@`, `/`, spaces), and however
+    it is configured, it is hidden, as typed and percent-encoded, from the lines the CLI and the stages print,
+    the tracking URI they show, and what goes to MLflow."""
+    from tasks.redaction import redact
+    from tasks.store import shown_uri
+
+    assume("*" not in password)  # the mask itself
+    forms = {password, quote(password, safe=""), quote(password), quote_plus(password)}
+    for shape, variables in configured_shapes(password).items():
+        for name in ("MLFLOW_TRACKING_URI", "DATABASE_URL", "MLFLOW_TRACKING_PASSWORD", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in variables.items():
+            monkeypatch.setenv(name, value)
+        lines = [
+            f"error: MLflow tracking server {shown_uri()} is not reachable (ConnectionError: {variables})",
+            f"MLflow UI:  mlflow ui --backend-store-uri {shown_uri()}",
+            *(f"warning: {value} answered 401" for value in variables.values()),
+        ]
+        for line in map(redact, lines):
+            assert not any(form in line for form in forms), (shape, line)
 
 
 def test_params_and_tags_reach_mlflow_without_credentials(tmp_path, monkeypatch, empty_store):
