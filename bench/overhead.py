@@ -89,7 +89,7 @@ from flows.pipeline import stage_env, stages, training_pipeline
 def bare():
     started = time.perf_counter()
     for stage in stages(Path.cwd()):
-        subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], env=stage_env(None),
+        subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], env=stage_env({}),
                        capture_output=True, check=True)
     return time.perf_counter() - started
 

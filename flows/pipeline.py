@@ -76,13 +76,18 @@ def stages(project: Path) -> list[str]:
     return ordered
 
 
-def stage_env(flow_run_id: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a stage runs in: this interpreter's tools first, the flow run id for MLflow lineage."""
+def stage_additions(flow_run_id: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """What a stage's environment adds to this process's: the flow run id for MLflow lineage, a workspace's
+    overrides. The tasks take these, never the environment itself: Prefect keeps task parameters (for cache keys,
+    the UI, retries), and the environment holds passwords and cloud keys."""
+    return {**({FLOW_RUN_ENV: flow_run_id} if flow_run_id else {}), **(extra or {})}
+
+
+def stage_env(additions: dict[str, str]) -> dict[str, str]:
+    """The environment a stage runs in, made inside the task: this process's, this interpreter's tools first."""
     env = dict(os.environ)
     env["PATH"] = tools_first(Path(sys.executable).parent, env.get("PATH", ""))
-    if flow_run_id:
-        env[FLOW_RUN_ENV] = flow_run_id
-    env.update(extra or {})
+    env.update(additions)
     return env
 
 
@@ -104,11 +109,12 @@ def worth_retrying(task, task_run, state) -> bool:
 
 
 @task(name="dvc-remote", task_run_name="dvc {action}")
-def sync_remote(action: str, remote: str, cwd: str, env: dict[str, str]) -> None:
+def sync_remote(action: str, remote: str, cwd: str, additions: dict[str, str]) -> None:
     """`dvc pull` what the remote already has (missing outputs are fine: the stages make them) or `dvc push`."""
     command = [sys.executable, "-m", "dvc", action, "--remote", remote]
     if action == "pull":
         command.append("--allow-missing")
+    env = stage_env(additions)
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     print(redact(result.stdout.strip()))  # a remote's URL may carry credentials; the print goes to Prefect's log
     if result.returncode != 0:
@@ -117,11 +123,11 @@ def sync_remote(action: str, remote: str, cwd: str, env: dict[str, str]) -> None
 
 
 @task(name="dvc-stage", task_run_name="{stage}")
-def run_stage(stage: str, cwd: str, env: dict[str, str]) -> None:
+def run_stage(stage: str, cwd: str, additions: dict[str, str]) -> None:
     """Run one DVC stage (skipped by DVC when its inputs are unchanged), streaming its output to the log."""
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     with subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=cwd, env=stage_env(additions), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as process:
         lines = []
         for line in process.stdout or []:
@@ -158,25 +164,25 @@ def training_pipeline(overrides: dict[str, Any] | None = None, promote: bool = F
     overrides = overrides or {}
     project = Path.cwd()
     if not overrides:  # DVC's own lock keeps two runs in the project apart
-        return _run_stages(project, stage_env(flow_run.get_id()), promote, remote)
+        return _run_stages(project, stage_additions(flow_run.get_id()), promote, remote)
     stale = workspace.uncommitted(project)
     if stale:
         print(f"warning: the run uses the committed HEAD; uncommitted changes not included: {', '.join(stale)}")
     with workspace.claimed(project, overrides) as cwd:  # no other run resets it under this one
         print(f"overrides {overrides} run in {cwd.relative_to(project)}")
-        env = stage_env(flow_run.get_id(), workspace.environment(project, overrides))
-        return _run_stages(cwd, env, promote, remote)
+        additions = stage_additions(flow_run.get_id(), workspace.environment(project, overrides))
+        return _run_stages(cwd, additions, promote, remote)
 
 
-def _run_stages(cwd: Path, env: dict[str, str], promote: bool, remote: str | None) -> str:
+def _run_stages(cwd: Path, additions: dict[str, str], promote: bool, remote: str | None) -> str:
     """The stages in cwd (the project or a run workspace) in order, with the remote and promotion around them."""
     if remote:
-        sync_remote("pull", remote, str(cwd), env)
+        sync_remote("pull", remote, str(cwd), additions)
     for stage in stages(cwd):
         runner = run_train_stage if stage == "train" else run_stage
-        runner(stage, str(cwd), env)
+        runner(stage, str(cwd), additions)
     if remote:
-        sync_remote("push", remote, str(cwd), env)
+        sync_remote("push", remote, str(cwd), additions)
     registered = read_json(cwd / REGISTERED_FILE, "register")
     print(f"registered {registered['model_uri']} (@{registered['alias']})")
     if promote:

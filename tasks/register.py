@@ -11,6 +11,7 @@ Run: python -m tasks.register
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,24 @@ def generation_signature(settings: GenerationParams):
     return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]), params=params)
 
 
+# The characters that can open Markdown syntax inside a line (emphasis, code, links, images, HTML, entities, table
+# cells, headings): escaped with a backslash. A value is joined onto one line first, so no block can start.
+MARKDOWN_SYNTAX = re.compile(r"([\\`*_\[\]()<>#!|~&])")
+
+
+def markdown_text(value: object) -> str:
+    """A name or value as literal text in the card: no heading, link, image, HTML or table cell can start in it."""
+    return MARKDOWN_SYNTAX.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def code_block(text: str) -> str:
+    """text as a fenced code block whose fence is longer than any run of backticks in it, so nothing in the text
+    (a generated or prompted ``` line) can close it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
 def model_card(model_name: str, params: Params, eval_metrics: dict[str, Any], tags: dict[str, str]) -> str:
     """The model card: data and its hashes, tokenizer, config, training, scores, samples, and how to load it."""
     stats = read_json(INGEST_STATS, "ingest")
@@ -53,25 +72,30 @@ def model_card(model_name: str, params: Params, eval_metrics: dict[str, Any], ta
     config = json.loads((MODEL_DIR / "config.json").read_text())
     framed = FRAMINGS[config.get("framing", "eos")]  # the name train wrote into config.json
     framing = f"{framed.family} way ({framed.shown})"
+    origin = markdown_text(params.model.name_or_path)
     shape = ", ".join(f"{key} {config[key]}" for key in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"))
-    scores = "\n".join(f"| {key} | {value:.6g} |" for key, value in eval_metrics.items())
-    examples = "\n\n".join(f"```\n{item['text']}\n```" for item in samples)
-    hashes = ", ".join(f"{key} `{tags[key]}`" for key in ("data_md5", "tokenized_md5", "model_md5") if key in tags)
-    return f"""# {model_name}
+    scores = "\n".join(f"| {markdown_text(key)} | {value:.6g} |" for key, value in eval_metrics.items())
+    examples = "\n\n".join(code_block(item["text"]) for item in samples)
+    hashes = ", ".join(
+        f"{key} {markdown_text(tags[key])}" for key in ("data_md5", "tokenized_md5", "model_md5") if key in tags
+    )
+    sources = ", ".join(markdown_text(source) for source in stats["sources"])
+    return f"""# {markdown_text(model_name)}
 
 A GPT-2 language model (transformers `GPT2LMHeadModel`) built by gpt2-pipeline.
 
 ## Data
-Sources: {", ".join(stats["sources"])}; {stats["train"]["records"]} train and {stats["validation"]["records"]}
+Sources: {sources}; {stats["train"]["records"]} train and {stats["validation"]["records"]}
 validation records ({stats["train"]["bytes"]:,} and {stats["validation"]["bytes"]:,} UTF-8 bytes). DVC hashes: {hashes}.
 
 ## Model
 Tokenizer: {params.tokenizer.kind}, {params.tokenizer.vocab_size} tokens asked,
 block size {params.tokenizer.block_size}; records framed {framing}.
-Initialization: {params.model.init}{"" if params.model.init == "scratch" else f" from {params.model.name_or_path}"};
+Initialization: {params.model.init}{"" if params.model.init == "scratch" else f" from {origin}"};
 {shape}. Trained {trained["steps"]} steps, {trained["tokens_seen"]:,} tokens, on {trained["device"]}
-({trained["precision"]}). Git commit {tags.get("git_commit", "unknown")} (dirty: {tags.get("git_dirty")}),
-params hash {tags.get("params_hash")}, MLflow run {tags.get("mlflow_run_id")}.
+({trained["precision"]}). Git commit {markdown_text(tags.get("git_commit", "unknown"))} (dirty:
+{markdown_text(tags.get("git_dirty"))}), params hash {markdown_text(tags.get("params_hash"))}, MLflow run
+{markdown_text(tags.get("mlflow_run_id"))}.
 
 ## Validation
 | metric | value |

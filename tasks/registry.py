@@ -12,6 +12,33 @@ from tasks import store
 from tasks.redaction import redact
 
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
+# The longest description the SQL stores keep (a String(5000) column; PostgreSQL refuses more, SQLite does not).
+MAX_DESCRIPTION = 5000
+CUT_NOTE = "\n\n*The card is cut here to fit the registry; the whole card is the version's model_card.md artifact.*"
+
+
+def within_limit(card: str, limit: int = MAX_DESCRIPTION) -> str:
+    """card cut to at most limit characters with a note saying where the rest is; a code block left open by the
+    cut is closed, so the note stays text."""
+    if len(card) <= limit:
+        return card
+    kept: list[str] = []
+    fence = None  # the fence of the code block the kept lines leave open
+    budget = limit - len(CUT_NOTE) - 40  # room for a closing fence
+    for line in card.splitlines(keepends=True):
+        if len(line) > budget:
+            kept.append(line[:budget] + "\n")
+            break
+        budget -= len(line)
+        kept.append(line)
+        stripped = line.strip()
+        backticks = len(stripped) - len(stripped.lstrip("`"))
+        if backticks >= 3 and fence is None:
+            fence = "`" * backticks  # a block opens
+        elif fence is not None and stripped == fence:
+            fence = None  # and closes
+    closing = f"\n{fence}" if fence else ""
+    return "".join(kept).rstrip("\n") + closing + CUT_NOTE
 
 
 def alias_version(name: str, alias: str) -> str | None:
@@ -44,7 +71,7 @@ def new_version(name: str, model_id: str, run_id: str, card: str, tags: dict[str
         source=f"models:/{model_id}",
         run_id=run_id,
         tags={key: redact(str(value)) for key, value in tags.items()},
-        description=card,
+        description=within_limit(card),
         model_id=model_id,
     )
     print(f"Created version '{version.version}' of model '{name}'.")
@@ -68,7 +95,7 @@ def describe_champion(name: str, version: str) -> None:
     so the model's page in the MLflow UI says what @champion is."""
     client = store.client()
     card = client.get_model_version(name, version).description or ""
-    client.update_registered_model(name, description=f"@{CHAMPION} is version {version}.\n\n{card}")
+    client.update_registered_model(name, description=within_limit(f"@{CHAMPION} is version {version}.\n\n{card}"))
 
 
 def versions(name: str) -> list:

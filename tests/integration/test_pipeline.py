@@ -118,6 +118,18 @@ def test_bad_params_stop_with_one_line_and_keep_outputs(trained_project):
     assert (trained_project / "models/gpt2/model.safetensors").read_bytes() == model_before
 
 
+def assert_no_secret_in_prefect(env: dict[str, str], secrets) -> None:
+    """No secret of the flow's environment in what Prefect keeps (its database) or shows (its API: flow runs, task
+    runs, logs, events): the tasks take their environment from the process, not as parameters."""
+    api = httpx.Client(base_url=env["PREFECT_API_URL"], timeout=30)
+    shown = [api.post(f"/{kind}/filter", json={"limit": 200}).text for kind in ("flow_runs", "task_runs", "logs")]
+    shown.append(api.post("/events/filter", json={"limit": 50}).text)
+    assert {"evaluate", "register"} <= {run["name"] for run in json.loads(shown[1])}  # what is searched is there
+    stored = b"".join(path.read_bytes() for path in Path(env["PREFECT_HOME"]).glob("prefect.db*"))
+    for secret in secrets:
+        assert secret not in "".join(shown) and secret.encode() not in stored, secret
+
+
 def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(trained_project, prefect_env):
     """A new evaluation (evaluate.stride) through the Prefect flow: evaluate and register run, train does not; the
     new version belongs to the model's one run, which keeps its training curve, gains an evaluation and is closed."""
@@ -128,8 +140,10 @@ def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(trained_pr
     trained_in = json.loads((pipeline / "registered.json").read_text())["run_id"]
     version_before = int(json.loads((pipeline / "registered.json").read_text())["version"])
     write_params(pipeline, merge(tiny_params(), {"evaluate": {"stride": 32}}))
-    result = run([str(BIN / "python"), "-m", "flows.pipeline"], pipeline, env=prefect_env)
+    secrets = {"AWS_SECRET_ACCESS_KEY": "aws-Qz8unique-key", "HF_TOKEN": "hf_Wv3uniqueToken"}
+    result = run([str(BIN / "python"), "-m", "flows.pipeline"], pipeline, env={**prefect_env, **secrets})
     output = result.stdout + result.stderr
+    assert_no_secret_in_prefect(prefect_env, secrets.values())
     assert "Stage 'train' didn't change, skipping" in output
     assert [stage for stage in stages(pipeline) if f"Running stage '{stage}'" in output] == ["evaluate", "register"]
     assert (pipeline / "metrics/train.json").read_text() == train_metrics  # not retrained

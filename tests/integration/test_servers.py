@@ -299,3 +299,24 @@ def test_two_hosts_promote_their_own_versions_in_turn_and_the_better_one_is_cham
     assert judged[theirs] == "True" and judged[ours] in ("True", "False")
     limit = stack.api.get("/v2/concurrency_limits/promote-gpt2-lm").json()
     assert (limit["limit"], limit["active_slots"]) == (1, 0)
+
+
+def test_a_card_over_the_registry_limit_is_cut_to_fit_postgresql(stack):
+    """PostgreSQL keeps at most 5,000 characters of a description (SQLite keeps any): a card past that fails
+    registration as it is, and is stored whole once cut to the limit, its note saying where the full card is."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.registry import CUT_NOTE, MAX_DESCRIPTION, within_limit
+
+    client = stack.mlflow()
+    card = "# long-card\n\n" + "\n\n".join(f"```text\n{'x' * 700}\n```" for _ in range(9))
+    client.create_registered_model("long-card")
+    run_id = client.create_run(client.get_experiment_by_name("Default").experiment_id).info.run_id
+    made = {"source": f"runs:/{run_id}/model", "run_id": run_id}
+    with pytest.raises(MlflowException):
+        client.create_model_version("long-card", description=card, **made)
+    version = client.create_model_version("long-card", description=within_limit(card), **made)
+    stored = client.get_model_version("long-card", version.version).description
+    assert len(card) > MAX_DESCRIPTION >= len(stored) and stored == within_limit(card) and stored.endswith(CUT_NOTE)
+    client.update_registered_model("long-card", description=within_limit(f"@champion is version 1.\n\n{card}"))
+    assert client.get_registered_model("long-card").description.endswith(CUT_NOTE)
