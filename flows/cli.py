@@ -27,8 +27,10 @@ from tasks.common import (
 )
 from tasks.params import PARAMS_FILE, apply_overrides, load_params, parse_override, read_raw
 from tasks.paths import EVAL_METRICS, REGISTERED_FILE, TRAIN_METRICS
+from tasks.serving import Limits
 
 COMPARE_FILE = "compare.html"
+STOP_SECONDS = 3  # serve-model: how long requests in progress have after SIGTERM
 
 app = typer.Typer(
     help="Build your own GPT-2: DVC-tracked stages, run by Prefect, recorded in MLflow.",
@@ -259,6 +261,9 @@ def _number(text: str | None, spec: str) -> str:
     return format(float(text), spec) if text else ""
 
 
+SERVING = Limits()  # serve-model's option defaults: the limits a served model has unless told otherwise
+
+
 @command
 def serve_model(
     model: Annotated[
@@ -268,29 +273,55 @@ def serve_model(
     host: Annotated[str, typer.Option(help="the address to listen on; 127.0.0.1 answers this machine only")] = (
         "127.0.0.1"
     ),
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="a request's body; past it 413")] = (
+        SERVING.max_body_bytes
+    ),
+    max_prompts: Annotated[int, typer.Option(min=1, help="prompts in one request")] = SERVING.max_prompts,
+    max_total_new_tokens: Annotated[int, typer.Option(min=1, help="prompts x max_new_tokens in one request")] = (
+        SERVING.max_total_new_tokens
+    ),
+    timeout: Annotated[float, typer.Option(min=0.001, help="seconds a generation may take; past them 504")] = (
+        SERVING.timeout_seconds
+    ),
+    max_concurrent: Annotated[int, typer.Option(min=1, help="requests generating at once")] = SERVING.max_concurrent,
+    max_queue: Annotated[int, typer.Option(min=0, help="requests waiting for a turn; past them 503")] = (
+        SERVING.max_queue
+    ),
 ):
-    """Serve a registered model over HTTP with `mlflow models serve` in this interpreter (no new environment):
+    """Serve a registered model over HTTP: MLflow's scoring server in this interpreter, every request bounded:
     POST /invocations {"inputs": ["ROMEO:"], "params": {"max_new_tokens": 20, "temperature": 0.8}}."""
+    from flows.model_server import SERVE_ENV
     from tasks.registry import CHAMPION, alias_version
 
     uri = model or f"models:/{load_params().register.model_name}@{CHAMPION}"
     name, _, alias = uri.removeprefix("models:/").partition("@")
     if uri.startswith("models:/") and alias and alias_version(name, alias) is None:
         fail(f"--model {uri}: no such alias at {store.shown_uri()}; `gpt2-pipeline models` lists the versions")
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    command = [str(mlflow_bin), "models", "serve", "-m", uri, "--env-manager", "local", "--host", host]
+    limits = Limits(
+        max_body_bytes=max_body_bytes,
+        max_prompts=max_prompts,
+        max_total_new_tokens=max_total_new_tokens,
+        timeout_seconds=timeout,
+        max_concurrent=max_concurrent,
+        max_queue=max_queue,
+    )
+    uvicorn = Path(sys.executable).parent / "uvicorn"
+    command = [
+        str(uvicorn), "--factory", "flows.model_server:create_app", "--host", host, "--port", str(port),
+        # SIGTERM: requests in progress get a few seconds, then the generations stop at their next token.
+        "--timeout-graceful-shutdown", str(STOP_SECONDS),
+    ]  # fmt: skip
     env = {
         **os.environ,
-        # mlflow starts the server with `exec uvicorn` through bash: this interpreter's, even when .venv/bin is
-        # not on the caller's PATH (`.venv/bin/gpt2-pipeline serve-model` from a plain shell).
-        "PATH": tools_first(mlflow_bin.parent),
+        "PATH": tools_first(uvicorn.parent),
         "MLFLOW_TRACKING_URI": store.tracking_uri(),
         "MLFLOW_REGISTRY_URI": store.tracking_uri(),
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        SERVE_ENV: json.dumps({"model_uri": uri, "limits": limits.as_config()}),
     }
     typer.echo(f"serving {uri} from {store.shown_uri()} at http://{host}:{port}/invocations", err=True)
     # The server replaces this process: Ctrl-C and a supervisor's SIGTERM reach it, its exit status is ours.
-    os.execve(mlflow_bin, [*command, "--port", str(port)], env)  # noqa: S606 (a fixed program, no shell)
+    os.execve(uvicorn, command, env)  # noqa: S606 (a fixed program, no shell)
 
 
 @command

@@ -90,9 +90,12 @@ def environment_files(path: Path, requirements: list[str]) -> None:
     (path / "python_env.yaml").write_text(yaml.safe_dump(python_env, sort_keys=False), encoding="utf-8")
 
 
-def save_model(path: str, mlflow_model, folder: Path, card: str, signature, loader: Path) -> None:
+def save_model(
+    path: str, mlflow_model, folder: Path, card: str, signature, loader: Path, model_config: dict[str, Any]
+) -> None:
     """The layout of `folder` in `path` (the logged model's artifact folder, or a staging folder), with `loader`
-    (a module in code/) as the python_function loader and `card` as the model card."""
+    (a module in code/) as the python_function loader, `model_config` as the settings a server may override
+    (`mlflow models serve --model-config`) and `card` as the model card."""
     from mlflow.pyfunc import add_to_model
 
     root = Path(path)
@@ -114,5 +117,6 @@ def save_model(path: str, mlflow_model, folder: Path, card: str, signature, load
         code=CODE_SUBDIR,
         conda_env="conda.yaml",
         python_env="python_env.yaml",
+        model_config=model_config,
     )
     mlflow_model.save(str(root / "MLmodel"))

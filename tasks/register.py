@@ -158,7 +158,8 @@ def log_model(run_id: str, model_dir: Path, card: str, signature) -> str:
     described = Model(
         artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id, model_id=logged.model_id
     )
-    layout = {"mlflow_model": described, "folder": model_dir, "card": card, "signature": signature}
+    layout = {"mlflow_model": described, "folder": model_dir, "card": card, "signature": signature,
+              "model_config": serving.Limits().as_config()}  # the serving limits, each overridable  # fmt: skip
     try:
         if is_local_uri(logged.artifact_location, is_tracking_or_registry_uri=False):
             flavor.save_model(local_file_uri_to_path(logged.artifact_location), loader=SERVING_CODE, **layout)

@@ -1,14 +1,20 @@
-"""The served model's loader: MLflow's transformers pyfunc, with each request's generation settings checked first.
+"""The served model's loader and the limits every request meets: MLflow's transformers pyfunc, checked first.
 
 Register ships this file with every model version (the `code/` folder of its MLmodel) and names it the
-python_function loader, so `mlflow models serve` answers an out-of-range setting with HTTP 400 and a message
-naming it, where transformers would fail deep inside generate (an IndexError for top_p 2) or with a 500-style
-traceback. It imports nothing of the pipeline: the served model must load without the project.
+python_function loader, so any MLflow scoring server refuses, with HTTP 400 and a message naming the problem, a
+setting out of range or not finite, a prompt that is not a string, too many prompts or new tokens, and a prompt
+longer than the model's positions (measured before it is tokenized); a generation stops at the time limit. The
+limits come from the model config (`model_config`, as `mlflow models serve --model-config` or serve-model pass
+it). serve-model adds what only the HTTP server can do (flows/model_server.py). It imports nothing of the
+pipeline: the served model must load without the project.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 # name: (lowest, highest, whether lowest itself is allowed): what transformers' generate accepts, and a cap on a
@@ -22,9 +28,38 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
 }
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a served model, and how many run at once. serve-model's options default to
+    these; `docs/reliability.md` lists them."""
+
+    max_body_bytes: int = 1 << 20  # a request's body; past it 413, before the body is read
+    max_prompts: int = 16  # prompts in one request
+    max_total_new_tokens: int = 4096  # prompts x max_new_tokens in one request
+    timeout_seconds: float = 30.0  # a generation stops here and the request gets 504
+    max_concurrent: int = 2  # requests generating at once
+    max_queue: int = 8  # requests waiting for one of those; past them 503
+    max_json_depth: int = 8  # nesting of the request's JSON (a request needs 3)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | None) -> Limits:
+        """The limits named in a model config (unknown keys are the pipeline's inference config, left there)."""
+        names = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in (config or {}).items() if key in names})
+
+    def as_config(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class RequestError(ValueError):
+    """A request the served model refuses; its message is the one line the caller gets with HTTP 400."""
+
+
 def out_of_range(params: dict[str, Any] | None) -> str | None:
-    """The first setting outside LIMITS, described for the caller, or None."""
+    """The first setting that is not a finite number within LIMITS, described for the caller, or None."""
     for name, value in (params or {}).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"params.{name}: must be a finite number (got {value})"
         if name not in LIMITS or isinstance(value, bool) or not isinstance(value, int | float):
             continue
         low, high, low_allowed = LIMITS[name]
@@ -34,20 +69,100 @@ def out_of_range(params: dict[str, Any] | None) -> str | None:
     return None
 
 
-class CheckedGeneration:
-    """The transformers pyfunc model, refusing out-of-range generation settings before it generates."""
+def prompts_of(inputs: Any) -> list[str]:
+    """The request's prompts: a string or a list of strings, anything else refused naming the bad item."""
+    if isinstance(inputs, str):
+        return [inputs]
+    if getattr(inputs, "ndim", 0) == 2 and hasattr(inputs, "iloc"):  # MLflow's schema made a DataFrame of it
+        inputs = inputs.iloc[:, 0]
+    if hasattr(inputs, "tolist"):  # a pandas Series, a NumPy array
+        inputs = inputs.tolist()
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError('inputs: must be a prompt or a non-empty list of prompts, as {"inputs": ["ROMEO:"]}')
+    for index, item in enumerate(inputs):
+        if not isinstance(item, str):
+            raise RequestError(f"inputs[{index}]: must be a string (got {type(item).__name__})")
+    return inputs
 
-    def __init__(self, model):
+
+def check_budget(prompts: list[str], max_new_tokens: int, limits: Limits) -> None:
+    """How many prompts, and how many new tokens in all, one request may ask for."""
+    if len(prompts) > limits.max_prompts:
+        raise RequestError(f"inputs: {len(prompts)} prompts, more than the {limits.max_prompts} a request may hold")
+    if len(prompts) * max_new_tokens > limits.max_total_new_tokens:
+        raise RequestError(
+            f"params.max_new_tokens: {len(prompts)} prompts x {max_new_tokens} new tokens is more than the "
+            f"{limits.max_total_new_tokens} a request may ask for; send fewer prompts or fewer tokens"
+        )
+
+
+class Stopper:
+    """A transformers stopping criterion: the generation ends at its deadline, or at once when the server stops."""
+
+    def __init__(self, deadline: float, stopping: threading.Event):
+        self.deadline, self.stopping, self.reached = deadline, stopping, False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.reached = self.stopping.is_set() or time.monotonic() >= self.deadline
+        return torch.full((input_ids.shape[0],), self.reached, dtype=torch.bool, device=input_ids.device)
+
+
+class CheckedGeneration:
+    """The transformers pyfunc model, refusing a request outside the limits before it generates."""
+
+    def __init__(self, model, limits: Limits | None = None):
         self.model = model
+        self.limits = limits or Limits()
+        self.stopping = threading.Event()
+        pipeline = model.pipeline
+        self.positions = pipeline.model.config.n_positions
+        self.tokenizer = pipeline.tokenizer
+        # No token stands for more characters than its vocabulary entry has (byte-level entries hold a character
+        # a byte): a prompt longer than positions x this cannot fit, and is refused before it is tokenized.
+        self.longest_token = max(len(token) for token in self.tokenizer.get_vocab())
 
     def predict(self, data, params: dict[str, Any] | None = None):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VALUE
+
+        params = dict(params or {})
+        try:
+            self.check(prompts_of(data), params)
+        except RequestError as problem:
+            raise MlflowException(str(problem), error_code=INVALID_PARAMETER_VALUE) from None
+        stopper = Stopper(time.monotonic() + self.limits.timeout_seconds, self.stopping)
+        params["stopping_criteria"] = [stopper]
+        result = self.model.predict(data, params=params)
+        if stopper.reached:
+            why = "the server is stopping" if self.stopping.is_set() else f"{self.limits.timeout_seconds:g} s passed"
+            raise MlflowException(f"generation stopped before it finished: {why}", error_code=DEADLINE_EXCEEDED)
+        return result
+
+    def check(self, prompts: list[str], params: dict[str, Any]) -> None:
         problem = out_of_range(params)
         if problem:
-            from mlflow.exceptions import MlflowException
-            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+            raise RequestError(problem)
+        new_tokens = int(params.get("max_new_tokens", LIMITS["max_new_tokens"][1]))
+        check_budget(prompts, new_tokens, self.limits)
+        room = self.positions - new_tokens
+        for index, prompt in enumerate(prompts):
+            if len(prompt) > self.positions * self.longest_token:  # cannot fit, whatever its tokens
+                raise RequestError(self._too_long(index, f"{len(prompt):,} characters", new_tokens))
+            tokens = len(self.tokenizer(prompt)["input_ids"])
+            if tokens > room:
+                raise RequestError(self._too_long(index, f"{tokens:,} tokens", new_tokens))
 
-            raise MlflowException(problem, error_code=INVALID_PARAMETER_VALUE)
-        return self.model.predict(data, params=params)
+    def _too_long(self, index: int, size: str, new_tokens: int) -> str:
+        return (
+            f"inputs[{index}]: {size} and max_new_tokens {new_tokens} do not fit the model's {self.positions} "
+            "positions; shorten the prompt or ask for fewer new tokens"
+        )
+
+    def stop(self) -> None:
+        """End every generation in progress at its next token (the server is shutting down)."""
+        self.stopping.set()
 
     def __getattr__(self, name: str):  # everything else as MLflow's own wrapper has it
         return getattr(self.model, name)
@@ -57,4 +172,6 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> Check
     """The python_function loader MLflow calls (the MLmodel's loader_module is this module)."""
     from mlflow import transformers
 
-    return CheckedGeneration(transformers._load_pyfunc(path, model_config))
+    limits = Limits.from_config(model_config)
+    inference = {key: value for key, value in (model_config or {}).items() if key not in limits.as_config()}
+    return CheckedGeneration(transformers._load_pyfunc(path, inference or None), limits)

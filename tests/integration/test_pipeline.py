@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import socket
 from importlib.metadata import version
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -243,32 +246,107 @@ def test_fine_tune_from_a_local_save_pretrained_folder_beats_its_start(trained_p
     assert json.loads((trained_project / "metrics/eval.json").read_text())["perplexity"] < start
 
 
-def test_the_served_champion_honours_generation_settings_and_names_a_bad_one(pipeline, tmp_path):
-    """`gpt2-pipeline serve-model` (mlflow models serve on @champion) generates as many tokens as a request asks
-    for, as this process does with the same settings, and answers an out-of-range setting with 400 and its name."""
+# What a caller may send wrong, and the one line the served model answers each with (HTTP 400).
+REFUSED = [
+    ({"inputs": ["ROMEO:"], "params": {"top_p": 2.0}}, "params.top_p: must be > 0 and <= 1 (got 2.0)"),
+    (b'{"inputs": ["a"], "params": {"temperature": 1e309}}', "params.temperature: must be a finite number (got inf)"),
+    ({"inputs": ["a"], "params": {"num_beams": 4, "max_length": 3}}, "params: this model does not take max_length, "
+     "num_beams; it takes max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty"),
+    ({"inputs": [{"a": 1}, 5, None]}, "inputs[0]: must be a string (got dict)"),
+    ({"inputs": ["a"] * 17, "params": {"max_new_tokens": 1}}, "inputs: 17 prompts, more than the 16 a request may"),
+    ({"inputs": ["a"] * 16, "params": {"max_new_tokens": 300}}, "params.max_new_tokens: 16 prompts x 300 new tokens"),
+    ({"inputs": ["ROMEO: " * 30], "params": {"max_new_tokens": 5}}, "inputs[0]: 181 tokens and max_new_tokens 5 do "
+     "not fit the model's 64 positions; shorten the prompt or ask for fewer new tokens"),
+    ({"inputs": ["a" * 1_000_000]}, "inputs[0]: 1,000,000 characters and max_new_tokens 64 do not fit"),
+    (b"[" * 100_000 + b"]" * 100_000, "request body: JSON nested deeper than 8 levels"),
+    (b"not json", "request body: not JSON (Expecting value: line 1 column 1 (char 0))"),
+    ({"dataframe_split": {"columns": ["x"], "data": [["a"]]}}, 'request body: must be {"inputs": [prompts]'),
+]  # fmt: skip
+GROWTH_BOUND = 64 << 20  # what refused requests may add to the server's memory, all of them together
+
+
+def test_the_served_model_honours_its_settings_and_bounds_every_request(pipeline, tmp_path):
+    """`gpt2-pipeline serve-model` on @champion: a request generates as many tokens as it asks for, as this process
+    does with the same settings; every request past a limit gets one line (never a stack trace) without growing
+    the server's memory; a request past the concurrency limit gets 503; SIGTERM stops it within seconds, also
+    with a request in progress."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     store_client(pipeline).set_registered_model_alias("gpt2-lm", "champion", "1")
     port = free_port()
-    command = [str(BIN / "gpt2-pipeline"), "serve-model", "--port", str(port)]
+    command = [
+        str(BIN / "gpt2-pipeline"),
+        "serve-model",
+        "--port",
+        str(port),
+        "--max-concurrent",
+        "1",
+        "--max-queue",
+        "0",
+    ]
     plain_shell = {**tool_env(), "PATH": "/usr/bin:/bin"}  # .venv/bin not on PATH: a user who did not activate it
+    url = f"http://{LOOPBACK}:{port}/invocations"
     with process(command, tmp_path / "serve.log", plain_shell, cwd=pipeline) as server:
         wait_http(f"http://{LOOPBACK}:{port}/ping", server, tmp_path / "serve.log")
 
-        def served(**params) -> httpx.Response:
-            body = {"inputs": ["ROMEO:"], "params": {"do_sample": False, **params}}
-            return httpx.post(f"http://{LOOPBACK}:{port}/invocations", json=body, timeout=120)
+        def served(body) -> httpx.Response:
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            return httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=120)
 
-        short, long = (served(max_new_tokens=n).json()["predictions"][0] for n in (5, 40))
-        bad = served(top_p=2.0)
-    assert bad.status_code == 400 and "params.top_p: must be > 0 and <= 1 (got 2.0)" in bad.json()["message"]
+        short, long = (served({"inputs": ["ROMEO:"], "params": {"do_sample": False, "max_new_tokens": n}})
+                       for n in (5, 40))  # fmt: skip
+        memory = psutil.Process(server.pid)  # the server replaced the CLI's process: the same pid
+        before = memory.memory_info().rss
+        oversized = [served(b'{"inputs": ["' + b"a" * (10 << 20) + b'"]}') for _ in range(3)]
+        refused = [(served(body), expected) for body, expected in REFUSED]
+        grown = memory.memory_info().rss - before
+        with socket.create_connection((LOOPBACK, port)) as slow:  # a request still sending its body holds the slot
+            slow.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n{")
+            while served({"inputs": ["a"], "params": {"max_new_tokens": 1}}).status_code != 503:
+                pass  # until the server has read the slow request's headers
+            busy = served({"inputs": ["a"], "params": {"max_new_tokens": 1}})
+            server.terminate()
+            server.wait(timeout=30)  # stopped, not killed, though a request was in progress
+            last_word = slow.recv(4096)
+    for response in [short, long]:
+        assert response.status_code == 200, response.text
+    assert [r.status_code for r in oversized] == [413] * 3
+    assert oversized[0].json()["message"] == (
+        "request body: 10,485,776 bytes, more than 1,048,576 (serve-model --max-body-bytes)"
+    )
+    for response, expected in refused:
+        assert response.status_code == 400 and response.json()["message"].startswith(expected), response.text
+        assert set(response.json()) == {"error_code", "message"} and "Traceback" not in response.text
+    assert grown < GROWTH_BOUND, f"the server grew {grown >> 20} MB answering refused requests"
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    # uvicorn ends by re-raising the SIGTERM it handled: -15 after a clean stop (-9 had it been killed).
+    assert server.returncode == -signal.SIGTERM and b"503 Service Unavailable" in last_word
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
     tokenizer = AutoTokenizer.from_pretrained(pipeline / "models/gpt2")
     model = GPT2LMHeadModel.from_pretrained(pipeline / "models/gpt2")
     prompt = tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
-    for served_text, asked in ((short, 5), (long, 40)):  # greedy here: the same tokens, as many as asked
-        ids = model.generate(prompt, max_new_tokens=asked, do_sample=False)[0]
+    for served_text, asked in ((short.json()["predictions"][0], 5), (long.json()["predictions"][0], 40)):
+        ids = model.generate(prompt, max_new_tokens=asked, do_sample=False)[0]  # greedy: the same tokens
         assert len(ids) - prompt.shape[1] == asked
         assert served_text == tokenizer.decode(ids, skip_special_tokens=True).strip()  # MLflow strips it
+
+
+def test_a_generation_past_its_time_limit_stops_and_says_so(pipeline):
+    """The served model's loader (any MLflow server's) ends a generation at its deadline, or at once when the
+    server stops, and answers 504 (DEADLINE_EXCEEDED) instead of running on after the caller has gone."""
+    from mlflow.exceptions import MlflowException
+
+    with mlflow_on(f"sqlite:///{pipeline}/mlflow.db") as mlflow:
+        hurried = mlflow.pyfunc.load_model("models:/gpt2-lm/1", model_config={"timeout_seconds": 1e-9})
+        stopping = mlflow.pyfunc.load_model("models:/gpt2-lm/1")
+    request = {"max_new_tokens": 40, "do_sample": False}
+    with pytest.raises(MlflowException, match=r"generation stopped before it finished: 1e-09 s passed") as late:
+        hurried.predict(["ROMEO:"], params=request)
+    assert late.value.get_http_status_code() == 504
+    assert len(stopping.predict(["ROMEO:"], params=request)[0]) > len("ROMEO:")
+    stopping._model_impl.stop()  # what the server does on SIGTERM
+    with pytest.raises(MlflowException, match="the server is stopping"):
+        stopping.predict(["ROMEO:"], params=request)
 
 
 REGISTER_ALONE = """

@@ -17,6 +17,8 @@ from tasks.serving import out_of_range
         ({"top_p": 0.0}, "params.top_p: must be > 0 and <= 1 (got 0.0)"),
         ({"top_k": -1}, "params.top_k: must be >= 0 (got -1)"),
         ({"repetition_penalty": -0.5}, "params.repetition_penalty: must be > 0 (got -0.5)"),
+        ({"temperature": float("inf")}, "params.temperature: must be a finite number (got inf)"),
+        ({"top_p": float("nan")}, "params.top_p: must be a finite number (got nan)"),
         (None, None),
     ],
 )
