@@ -9,7 +9,7 @@ LOCK_TOOLS := .venv-lock
 # dvc runs each stage's `python -m tasks.<stage>` through PATH: make that the project's interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock run test test-fast lint audit bench clean
+.PHONY: install lock lock-gpu run test test-fast lint audit bench clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ lock:
 	$(LOCK_TOOLS)/bin/pip-compile --quiet --generate-hashes --strip-extras --extra dev --extra s3 --unsafe-package gpt2-pipeline \
 		--constraint $(LOCK_TOOLS)/torch-cpu.txt --no-emit-index-url --no-emit-find-links --output-file $(LOCK) \
 		pyproject.toml
+
+# Refresh infra/requirements-gpu.lock (the image's CUDA torch and its libraries, hashed) after changing TORCH.
+lock-gpu: install
+	$(BIN)/python tools/gpu_lock.py
 
 run: install
 	$(BIN)/dvc repro

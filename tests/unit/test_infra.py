@@ -62,8 +62,8 @@ def test_compose_credentials_come_only_from_documented_variables():
     reason="no docker compose plugin here",
 )
 def test_docker_compose_config_accepts_the_file():
-    env = {name: "x" for name in ("POSTGRES_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")}
-    env |= {"MLFLOW_ADMIN_USER": "x", "MLFLOW_ADMIN_PASSWORD": "x", "PATH": "/usr/bin:/bin"}
+    names = [line.split("=")[0] for line in (INFRA / ".env.example").read_text().splitlines() if "=" in line]
+    env = {**{name: "x" for name in names}, "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
         ["docker", "compose", "-f", str(INFRA / "docker-compose.yml"), "config", "--quiet"],
         env=env, capture_output=True, text=True, check=False,
@@ -110,10 +110,16 @@ def test_multinode_job_rendezvous_names_its_own_service_and_sizes_agree():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == int(env["GPUS_PER_NODE"])
 
 
-def test_dockerfile_pins_torch_as_the_makefile_does_then_installs_the_lock_without_its_cpu_torch(tmp_path):
+def test_the_image_installs_every_package_by_hash_torch_first_then_the_lock_without_its_cpu_torch():
     dockerfile = (INFRA / "Dockerfile").read_text()
     pin = re.search(r"^TORCH := (\S+)", (ROOT / "Makefile").read_text(), re.M).group(1)
-    assert dockerfile.index(f"pip install {pin}") < dockerfile.index("--require-hashes") < dockerfile.index("-e .")
+    gpu_lock = (INFRA / "requirements-gpu.lock").read_text()
+    entries = re.findall(r"^([\w.-]+==\S+) \\\n    --hash=sha256:([0-9a-f]{64})$", gpu_lock, re.M)
+    assert pin in dict(entries) and len(entries) == len(re.findall(r"^[\w.-]+==", gpu_lock, re.M))
+    installs = re.findall(r"pip install ([^\n&]+)", dockerfile)
+    assert installs and all("--require-hashes" in args or args.strip() == "--no-deps -e ." for args in installs)
+    order = [dockerfile.index(step) for step in ("-r infra/requirements-gpu.lock", "COPY pyproject.toml", "-e .")]
+    assert order == sorted(order)
     # The image's filter, run on the lock: every package but torch, each with its hashes.
     program = re.search(r"awk '([^']+)' requirements\.lock", dockerfile).group(1)
     kept = subprocess.run(["awk", program, str(ROOT / "requirements.lock")], capture_output=True, text=True, check=True)
@@ -123,6 +129,95 @@ def test_dockerfile_pins_torch_as_the_makefile_does_then_installs_the_lock_witho
     assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", dockerfile, re.M)
     for source in re.findall(r"^COPY (\S+) ", dockerfile, re.M):
         assert source == "." or (ROOT / source).exists(), source
+    # The mlflow-auth volume takes its owner from the image's folder: the user the server runs as.
+    assert re.search(r"mkdir -p [^\n]*/mlflow-auth", dockerfile) and re.search(
+        r"chown -R pipeline [^\n]*/mlflow-auth", dockerfile
+    )
+
+
+ADMIN_SECRETS = {
+    "MINIO_ROOT_USER",
+    "MINIO_ROOT_PASSWORD",
+    "MLFLOW_ADMIN_USER",
+    "MLFLOW_ADMIN_PASSWORD",
+    "POSTGRES_PASSWORD",
+}
+
+
+def test_compose_gives_each_service_only_its_own_credentials_and_limits():
+    """Least privilege: the admin and root credentials reach only the servers that own them and the one-shot jobs
+    that make the pipeline's users; the worker holds the pipeline's users alone. No password is on a command line,
+    and every service has memory, CPU and process limits."""
+    text = (INFRA / "docker-compose.yml").read_text()
+    services = compose()["services"]
+    holders = {
+        name for name, service in services.items()
+        if ADMIN_SECRETS & set(re.findall(r"\$\{(\w+)", yaml.safe_dump(service.get("environment", {}))))
+    }  # fmt: skip
+    assert holders == {"postgres", "minio", "minio-buckets", "mlflow", "mlflow-users"}
+    worker = yaml.safe_dump(services["worker"]["environment"])
+    assert "MLFLOW_PIPELINE_PASSWORD" in worker and "MINIO_PIPELINE_PASSWORD" in worker
+    for name, service in services.items():
+        command = str(service.get("command", "")) + str(service.get("entrypoint", ""))
+        # A secret reaches a program through its environment or its input (the shell's printf is no process).
+        programs = [part.strip() for part in re.split(r"&&|\|\|?|;", command)]
+        leaks = [
+            part for part in programs if re.search(r"PASSWORD|_URI\b|://\S*@", part) and not part.startswith("printf")
+        ]
+        assert leaks == [], f"{name}: a secret on a command line"
+        limits = service["deploy"]["resources"]["limits"]
+        assert {"cpus", "memory", "pids"} <= set(limits), f"{name}: no resource limits"
+    assert services["worker"]["shm_size"] and "MLFLOW_BACKEND_STORE_URI" in services["mlflow"]["environment"]
+    assert "${POSTGRES_PASSWORD" not in yaml.safe_dump(services["mlflow"]) + yaml.safe_dump(services["prefect-server"])
+    assert "MC_HOST_local" in services["minio-buckets"]["environment"] and "mc alias set" not in text
+
+
+def test_postgres_init_gives_each_server_a_database_of_its_own(tmp_path):
+    """infra/postgres/init.sh on a real PostgreSQL, with passwords that need quoting: mlflow and prefect each log
+    in to their own database and not to the other's."""
+    from tests.servers import PG_PASSWORD, PG_USER, postgres, postgres_bin
+
+    passwords = {"mlflow": "it's a 'quoted' pw", "prefect": 'p"r\\e $HOME ;'}
+    with postgres(("scratch",)) as databases:
+        port = databases["scratch"].rsplit(":", 1)[1].split("/")[0]
+        psql_dir = str(postgres_bin())
+        env = {"PATH": f"{psql_dir}:/usr/bin:/bin", "PGHOST": "127.0.0.1", "PGPORT": port,
+               "PGPASSWORD": PG_PASSWORD, "POSTGRES_USER": PG_USER,
+               "MLFLOW_DB_PASSWORD": passwords["mlflow"], "PREFECT_DB_PASSWORD": passwords["prefect"]}  # fmt: skip
+        subprocess.run(["sh", str(INFRA / "postgres/init.sh")], env=env, check=True, capture_output=True)
+
+        def connects(user: str, database: str) -> bool:
+            login = {**env, "PGPASSWORD": passwords[user]}
+            command = [f"{psql_dir}/psql", "-U", user, "-d", database, "-tAc", "select current_user"]
+            result = subprocess.run(command, env=login, capture_output=True, text=True, check=False)
+            return result.returncode == 0 and result.stdout.strip() == user
+
+        assert connects("mlflow", "mlflow") and connects("prefect", "prefect")
+        assert not connects("mlflow", "prefect") and not connects("prefect", "mlflow")
+
+
+def test_kubernetes_training_and_servers_take_connections_only_from_their_peers():
+    policies = {
+        doc["metadata"]["name"]: doc["spec"]
+        for doc in yaml.safe_load_all((INFRA / "k8s/network-policy.yaml").read_text())
+    }
+    assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    _, job = yaml.safe_load_all((INFRA / "k8s/train-multinode.yaml").read_text())
+    peers = policies["gpt2-train-peers"]
+    assert peers["podSelector"]["matchLabels"] == {"job-name": job["metadata"]["name"]}
+    assert peers["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"job-name": job["metadata"]["name"]}}}]}]
+    client = {"gpt2-pipeline/client": "true"}
+    assert job["spec"]["template"]["metadata"]["labels"] == client
+    template = json.loads((INFRA / "k8s/base-job-template.json").read_text())
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]
+    assert pod["metadata"]["labels"] == client
+    for name, port in (("mlflow-clients", 5000), ("prefect-server-clients", 4200), ("minio-clients", 9000)):
+        (rule,) = policies[name]["ingress"]
+        assert {"podSelector": {"matchLabels": client}} in rule["from"] and rule["ports"][0]["port"] == port
+    # /dev/shm is RAM: bounded in both templates.
+    for volumes in (job["spec"]["template"]["spec"]["volumes"], pod["spec"]["volumes"]):
+        (dshm,) = [v for v in volumes if v["name"] == "dshm"]
+        assert dshm["emptyDir"]["medium"] == "Memory" and dshm["emptyDir"]["sizeLimit"] == "16Gi"
 
 
 def test_the_lock_has_what_its_packages_need_on_the_oldest_python_the_project_allows():
