@@ -37,6 +37,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's own help layout: defaults wrapped, not cut at the terminal's edge (rich's), no <bool> on every flag
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
 )
 
 
@@ -115,12 +118,7 @@ def run(
     if overrides:
         apply_overrides(read_raw(), overrides)
     server.start_local()
-    try:
-        training_pipeline(overrides=overrides, promote=promote, remote=remote)
-    except PipelineError:
-        raise  # a failed stage exits with the stage's own status
-    except RuntimeError as exc:
-        fail(str(exc))
+    training_pipeline(overrides=overrides, promote=promote, remote=remote)  # a failed stage: its own status
     folder = workspace.RUNS_DIR / workspace.overrides_key(overrides) if overrides else Path()
     show_summary(folder)
     if promote and not _is_champion(folder):
@@ -189,6 +187,7 @@ def promote(
     status 3 when it kept the champion."""
     from flows.promote import promote_model
 
+    store.require_tracking_server()  # one line now, not minutes of MLflow's retries
     server.start_local()
     decision = promote_model(version=version)
     typer.echo(json.dumps(decision, indent=2))
@@ -224,6 +223,7 @@ def rollback():
     """Move @champion back to @previous-champion."""
     from tasks.promote import rollback as roll_back
 
+    store.require_tracking_server()
     result = roll_back(load_params().register.model_name)
     typer.echo(f"@champion is version {result['champion_version']} again (was {result['replaced_version']})")
 
@@ -294,6 +294,7 @@ def serve_model(
     from tasks.registry import CHAMPION, alias_version
 
     uri = model or f"models:/{load_params().register.model_name}@{CHAMPION}"
+    store.require_tracking_server()
     name, _, alias = uri.removeprefix("models:/").partition("@")
     if uri.startswith("models:/") and alias and alias_version(name, alias) is None:
         fail(f"--model {uri}: no such alias at {store.shown_uri()}; `gpt2-pipeline models` lists the versions")

@@ -34,6 +34,12 @@ TRAIN_RETRIES = 2  # a crashed or preempted training resumes from its last check
 TRAIN_RETRY_DELAYS = exponential_backoff(backoff_factor=30)(TRAIN_RETRIES)  # 30 s, then 60 s
 # DVC exits 255 whatever its stage did; the stage's own status is in its last line (a signal is negative).
 DVC_STAGE_EXIT = re.compile(r"^ERROR: failed to reproduce '[^']+': failed to run: .*, exited with (-?\d+)$")
+# What DVC tells a person at a terminal after each stage (git add dvc.lock, autostage, dvc push): the flow commits
+# nothing and pushes itself (--remote), so its log leaves these out.
+DVC_GIT_HINT = re.compile(
+    r"^(To track the changes with git, run:|To enable auto staging, run:|\s+git add \S.*|"
+    r"\s+dvc config core\.autostage true|Use `dvc push` to send your updates to remote storage\.)$"
+)
 
 
 class StageFailed(PipelineError):
@@ -132,7 +138,8 @@ def run_stage(stage: str, cwd: str, additions: dict[str, str]) -> None:
         lines = []
         for line in process.stdout or []:
             lines.append(redact(line.rstrip()))  # DVC's and MLflow's own lines too, before Prefect's log has them
-            print(lines[-1])
+            if not DVC_GIT_HINT.match(lines[-1]):
+                print(lines[-1])
     if process.returncode != 0:
         raise StageFailed(stage, stage_status(lines, process.returncode), failure_line(lines))
 

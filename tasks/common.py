@@ -352,7 +352,11 @@ def _stop_within(exc: BaseException | None) -> Stopped | None:
     return None
 
 
+def first_line(exc: BaseException, limit: int = 300, empty: str = "no message") -> str:
+    """The first line of an exception's message (a library's may span pages, or be empty), at most limit long."""
+    return (str(exc).strip().splitlines() or [empty])[0][:limit]
+
+
 def unexpected(exc: BaseException) -> str:
     """One line for an exception the pipeline did not anticipate, and how to see more."""
-    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no message"
-    return f"{type(exc).__name__}: {first} (set {DEBUG_ENV}=1 or pass --verbose for the traceback)"
+    return f"{type(exc).__name__}: {first_line(exc)} (set {DEBUG_ENV}=1 or pass --verbose for the traceback)"

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.common import PipelineError, atomic_output, inside_project, project_root, run_cli
+from tasks.common import PipelineError, atomic_output, first_line, inside_project, project_root, run_cli
 from tasks.params import DataParams, load_params
 from tasks.paths import PREPARED_DIR, SPLITS
 
@@ -192,7 +192,7 @@ def _read_hub(spec: str, limit: int | None) -> Iterator[Located]:
     except Exception as exc:  # the hub client raises many types for "offline" and "no such dataset"
         raise PipelineError(
             f"data.sources: cannot load {spec} from the Hugging Face Hub ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); where the hub is not reachable, "
+            f"{first_line(exc, empty='no detail')}); where the hub is not reachable, "
             "save the dataset as .jsonl or .parquet and list that path instead"
         ) from None
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import store
-from tasks.common import PipelineError
+from tasks.common import PipelineError, first_line
 from tasks.paths import MLFLOW_MODEL_SUBDIR, MLFLOW_TOKENIZER_SUBDIR
 
 MLFLOW_URI_PREFIXES = ("models:/", "runs:/")
@@ -43,7 +43,7 @@ def model_source(name_or_path: str) -> Iterator[ModelSource]:
         except Exception as exc:  # MLflow raises its own, REST and OS errors for a missing model or alias
             raise PipelineError(
                 f"model.name_or_path: {name_or_path} is not in the MLflow registry at {store.shown_uri()} "
-                f"({str(exc).splitlines()[0][:200]}); list versions and aliases in the MLflow UI"
+                f"({first_line(exc, 200)}); list versions and aliases in the MLflow UI"
             ) from None
         if not (local / MLFLOW_MODEL_SUBDIR / "config.json").exists():
             raise PipelineError(f"model.name_or_path: {name_or_path} is not a transformers model logged by register")
@@ -63,7 +63,7 @@ def load_pretrained(name_or_path: str, key: str = "model.name_or_path", **model_
             tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)  # nosec B615
     except OSError as exc:
         raise PipelineError(
-            f"{key}: cannot load {name_or_path!r} ({str(exc).splitlines()[0]}); "
+            f"{key}: cannot load {name_or_path!r} ({first_line(exc)}); "
             "offline, point it at a local save_pretrained folder"
         ) from None
     except pickle.UnpicklingError as exc:  # torch's weights_only loader met an object that is not a tensor
@@ -85,7 +85,7 @@ def load_tokenizer(name_or_path: str, key: str = "model.name_or_path"):
             return AutoTokenizer.from_pretrained(source.tokenizer)  # nosec B615
     except OSError as exc:
         raise PipelineError(
-            f"{key}: cannot load a tokenizer from {name_or_path!r} ({str(exc).splitlines()[0]}); "
+            f"{key}: cannot load a tokenizer from {name_or_path!r} ({first_line(exc)}); "
             "offline, point it at a local save_pretrained folder"
         ) from None
 

@@ -41,12 +41,21 @@ def within_limit(card: str, limit: int = MAX_DESCRIPTION) -> str:
     return "".join(kept).rstrip("\n") + closing + CUT_NOTE
 
 
+# What MLflow answers for a model or an alias that does not exist (SQL and REST stores alike); anything else (a
+# server that is down, refused credentials) is a failure, not an absent alias.
+NOT_THERE = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
 def alias_version(name: str, alias: str) -> str | None:
     """The version an alias points at, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return str(store.client().get_model_version_by_alias(name, alias).version)
-    except Exception:  # MLflow raises RestException for an alias that is not set
-        return None
+    except MlflowException as exc:
+        if exc.error_code in NOT_THERE:
+            return None
+        raise
 
 
 def set_alias(name: str, alias: str, version: str) -> None:

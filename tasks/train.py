@@ -263,8 +263,15 @@ def check_finite(logs: dict[str, float], step: int) -> None:
             raise PipelineError(
                 f"train: {key} became {value} at step {step}; lower train.learning_rate, raise "
                 "train.warmup_steps or keep train.max_grad_norm set (fp32 is the most stable precision); "
-                "models/gpt2 keeps the previous model and nothing was registered"
+                f"{kept(MODEL_DIR)} and nothing was registered"
             )
+
+
+def kept(model_dir: Path) -> str:
+    """What a stopped or failed training left in model_dir, in words."""
+    if (model_dir / "model.safetensors").exists():
+        return f"{model_dir} keeps the previous model"
+    return f"there is no model in {model_dir} yet"
 
 
 def training_arguments(params: TrainParams, device: str, precision: str, output_dir: Path = CHECKPOINT_DIR):
@@ -376,7 +383,7 @@ def train(
     if stop.signum is not None:
         raise Stopped(
             f"train stopped by SIGTERM at step {result.global_step}; its checkpoint is in {checkpoint_dir} and "
-            f"{model_dir} keeps the previous model",
+            f"{kept(model_dir)}",
             stop.signum,
         )
     curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]

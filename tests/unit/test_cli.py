@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -67,3 +68,90 @@ def test_summary_prints_metrics_and_the_model(tmp_path, monkeypatch):
     assert result.exit_code == 0
     assert "evaluated perplexity 81.25, bits/byte 1.900 on 1000 validation tokens" in result.stdout
     assert "registered models:/gpt2-lm/3 as models:/gpt2-lm@challenger" in result.stdout
+
+
+DOWN = "http://127.0.0.1:9"  # nothing listens on the discard port of the loopback
+
+
+def test_promote_rollback_and_serve_model_check_the_tracking_server_first(tmp_path, monkeypatch):
+    """A server that is down is one line naming it, before any work: not minutes of retries, nor "no @champion"."""
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, default_params())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", DOWN)
+    for command in (["promote"], ["rollback"], ["serve-model"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, (command, result.output)
+        assert result.stderr.startswith(f"error: MLflow tracking server {DOWN} is not reachable (")
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_an_absent_alias_is_none_but_a_failing_server_is_an_error(tmp_path, monkeypatch, empty_store):
+    """alias_version says None only for a model or alias that does not exist; a server that does not answer is
+    not read as "no @challenger"."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks import registry, store
+    from tests.conftest import store_copy
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store_copy(empty_store, tmp_path / "mlflow.db"))
+    assert registry.alias_version("gpt2-lm", "challenger") is None  # no such model
+    store.client().create_registered_model("gpt2-lm")
+    assert registry.alias_version("gpt2-lm", "challenger") is None  # no such alias
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", DOWN)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(MlflowException):
+        registry.alias_version("gpt2-lm", "challenger")
+
+
+def test_run_reports_a_fault_in_the_flow_as_a_fault_on_one_line(tmp_path, monkeypatch):
+    """An unforeseen RuntimeError in the flow (in-process promotion, Prefect) is exit 1, retry may help, in one
+    line; not exit 2, which says the same input will fail again."""
+    import flows.pipeline
+    from flows import server
+
+    def broken(**kwargs):
+        raise RuntimeError("the promotion's server went away\nwith a second line")
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, default_params())
+    monkeypatch.setattr(server, "start_local", lambda: None)
+    monkeypatch.setattr(flows.pipeline, "training_pipeline", broken)
+    result = runner.invoke(app, ["run", "--promote"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "error: RuntimeError: the promotion's server went away (set GPT2_PIPELINE_DEBUG=1 or pass --verbose for "
+        "the traceback)"
+    )
+
+
+def test_help_shows_whole_defaults_and_no_type_on_flags():
+    result = runner.invoke(app, ["serve-model", "--help"], terminal_width=80)
+    assert "models:/<register.model_name>@champion" in " ".join(result.stdout.split())
+    assert "<bool>" not in runner.invoke(app, ["run", "--help"], terminal_width=80).stdout
+
+
+def test_an_empty_exception_message_is_still_one_line():
+    from tasks.common import first_line, unexpected
+
+    assert first_line(OSError()) == "no message" and first_line(ValueError("a\nb")) == "a"
+    assert unexpected(OSError()).startswith("OSError: no message (set ")
+
+
+def test_a_stopped_first_training_does_not_claim_a_previous_model(tmp_path):
+    from tasks.train import kept
+
+    assert kept(tmp_path / "models/gpt2") == f"there is no model in {tmp_path / 'models/gpt2'} yet"
+    (tmp_path / "models/gpt2").mkdir(parents=True)
+    (tmp_path / "models/gpt2/model.safetensors").write_bytes(b"weights")
+    assert kept(tmp_path / "models/gpt2") == f"{tmp_path / 'models/gpt2'} keeps the previous model"
+
+
+def test_dvc_s_hints_for_a_terminal_stay_out_of_the_flow_s_log():
+    from flows.pipeline import DVC_GIT_HINT
+
+    hints = ["To track the changes with git, run:", "\tgit add dvc.lock", "To enable auto staging, run:",
+             "\tdvc config core.autostage true", "Use `dvc push` to send your updates to remote storage."]  # fmt: skip
+    kept_lines = ["Running stage 'train':", "> python3 -m tasks.train", "train: 150 steps, loss 7.1 -> 3.2"]
+    assert all(DVC_GIT_HINT.match(line) for line in hints)
+    assert not any(DVC_GIT_HINT.match(line) for line in kept_lines)
