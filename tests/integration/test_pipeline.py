@@ -16,6 +16,7 @@ import psutil
 import pytest
 import yaml
 
+from tests.browser import chromium, pixels_near
 from tests.conftest import (
     BIN,
     cli_here,
@@ -56,6 +57,18 @@ def test_dvc_repro_registers_a_model_that_loads_and_generates(pipeline):
         generator = mlflow.transformers.load_model("models:/gpt2-lm@challenger")
     text = generator("ROMEO:", max_new_tokens=20, do_sample=False)[0]["generated_text"]
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:") + 5
+
+
+def test_dvc_plots_show_draws_offline_in_a_browser(pipeline, tmp_path):
+    """`dvc plots show` on a trained project writes a page that Chromium draws with the network off: both loss
+    curves, nothing loaded from a CDN."""
+    from tasks.charts import COLORS
+
+    run([str(BIN / "dvc"), "plots", "show", "-o", str(tmp_path / "plots")], pipeline)
+    page = tmp_path / "plots/index.html"
+    assert "<script src=" not in page.read_text() and "cdn." not in page.read_text()
+    _, png = chromium(page, tmp_path)
+    assert pixels_near(png, COLORS[0]) > 300 and pixels_near(png, COLORS[1]) > 100, "the curves were not drawn"
 
 
 def test_generate_from_the_registry_and_from_the_folder(pipeline):

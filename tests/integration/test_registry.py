@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tests.browser import chromium, pixels_near
 from tests.conftest import BIN, merge, mlflow_on, run, store_client, tiny_params, trained_copy, write_params
 
 pytestmark = pytest.mark.slow
@@ -166,25 +166,6 @@ def test_every_version_carries_lineage_and_the_table_shows_it(scenario):
     for version in versions:
         assert f"{float(version.tags['eval_bits_per_byte']):.4f}" in table
     assert "@champion" in table and "@challenger" in table and "kept out" in table
-
-
-def chromium(page: Path, out: Path) -> tuple[str, Path]:
-    """(the DOM as Chromium parsed it, a screenshot): a real browser, headless, offline (Debian's chromium)."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert browser, "no chromium on PATH: .ci/setup installs it (apt-get install chromium)"
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,1600"]
-    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
-    png = out / "report.png"
-    subprocess.run([*flags, f"--screenshot={png}", page.as_uri()], capture_output=True, timeout=120, check=True)
-    return dom, png
-
-
-def pixels_near(png: Path, colour: str, tolerance: int = 40) -> int:
-    from PIL import Image
-
-    target = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
-    image = Image.open(png).convert("RGB")
-    return sum(all(abs(a - b) <= tolerance for a, b in zip(p, target, strict=True)) for p in image.getdata())
 
 
 def test_the_promotion_report_is_logged_and_draws_in_a_browser(scenario, tmp_path):
