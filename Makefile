@@ -9,7 +9,7 @@ LOCK_TOOLS := .venv-lock
 # dvc runs each stage's `python -m tasks.<stage>` through PATH: make that the project's interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock lock-gpu run test test-fast lint audit bench clean
+.PHONY: install lock lock-gpu reference run test test-fast lint audit bench clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ lock:
 # Refresh infra/requirements-gpu.lock (the image's CUDA torch and its libraries, hashed) after changing TORCH.
 lock-gpu: install
 	$(BIN)/python tools/gpu_lock.py
+
+# docs/reference/params.md and params.schema.json from tasks/params.py (a test checks they are up to date).
+reference: install
+	$(BIN)/python tools/params_reference.py
 
 run: install
 	$(BIN)/dvc repro

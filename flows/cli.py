@@ -187,6 +187,7 @@ def promote(
     status 3 when it kept the champion."""
     from flows.promote import promote_model
 
+    load_params()  # bad params first: one line, no store touched
     store.require_tracking_server()  # one line now, not minutes of MLflow's retries
     server.start_local()
     decision = promote_model(version=version)
@@ -223,8 +224,9 @@ def rollback():
     """Move @champion back to @previous-champion."""
     from tasks.promote import rollback as roll_back
 
+    name = load_params().register.model_name  # bad params first: one line, no store touched
     store.require_tracking_server()
-    result = roll_back(load_params().register.model_name)
+    result = roll_back(name)
     typer.echo(f"@champion is version {result['champion_version']} again (was {result['replaced_version']})")
 
 
@@ -331,22 +333,24 @@ def generate(
     model: Annotated[str, typer.Option(help="a save_pretrained folder or an MLflow URI (models:/gpt2-lm@champion)")] = (
         "models/gpt2"
     ),
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 0.8,
-    top_k: Annotated[int, typer.Option(min=0)] = 50,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
-    seed: int = 0,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="default: evaluate.generation's")] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="default: evaluate.generation's")] = None,
+    top_k: Annotated[int | None, typer.Option(min=0, help="default: evaluate.generation's")] = None,
+    top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="default: evaluate.generation's")] = None,
+    seed: Annotated[int | None, typer.Option(help="default: evaluate.generation's")] = None,
 ):
-    """Continue a prompt with a trained model (sampling with a fixed seed, so the same call gives the same text)."""
+    """Continue a prompt with a trained model, sampling as evaluate.generation in params.yaml says unless an option
+    says otherwise (a fixed seed: the same call gives the same text)."""
     from tasks.loading import load_pretrained
     from tasks.params import GenerationParams
 
+    asked = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+             "seed": seed}  # fmt: skip
+    defaults = load_params().evaluate.generation if PARAMS_FILE.exists() else GenerationParams()  # outside a project
+    settings = defaults.model_copy(update={key: value for key, value in asked.items() if value is not None})
     lm, tokenizer = load_pretrained(model, key="--model")
     from tasks.evaluate import sample  # after the model: a model that cannot be loaded fails without torch
 
-    settings = GenerationParams(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
-    )
     typer.echo(sample(lm, tokenizer, [prompt], settings)[0]["text"])
 
 

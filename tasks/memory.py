@@ -40,13 +40,13 @@ def shape(params: Params) -> dict[str, int] | None:
     """n_layer, n_embd, n_positions, n_inner and vocab_size the training will build, or None where only loading the
     model would tell (a hub id)."""
     if params.model.init == "scratch":
-        config = {**GPT2_DEFAULTS, **params.model.config.overrides()}
+        config = {**GPT2_DEFAULTS, **params.model.gpt2_config()}
         vocab = params.tokenizer.vocab_size if params.tokenizer.kind != "pretrained" else GPT2_VOCAB
     else:
         saved = Path(params.model.name_or_path) / "config.json"
         if not saved.is_file():
             return None
-        config = {**GPT2_DEFAULTS, **json.loads(saved.read_text(encoding="utf-8")), **params.model.config.overrides()}
+        config = {**GPT2_DEFAULTS, **json.loads(saved.read_text(encoding="utf-8")), **params.model.gpt2_config()}
         vocab = config.get("vocab_size", GPT2_VOCAB)
     width = config["n_embd"]
     return {

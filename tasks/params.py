@@ -66,10 +66,12 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    sources: list[str] = Field(min_length=1, description="paths, globs or hf:<dataset>[:<config>]")
-    text_field: str | list[str] = Field("text", description="record field(s) holding the text")
-    validation_fraction: float = Field(0.1, gt=0, lt=1)
-    seed: int = 0
+    sources: list[str] = Field(min_length=1, description="paths, globs or hf:<dataset>[:<config>], project-relative")
+    text_field: str | list[str] = Field(
+        "text", description="record field(s) holding the text (JSON, CSV, Parquet); several are joined by lines"
+    )
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of records held out for validation")
+    seed: int = Field(0, description="seeds the split: a record's side depends only on its text and this")
     min_chars: int = Field(1, ge=0, description="records shorter than this (after normalizing) are dropped")
     format: Literal["text", "dialog"] = Field("text", description="dialog: each record is a list of turns")
     allow_outside_project: bool = Field(
@@ -81,35 +83,48 @@ class DataParams(Section):
 
 
 class TokenizerParams(Section):
-    kind: Literal["bpe", "char", "pretrained"] = "bpe"
+    kind: Literal["bpe", "char", "pretrained"] = Field(
+        "bpe", description="bpe: byte-level BPE; char: one token a character; pretrained: model.name_or_path's"
+    )
     framing: Literal[FRAMING_CHOICES] = Field(  # type: ignore[valid-type]
         "auto", description="special tokens around each record: the model family's convention (tasks/framing.py)"
     )
-    vocab_size: int = Field(4096, gt=0, le=MAX_VOCAB)
-    min_frequency: int = Field(2, ge=1)
-    block_size: int = Field(128, ge=2, le=MAX_POSITIONS)
+    vocab_size: int = Field(4096, gt=0, le=MAX_VOCAB, description="tokens the trained tokenizer may hold at most")
+    min_frequency: int = Field(2, ge=1, description="a merge (bpe) or character (char) must occur this often")
+    block_size: int = Field(128, ge=2, le=MAX_POSITIONS, description="tokens per training sequence")
+
+
+# model.config's defaults: the small model params.yaml ships, trained in minutes on a CPU (not GPT2Config's 124M)
+SCRATCH_DEFAULTS = {"n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 128, "dropout": 0.0}
 
 
 class GPT2ConfigParams(Section):
     """model.config: the GPT2Config fields a user may set, typed and bounded, plus `dropout`, which sets the three
-    dropout rates at once. Only the keys set in params.yaml reach GPT2Config (and MLflow's params)."""
+    dropout rates at once. A model from scratch takes this section's values (SCRATCH_DEFAULTS for a key left
+    out); a pretrained one only the keys params.yaml sets. Only the keys set reach MLflow's params."""
 
-    n_layer: int = Field(None, gt=0, le=MAX_LAYERS)
-    n_head: int = Field(None, gt=0, le=MAX_LAYERS)
-    n_embd: int = Field(None, gt=0, le=MAX_WIDTH)
-    n_positions: int = Field(None, gt=0, le=MAX_POSITIONS)
-    n_inner: int | None = Field(None, gt=0, le=MAX_WIDTH)
-    activation_function: Literal[ACTIVATIONS] = None  # type: ignore[valid-type]
-    resid_pdrop: float = Field(None, ge=0, lt=1)
-    embd_pdrop: float = Field(None, ge=0, lt=1)
-    attn_pdrop: float = Field(None, ge=0, lt=1)
-    dropout: float = Field(None, ge=0, lt=1)
-    layer_norm_epsilon: float = Field(None, gt=0, le=1)
-    initializer_range: float = Field(None, gt=0, le=1)
-    scale_attn_weights: bool = None
-    scale_attn_by_inverse_layer_idx: bool = None
-    reorder_and_upcast_attn: bool = None
-    tie_word_embeddings: bool = None
+    n_layer: int = Field(SCRATCH_DEFAULTS["n_layer"], gt=0, le=MAX_LAYERS, description="transformer blocks")
+    n_head: int = Field(SCRATCH_DEFAULTS["n_head"], gt=0, le=MAX_LAYERS, description="attention heads a block")
+    n_embd: int = Field(SCRATCH_DEFAULTS["n_embd"], gt=0, le=MAX_WIDTH, description="width; a multiple of n_head")
+    n_positions: int = Field(
+        SCRATCH_DEFAULTS["n_positions"], gt=0, le=MAX_POSITIONS, description="longest sequence (>= block_size)"
+    )
+    n_inner: int | None = Field(None, gt=0, le=MAX_WIDTH, description="MLP width; null: 4 x n_embd")
+    activation_function: Literal[ACTIVATIONS] | None = Field(  # type: ignore[valid-type]
+        None, description="the MLP's activation; null: GPT2Config's (gelu_new)"
+    )
+    resid_pdrop: float | None = Field(None, ge=0, lt=1, description="dropout after attention and MLP; null: dropout")
+    embd_pdrop: float | None = Field(None, ge=0, lt=1, description="dropout on the embeddings; null: dropout")
+    attn_pdrop: float | None = Field(None, ge=0, lt=1, description="dropout on attention weights; null: dropout")
+    dropout: float | None = Field(
+        SCRATCH_DEFAULTS["dropout"], ge=0, lt=1, description="the three dropout rates at once (0 for pretraining)"
+    )
+    layer_norm_epsilon: float | None = Field(None, gt=0, le=1, description="null: GPT2Config's (1e-5)")
+    initializer_range: float | None = Field(None, gt=0, le=1, description="weights' init std; null: 0.02")
+    scale_attn_weights: bool | None = Field(None, description="divide attention scores by sqrt(head width)")
+    scale_attn_by_inverse_layer_idx: bool | None = Field(None, description="also by 1 / (layer index + 1)")
+    reorder_and_upcast_attn: bool | None = Field(None, description="attention scores in fp32 under autocast")
+    tie_word_embeddings: bool | None = Field(None, description="the LM head shares the token embeddings")
 
     @model_validator(mode="wrap")
     @classmethod
@@ -123,45 +138,60 @@ class GPT2ConfigParams(Section):
         dumped = handler(self)
         return {key: dumped[key] for key in type(self).model_fields if key in self.model_fields_set}
 
-    def overrides(self) -> dict[str, Any]:
-        """The keys params.yaml sets, as GPT2Config takes them."""
-        return self.model_dump()
+    def overrides(self, scratch: bool = False) -> dict[str, Any]:
+        """As GPT2Config takes them: the keys params.yaml sets, and for a model from scratch every value this
+        section has (its defaults for the keys left out)."""
+        if not scratch:
+            return self.model_dump()
+        return {name: value for name in type(self).model_fields if (value := getattr(self, name)) is not None}
 
 
 class ModelParams(Section):
-    init: Literal["scratch", "pretrained"] = "scratch"
-    name_or_path: str = "gpt2"
-    config: GPT2ConfigParams = Field(default_factory=GPT2ConfigParams, description="GPT2Config overrides")
+    init: Literal["scratch", "pretrained"] = Field(
+        "scratch", description="scratch: a GPT2Config from model.config; pretrained: from_pretrained(name_or_path)"
+    )
+    name_or_path: str = Field(
+        "gpt2", description="for init pretrained: a hub id, a save_pretrained folder or models:/<name>@<alias>"
+    )
+    config: GPT2ConfigParams = Field(default_factory=GPT2ConfigParams, description="GPT2Config values")
+
+    def gpt2_config(self) -> dict[str, Any]:
+        """model.config as GPT2Config takes it for this init (see GPT2ConfigParams.overrides)."""
+        return self.config.overrides(scratch=self.init == "scratch")
 
 
 class TrainParams(Section):
     max_steps: int = Field(1000, le=MAX_STEPS, description="optimizer steps; -1 trains for `epochs` instead")
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(16, gt=0, le=MAX_BATCH)
-    grad_accum: int = Field(1, gt=0, le=MAX_BATCH)
-    learning_rate: float = Field(1e-3, gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
-    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    logging_steps: int = Field(10, gt=0, le=MAX_STEPS)
-    eval_steps: int = Field(200, gt=0, le=MAX_STEPS)
-    checkpoint_every: int = Field(
-        200, gt=0, le=MAX_STEPS, description="steps between resumable checkpoints; a multiple of eval_steps"
+    epochs: float = Field(1.0, gt=0, description="passes over the data when max_steps is -1")
+    batch_size: int = Field(16, gt=0, le=MAX_BATCH, description="sequences a step, per process")
+    grad_accum: int = Field(1, gt=0, le=MAX_BATCH, description="micro-batches accumulated into one step")
+    learning_rate: float = Field(2e-3, gt=0, description="AdamW's peak learning rate")
+    lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field(
+        "cosine", description="the learning rate after warmup"
     )
-    keep_checkpoints: int = Field(2, gt=0, le=1000)
-    early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement")
+    warmup_steps: int = Field(50, ge=0, le=MAX_STEPS, description="steps of linear warmup from 0")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW's decoupled weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients clipped to this norm")
+    seed: int = Field(42, description="seeds initialization, data order and dropout")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else the CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that has it; on the CPU bf16 with native bf16 and n_embd >= 256"
+    )
+    logging_steps: int = Field(20, gt=0, le=MAX_STEPS, description="steps between logged training losses")
+    eval_steps: int = Field(250, gt=0, le=MAX_STEPS, description="steps between validation losses")
+    checkpoint_every: int = Field(
+        250, gt=0, le=MAX_STEPS, description="steps between resumable checkpoints; a multiple of eval_steps"
+    )
+    keep_checkpoints: int = Field(2, gt=0, le=1000, description="checkpoints kept in checkpoints/train")
+    early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement; null: never")
     num_processes: int = Field(1, gt=0, le=1024, description="> 1 runs data-parallel under torchrun (per node)")
     nodes: int = Field(1, gt=0, le=MAX_NODES, description="> 1: torchrun across nodes, one c10d rendezvous")
     rendezvous: str | None = Field(
         None, description="host:port where the nodes meet; null: the scheduler's (PET_RDZV_ENDPOINT or MASTER_ADDR)"
     )
-    torch_compile: bool = False
-    gradient_checkpointing: bool = False
-    dataloader_workers: int = Field(0, ge=0, le=256)
+    torch_compile: bool = Field(False, description="compile the model with torch.compile (GPUs gain most)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, more time")
+    dataloader_workers: int = Field(0, ge=0, le=256, description="processes that feed batches; 0: the main one")
     check_memory: bool = Field(
         True, description="refuse a model whose estimated training memory exceeds the machine's (or the GPU's)"
     )
@@ -182,18 +212,22 @@ class TrainParams(Section):
 
 
 class GenerationParams(Section):
-    max_new_tokens: int = Field(64, gt=0, le=MAX_POSITIONS)
+    max_new_tokens: int = Field(64, gt=0, le=MAX_POSITIONS, description="tokens generated after the prompt")
     temperature: float = Field(0.8, ge=0, description="0: greedy")
-    top_k: int = Field(50, ge=0, le=MAX_VOCAB)
-    top_p: float = Field(0.95, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    seed: int = 0
+    top_k: int = Field(50, ge=0, le=MAX_VOCAB, description="sample among the k likeliest tokens; 0: all")
+    top_p: float = Field(0.95, gt=0, le=1, description="sample among the likeliest tokens holding this mass")
+    repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages repeating tokens")
+    seed: int = Field(0, description="the same seed and settings give the same text")
 
 
 class EvaluateParams(Section):
-    batch_size: int = Field(16, gt=0, le=MAX_BATCH)
-    prompts: list[str] = Field(default_factory=lambda: ["\n"], description="sample generations, logged to MLflow")
-    generation: GenerationParams = GenerationParams()
+    batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="sequences scored at once")
+    prompts: list[str] = Field(
+        default_factory=lambda: ["ROMEO:", "First Citizen:"], description="sample generations, logged to MLflow"
+    )
+    generation: GenerationParams = Field(
+        default_factory=GenerationParams, description="how samples are generated (and the served model's defaults)"
+    )
     stride: int | None = Field(None, gt=0, description="sliding-window step; null: block_size (no overlap)")
 
 
@@ -242,20 +276,20 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message='Field name "register"')
 
     class Params(Section):
-        data: DataParams
-        tokenizer: TokenizerParams = TokenizerParams()
-        model: ModelParams = ModelParams()
-        train: TrainParams = TrainParams()
-        evaluate: EvaluateParams = EvaluateParams()
-        register: RegisterParams = RegisterParams()
-        promote: PromoteParams = PromoteParams()
-        mlflow: MlflowParams = MlflowParams()
+        data: DataParams = Field(description="ingest: where the text comes from and how it is split")
+        tokenizer: TokenizerParams = Field(default_factory=TokenizerParams, description="tokenize: the vocabulary")
+        model: ModelParams = Field(default_factory=ModelParams, description="the GPT-2 that train builds")
+        train: TrainParams = Field(default_factory=TrainParams, description="train: the optimizer and the run")
+        evaluate: EvaluateParams = Field(default_factory=EvaluateParams, description="evaluate: scoring, samples")
+        register: RegisterParams = Field(default_factory=RegisterParams, description="register: the MLflow model")
+        promote: PromoteParams = Field(default_factory=PromoteParams, description="promote: @champion's bar")
+        mlflow: MlflowParams = Field(default_factory=MlflowParams, description="where the runs are recorded")
 
         @model_validator(mode="after")
         def consistent(self) -> Params:
-            cfg = self.model.config.overrides()
+            cfg = self.model.gpt2_config()
             if self.model.init == "scratch":
-                positions = cfg.get("n_positions", GPT2_DEFAULT_POSITIONS)
+                positions = cfg["n_positions"]
                 if self.tokenizer.block_size > positions:
                     raise ValueError(
                         f"tokenizer.block_size: {self.tokenizer.block_size} exceeds model.config.n_positions "

@@ -92,8 +92,8 @@ def padded_vocab(size: int) -> int:
 
 
 def config_overrides(model_params: ModelParams) -> dict[str, Any]:
-    """model.config with `dropout` spread over GPT-2's three dropout rates."""
-    overrides = model_params.config.overrides()
+    """model.config as this init takes it, with `dropout` spread over GPT-2's three dropout rates."""
+    overrides = model_params.gpt2_config()
     if "dropout" in overrides:
         rate = overrides.pop("dropout")
         for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):

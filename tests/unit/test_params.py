@@ -163,3 +163,68 @@ def test_a_params_file_over_the_limit_is_refused_before_it_is_read(tmp_path):
     path.write_text("#" * (PARAMS_MAX_BYTES + 1))
     with pytest.raises(PipelineError, match=r"params\.yaml: 1,048,577 bytes is over the 1,048,576-byte limit"):
         load_params(path)
+
+
+def leaves(tree: dict, prefix: str = ""):
+    """The dotted keys of a params tree's values (a mapping's keys are walked into, model.config's too)."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def effective(params) -> dict:
+    """What a run does with params: every value, model.config as GPT2Config gets it."""
+    return {**params.model_dump(exclude={"model"}), "model": (params.model.init, params.model.name_or_path,
+                                                               params.model.gpt2_config())}  # fmt: skip
+
+
+def test_a_key_left_out_of_params_yaml_means_what_params_yaml_says():
+    """One source of defaults: deleting any line of the shipped params.yaml changes nothing a run does."""
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    expected = effective(parse_params(shipped))
+    changed = []
+    for key in leaves(shipped):
+        if key == "data.sources":
+            continue  # required: no default could mean the user's corpus
+        trimmed = yaml.safe_load((ROOT / "params.yaml").read_text())
+        *path, last = key.split(".")
+        section = trimmed
+        for part in path:
+            section = section[part]
+        del section[last]
+        if effective(parse_params(trimmed)) != expected:
+            changed.append(key)
+    assert changed == [], "tasks/params.py's defaults differ from params.yaml"
+
+
+def test_the_schema_checks_every_params_file_and_a_broken_copy_fails():
+    """params.yaml and params/*.yaml validate against the committed JSON Schema editors use; a wrong type, a value
+    out of bounds and a misspelt key each fail it, as they fail load_params."""
+    import json
+
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads((ROOT / "docs/reference/params.schema.json").read_text())
+    validator = Draft202012Validator(schema)
+    for path in [ROOT / "params.yaml", *sorted((ROOT / "params").glob("*.yaml"))]:
+        assert path.read_text().startswith("# yaml-language-server: $schema="), path
+        assert list(validator.iter_errors(yaml.safe_load(path.read_text()))) == [], path
+    for broken in ({"train": {"learning_rate": "fast"}}, {"train": {"batch_size": 0}}, {"train": {"learnig_rate": 1}}):
+        assert list(validator.iter_errors(merge(default_params(), broken))), broken
+
+
+def test_the_reference_and_schema_are_as_generated_and_every_key_is_described():
+    import json
+
+    from tools.params_reference import REFERENCE, SCHEMA, reference, schema
+
+    assert REFERENCE.read_text() == reference(), "run `make reference` and commit docs/reference/"
+    assert json.loads(SCHEMA.read_text()) == schema(), "run `make reference` and commit docs/reference/"
+    generated = schema()
+    sections = [generated, *generated["$defs"].values()]
+    undescribed = [
+        name for section in sections for name, spec in section["properties"].items() if "description" not in spec
+    ]
+    assert undescribed == []

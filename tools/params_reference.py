@@ -1,0 +1,91 @@
+"""Write the params reference (docs/reference/params.md) and the JSON Schema of params.yaml
+(docs/reference/params.schema.json) from tasks/params.py's pydantic models, the one source of every key's type,
+default, bounds and description. `make reference` runs it; a test fails when the committed files differ from
+what it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tasks.params import Params  # noqa: E402 (the project's root first on the path, for a plain `python tools/...`)
+
+REFERENCE = ROOT / "docs/reference/params.md"
+SCHEMA = ROOT / "docs/reference/params.schema.json"
+BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<", "minItems": "items >="}
+
+
+def schema() -> dict[str, Any]:
+    """params.yaml's JSON Schema: the models' own, titled for editors."""
+    generated = Params.model_json_schema()
+    generated["title"] = "gpt2-pipeline params.yaml"
+    generated["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return generated
+
+
+def kind(spec: dict[str, Any], defs: dict[str, Any]) -> str:
+    if "$ref" in spec:
+        return "section"
+    if "enum" in spec:
+        return " \\| ".join(f"`{value}`" for value in spec["enum"])
+    if "anyOf" in spec:
+        return " or ".join(kind(option, defs) for option in spec["anyOf"])
+    if spec.get("type") == "array":
+        return f"list of {kind(spec.get('items', {}), defs)}"
+    return spec.get("type", "any")
+
+
+def rows(section: dict[str, Any], prefix: str, defs: dict[str, Any]) -> list[str]:
+    """A table row for each key of section, and the rows of its subsections after it."""
+    lines, nested = [], []
+    for name, spec in section["properties"].items():
+        key = f"{prefix}{name}"
+        ref = spec.get("$ref")
+        if ref:
+            nested.append((key, defs[ref.rsplit("/", 1)[1]]))
+        bounds = ", ".join(f"{BOUNDS[word]} {spec[word]:,}" for word in BOUNDS if word in spec)
+        default = "required" if name in section.get("required", []) else f"`{json.dumps(spec.get('default'))}`"
+        if ref:
+            default = "(its keys below)"
+        text = spec.get("description", "").replace("|", "\\|")
+        lines.append(f"| `{key}` | {kind(spec, defs)} | {default} | {bounds} | {text} |")
+    for key, subsection in nested:
+        lines += rows(subsection, f"{key}.", defs)
+    return lines
+
+
+def reference() -> str:
+    generated = Params.model_json_schema()
+    defs = generated["$defs"]
+    lines = [
+        "# params.yaml reference",
+        "",
+        "Generated from `tasks/params.py` by `make reference` (do not edit by hand). Every key below is checked",
+        "when a stage starts; a key left out of params.yaml takes the default shown, which is the value the shipped",
+        "params.yaml sets. Editors that read JSON Schema (VS Code's YAML extension, JetBrains IDEs) complete and",
+        "check params.yaml against [params.schema.json](params.schema.json), which params.yaml names on its first",
+        "line.",
+        "",
+        "| key | type | default | bounds | what it does |",
+        "| --- | --- | --- | --- | --- |",
+        *rows(generated, "", defs),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    REFERENCE.parent.mkdir(parents=True, exist_ok=True)
+    REFERENCE.write_text(reference(), encoding="utf-8")
+    SCHEMA.write_text(json.dumps(schema(), indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {REFERENCE.relative_to(ROOT)} and {SCHEMA.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
