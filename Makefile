@@ -9,7 +9,7 @@ LOCK_TOOLS := .venv-lock
 # dvc runs each stage's `python -m tasks.<stage>` through PATH: make that the project's interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock lock-gpu reference run test test-fast lint audit bench clean
+.PHONY: install lock lock-gpu reference docs run test test-fast lint audit bench clean
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,10 @@ lock-gpu: install
 # docs/reference/params.md and params.schema.json from tasks/params.py (a test checks they are up to date).
 reference: install
 	$(BIN)/python tools/params_reference.py
+
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or a page left out.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 run: install
 	$(BIN)/dvc repro

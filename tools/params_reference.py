@@ -53,7 +53,7 @@ def rows(section: dict[str, Any], prefix: str, defs: dict[str, Any]) -> list[str
         default = "required" if name in section.get("required", []) else f"`{json.dumps(spec.get('default'))}`"
         if ref:
             default = "(its keys below)"
-        text = spec.get("description", "").replace("|", "\\|")
+        text = spec.get("description", "").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
         lines.append(f"| `{key}` | {kind(spec, defs)} | {default} | {bounds} | {text} |")
     for key, subsection in nested:
         lines += rows(subsection, f"{key}.", defs)

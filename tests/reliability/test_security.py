@@ -249,7 +249,7 @@ def test_a_password_in_the_tracking_uri_is_printed_nowhere_when_the_server_is_do
 def test_a_password_refused_by_the_server_is_printed_nowhere(tmp_path, monkeypatch):
     """A real MLflow server with basic auth (infra's settings) answers 401 to a wrong password: the stage that logs
     to it fails with one line, and neither its output nor the files it leaves hold the password. A new user sees
-    nothing until the admin grants it, as infra/README.md shows."""
+    nothing until the admin grants it, as docs/infrastructure.md shows."""
     port = free_port()
     auth = tmp_path / "basic_auth.ini"
     shipped = (ROOT / "infra/mlflow/basic_auth.ini").read_text()
@@ -408,7 +408,7 @@ def test_servers_ask_who_is_calling_and_listen_on_the_loopback_unless_told():
             assert port.startswith("127.0.0.1:"), f"{name} publishes {port} beyond the loopback"
     auth = (ROOT / "infra/mlflow/basic_auth.ini").read_text()
     assert re.search(r"^default_permission = NO_PERMISSIONS$", auth, re.M)
-    manual = (ROOT / "infra/README.md").read_text()
+    manual = (ROOT / "docs/infrastructure.md").read_text()
     for command in re.findall(r"(?:mlflow|prefect) server [^`]*?--host (\S+)", manual):
         assert command == "127.0.0.1", command
     assert "--app-name basic-auth" in manual and "PREFECT_SERVER_API_AUTH_STRING=" in manual
