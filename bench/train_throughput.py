@@ -22,7 +22,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback
 
 from tasks import throughput
-from tasks.common import quiet_progress_bars
+from tasks.console import quiet_progress_bars
 from tasks.loading import resolve_device
 from tasks.params import TrainParams
 from tasks.train import _collate, for_training, resolve_precision, training_arguments

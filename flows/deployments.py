@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from tasks.common import PipelineError
+from tasks.errors import PipelineError
 
 PREFECT_FILE = Path("prefect.yaml")
 

@@ -24,8 +24,10 @@ from prefect.tasks import exponential_backoff
 
 from flows import server, workspace
 from flows.promote import promote_model
-from tasks.common import BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError, read_json, tools_first
+from tasks.console import tools_first
+from tasks.errors import BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError
 from tasks.lineage import FLOW_RUN_ENV
+from tasks.outputs import read_json
 from tasks.paths import REGISTERED_FILE
 from tasks.redaction import redact
 
@@ -43,7 +45,7 @@ DVC_GIT_HINT = re.compile(
 
 
 class StageFailed(PipelineError):
-    """A stage (or dvc) exited non-zero; the exit status is the stage's own (tasks.common's contract)."""
+    """A stage (or dvc) exited non-zero; the exit status is the stage's own (tasks.errors' contract)."""
 
     def __init__(self, stage: str, returncode: int, message: str):
         super().__init__(f"stage {stage} failed: {message}")

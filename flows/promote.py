@@ -9,7 +9,7 @@ from prefect import flow
 
 from flows import server
 from tasks import promote as promotion
-from tasks.common import inside_project
+from tasks.outputs import inside_project
 from tasks.params import PARAMS_FILE, load_params
 
 

@@ -26,8 +26,9 @@ from typing import Any
 import yaml
 
 from tasks import store
-from tasks.common import PipelineError, atomic_output
+from tasks.errors import PipelineError
 from tasks.lineage import OVERRIDES_ENV
+from tasks.outputs import atomic_output
 from tasks.params import PARAMS_FILE, apply_overrides, read_raw
 
 RUNS_DIR = Path(".runs")

@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.common import BAD_INPUT_EXIT, tools_first
+from tasks.console import tools_first
+from tasks.errors import BAD_INPUT_EXIT
 
 REQUIRED = ("torch", "transformers", "datasets", "tokenizers", "mlflow", "pydantic", "yaml")
 VENV_PYTHON = Path(".venv/bin/python")

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from tasks.common import hash_file
+from tasks.outputs import hash_file
 from tasks.params import Params
 
 FINGERPRINT_FILE = "fingerprint.txt"

@@ -20,11 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from tasks import runs, store
-from tasks.common import PipelineError, run_cli, write_json
+from tasks.errors import PipelineError
 from tasks.framing import prompt_prefix
 from tasks.loading import load_pretrained, resolve_device
+from tasks.outputs import write_json
 from tasks.params import GenerationParams, load_params
 from tasks.paths import EVAL_METRICS, MODEL_DIR, SAMPLES_FILE, TOKENIZED_DIR
+from tasks.stage import run_cli
 
 COLUMNS = ("input_ids", "token_bytes", "token_chars")
 

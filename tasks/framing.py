@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasks.common import PipelineError
+from tasks.errors import PipelineError
 from tasks.params import FRAMING_CHOICES
 
 

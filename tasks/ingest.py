@@ -18,9 +18,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.common import PipelineError, atomic_output, first_line, inside_project, project_root, run_cli
+from tasks.errors import PipelineError, first_line
+from tasks.outputs import atomic_output, inside_project, project_root
 from tasks.params import DataParams, load_params
 from tasks.paths import PREPARED_DIR, SPLITS
+from tasks.stage import run_cli
 
 TEXT_SUFFIXES = {".txt", ".jsonl", ".json", ".csv", ".parquet"}
 # A longer paragraph of a .txt file is cut into records of this many characters (an extra end-of-text token

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks import store
-from tasks.common import PipelineError, first_line
+from tasks.errors import PipelineError, first_line
 from tasks.paths import MLFLOW_MODEL_SUBDIR, MLFLOW_TOKENIZER_SUBDIR
 
 MLFLOW_URI_PREFIXES = ("models:/", "runs:/")

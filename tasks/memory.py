@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.common import PipelineError
+from tasks.errors import PipelineError
 from tasks.params import GPT2_DEFAULT_POSITIONS, Params
 
 # GPT2Config's defaults, for the keys model.config leaves out (GPT-2 124M).

@@ -26,7 +26,8 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.common import EOS, SEP, UNK, PipelineError
+from tasks.errors import PipelineError
+from tasks.specials import EOS, SEP, UNK
 
 PARAMS_FILE = Path("params.yaml")
 # tokenizer.framing: auto, then the conventions tasks/framing.py defines (the same names, in that order)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks import report, store
-from tasks.common import PipelineError, inside_project
+from tasks.errors import PipelineError
+from tasks.outputs import inside_project
 from tasks.params import EvaluateParams, Params
 from tasks.paths import PREPARED_DIR
 from tasks.registry import (

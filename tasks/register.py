@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from tasks import flavor, lineage, registry, runs, serving, store
-from tasks.common import PipelineError, read_json, run_cli, write_json
+from tasks.errors import PipelineError
 from tasks.framing import FRAMINGS
+from tasks.outputs import read_json, write_json
 from tasks.params import GenerationParams, Params, flatten, load_params
 from tasks.paths import EVAL_METRICS, INGEST_STATS, MODEL_DIR, REGISTERED_FILE, SAMPLES_FILE, TRAIN_METRICS
 from tasks.redaction import redact
 from tasks.registry import CHALLENGER
+from tasks.stage import run_cli
 
 SERVING_CODE = Path(serving.__file__)  # the served model's loader, shipped with each version
 

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tasks import lineage, store
-from tasks.common import Stopped, write_json
+from tasks.errors import Stopped
+from tasks.outputs import write_json
 from tasks.params import Params, flatten
 from tasks.paths import RUN_RECORD
 from tasks.redaction import redact

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.common import PipelineError
+from tasks.errors import PipelineError
 from tasks.redaction import redact
 
 DATABASE = "mlflow.db"

@@ -20,10 +20,13 @@ from typing import Any
 import numpy as np
 
 from tasks import framing
-from tasks.common import EOS, SEP, UNK, PipelineError, atomic_outputs, hash_file, read_json, run_cli
+from tasks.errors import PipelineError
 from tasks.loading import load_tokenizer
+from tasks.outputs import atomic_outputs, hash_file, read_json
 from tasks.params import CHAR_SPECIALS, ModelParams, TokenizerParams, load_params
 from tasks.paths import DATA_STATS, FRAMING_FIGURE, INGEST_STATS, PREPARED_DIR, SPLITS, TOKENIZED_DIR, TOKENIZER_DIR
+from tasks.specials import EOS, SEP, UNK
+from tasks.stage import run_cli
 
 CHAR_PATTERN = r"[\s\S]"  # the char tokenizer's pre-tokenizer: every character on its own
 RECORD_BATCH = 1000  # records encoded at a time; each batch's last block_size-1 tokens at most are dropped

@@ -25,9 +25,10 @@ from transformers import TrainerCallback
 
 from tasks import checkpoints, loss, memory, runs, throughput
 from tasks.charts import COLORS, line_chart
-from tasks.common import OUTPUTS_ELSEWHERE_EXIT, PipelineError, Stopped, atomic_output, read_json, run_cli, write_json
+from tasks.errors import OUTPUTS_ELSEWHERE_EXIT, PipelineError, Stopped
 from tasks.framing import FRAMINGS, Framing
 from tasks.loading import load_pretrained, resolve_device
+from tasks.outputs import atomic_output, read_json, write_json
 from tasks.params import ModelParams, Params, TrainParams, load_params
 from tasks.paths import (
     CHECKPOINT_DIR,
@@ -40,6 +41,7 @@ from tasks.paths import (
     TOKENIZER_DIR,
     TRAIN_METRICS,
 )
+from tasks.stage import run_cli
 
 # What a run is rather than how it went: one value each, so run tags (MLflow draws a metric as a chart).
 RUN_FACTS = ("steps", "tokens_seen", "seconds", "parameters", "processes", "device", "precision", "mfu_peak")

@@ -212,7 +212,7 @@ def test_a_registered_model_is_where_a_training_can_start(pipeline, monkeypatch)
     import torch
     from transformers import AutoTokenizer
 
-    from tasks.common import PipelineError
+    from tasks.errors import PipelineError
     from tasks.loading import load_tokenizer
     from tasks.params import ModelParams
     from tasks.train import build_model

@@ -239,17 +239,18 @@ def test_the_tang_poetry_params_train_a_model_far_better_than_untrained(tmp_path
 def test_sigterm_after_the_last_step_stops_the_stage_at_once():
     """During training SIGTERM is noted (the Trainer checkpoints at the step's end); after it, while the model is
     saved and plotted, the stage's own handler is back and stops it at once instead of noting it for no one."""
-    from tasks import common
+    from tasks import stopping
+    from tasks.errors import Stopped
     from tasks.train import StopOnSignal
 
-    previous = signal.signal(signal.SIGTERM, common._raise_stopped)  # what run_cli installs
+    previous = signal.signal(signal.SIGTERM, stopping.raise_stopped)  # what run_cli installs
     try:
         stop = StopOnSignal()
         signal.raise_signal(signal.SIGTERM)
         assert stop.signum == signal.SIGTERM
         stop.release()
-        with pytest.raises(common.Stopped):
+        with pytest.raises(Stopped):
             signal.raise_signal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
-        common._stops_received.clear()
+        stopping.clear()

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from tasks import runs, store
-from tasks.common import PipelineError
+from tasks.errors import PipelineError
 from tasks.evaluate import evaluate, load_model, score, windows
 from tasks.params import ModelParams, parse_params
 from tasks.tokenize import tokenize

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.common import run_cli
+from tasks.stage import run_cli
 from tests.conftest import BIN, merge, run, store_client, tool_env, trained_copy, write_params
 
 # What an earlier successful run left that nothing may lose or corrupt.

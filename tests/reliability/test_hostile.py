@@ -20,7 +20,7 @@ import psutil
 import pytest
 import yaml
 
-from tasks.common import BAD_INPUT_EXIT
+from tasks.errors import BAD_INPUT_EXIT
 from tasks.params import PARAMS_MAX_BYTES
 from tests.conftest import BIN, ROOT, tiny_params, tool_env
 
@@ -97,15 +97,16 @@ def test_hostile_params_end_the_stage_at_once_with_one_line(tmp_path, case):
 
 STUCK_STAGE = """
 import ctypes, sys
-import tasks.common as common
-common.STOP_GRACE_SECONDS = 1  # the stage's own is a minute
+import tasks.stopping as stopping
+from tasks.stage import run_cli
+stopping.STOP_GRACE_SECONDS = 1  # the stage's own is a minute
 def main():
     mutex = ctypes.create_string_buffer(64)  # zeroed: an unlocked default pthread mutex
     libc = ctypes.CDLL(None)
     libc.pthread_mutex_lock(mutex)
     print("stuck", flush=True)
     libc.pthread_mutex_lock(mutex)  # locks itself out: a futex wait no signal ends, no Python handler runs
-common.run_cli(main)
+run_cli(main)
 """
 
 
@@ -146,7 +147,7 @@ def test_a_stage_stuck_where_no_handler_runs_still_ends_after_sigterm(tmp_path):
 
 def test_a_finished_stage_leaves_no_watchdog_behind(tmp_path):
     """In a test process (run in-process by tests/reliability) as in a stage's own: the watchdog ends with it."""
-    from tasks.common import run_cli
+    from tasks.stage import run_cli
 
     before = {p.pid for p in psutil.Process().children()}
     with pytest.raises(SystemExit) as exit_status:
@@ -181,7 +182,7 @@ OUTSIDE = {
 
 @pytest.mark.parametrize("case", list(OUTSIDE))
 def test_data_sources_outside_the_project_are_refused(project, case):
-    from tasks.common import PipelineError
+    from tasks.errors import PipelineError
     from tasks.ingest import resolve_sources
 
     make, target = OUTSIDE[case]
@@ -198,7 +199,7 @@ def test_data_sources_outside_the_project_are_refused(project, case):
 def test_a_glob_outside_the_project_is_refused_before_it_walks_anything(project, monkeypatch):
     import glob
 
-    from tasks.common import PipelineError
+    from tasks.errors import PipelineError
     from tasks.ingest import resolve_sources
 
     monkeypatch.setattr(glob, "glob", lambda *args, **kwargs: pytest.fail(f"walked {args}"))
@@ -229,7 +230,7 @@ def test_a_run_workspace_reads_its_project_s_files(project, monkeypatch):
 
 def test_promotion_text_and_workdir_stay_in_the_project(project):
     from flows.promote import promote_model
-    from tasks.common import PipelineError
+    from tasks.errors import PipelineError
     from tasks.params import parse_params
     from tasks.promote import text_path
 

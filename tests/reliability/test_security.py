@@ -18,8 +18,9 @@ from hypothesis.strategies import text
 
 from flows import workspace
 from flows.pipeline import failure_line
-from tasks.common import EOS, PipelineError
+from tasks.errors import PipelineError
 from tasks.redaction import MIN_SECRET_CHARS
+from tasks.specials import EOS
 from tests.conftest import (
     BIN,
     ROOT,

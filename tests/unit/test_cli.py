@@ -132,7 +132,7 @@ def test_help_shows_whole_defaults_and_no_type_on_flags():
 
 
 def test_an_empty_exception_message_is_still_one_line():
-    from tasks.common import first_line, unexpected
+    from tasks.errors import first_line, unexpected
 
     assert first_line(OSError()) == "no message" and first_line(ValueError("a\nb")) == "a"
     assert unexpected(OSError()).startswith("OSError: no message (set ")

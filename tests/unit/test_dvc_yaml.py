@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from flows.pipeline import stages
-from tasks.common import PipelineError
+from tasks.errors import PipelineError
 from tests.conftest import ROOT
 
 STAGE_MODULE = re.compile(r"python3? -m (tasks\.\w+)")
@@ -79,7 +79,7 @@ def test_an_edit_reruns_only_the_stages_that_import_it():
     users = {stage: closure(f"tasks.{stage}") for stage in dvc_stages()}
     assert [s for s, files in users.items() if "tasks/registry.py" in files] == ["register"]
     assert [s for s, files in users.items() if "tasks/ingest.py" in files] == ["ingest"]  # normalize() lives there
-    assert [s for s, files in users.items() if "tasks/common.py" in files] == list(dvc_stages())
+    assert [s for s, files in users.items() if "tasks/stage.py" in files] == list(dvc_stages())
 
 
 def test_the_flow_takes_its_stages_from_dvc_yaml(tmp_path):

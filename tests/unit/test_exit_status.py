@@ -1,4 +1,4 @@
-"""One exit status contract (tasks.common): bad input 2, a fault 1, a stop 128 + the signal, for the stages, the
+"""One exit status contract (tasks.errors): bad input 2, a fault 1, a stop 128 + the signal, for the stages, the
 CLI and the flow's retry condition alike."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.pipeline import StageFailed, stage_status, worth_retrying
-from tasks.common import BAD_INPUT_EXIT, FAULT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError, Stopped, report
+from tasks.errors import BAD_INPUT_EXIT, FAULT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError, Stopped, report
 from tests.conftest import BIN, copy_project, tool_env
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tasks.common import PipelineError
+from tasks.errors import PipelineError
 from tasks.ingest import (
     MAX_RECORD_CHARS,
     first_invalid_utf8,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.common import PipelineError
+from tasks.errors import PipelineError
 from tasks.memory import check_fits, estimate, shape
 from tasks.params import parse_params
 from tests.conftest import default_params, merge

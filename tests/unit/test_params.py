@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tasks.common import PipelineError
+from tasks.errors import PipelineError
 from tasks.params import apply_overrides, flatten, load_params, parse_override, parse_params
 from tests.conftest import ROOT, default_params, merge
 

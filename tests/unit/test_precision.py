@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tasks import throughput, train
-from tasks.common import PipelineError
+from tasks.errors import PipelineError
 from tasks.train import CPU_BF16_MIN_WIDTH, native_bf16, resolve_precision
 
 

@@ -7,7 +7,7 @@ import contextlib
 import pytest
 
 from tasks import runs, store
-from tasks.common import PipelineError, Stopped
+from tasks.errors import PipelineError, Stopped
 from tasks.params import parse_params
 from tests.conftest import tiny_params
 

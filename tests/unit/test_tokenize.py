@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from tasks.common import PipelineError
+from tasks.errors import PipelineError
 from tasks.params import ModelParams, TokenizerParams
 from tasks.tokenize import TokenSizes, encode_and_group, span_lengths, tokenize, train_bpe, train_char
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.common import PipelineError
+from tasks.errors import PipelineError
 from tasks.params import parse_params
 from tasks.train import rendezvous_endpoint, torchrun_command
 from tests.conftest import merge, tiny_params

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tasks.common import PipelineError, atomic_output, write_json
+from tasks.errors import PipelineError
+from tasks.outputs import atomic_output, write_json
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
@@ -70,8 +71,9 @@ def run_stage(folder, body: str) -> subprocess.CompletedProcess:
         [
             "import signal",
             "from pathlib import Path",
-            "from tasks import common",
-            "from tasks.common import atomic_output, atomic_outputs, run_cli",
+            "from tasks import outputs",
+            "from tasks.outputs import atomic_output, atomic_outputs",
+            "from tasks.stage import run_cli",
             "class Finalized:",
             "    def __del__(self):  # a stop that lands in a finalizer: its Stopped is only printed, then dropped",
             "        signal.raise_signal(signal.SIGTERM)",
@@ -89,11 +91,11 @@ def test_a_stop_during_a_commit_waits_until_every_output_is_swapped_in(tmp_path)
     (tmp_path / "blocks").write_text("old")
     (tmp_path / "tokenizer").write_text("old")
     body = """
-swap = common._swap_in
+swap = outputs._swap_in
 def swap_then_stop(tmp, dest):  # SIGTERM lands between the two renames
     swap(tmp, dest)
     signal.raise_signal(signal.SIGTERM)
-common._swap_in = swap_then_stop
+outputs._swap_in = swap_then_stop
 with atomic_outputs(Path("blocks"), Path("tokenizer")) as (blocks, tokenizer):
     blocks.write_text("new")
     tokenizer.write_text("new")
@@ -126,7 +128,7 @@ def test_a_stage_writing_to_a_log_shows_no_progress_bars(tmp_path, imported_firs
     script = "\n".join(
         [
             "import transformers" if imported_first else "",
-            "from tasks.common import run_cli",
+            "from tasks.stage import run_cli",
             "def main():",
             "    from transformers import GPT2Config, GPT2LMHeadModel",
             "    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=16, n_positions=8))",
@@ -144,7 +146,7 @@ def test_a_warning_in_a_stage_is_one_line():
     script = "\n".join(
         [
             "import warnings",
-            "from tasks.common import run_cli",
+            "from tasks.stage import run_cli",
             "def main():",
             "    warnings.warn('the corpus is small;\\n  add text', UserWarning)",
             "    print('done')",
