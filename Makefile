@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	touch $@
 
 # Refresh requirements.lock after changing pyproject.toml's dependencies: pip-compile (in a venv of its own) pins
-# every package of the dev and s3 sets with the hashes of its files; it needs PyPI (16 minutes here, 2026-11-27).
+# every package of the dev and s3 sets with the hashes of its files; it needs PyPI and takes a quarter of an hour.
 # It resolves for the Python it runs on: what only an earlier 3.11 needs is left out (async-timeout, which redis
 # needs below 3.11.3; Debian 12's python3 is 3.11.2): put it back with its marker and hashes, as the lock has it
 # now; tests/unit/test_infra.py checks the lock against every locked package's needs on Python 3.11.0.
@@ -50,8 +50,7 @@ run: install
 	$(BIN)/gpt2-pipeline summary
 
 # Two workers (pytest-xdist), each taking whole modules so a module's shared fixture is built once (faster than
-# --dist loadgroup in fresh-clone .ci/run runs on 2026-11-26: 8 min 48 s and 9 min 08 s against 10 min 51 s; three
-# workers were slower than two on 2026-11-27: 10 min 19 s against 9 min 55 s). Modules go out one at a time,
+# --dist loadgroup; three workers are slower than two on two cores). Modules go out one at a time,
 # longest first, as tests/conftest.py orders and schedules them (PYTEST_ARGS=--store-durations refreshes
 # tests/durations.json); tests are in a random order within them (pytest-randomly prints its seed; replay an order
 # with PYTEST_ARGS=--randomly-seed=N).

@@ -16,7 +16,7 @@ import typer
 from flows import server, workspace
 from tasks import registry, store
 from tasks.console import console_output, tools_first
-from tasks.errors import DEBUG_ENV, NOT_PROMOTED_EXIT, PipelineError, report
+from tasks.errors import DEBUG_ENV, NOT_PROMOTED_EXIT, PipelineError, report_error
 from tasks.outputs import atomic_output, read_json
 from tasks.params import PARAMS_FILE, apply_overrides, load_params, parse_override, read_raw
 from tasks.paths import EVAL_METRICS, REGISTERED_FILE, TRAIN_METRICS
@@ -47,13 +47,13 @@ def options(
 
 
 def main() -> None:
-    """The console script: any error is one line, as the stages print it (tasks.errors.report), with the same
+    """The console script: any error is one line, as the stages print it (tasks.errors.report_error), with the same
     exit status; the traceback only with --verbose. In a log (not a terminal) no progress bars, as in the stages."""
     console_output()
     try:
         app()
     except Exception as exc:
-        sys.exit(report(exc))
+        sys.exit(report_error(exc))
 
 
 def fail(message: str) -> None:
@@ -61,7 +61,7 @@ def fail(message: str) -> None:
 
 
 def command(function: Callable) -> Callable:
-    """Register a command whose errors end it as a stage's end: one line (tasks.errors.report) and the exit status
+    """Register a command whose errors end it as a stage's end: one line (tasks.errors.report_error) and the exit status
     of the contract, whether it runs from the console script or in-process (typer's CliRunner, a notebook)."""
 
     @functools.wraps(function)
@@ -71,7 +71,7 @@ def command(function: Callable) -> Callable:
         except (typer.Exit, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Exception as exc:
-            raise typer.Exit(report(exc)) from None
+            raise typer.Exit(report_error(exc)) from None
 
     return app.command()(reported)
 

@@ -55,7 +55,7 @@ def disk_full(exc: BaseException) -> bool:
     return any(f"(os error {code})" in str(exc) for code in DISK_FULL)
 
 
-def report(exc: BaseException) -> int:
+def report_error(exc: BaseException) -> int:
     """Print the one line a user sees for exc and return the exit status; the stages and the CLI both use it.
 
     The traceback is shown only with GPT2_PIPELINE_DEBUG=1 (or --verbose), so the line stays the first thing read.

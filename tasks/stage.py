@@ -9,11 +9,11 @@ from typing import Any
 
 from tasks import stopping
 from tasks.console import console_output
-from tasks.errors import Stopped, interrupted_exit, report
+from tasks.errors import Stopped, interrupted_exit, report_error
 
 
 def run_cli(main: Callable[[], Any]) -> None:
-    """Run a stage's main(): any error becomes one line on stderr (see report) and the exit status it names.
+    """Run a stage's main(): any error becomes one line on stderr (see report_error) and the exit status it names.
 
     SIGTERM and Ctrl-C unwind the stage (temporary outputs are removed, finished ones kept) and exit 128 + signal;
     a stage that cannot unwind within STOP_GRACE_SECONDS is killed.
@@ -27,7 +27,7 @@ def run_cli(main: Callable[[], Any]) -> None:
         main()
         stopping.raise_if_stopped()
     except (Exception, Stopped, KeyboardInterrupt) as exc:
-        status = report(exc)
+        status = report_error(exc)
         stopped = status > interrupted_exit(0)
         sys.exit(status)
     finally:

@@ -25,13 +25,13 @@ URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 _created: set[str] = set()  # the SQLite stores this process has seen with their tables made
 
 
-def project_root() -> Path:
+def store_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or ".").resolve()
 
 
 def default_uri(root: Path | None = None) -> str:
     """The project's SQLite store, by absolute path."""
-    return f"sqlite:///{(root or project_root()).resolve() / DATABASE}"
+    return f"sqlite:///{(root or store_root()).resolve() / DATABASE}"
 
 
 def tracking_uri() -> str:

@@ -29,7 +29,7 @@ LOOPBACK = "127.0.0.1"
 
 
 # The pipeline uses none of the MLflow server's jobs (GenAI evaluation, trace rollups): without them it starts no
-# job runner and huey consumers, which cost the suite about a minute of CPU (measured with top, 2026-11-26).
+# job runner and huey consumers, which cost the suite about a minute of CPU.
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 

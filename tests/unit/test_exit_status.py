@@ -11,18 +11,18 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.pipeline import StageFailed, stage_status, worth_retrying
-from tasks.errors import BAD_INPUT_EXIT, FAULT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError, Stopped, report
+from tasks.errors import BAD_INPUT_EXIT, FAULT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError, Stopped, report_error
 from tests.conftest import BIN, copy_project, tool_env
 
 
-def test_report_prints_one_line_and_names_the_status(capsys):
-    assert report(PipelineError("params.yaml: train.seed: bad")) == BAD_INPUT_EXIT
-    assert report(ValueError("boom")) == FAULT_EXIT
-    assert report(Stopped(signum=signal.SIGTERM)) == 128 + signal.SIGTERM
+def test_report_error_prints_one_line_and_names_the_status(capsys):
+    assert report_error(PipelineError("params.yaml: train.seed: bad")) == BAD_INPUT_EXIT
+    assert report_error(ValueError("boom")) == FAULT_EXIT
+    assert report_error(Stopped(signum=signal.SIGTERM)) == 128 + signal.SIGTERM
     wrapped = RuntimeError("a library's own error")
     wrapped.__cause__ = Stopped(signum=signal.SIGINT)
-    assert report(wrapped) == 128 + signal.SIGINT
-    assert report(StageFailed("train", 137, "killed")) == 137
+    assert report_error(wrapped) == 128 + signal.SIGINT
+    assert report_error(StageFailed("train", 137, "killed")) == 137
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "error: params.yaml: train.seed: bad"
     assert lines[1].startswith("error: ValueError: boom (set GPT2_PIPELINE_DEBUG=1")
