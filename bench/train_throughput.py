@@ -24,8 +24,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, 
 from tasks import throughput
 from tasks.console import quiet_progress_bars
 from tasks.loading import resolve_device
+from tasks.model import for_training
 from tasks.params import TrainParams
-from tasks.train import _collate, for_training, resolve_precision, training_arguments
+from tasks.train import _collate, resolve_precision, training_arguments
 
 
 class StepClock(TrainerCallback):

@@ -214,8 +214,8 @@ def test_a_registered_model_is_where_a_training_can_start(pipeline, monkeypatch)
 
     from tasks.errors import PipelineError
     from tasks.loading import load_tokenizer
+    from tasks.model import build_model
     from tasks.params import ModelParams
-    from tasks.train import build_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{pipeline}/mlflow.db")
     registered = ModelParams(init="pretrained", name_or_path="models:/gpt2-lm@challenger", config={})

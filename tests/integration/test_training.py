@@ -240,8 +240,8 @@ def test_sigterm_after_the_last_step_stops_the_stage_at_once():
     """During training SIGTERM is noted (the Trainer checkpoints at the step's end); after it, while the model is
     saved and plotted, the stage's own handler is back and stops it at once instead of noting it for no one."""
     from tasks import stopping
+    from tasks.callbacks import StopOnSignal
     from tasks.errors import Stopped
-    from tasks.train import StopOnSignal
 
     previous = signal.signal(signal.SIGTERM, stopping.raise_stopped)  # what run_cli installs
     try:

@@ -13,11 +13,13 @@ import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from tasks import runs, store
+from tasks.callbacks import MlflowLogger
 from tasks.errors import PipelineError
 from tasks.evaluate import evaluate, load_model, score, windows
+from tasks.model import build_model, for_training
 from tasks.params import ModelParams, parse_params
 from tasks.tokenize import tokenize
-from tasks.train import MlflowLogger, _save, build_model, for_training, train
+from tasks.train import _save, train
 from tests.conftest import merge, tiny_params
 
 TOKENIZER_SIZE = 500  # not a multiple of 128: the models here train with their vocabulary padded to 512

@@ -139,7 +139,7 @@ def test_an_empty_exception_message_is_still_one_line():
 
 
 def test_a_stopped_first_training_does_not_claim_a_previous_model(tmp_path):
-    from tasks.train import kept
+    from tasks.callbacks import kept
 
     assert kept(tmp_path / "models/gpt2") == f"there is no model in {tmp_path / 'models/gpt2'} yet"
     (tmp_path / "models/gpt2").mkdir(parents=True)

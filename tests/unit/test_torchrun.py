@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tasks.errors import PipelineError
+from tasks.launch import Role, rendezvous_endpoint, role, torchrun_command
 from tasks.params import parse_params
-from tasks.train import rendezvous_endpoint, torchrun_command
 from tests.conftest import merge, tiny_params
 
 
@@ -55,3 +55,20 @@ def test_several_nodes_with_nowhere_to_meet_is_one_line():
 def test_a_rendezvous_that_is_not_host_port_is_refused(bad):
     with pytest.raises(PipelineError, match=r"train\.rendezvous"):
         train_params(nodes=2, rendezvous=bad)
+
+
+@pytest.mark.parametrize(
+    ("train", "environ", "expected"),
+    [
+        ({}, {}, Role.SINGLE),
+        ({"num_processes": 4}, {}, Role.LAUNCHER),
+        ({"nodes": 2, "num_processes": 4}, {}, Role.NODE_LAUNCHER),
+        ({"num_processes": 4}, {"LOCAL_RANK": "1", "RANK": "1", "GPT2_PIPELINE_RUN_ID": "r"}, Role.WORKER),
+        ({"num_processes": 4}, {"LOCAL_RANK": "0", "RANK": "0", "GPT2_PIPELINE_RUN_ID": "r"}, Role.WORKER),
+        ({"nodes": 2, "num_processes": 4}, {"LOCAL_RANK": "3", "RANK": "7"}, Role.WORKER),
+        ({"nodes": 2, "num_processes": 4}, {"LOCAL_RANK": "0", "RANK": "0"}, Role.GLOBAL_RANK_0),
+    ],
+)
+def test_each_process_of_the_train_stage_knows_its_role(train, environ, expected):
+    """torchrun's variables and the launcher's run id decide what a process does; one function says it."""
+    assert role(train_params(**train).train, environ) is expected

@@ -1,0 +1,89 @@
+"""The GPT-2 the train stage builds: config-initialized or pretrained, sized to the tokenizer, framed as tokenize
+framed the records, and padded for training."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tasks import loss
+from tasks.errors import PipelineError
+from tasks.framing import FRAMINGS, Framing
+from tasks.loading import load_pretrained
+from tasks.params import ModelParams
+
+# While training, the embedding rows are padded to a multiple of 128 (50304 for GPT-2's 50257): matmul shapes
+# the GPU's tensor cores take whole, as nanoGPT and llm.c pad. The saved model has the tokenizer's size again,
+# so generation can never sample a padding id.
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab(size: int) -> int:
+    return math.ceil(size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def config_overrides(model_params: ModelParams) -> dict[str, Any]:
+    """model.config as this init takes it, with `dropout` spread over GPT-2's three dropout rates."""
+    overrides = model_params.gpt2_config()
+    if "dropout" in overrides:
+        rate = overrides.pop("dropout")
+        for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            overrides.setdefault(key, rate)
+    return overrides
+
+
+def build_model(model_params: ModelParams, tokenizer, block_size: int, framing_name: str = "eos"):
+    """A GPT2LMHeadModel matching the tokenizer: config-initialized, or pretrained with embeddings resized; it
+    stops generating at the tokenizer's eos_token (the framing's end marker) and frames prompts as tokenize
+    framed records."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    eos = tokenizer.eos_token_id
+    if model_params.init == "scratch":
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            bos_token_id=eos,
+            eos_token_id=eos,
+            attn_implementation="sdpa",
+            **config_overrides(model_params),
+        )
+        model = GPT2LMHeadModel(config)
+    else:
+        model, _ = load_pretrained(
+            model_params.name_or_path, attn_implementation="sdpa", **config_overrides(model_params)
+        )
+        if model.config.n_positions < block_size:
+            raise PipelineError(
+                f"tokenizer.block_size: {block_size} exceeds the n_positions "
+                f"({model.config.n_positions}) of {model_params.name_or_path!r}; lower block_size"
+            )
+        if model.config.vocab_size != len(tokenizer):  # a model saved padded by an earlier version: trimmed
+            print(
+                f"train: resizing token embeddings from {model.config.vocab_size} to {len(tokenizer)} "
+                "to match the tokenizer"
+            )
+            model.resize_token_embeddings(len(tokenizer))
+    frame(model, tokenizer, FRAMINGS[framing_name])
+    return model
+
+
+def for_training(model) -> None:
+    """The model as it trains: vocabulary rows padded to VOCAB_MULTIPLE (the padding columns masked out of the
+    loss) and the loss computed chunk by chunk from the hidden states (tasks/loss.py). _save trims the padding
+    off again (to the tokenizer's size)."""
+    size = model.config.vocab_size
+    model.resize_token_embeddings(padded_vocab(size), mean_resizing=False)  # padding rows: never looked up
+    loss.use_chunked_loss(model, size)
+
+
+def frame(model, tokenizer, framing: Framing) -> None:
+    """The framing in the model's config: the start marker as the prompt prefix (transformers' text-generation
+    pipeline reads it too), the end marker as the stop token (a uer checkpoint's config names GPT-2's 50256,
+    outside its vocabulary), and the framing's name for the model card."""
+    eos = tokenizer.eos_token_id
+    model.config.eos_token_id = model.generation_config.eos_token_id = eos
+    model.generation_config.pad_token_id = eos
+    model.config.prefix = getattr(tokenizer, framing.start) if framing.start else None
+    if framing.start:
+        model.config.bos_token_id = model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.config.framing = framing.name
