@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import MB, machine, run_measured
+from bench.measure import machine, run_measured
+from tools.corpora import MB
 
 VOCAB = 4096
 

@@ -1,13 +1,12 @@
-"""What the benchmarks share: timing a child process with the peak RSS of its whole process tree, synthetic
-corpora built from the bundled samples, and the machine line every docs/benchmarks.md row carries."""
+"""What the benchmarks share: timing a child process with the peak RSS of its whole process tree, and the machine
+line every docs/benchmarks.md row carries. The project copy, its tools and the synthetic corpora, which the tests
+use too, are in tools/."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,21 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import psutil
-
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "data/samples"
-MB = 1_000_000
-BIN = Path(sys.executable).parent  # the project's interpreter's folder: dvc, prefect, mlflow, gpt2-pipeline
-
-
-def tool_env(**extra: str) -> dict[str, str]:
-    """This interpreter's tools first on PATH (dvc runs `python -m tasks.<stage>` through it) and the local
-    MLflow store and ephemeral Prefect server, whatever the caller's shell points at; then `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return {**env, **extra}
 
 
 @dataclass
@@ -103,51 +88,6 @@ def memory_cgroup(limit: int) -> Iterator[Callable[[], None] | None]:
     finally:
         with contextlib.suppress(OSError):
             group.rmdir()
-
-
-def copy_project(parent: Path) -> Path:
-    """The project's tracked and new files in a fresh git repository under parent, as a newcomer's clone has
-    them (without dvc.lock: nothing has run there yet)."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    dest = parent / "project"
-    for name in files:
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    (dest / "dvc.lock").unlink(missing_ok=True)
-    for args in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
-    ):
-        subprocess.run(args, cwd=dest, check=True)
-    return dest
-
-
-def sample_records() -> list[str]:
-    """The bundled corpora as records: Shakespeare's paragraphs and the Tang poems (title and lines)."""
-    english = (SAMPLES / "tinyshakespeare.txt").read_text(encoding="utf-8").split("\n\n")
-    poems = json.loads((SAMPLES / "tang300.json").read_text(encoding="utf-8"))
-    chinese = ["\n".join([poem["title"], *poem["paragraphs"]]) for poem in poems]
-    return [text.strip() for text in english + chinese if text.strip()]
-
-
-def write_corpus(path: Path, size: int, seed: int = 0) -> int:
-    """A JSONL of {"text"} records (the ingest stage's format) of about `size` UTF-8 bytes of text, the samples
-    shuffled and repeated; returns the exact text bytes written."""
-    records, rng, written = sample_records(), np.random.default_rng(seed), 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        while written < size:
-            for index in rng.permutation(len(records)):
-                text = records[index]
-                handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-                written += len(text.encode("utf-8"))
-                if written >= size:
-                    break
-    return written
 
 
 def machine() -> str:

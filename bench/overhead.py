@@ -28,7 +28,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import BIN, copy_project, machine, tool_env
+from bench.measure import machine
+from tools.project import BIN, copy_project, tool_env
 
 TINY = {
     "tokenizer.vocab_size": 512,

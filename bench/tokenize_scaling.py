@@ -25,7 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import MB, ROOT, machine, run_measured, write_corpus
+from bench.measure import machine, run_measured
+from tools.corpora import MB, write_corpus
+from tools.project import ROOT
 
 BLOCK = 128
 BATCH = 1000

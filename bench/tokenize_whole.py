@@ -25,7 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import MB, copy_project, machine, run_measured, tool_env, write_corpus
+from bench.measure import machine, run_measured
+from tools.corpora import MB, write_corpus
+from tools.project import copy_project, tool_env
 
 
 def prepared_texts(prepared: Path, split: str):

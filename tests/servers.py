@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.measure import BIN
+from tools.project import BIN
 
 PG_USER = "pipeline"
 PG_PASSWORD = "test-only-password"

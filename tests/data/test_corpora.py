@@ -9,7 +9,7 @@ import pytest
 
 from tasks.ingest import ingest
 from tasks.params import load_params
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from examples.bert_gpt2 import bert_gpt2
-from tests.conftest import BIN, cli_here, copy_project, merge, mlflow_on, run, store_client, write_params
+from tests.helpers import BIN, cli_here, copy_project, merge, mlflow_on, run, store_client, write_params
 
 pytestmark = pytest.mark.slow
 

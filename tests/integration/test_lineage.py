@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import BIN, merge, run, store_client, tiny_params, write_params
+from tests.helpers import BIN, merge, run, store_client, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tests.browser import chromium, pixels_near
-from tests.conftest import (
+from tests.helpers import (
     BIN,
     cli_here,
     merge,

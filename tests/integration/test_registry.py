@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser import chromium, pixels_near
-from tests.conftest import BIN, merge, mlflow_on, run, store_client, tiny_params, trained_copy, write_params
+from tests.helpers import BIN, merge, mlflow_on, run, store_client, tiny_params, trained_copy, write_params
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import BIN, run
+from tests.helpers import BIN, run
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import BIN, merge, stage_processes, tiny_params, write_params
+from tests.helpers import BIN, merge, stage_processes, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import BIN, mlflow_on, run, tool_env, trained_copy
+from tests.helpers import BIN, mlflow_on, run, tool_env, trained_copy
 from tests.servers import (
     LOOPBACK,
     free_port,

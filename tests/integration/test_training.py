@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import (
+from tests.helpers import (
     BIN,
     ROOT,
     copy_project,

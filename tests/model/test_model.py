@@ -20,7 +20,7 @@ from tasks.model import build_model, for_training
 from tasks.params import ModelParams, parse_params
 from tasks.tokenize import tokenize
 from tasks.train import _save, train
-from tests.conftest import merge, tiny_params
+from tests.helpers import merge, tiny_params
 
 TOKENIZER_SIZE = 500  # not a multiple of 128: the models here train with their vocabulary padded to 512
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from tasks.stage import run_cli
-from tests.conftest import BIN, merge, run, store_client, tool_env, trained_copy, write_params
+from tests.helpers import BIN, merge, run, store_client, tool_env, trained_copy, write_params
 
 # What an earlier successful run left that nothing may lose or corrupt.
 KEPT = ("data/prepared", "data/tokenized", "models/tokenizer", "models/gpt2", "registered.json", "dvc.lock")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.measure import MB, write_corpus
-from tests.conftest import BIN, merge, run, stage_processes, store_client, tiny_params, tool_env, write_params
+from tests.helpers import BIN, merge, run, stage_processes, store_client, tiny_params, tool_env, write_params
 from tests.reliability.conftest import CHECKPOINTED, digest, error_lines, leftovers
 from tests.servers import LOOPBACK, free_port, mlflow_server, wait_http
+from tools.corpora import MB, write_corpus
 
 pytestmark = pytest.mark.slow
 

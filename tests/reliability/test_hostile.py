@@ -22,7 +22,7 @@ import yaml
 
 from tasks.errors import BAD_INPUT_EXIT
 from tasks.params import PARAMS_MAX_BYTES
-from tests.conftest import BIN, ROOT, tiny_params, tool_env
+from tests.helpers import BIN, ROOT, tiny_params, tool_env
 
 MEMORY_LIMIT = 1 << 30
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import BIN, merge, run, write_params
+from tests.helpers import BIN, merge, run, write_params
 
 pytestmark = pytest.mark.slow
 

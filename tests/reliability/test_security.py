@@ -21,7 +21,7 @@ from flows.pipeline import failure_line
 from tasks.errors import PipelineError
 from tasks.redaction import MIN_SECRET_CHARS
 from tasks.specials import EOS
-from tests.conftest import (
+from tests.helpers import (
     BIN,
     ROOT,
     copy_project,

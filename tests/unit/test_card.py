@@ -10,7 +10,7 @@ from markdown_it import MarkdownIt
 from tasks.paths import INGEST_STATS, MODEL_DIR, SAMPLES_FILE, TRAIN_METRICS
 from tasks.register import model_card
 from tasks.registry import CUT_NOTE, MAX_DESCRIPTION, within_limit
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 HOSTILE_SAMPLE = "ROMEO:\n```\n# Pwned\n[click](javascript:alert(1)) <img src=x onerror=alert(1)>\n````\nend"
 HOSTILE_SOURCE = "data/[x](javascript:alert(2))<script>alert(3)</script>#.txt"

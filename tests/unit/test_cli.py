@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.conftest import default_params, merge, write_params
+from tests.helpers import default_params, merge, write_params
 
 runner = CliRunner()
 
@@ -91,7 +91,7 @@ def test_an_absent_alias_is_none_but_a_failing_server_is_an_error(tmp_path, monk
     from mlflow.exceptions import MlflowException
 
     from tasks import registry, store
-    from tests.conftest import store_copy
+    from tests.helpers import store_copy
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_copy(empty_store, tmp_path / "mlflow.db"))
     assert registry.alias_version("gpt2-lm", "challenger") is None  # no such model

@@ -8,7 +8,7 @@ import subprocess
 
 import yaml
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def committed(path: str) -> bytes:

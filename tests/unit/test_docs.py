@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tests.browser import chromium, pixels_near
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 MATERIAL_HEADER = "#4051b5"  # Material for MkDocs' default primary colour (indigo)
 

@@ -12,7 +12,7 @@ import yaml
 
 from flows.pipeline import stages
 from tasks.errors import PipelineError
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 STAGE_MODULE = re.compile(r"python3? -m (tasks\.\w+)")
 

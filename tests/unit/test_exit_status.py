@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.pipeline import StageFailed, stage_status, worth_retrying
 from tasks.errors import BAD_INPUT_EXIT, FAULT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError, Stopped, report_error
-from tests.conftest import BIN, copy_project, tool_env
+from tests.helpers import BIN, copy_project, tool_env
 
 
 def test_report_error_prints_one_line_and_names_the_status(capsys):

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from flows.deployments import load_deployments, runner_deployments
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 INFRA = ROOT / "infra"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_project, tool_env
+from tests.helpers import copy_project, tool_env
 
 SYSTEM_PATH = "/usr/bin:/bin"
 SYSTEM_PYTHON = Path("/usr/bin/python3")  # what `python3` is with the venv off PATH

@@ -7,7 +7,7 @@ import pytest
 from tasks.errors import PipelineError
 from tasks.memory import check_fits, estimate, shape
 from tasks.params import parse_params
-from tests.conftest import default_params, merge
+from tests.helpers import default_params, merge
 
 GB = 10**9
 

@@ -7,7 +7,7 @@ import yaml
 
 from tasks.errors import PipelineError
 from tasks.params import apply_overrides, flatten, load_params, parse_override, parse_params
-from tests.conftest import ROOT, default_params, merge
+from tests.helpers import ROOT, default_params, merge
 
 
 def error_for(overrides: dict) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.server import START_LOCK, promotion_limit
-from tests.conftest import BIN, ROOT, tool_env
+from tests.helpers import BIN, ROOT, tool_env
 
 pytestmark = pytest.mark.servers
 

@@ -9,7 +9,7 @@ import pytest
 from tasks import runs, store
 from tasks.errors import PipelineError, Stopped
 from tasks.params import parse_params
-from tests.conftest import tiny_params
+from tests.helpers import tiny_params
 
 
 @pytest.fixture

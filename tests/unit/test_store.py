@@ -8,7 +8,7 @@ import sys
 import time
 
 from tasks import store
-from tests.conftest import ROOT, tool_env
+from tests.helpers import ROOT, tool_env
 
 
 def test_pointing_mlflow_at_one_project_leaves_the_next_its_own_store(tmp_path, monkeypatch):

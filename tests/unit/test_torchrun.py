@@ -7,7 +7,7 @@ import pytest
 from tasks.errors import PipelineError
 from tasks.launch import Role, rendezvous_endpoint, role, torchrun_command
 from tasks.params import parse_params
-from tests.conftest import merge, tiny_params
+from tests.helpers import merge, tiny_params
 
 
 def train_params(**train):

@@ -9,7 +9,7 @@ from prefect.states import Failed
 from flows import workspace
 from flows.pipeline import TRAIN_RETRY_DELAYS, StageFailed, run_train_stage, worth_retrying
 from tasks.errors import BAD_INPUT_EXIT, PipelineError
-from tests.conftest import copy_project, run
+from tests.helpers import copy_project, run
 
 
 @pytest.fixture(scope="module")
