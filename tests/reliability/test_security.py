@@ -208,6 +208,18 @@ def test_a_password_of_any_printable_characters_is_hidden_wherever_it_is_configu
             assert not any(form in line for form in forms), (shape, line)
 
 
+def test_only_secret_variables_are_hidden_by_value():
+    """A variable is a secret by the whole words of its name: TOKENIZERS_PARALLELISM=false and the hub's settings
+    hide nothing (a "false" printed in a decision stays), HF_TOKEN and the Prefect auth string do."""
+    from tasks.redaction import known_secrets
+
+    environ = {
+        "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "PREFECT_UI_ENABLED": "false",
+        "HF_TOKEN": "hf_Zq9xPw7unique", "PREFECT_API_AUTH_STRING": "admin:Zq9xPw7other",
+    }  # fmt: skip
+    assert set(known_secrets(environ)) == {"hf_Zq9xPw7unique", "admin:Zq9xPw7other", "admin%3AZq9xPw7other"}
+
+
 def test_params_and_tags_reach_mlflow_without_credentials(tmp_path, monkeypatch, empty_store):
     """A URI with credentials in params (a model's address) or in a tag is written to MLflow redacted: the run's
     params and tags, and a registered version's tags (the redaction's shapes are the test above's)."""
