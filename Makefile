@@ -9,7 +9,7 @@ LOCK_TOOLS := .venv-lock
 # dvc runs each stage's `python -m tasks.<stage>` through PATH: make that the project's interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock lock-gpu reference docs run test test-fast lint audit bench clean
+.PHONY: install lock lock-gpu reference docs run test test-fast lint audit bench bench-tables clean
 
 install: $(VENV)/.installed
 
@@ -72,12 +72,14 @@ audit: install
 	$(BIN)/bandit -q -ll -r tasks flows tools
 	$(BIN)/python tools/audit.py
 
-# The quick sizes (a few minutes each); docs/benchmarks.md has the commands for the large ones.
+# Every benchmark case this machine can run (tools/bench_tables.py lists them; the GPU case needs a GPU), each
+# saving its figures in bench/results/, then docs/benchmarks.md's tables rewritten from them.
 bench: install
-	$(BIN)/python bench/train_throughput.py
-	$(BIN)/python bench/tokenize_scaling.py --sizes 10,100
-	$(BIN)/python bench/eval_throughput.py
-	$(BIN)/python bench/overhead.py
+	$(BIN)/python tools/bench_tables.py --run
+
+# Only docs/benchmarks.md's tables, from bench/results/ (a test checks the page matches).
+bench-tables: install
+	$(BIN)/python tools/bench_tables.py
 
 clean:
 	rm -rf data/prepared data/tokenized models checkpoints registered.json mlflow.db mlartifacts

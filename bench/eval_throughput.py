@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import machine, run_measured
+from bench.measure import add_save_option, machine, run_measured, save
 from tools.corpora import MB
 
 VOCAB = 4096
@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    add_save_option(parser)
     args = parser.parse_args()
     import datasets
     import torch
@@ -134,6 +135,9 @@ def main() -> None:
                 f"{inner['seconds']:.1f} s"
             )
         print(f"peak RSS 10x / 1x: {peaks[10] / peaks[1]:.3f}")
+    shape = {"layers": args.layers, "width": args.width, "block": args.block, "batch": args.batch}
+    rates = {"stage_tokens_s": project, "bare_tokens_s": base, "ratio": project / base}
+    save(args.save, {**shape, **rates, "tokens": args.tokens, "peak_rss_mb": peaks})
 
 
 if __name__ == "__main__":

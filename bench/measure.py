@@ -1,10 +1,14 @@
-"""What the benchmarks share: timing a child process with the peak RSS of its whole process tree, and the machine
-line every docs/benchmarks.md row carries. The project copy, its tools and the synthetic corpora, which the tests
-use too, are in tools/."""
+"""What the benchmarks share: timing a child process with the peak RSS of its whole process tree, the machine a
+figure was measured on, and saving a run's figures as bench/results/<name>.json, from which tools/bench_tables.py
+writes docs/benchmarks.md's tables. The project copy, its tools and the synthetic corpora, which the tests use
+too, are in tools/."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import datetime
+import json
 import os
 import platform
 import subprocess
@@ -14,8 +18,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench/results"
 
 
 @dataclass
@@ -90,11 +98,61 @@ def memory_cgroup(limit: int) -> Iterator[Callable[[], None] | None]:
             group.rmdir()
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def native_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (what decides train.precision: auto on a CPU)."""
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
     return (
-        f"{psutil.cpu_count()} cores ({cpu}), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
+        f"{psutil.cpu_count()} cores ({cpu_model()}), {psutil.virtual_memory().total / 2**30:.0f} GiB, "
         f"python {platform.python_version()}, torch {torch.__version__}"
     )
+
+
+def measured_on() -> dict[str, Any]:
+    """The machine and library versions a result was measured with, and the day: the tables' "measured on" line."""
+    import torch
+    import transformers
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "date": datetime.date.today().isoformat(),
+        "cores": psutil.cpu_count(),
+        "cpu": cpu_model(),
+        "native_bf16": native_bf16(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def add_save_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--save",
+        metavar="NAME",
+        help="also save the figures as bench/results/NAME.json (docs/benchmarks.md's tables come from these)",
+    )
+
+
+def save(name: str | None, figures: Any) -> None:
+    """bench/results/<name>.json: the figures, the command that measured them, and where."""
+    if not name:
+        return
+    script = Path(sys.argv[0]).resolve().relative_to(ROOT)
+    result = {"command": " ".join(["python", str(script), *sys.argv[1:]]), "measured_on": measured_on()}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({**result, "figures": figures}, indent=2) + "\n")
+    print(f"saved bench/results/{name}.json")

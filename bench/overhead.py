@@ -28,7 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import machine
+from bench.measure import add_save_option, machine, save
 from tools.project import BIN, copy_project, tool_env
 
 TINY = {
@@ -174,7 +174,7 @@ def prefect_server(parent: Path):
 def logging_share(project: Path, steps: int, unbatched: bool) -> dict:
     """Training `steps` steps with every step's metrics logged, against the same training with MLflow calls
     made no-ops; also the seconds spent inside the MLflow calls themselves."""
-    from tasks import runs, store, train
+    from tasks import mlflow_runs, store, train
     from tasks.params import apply_overrides, parse_params, read_raw
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project.parent}/logging-bench.db"
@@ -183,7 +183,7 @@ def logging_share(project: Path, steps: int, unbatched: bool) -> dict:
     params = parse_params(apply_overrides(read_raw(project / "params.yaml"), every_step))
     client = store.client()
     experiment = client.create_experiment("overhead", artifact_location=(project.parent / "logging-art").as_uri())
-    send, spent = runs.log_metric_steps, [0.0]
+    send, spent = mlflow_runs.log_metric_steps, [0.0]
 
     def timed_send(run_id, entries):
         started = time.perf_counter()
@@ -191,7 +191,7 @@ def logging_share(project: Path, steps: int, unbatched: bool) -> dict:
         spent[0] += time.perf_counter() - started
 
     def run(sender, flush_seconds: float) -> float:
-        runs.log_metric_steps, train.MlflowLogger.FLUSH_SECONDS = sender, flush_seconds
+        mlflow_runs.log_metric_steps, train.MlflowLogger.FLUSH_SECONDS = sender, flush_seconds
         spent[0], run_id = 0.0, client.create_run(experiment).info.run_id
         with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(open(os.devnull, "w")):
             out = Path(out)
@@ -210,7 +210,7 @@ def logging_share(project: Path, steps: int, unbatched: bool) -> dict:
         if unbatched:
             row["unbatched_s"], row["unbatched_in_mlflow_s"] = run(timed_send, 0.0), spent[0]
     finally:
-        runs.log_metric_steps, train.MlflowLogger.FLUSH_SECONDS = send, batched
+        mlflow_runs.log_metric_steps, train.MlflowLogger.FLUSH_SECONDS = send, batched
     row["share_in_calls"], row["share_ab"] = row["in_mlflow_s"] / logged, logged / bare - 1
     print(
         f"(c) {steps:,} steps, every step logged: training {logged:.1f} s, of it {row['in_mlflow_s']:.2f} s in MLflow "
@@ -236,11 +236,11 @@ if mode == "save":
         model.save_pretrained(scratch)
         print("RESULT " + json.dumps({"seconds": time.perf_counter() - started}))
 else:
-    from tasks import runs
+    from tasks import mlflow_runs
     from tasks.params import load_params
     from tasks.register import register
     params = load_params()
-    run_id = runs.create_run(params)
+    run_id = mlflow_runs.create_run(params)
     started = time.perf_counter()
     registered = register(params, run_id)
     print("RESULT " + json.dumps({"seconds": time.perf_counter() - started, "version": registered["version"]}))
@@ -280,7 +280,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10_000, help="training steps for (c)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--unbatched", action="store_true", help="(c) also with one MLflow request a step")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    add_save_option(parser)
     args = parser.parse_args()
     parts = args.only.split(",")
     print(f"machine: {machine()}")
@@ -295,8 +295,7 @@ def main() -> None:
             rows["logging"] = logging_share(project, args.steps, args.unbatched)
         if "register" in parts:
             rows["register"] = register_ratio(project, max(2, args.rounds - 1))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    save(args.save, rows)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import machine, run_measured
+from bench.measure import add_save_option, machine, run_measured, save
 from tools.corpora import MB, write_corpus
 from tools.project import ROOT
 
@@ -86,7 +86,7 @@ def script(work: Path) -> None:
 
 def train_tokenizer(work: Path) -> None:
     from tasks.params import TokenizerParams
-    from tasks.tokenize import train_bpe
+    from tasks.tokenizer import train_bpe
 
     train_bpe(work / "prepared/train.jsonl", TokenizerParams(vocab_size=4096)).save_pretrained(str(work / "tokenizer"))
 
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10,100", help="corpus sizes in MB, comma-separated")
     parser.add_argument("--large", action="store_true", help="add the 1,000 MB corpus (minutes, ~3 GB of disk)")
     parser.add_argument("--memory-limit-mb", type=int, default=0, help="run each child in a memory cgroup this big")
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    add_save_option(parser)
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")] + ([1000] if args.large else [])
     print(f"machine: {machine()}")
@@ -149,8 +149,7 @@ def main() -> None:
     for small, large in itertools.pairwise(rows):  # linear: the same seconds per MB at every size
         grew, text = large["stage"]["seconds"] / small["stage"]["seconds"], large["text_mb"] / small["text_mb"]
         print(f"{small['size_mb']} -> {large['size_mb']} MB: stage seconds x{grew:.2f} for text x{text:.2f}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    save(args.save, rows)
 
 
 if __name__ == "__main__":

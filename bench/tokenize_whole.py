@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.measure import machine, run_measured
+from bench.measure import add_save_option, machine, run_measured, save
 from tools.corpora import MB, write_corpus
 from tools.project import copy_project, tool_env
 
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=50, help="corpus size in MB of text")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stage-alone", action="store_true", help="also time `python -m tasks.tokenize` alone")
+    add_save_option(parser)
     args = parser.parse_args()
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="bench-tokenize-whole-") as scratch:
@@ -124,6 +125,7 @@ def main() -> None:
                 else ""
             )
         )
+        save(args.save, {"text_mb": text / MB, "rounds": args.rounds, "median_s": medians})
 
 
 if __name__ == "__main__":

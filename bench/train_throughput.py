@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import datasets
 import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback
 
+from bench.measure import add_save_option, save
 from tasks import throughput
 from tasks.console import quiet_progress_bars
 from tasks.loading import resolve_device
@@ -130,6 +134,7 @@ def main() -> None:
         action="store_true",
         help="the project path without its training loss (tasks/loss.py) and padded vocabulary: transformers' own",
     )
+    add_save_option(parser)
     args = parser.parse_args()
     device = resolve_device(args.device)
     precision, why = resolve_precision(args.precision, device, args.width)
@@ -155,9 +160,17 @@ def main() -> None:
         f"project {project:,.0f} tokens/s, bare loop {reference:,.0f} tokens/s, ratio {project / reference:.3f}, "
         f"project MFU {project * flops / peak:.1%} (peak {peak / 1e12:.2f} TFLOP/s: {source})"
     )
+    figures = {
+        **{name: getattr(args, name) for name in ("layers", "width", "heads", "block", "batch", "vocab", "compile")},
+        **{"parameters": model.num_parameters(), "device": device, "precision": precision},
+        **{"project_tokens_s": project, "bare_tokens_s": reference, "ratio": project / reference},
+        **{"mfu": project * flops / peak, "peak_tflops": peak / 1e12, "peak_source": source},
+    }
     if args.precision == "auto" and precision != "fp32":  # what auto's choice gives over fp32 on this machine
         fp32 = statistics.median(project_path(args, blocks, device, "fp32") for _ in range(args.rounds))
         print(f"auto ({precision}) against fp32 through the project path: {project / fp32:.2f}x ({fp32:,.0f} tokens/s)")
+        figures["fp32_tokens_s"] = fp32
+    save(args.save, figures)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from transformers import TrainerCallback
 
-from tasks import runs, throughput
+from tasks import mlflow_runs, throughput
 from tasks.errors import PipelineError
 from tasks.paths import (
     MODEL_DIR,
@@ -42,7 +42,7 @@ class MlflowLogger(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             keys = [*self.KEYS.values(), "train/tokens_per_second", "train/mfu"]
-            self.logged = runs.last_logged_steps(self.run_id, keys)
+            self.logged = mlflow_runs.last_logged_steps(self.run_id, keys)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.meter.step_began()
@@ -78,7 +78,7 @@ class MlflowLogger(TrainerCallback):
 
     def flush(self) -> None:
         if self.pending:
-            runs.log_metric_steps(self.run_id, self.pending)
+            mlflow_runs.log_metric_steps(self.run_id, self.pending)
             self.pending = []
         self.flushed_at = time.monotonic()
 

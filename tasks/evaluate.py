@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tasks import runs, store
+from tasks import mlflow_runs, store
 from tasks.errors import PipelineError
 from tasks.framing import prompt_prefix
 from tasks.loading import load_pretrained, resolve_device
@@ -170,15 +170,15 @@ def sample(model, tokenizer, prompts: list[str], settings: GenerationParams) -> 
 def main() -> None:
     params = load_params()
     model, tokenizer = load_model()
-    run_id = runs.model_run(params, MODEL_DIR)
-    with runs.active(run_id):
+    run_id = mlflow_runs.model_run(params, MODEL_DIR)
+    with mlflow_runs.active(run_id):
         evaluation = params.evaluate
         metrics = evaluate(
             model, batch_size=evaluation.batch_size, device=params.train.device, stride=evaluation.stride
         )
         samples = sample(model, tokenizer, evaluation.prompts, evaluation.generation)
-        step = runs.next_step(run_id, "eval/perplexity")  # a re-evaluation appends a step
-        runs.log_metrics(run_id, {f"eval/{key}": value for key, value in metrics.items()}, step=step)
+        step = mlflow_runs.next_step(run_id, "eval/perplexity")  # a re-evaluation appends a step
+        mlflow_runs.log_metrics(run_id, {f"eval/{key}": value for key, value in metrics.items()}, step=step)
         record = {"step": step, "settings": evaluation.model_dump(), "metrics": metrics, "samples": samples}
         client = store.client()
         client.log_text(run_id, json.dumps(samples, indent=2, ensure_ascii=False), "samples.json")

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping
 from enum import StrEnum
 
-from tasks import checkpoints, runs
+from tasks import checkpoints, mlflow_runs
 from tasks.errors import OUTPUTS_ELSEWHERE_EXIT, PipelineError
 from tasks.params import Params, TrainParams
 from tasks.paths import (
@@ -35,7 +35,7 @@ def role(train: TrainParams, environ: Mapping[str, str]) -> Role:
         if train.nodes > 1:
             return Role.NODE_LAUNCHER
         return Role.LAUNCHER if train.num_processes > 1 else Role.SINGLE
-    if environ.get(runs.RUN_ID_ENV) or environ.get("RANK", "0") != "0":
+    if environ.get(mlflow_runs.RUN_ID_ENV) or environ.get("RANK", "0") != "0":
         return Role.WORKER
     return Role.GLOBAL_RANK_0
 
@@ -46,7 +46,7 @@ def launch_processes(params: Params, run_id: str | None) -> int:
     rank 0, on whichever node, creates the run and writes the outputs)."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if run_id is not None:
-        env[runs.RUN_ID_ENV] = run_id
+        env[mlflow_runs.RUN_ID_ENV] = run_id
     return subprocess.run(torchrun_command(params), env=env, check=False).returncode
 
 

@@ -59,9 +59,9 @@ def measure(uri: str, texts: list[str], block_size: int, evaluation: EvaluatePar
     # torch with transformers is most of what this module would otherwise cost to import.
     import torch
 
+    from tasks.blocks import encode_and_group
     from tasks.evaluate import sample, score
     from tasks.loading import load_pretrained
-    from tasks.tokenize import encode_and_group
 
     model, tokenizer = load_pretrained(uri, key=uri)
     block = min(block_size, model.config.n_positions)

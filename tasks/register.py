@@ -1,6 +1,6 @@
 """Stage `register`: log models/gpt2/ to the model's MLflow run and register it as a new model version.
 
-The run is the one recorded in models/gpt2 (tasks/runs.py), so the version's source run holds the params, the
+The run is the one recorded in models/gpt2 (tasks/mlflow_runs.py), so the version's source run holds the params, the
 training curve and the evaluations. The version gets alias `challenger`, lineage tags (git, dvc.lock hashes,
 params hash, run id, DVC experiment), the eval metrics and settings it was registered with as tags, and a model
 card (README.md in the logged model folder and the run); the run is closed again.
@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tasks import flavor, lineage, registry, runs, serving, store
+from tasks import flavor, lineage, mlflow_runs, registry, serving, store
 from tasks.errors import PipelineError
 from tasks.framing import FRAMINGS
 from tasks.outputs import read_json, write_json
@@ -178,8 +178,8 @@ def log_model(run_id: str, model_dir: Path, card: str, signature) -> str:
 
 def main() -> None:
     params = load_params()
-    run_id = runs.model_run(params, MODEL_DIR)
-    with runs.active(run_id):
+    run_id = mlflow_runs.model_run(params, MODEL_DIR)
+    with mlflow_runs.active(run_id):
         registered = register(params, run_id)
         write_json(REGISTERED_FILE, registered)
     print(f"register: {registered['model_uri']} (alias @{CHALLENGER}) from run {run_id} -> {REGISTERED_FILE}")

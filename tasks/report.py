@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks import runs, store
+from tasks import mlflow_runs, store
 from tasks.charts import COLORS, line_chart
 from tasks.redaction import redact
 
@@ -48,7 +48,7 @@ def recorded(uri: str) -> tuple[str | None, str | None, dict[str, str]]:
     if uri.startswith("runs:/"):
         return uri.removeprefix("runs:/").split("/")[0], None, {}
     if not uri.startswith("models:/"):
-        return runs.read_record(Path(uri)), None, {}
+        return mlflow_runs.read_record(Path(uri)), None, {}
     name, _, alias = uri.removeprefix("models:/").partition("@")
     client = store.client()
     if alias:

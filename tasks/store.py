@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.errors import PipelineError
+from tasks.errors import PipelineError, first_line
 from tasks.redaction import redact
 
 DATABASE = "mlflow.db"
@@ -132,7 +132,7 @@ def require_tracking_server() -> None:
             httpx.get(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S).raise_for_status()
         client().search_experiments(max_results=1)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, limit=200, empty="")
         raise PipelineError(
             f"MLflow tracking server {shown_uri(uri)} is not reachable ({type(exc).__name__}"
             f"{f': {redact(first)}' if first else ''}); start it, check its credentials, or unset "

@@ -1,8 +1,8 @@
 """Stage `train`: a GPT2LMHeadModel, from scratch (GPT2Config) or pretrained, trained with the transformers Trainer.
 
 Writes models/gpt2/ (save_pretrained: safetensors, config, generation config, tokenizer, and mlflow_run.json: the
-model's MLflow run), metrics/train.json and plots/ (the loss curves). Creates the model's MLflow run (tasks/runs.py)
-and logs to it the params, the ingest/tokenize figures and the curve as train/*.
+model's MLflow run), metrics/train.json and plots/ (the loss curves). Creates the model's MLflow run
+(tasks/mlflow_runs.py) and logs to it the params, the ingest/tokenize figures and the curve as train/*.
 Run: python -m tasks.train
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tasks import checkpoints, launch, memory, runs, throughput
+from tasks import checkpoints, launch, memory, mlflow_runs, throughput
 from tasks.callbacks import MlflowLogger, StopOnSignal, kept
 from tasks.charts import COLORS, line_chart
 from tasks.errors import PipelineError, Stopped
@@ -188,7 +188,7 @@ def train(
             + (f", resuming from {resume_from}" if resume_from else "")
             + f"\ntrain: precision {precision} ({why})"
         )
-        runs.log_params_once(run_id, {"train.precision_chosen": precision, "train.precision_reason": why})
+        mlflow_runs.log_params_once(run_id, {"train.precision_chosen": precision, "train.precision_reason": why})
     started = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -238,7 +238,7 @@ def _save(model, tokenizer, model_dir: Path, run_id: str) -> None:
     with atomic_output(model_dir) as tmp:
         model.save_pretrained(str(tmp))  # safetensors weights, config.json, generation_config.json
         tokenizer.save_pretrained(str(tmp))
-        runs.write_record(tmp, run_id)  # the model's run travels with it: evaluate and register log there
+        mlflow_runs.write_record(tmp, run_id)  # the model's run travels with it: evaluate and register log there
 
 
 def write_plots(curve: list[tuple[int, float]], evals: list[tuple[int, float]], plots_dir: Path) -> None:
@@ -262,8 +262,8 @@ def finish(run_id: str, metrics: dict[str, Any]) -> None:
     numeric = {f"train/{key}": value for key, value in measured.items()}
     for key in ("tokens_per_second", "mfu"):  # the per-interval curves already use these names at this step
         numeric[f"train/mean_{key}"] = numeric.pop(f"train/{key}")
-    runs.log_metrics(run_id, numeric, step=metrics["steps"])
-    runs.set_tags(run_id, facts)
+    mlflow_runs.log_metrics(run_id, numeric, step=metrics["steps"])
+    mlflow_runs.set_tags(run_id, facts)
     print(
         f"train: {metrics['steps']} steps, loss {metrics['train_loss_first']:.3f} -> {metrics['train_loss']:.3f}, "
         f"{metrics['tokens_per_second']:.0f} tokens/s, MFU {metrics['mfu']:.1%} -> {MODEL_DIR}"
@@ -282,15 +282,15 @@ def main() -> None:
     if me is Role.WORKER:
         # Its launcher (launch_processes, or global rank 0 of a multi-node job) holds the run and has prepared the
         # checkpoint folder; only rank 0 writes and logs.
-        launched = os.environ.get(runs.RUN_ID_ENV, "")
+        launched = os.environ.get(mlflow_runs.RUN_ID_ENV, "")
         metrics = train(params, launched, resume_from=checkpoints.prepare(CHECKPOINT_DIR, fingerprint, False))
         if os.environ.get("RANK", "0") == "0":
             finish(launched, metrics)
         return
     resume_from = checkpoints.prepare(CHECKPOINT_DIR, fingerprint, clean=me is not Role.GLOBAL_RANK_0)
     figures = read_json(DATA_STATS, "tokenize")
-    run_id = runs.training_run(params, CHECKPOINT_DIR, resume_from is not None, figures)
-    with runs.active(run_id), runs.system_metrics(run_id, resuming=resume_from is not None):
+    run_id = mlflow_runs.training_run(params, CHECKPOINT_DIR, resume_from is not None, figures)
+    with mlflow_runs.active(run_id), mlflow_runs.system_metrics(run_id, resuming=resume_from is not None):
         if me is Role.LAUNCHER:
             code = launch.launch_processes(params, run_id)
             if code:

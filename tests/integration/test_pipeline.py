@@ -365,12 +365,12 @@ def test_a_generation_past_its_time_limit_stops_and_says_so(pipeline):
 
 REGISTER_ALONE = """
 import json, sys
-from tasks import runs
+from tasks import mlflow_runs
 from tasks.params import load_params
 from tasks.paths import MODEL_DIR
 from tasks.register import register
 params = load_params()
-version = register(params, runs.model_run(params, MODEL_DIR))["version"]
+version = register(params, mlflow_runs.model_run(params, MODEL_DIR))["version"]
 print(json.dumps({"version": version, "loaded": sorted({"torch", "transformers"} & set(sys.modules))}))
 """
 

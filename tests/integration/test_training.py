@@ -87,7 +87,7 @@ def curve(plot_file) -> list[tuple[int, float]]:
 
 def single_process_curve(project, tmp_path, monkeypatch, empty_store) -> list[tuple[int, float]]:
     """The loss curve of 1 process x batch 16 (DATA_PARALLEL), trained in this process on project's data."""
-    from tasks import runs as pipeline_runs
+    from tasks import mlflow_runs as pipeline_runs
     from tasks.params import parse_params
     from tasks.train import train
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from tasks import runs, store
+from tasks import mlflow_runs, store
 from tasks.callbacks import MlflowLogger
 from tasks.errors import PipelineError
 from tasks.evaluate import evaluate, load_model, score, windows
@@ -205,14 +205,14 @@ def test_samples_fit_in_the_model_positions(tokenized):
 def test_metrics_go_to_mlflow_in_batches_and_before_each_checkpoint(tokenized, tmp_path, mlflow_run, monkeypatch):
     """Logging every step must not cost a request every step; a checkpoint never holds steps MLflow lacks."""
     requests = []  # (steps sent, checkpoints on disk at that moment)
-    send = runs.log_metric_steps
+    send = mlflow_runs.log_metric_steps
 
     def counted(run_id, entries):
         on_disk = {int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("checkpoint-*")}
         requests.append(({step for step, _, _ in entries}, on_disk))
         send(run_id, entries)
 
-    monkeypatch.setattr(runs, "log_metric_steps", counted)
+    monkeypatch.setattr(mlflow_runs, "log_metric_steps", counted)
     # No timer: flushes come from the first logging step, each checkpoint and the end, the same on any machine.
     monkeypatch.setattr(MlflowLogger, "FLUSH_SECONDS", math.inf)
     steps = {"max_steps": 60, "logging_steps": 1, "eval_steps": 20, "checkpoint_every": 20}

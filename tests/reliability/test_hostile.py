@@ -183,7 +183,7 @@ OUTSIDE = {
 @pytest.mark.parametrize("case", list(OUTSIDE))
 def test_data_sources_outside_the_project_are_refused(project, case):
     from tasks.errors import PipelineError
-    from tasks.ingest import resolve_sources
+    from tasks.sources import resolve_sources
 
     make, target = OUTSIDE[case]
     source = make(project)
@@ -200,7 +200,7 @@ def test_a_glob_outside_the_project_is_refused_before_it_walks_anything(project,
     import glob
 
     from tasks.errors import PipelineError
-    from tasks.ingest import resolve_sources
+    from tasks.sources import resolve_sources
 
     monkeypatch.setattr(glob, "glob", lambda *args, **kwargs: pytest.fail(f"walked {args}"))
     with pytest.raises(PipelineError, match=r"^data\.sources\[0\]: '/usr/share/\*\*/\*\.txt' resolves to /usr/share, "):
@@ -208,7 +208,7 @@ def test_a_glob_outside_the_project_is_refused_before_it_walks_anything(project,
 
 
 def test_outside_files_are_read_only_when_params_allow_it_and_are_listed(project, capsys):
-    from tasks.ingest import resolve_sources
+    from tasks.sources import resolve_sources
 
     assert resolve_sources(["data/*.txt", "../secret.txt"], outside=True) == ["data/inside.txt", "../secret.txt"]
     outside = project.parent.resolve() / "secret.txt"
@@ -219,7 +219,7 @@ def test_outside_files_are_read_only_when_params_allow_it_and_are_listed(project
 
 def test_a_run_workspace_reads_its_project_s_files(project, monkeypatch):
     """.runs/<hash> (and DVC's temporary copies) are projects inside the project: its files are inside."""
-    from tasks.ingest import resolve_sources
+    from tasks.sources import resolve_sources
 
     workspace = project / ".runs/abc123"
     workspace.mkdir(parents=True)
@@ -302,8 +302,8 @@ def test_bad_files_are_refused_in_bounded_memory_with_file_and_line(tmp_path, ca
 def test_a_hub_source_reads_only_its_record_limit(tmp_path):
     import datasets
 
-    from tasks.ingest import read_source
     from tasks.params import DataParams
+    from tasks.sources import read_source
 
     folder = tmp_path / "local-dataset"
     datasets.Dataset.from_dict({"text": [f"record {n}" for n in range(50)]}).to_parquet(str(folder / "train.parquet"))

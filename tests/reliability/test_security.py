@@ -223,7 +223,7 @@ def test_only_secret_variables_are_hidden_by_value():
 def test_params_and_tags_reach_mlflow_without_credentials(tmp_path, monkeypatch, empty_store):
     """A URI with credentials in params (a model's address) or in a tag is written to MLflow redacted: the run's
     params and tags, and a registered version's tags (the redaction's shapes are the test above's)."""
-    from tasks import registry, runs, store
+    from tasks import mlflow_runs, registry, store
     from tasks.params import parse_params
 
     uri = f"http://user:p@ss{SECRET}@127.0.0.1:9/"
@@ -232,8 +232,8 @@ def test_params_and_tags_reach_mlflow_without_credentials(tmp_path, monkeypatch,
     raw = merge(tiny_params(), {"model": {"init": "pretrained", "name_or_path": f"{uri}gpt2"}})
     write_params(tmp_path, raw)
     params = parse_params(raw)
-    run_id = runs.create_run(params, tags={"source": uri})
-    runs.set_tags(run_id, {"address": f"model at {uri}"})
+    run_id = mlflow_runs.create_run(params, tags={"source": uri})
+    mlflow_runs.set_tags(run_id, {"address": f"model at {uri}"})
     client = store.client()
     client.create_registered_model("m")
     version = client.create_model_version("m", (tmp_path / "model").as_uri(), run_id).version

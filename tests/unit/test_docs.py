@@ -41,3 +41,42 @@ def test_the_site_builds_strictly_and_its_pages_draw_offline(tmp_path):
     assert "ingest → tokenize → train → evaluate → register" in dom and pixels_near(png, MATERIAL_HEADER) > 5000
     dom, png = chromium(reference, tmp_path)
     assert "<code>train.learning_rate</code>" in dom and pixels_near(png, MATERIAL_HEADER) > 5000
+
+
+FIGURE = re.compile(r"\d[\d,.]*\s?(?:tokens/s|MB/s|GB/s|TFLOP/s)|\d+(?:\.\d+)?% MFU|\d+ min \d+ s|\btook \d")
+FENCE = re.compile(r"```.*?```", re.S)
+
+
+def test_the_benchmark_tables_are_the_saved_figures_and_no_figure_is_typed_elsewhere():
+    from tools import bench_tables
+
+    page = bench_tables.PAGE.read_text()
+    assert bench_tables.render(page) == page, "docs/benchmarks.md differs from bench/results/: run make bench-tables"
+    blocks = set(re.findall(r"<!-- bench: ([\w-]+) -->", page))
+    assert blocks == {"summary", *bench_tables.CASES}, "every case has its table, and only those"
+    saved = {path.stem for path in bench_tables.RESULTS.glob("*.json")}
+    assert saved <= set(bench_tables.CASES), f"results no table shows: {saved - set(bench_tables.CASES)}"
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        prose = FENCE.sub("", bench_tables.BLOCK.sub("", path.read_text()))
+        assert not FIGURE.findall(prose), f"{path.relative_to(ROOT)}: a figure typed by hand: {FIGURE.findall(prose)}"
+
+
+def test_a_saved_result_becomes_its_table_and_a_missing_one_says_how_to_measure_it(tmp_path, monkeypatch):
+    import json
+
+    from tools import bench_tables
+
+    monkeypatch.setattr(bench_tables, "RESULTS", tmp_path)
+    on = {"date": "2026-01-02", "cores": 2, "cpu": "Test CPU", "native_bf16": False, "memory_gib": 8, "gpu": None}
+    on |= {"python": "3.11.0", "torch": "2.13.0", "transformers": "5.0.0"}
+    whole = {"text_mb": 49.5, "rounds": 3, "median_s": {"script": 30.0, "dvc repro": 40.0}}
+    result = {"command": "python bench/tokenize_whole.py --save tokenize-whole", "measured_on": on, "figures": whole}
+    (tmp_path / "tokenize-whole.json").write_text(json.dumps(result))
+    page = "<!-- bench: tokenize-whole -->\nold\n<!-- /bench -->\n<!-- bench: summary -->\n<!-- /bench -->\n"
+    page += "<!-- bench: eval-cpu -->\n<!-- /bench -->\n"
+    rendered = bench_tables.render(page)
+    assert "| 49.5 MB | 40.0 s | 30.0 s | 0.750 × |" in rendered and "old" not in rendered
+    assert "Measured on 2026-01-02: 2 cores (Test CPU, without native bf16), 8 GiB" in rendered
+    assert "| tokenize as a user waits for it, against a hand-written script | ≥ 0.8 × | 0.750 × | **no** |" in rendered
+    assert f"Not measured: run `{bench_tables.CASES['eval-cpu'].command}`" in rendered
+    assert bench_tables.render(rendered) == rendered

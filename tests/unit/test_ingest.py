@@ -7,17 +7,9 @@ import json
 import pytest
 
 from tasks.errors import PipelineError
-from tasks.ingest import (
-    MAX_RECORD_CHARS,
-    first_invalid_utf8,
-    in_validation,
-    ingest,
-    normalize,
-    read_source,
-    record_text,
-    resolve_sources,
-)
+from tasks.ingest import in_validation, ingest, normalize
 from tasks.params import DataParams
+from tasks.sources import MAX_RECORD_CHARS, first_invalid_utf8, read_source, record_text, resolve_sources
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 
-from tasks import runs, store
+from tasks import mlflow_runs, store
 from tasks.errors import PipelineError, Stopped
 from tasks.params import parse_params
 from tests.helpers import tiny_params
@@ -18,16 +18,16 @@ def params():
 
 
 def test_the_recorded_run_is_the_models_run(tmp_path, mlflow_run, params):
-    runs.write_record(tmp_path, mlflow_run)
-    assert runs.model_run(params, tmp_path) == mlflow_run
+    mlflow_runs.write_record(tmp_path, mlflow_run)
+    assert mlflow_runs.model_run(params, tmp_path) == mlflow_run
 
 
 def test_a_model_from_another_store_gets_one_stand_in_run(tmp_path, mlflow_run, params, capsys):
-    runs.write_record(tmp_path, "0123456789abcdef0123456789abcdef")  # recorded where this store never was
-    stand_in = runs.model_run(params, tmp_path)
+    mlflow_runs.write_record(tmp_path, "0123456789abcdef0123456789abcdef")  # recorded where this store never was
+    stand_in = mlflow_runs.model_run(params, tmp_path)
     assert stand_in != mlflow_run and "is not in sqlite:///" in capsys.readouterr().out
     assert store.client().get_run(stand_in).data.tags["trained_in_run"] == "0123456789abcdef0123456789abcdef"
-    assert runs.model_run(params, tmp_path) == stand_in  # evaluate and register log to the same one
+    assert mlflow_runs.model_run(params, tmp_path) == stand_in  # evaluate and register log to the same one
 
 
 @pytest.mark.parametrize(
@@ -35,7 +35,7 @@ def test_a_model_from_another_store_gets_one_stand_in_run(tmp_path, mlflow_run, 
 )
 def test_a_stage_closes_the_run_it_opened(mlflow_run, error, status):
     client = store.client()
-    with pytest.raises(type(error)) if error else contextlib.nullcontext(), runs.active(mlflow_run):
+    with pytest.raises(type(error)) if error else contextlib.nullcontext(), mlflow_runs.active(mlflow_run):
         assert client.get_run(mlflow_run).info.status == "RUNNING"
         if error:
             raise error

@@ -1,0 +1,247 @@
+"""docs/benchmarks.md's tables, written from the bench scripts' saved figures (bench/results/<case>.json).
+
+Each case below is one bench command. `make bench` runs the cases this machine can run (`--run`) and then
+rewrites every block between `<!-- bench: CASE -->` and `<!-- /bench -->` in docs/benchmarks.md; `make
+bench-tables` only rewrites. A case without saved figures reads "not measured" with the exact command. A test
+fails when the committed page differs from what this writes, or when a figure is typed outside the blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench/results"
+PAGE = ROOT / "docs/benchmarks.md"
+BLOCK = re.compile(r"(<!-- bench: (?P<case>[\w-]+) -->\n).*?(<!-- /bench -->)", re.S)
+
+Table = tuple[list[str], list[list[str]]]
+
+
+@dataclass(frozen=True)
+class Case:
+    command: str
+    device: str  # "cpu" runs anywhere; "cuda" needs a GPU
+    table: Callable[[Any], Table]
+    summary: Callable[[Any], list[tuple[str, str, str, bool]]]  # (figure, target, measured, met)
+
+
+def x(value: float) -> str:
+    return f"{value:.3f} ×"
+
+
+def train_table(f: dict) -> Table:
+    shape = f"{f['layers']} × {f['width']}, {f['parameters'] / 1e6:,.1f} M parameters, vocabulary {f['vocab']:,}"
+    compiled = ", compiled" if f["compile"] else ""
+    run = f"block {f['block']}, batch {f['batch']}, {f['device']} {f['precision']}{compiled}"
+    row = [shape, run, f"{f['project_tokens_s']:,.0f}", f"{f['bare_tokens_s']:,.0f}", x(f["ratio"]), f"{f['mfu']:.1%}"]
+    head = ["model", "run", "project tokens/s", "bare loop tokens/s", "ratio", "project MFU"]
+    return head, [row]
+
+
+def train_summary(f: dict) -> list:
+    return [("train stage tokens/s against a bare PyTorch loop", "≥ 0.9 ×", x(f["ratio"]), f["ratio"] >= 0.9)]
+
+
+def gpu_summary(f: dict) -> list:
+    return [("GPT-2 124M MFU on one GPU, block 1024, bf16", "≥ 40%", f"{f['mfu']:.1%}", f["mfu"] >= 0.40)]
+
+
+def eval_table(f: dict) -> Table:
+    peaks = f["peak_rss_mb"]
+    head = ["model", "evaluate tokens/s", "bare loop tokens/s", "ratio", "peak RSS 1 ×", "peak RSS 10 ×"]
+    model = f"{f['layers']} × {f['width']}, block {f['block']}, batch {f['batch']}"
+    rates = [f"{f['stage_tokens_s']:,.0f}", f"{f['bare_tokens_s']:,.0f}", x(f["ratio"])]
+    return head, [[model, *rates, f"{peaks['1']:,.0f} MB", f"{peaks['10']:,.0f} MB"]]
+
+
+def eval_summary(f: dict) -> list:
+    growth = f["peak_rss_mb"]["10"] / f["peak_rss_mb"]["1"]
+    return [
+        ("evaluate tokens/s against a bare `inference_mode` loop", "≥ 0.9 ×", x(f["ratio"]), f["ratio"] >= 0.9),
+        ("evaluate peak memory, 10 × against 1 × the tokens", "≤ 1.1 ×", x(growth), growth <= 1.1),
+    ]
+
+
+def scaling_table(rows: list) -> Table:
+    head = ["text", "stage", "bare `encode_batch`", "ratio", "hand-written script", "ratio", "stage peak RSS (private)"]
+    body = []
+    for r in rows:
+        stage, bare, script = r["stage"], r["bare"], r["script"]
+        body.append([
+            f"{r['text_mb']:,.0f} MB",
+            f"{stage['mb_per_s']:.2f} MB/s ({stage['seconds']:.1f} s)",
+            f"{bare['mb_per_s']:.2f} MB/s",
+            x(r["ratio"]),
+            f"{script['mb_per_s']:.2f} MB/s",
+            x(r["ratio_script"]),
+            f"{stage['peak_rss_mb']:,.0f} MB ({stage['peak_private_mb']:,.0f} MB)",
+        ])  # fmt: skip
+    return head, body
+
+
+def scaling_summary(rows: list) -> list:
+    worst = min(r["ratio"] for r in rows)
+    return [("tokenize stage against bare `encode_batch`, every size", "≥ 0.8 ×", x(worst), worst >= 0.8)]
+
+
+def whole_table(f: dict) -> Table:
+    m = f["median_s"]
+    row = [f"{f['text_mb']:.1f} MB", f"{m['dvc repro']:.1f} s", f"{m['script']:.1f} s", x(m["script"] / m["dvc repro"])]
+    return ["text", "`dvc repro` of the stage", "hand-written script", "stage speed / script speed"], [row]
+
+
+def whole_summary(f: dict) -> list:
+    ratio = f["median_s"]["script"] / f["median_s"]["dvc repro"]
+    return [("tokenize as a user waits for it, against a hand-written script", "≥ 0.8 ×", x(ratio), ratio >= 0.8)]
+
+
+def overhead_table(f: dict) -> Table:
+    noop, flow, logged, reg = f["noop"], f["flow"], f["logging"], f["register"]
+    rows = [
+        ["no-op `dvc repro`", f"{noop['noop_repro_s']:.2f} s", f"`dvc version`: {noop['dvc_version_s']:.2f} s"],
+        [
+            "Prefect flow beyond its stages, running server",
+            f"{flow['running_overhead_first_s']:.2f} s first run, {flow['running_overhead_s']:.2f} s after",
+            "the same five `dvc repro --single-item` commands in a loop",
+        ],
+        [
+            "Prefect flow beyond its stages, ephemeral server",
+            f"{flow['ephemeral_overhead_first_s']:.2f} s first run, {flow['ephemeral_overhead_s']:.2f} s after",
+            "the same loop",
+        ],
+        [
+            f"MLflow logging of {logged['steps']:,} steps' metrics",
+            f"{logged['share_in_calls']:.2%} of training ({logged['in_mlflow_s']:.2f} s in MLflow calls)",
+            f"the same training without MLflow: {logged['bare_s']:.1f} s",
+        ],
+        [
+            f"register a {reg['parameters'] / 1e6:.0f} M-parameter GPT-2",
+            f"{reg['register_s']:.2f} s ({x(reg['ratio'])})",
+            f"`save_pretrained`: {reg['save_s']:.2f} s",
+        ],
+    ]
+    return ["figure", "measured", "bare reference"], rows
+
+
+def overhead_summary(f: dict) -> list:
+    noop, share, ratio = f["noop"]["noop_repro_s"], f["logging"]["share_in_calls"], f["register"]["ratio"]
+    running = f["flow"]["running_overhead_s"]
+    return [
+        ("no-op `dvc repro`", "≤ 2 s", f"{noop:.2f} s", noop <= 2),
+        ("Prefect flow overhead, running server", "≤ 5 s", f"{running:.2f} s", running <= 5),
+        ("MLflow logging, share of training", "≤ 2%", f"{share:.2%}", share <= 0.02),
+        ("register against `save_pretrained`", "≤ 2 ×", x(ratio), ratio <= 2),
+    ]
+
+
+GPT2_124M = "--layers 12 --width 768 --heads 12 --block 1024 --vocab 50257"
+CASES = {
+    "train-cpu": Case("python bench/train_throughput.py --save train-cpu", "cpu", train_table, train_summary),
+    "eval-cpu": Case("python bench/eval_throughput.py --save eval-cpu", "cpu", eval_table, eval_summary),
+    "tokenize-scaling": Case(
+        "python bench/tokenize_scaling.py --sizes 10,100 --save tokenize-scaling", "cpu", scaling_table, scaling_summary
+    ),
+    "tokenize-whole": Case(
+        "python bench/tokenize_whole.py --mb 50 --rounds 3 --save tokenize-whole", "cpu", whole_table, whole_summary
+    ),
+    "overhead": Case("python bench/overhead.py --steps 2000 --save overhead", "cpu", overhead_table, overhead_summary),
+    "train-gpu-124m": Case(
+        f"python bench/train_throughput.py {GPT2_124M} --batch 32 --precision bf16 --compile --device cuda "
+        "--save train-gpu-124m",
+        "cuda",
+        train_table,
+        gpu_summary,
+    ),
+}
+
+
+def load(case: str) -> dict | None:
+    path = RESULTS / f"{case}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def markdown(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def where(result: dict) -> str:
+    on = result["measured_on"]
+    cpu = f"{on['cores']} cores ({on['cpu']}, {'with' if on['native_bf16'] else 'without'} native bf16)"
+    device = f"{on['gpu']}, " if on["gpu"] else ""
+    return (
+        f"Measured on {on['date']}: {device}{cpu}, {on['memory_gib']} GiB; python {on['python']}, "
+        f"torch {on['torch']}, transformers {on['transformers']}. Command: `{result['command']}`"
+    )
+
+
+def block(case: str) -> str:
+    """One case's generated text: its table and where it was measured, or how to measure it."""
+    if case == "summary":
+        return summary()
+    result = load(case)
+    if result is None:
+        return f"Not measured: run `{CASES[case].command}` on a machine with {CASES[case].device}."
+    return markdown(*CASES[case].table(result["figures"])) + "\n\n" + where(result)
+
+
+def summary() -> str:
+    rows = []
+    for name, case in CASES.items():
+        result = load(name)
+        if result is None:
+            rows.append([f"`{name}`", "", "not measured", "—"])
+            continue
+        for figure, target, measured, met in case.summary(result["figures"]):
+            rows.append([figure, target, measured, "yes" if met else "**no**"])
+    return markdown(["figure", "target", "measured", "met"], rows)
+
+
+def render(page: str) -> str:
+    """The page with every generated block rewritten from bench/results."""
+
+    def fill(match: re.Match) -> str:
+        case = match["case"]
+        if case != "summary" and case not in CASES:
+            raise SystemExit(f"{PAGE.relative_to(ROOT)}: unknown bench case {case!r}; known: {', '.join(CASES)}")
+        return f"{match[1]}{block(case)}\n{match[3]}"
+
+    return BLOCK.sub(fill, page)
+
+
+def run(names: list[str]) -> None:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name in names:
+        case = CASES[name]
+        if case.device != device and case.device != "cpu":
+            print(f"skipped {name}: needs {case.device}")
+            continue
+        print(f"$ {case.command}", flush=True)
+        subprocess.run([sys.executable, *shlex.split(case.command)[1:]], cwd=ROOT, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cases = ", ".join(CASES)
+    parser.add_argument("--run", nargs="*", metavar="CASE", help=f"run these cases first (none named: all): {cases}")
+    args = parser.parse_args()
+    if args.run is not None:
+        run(args.run or list(CASES))
+    PAGE.write_text(render(PAGE.read_text()))
+    print(f"wrote {PAGE.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
