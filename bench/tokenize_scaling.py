@@ -61,7 +61,7 @@ def bare(work: Path) -> None:
     started = time.perf_counter()
     tokenizer, tokens = Tokenizer.from_file(str(work / "tokenizer/tokenizer.json")), 0
     for split in ("train", "validation"):
-        with (work / f"prepared/{split}.jsonl").open(encoding="utf-8") as handle:
+        with (work / f"prepared/{split}/00000.jsonl").open(encoding="utf-8") as handle:
             batch = []
             for line in handle:
                 batch.append(json.loads(line)["text"])
@@ -88,13 +88,15 @@ def train_tokenizer(work: Path) -> None:
     from tasks.params import TokenizerParams
     from tasks.tokenizer import train_bpe
 
-    train_bpe(work / "prepared/train.jsonl", TokenizerParams(vocab_size=4096)).save_pretrained(str(work / "tokenizer"))
+    train_bpe([work / "prepared/train/00000.jsonl"], TokenizerParams(vocab_size=4096)).save_pretrained(
+        str(work / "tokenizer")
+    )
 
 
 def measure(work: Path, size_mb: int, tokenizer: Path, memory_limit: int = 0) -> dict:
     prepared = work / "prepared"
-    text_bytes = write_corpus(prepared / "train.jsonl", size_mb * MB * 99 // 100, seed=size_mb)
-    text_bytes += write_corpus(prepared / "validation.jsonl", size_mb * MB // 100, seed=size_mb + 1)
+    text_bytes = write_corpus(prepared / "train/00000.jsonl", size_mb * MB * 99 // 100, seed=size_mb)
+    text_bytes += write_corpus(prepared / "validation/00000.jsonl", size_mb * MB // 100, seed=size_mb + 1)
     stats = {split: {"records": 1, "chars": 1, "bytes": 1} for split in ("train", "validation")}
     (prepared / "stats.json").write_text(json.dumps(stats))  # ingest's figures: only copied beside the blocks
     shutil.copytree(tokenizer, work / "tokenizer")
@@ -130,7 +132,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-tokenize-") as scratch:
         tokenizer_work = Path(scratch) / "tokenizer-source"
-        write_corpus(tokenizer_work / "prepared/train.jsonl", 10 * MB)
+        write_corpus(tokenizer_work / "prepared/train/00000.jsonl", 10 * MB)
         run_measured([__file__, "_train", str(tokenizer_work)], cwd=ROOT)
         for size in sizes:
             row = measure(Path(scratch) / f"{size}mb", size, tokenizer_work / "tokenizer", args.memory_limit_mb * 2**20)

@@ -31,7 +31,7 @@ from tools.project import copy_project, tool_env
 
 
 def prepared_texts(prepared: Path, split: str):
-    with (prepared / f"{split}.jsonl").open(encoding="utf-8") as handle:
+    with (prepared / split / "00000.jsonl").open(encoding="utf-8") as handle:
         for line in handle:
             yield json.loads(line)["text"]
 
@@ -95,8 +95,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-tokenize-whole-") as scratch:
         project = copy_project(Path(scratch))
         prepared = project / "data/prepared"
-        text = write_corpus(prepared / "train.jsonl", args.mb * MB * 99 // 100)
-        text += write_corpus(prepared / "validation.jsonl", args.mb * MB // 100, seed=1)
+        text = write_corpus(prepared / "train/00000.jsonl", args.mb * MB * 99 // 100)
+        text += write_corpus(prepared / "validation/00000.jsonl", args.mb * MB // 100, seed=1)
         stats = {split: {"records": 1, "chars": 1, "bytes": 1} for split in ("train", "validation")}
         (prepared / "stats.json").write_text(json.dumps(stats))  # only read into the figures kept with the blocks
         arms = {

@@ -1,16 +1,22 @@
 """Stage `ingest`: read data.sources, normalize, drop short and duplicate records, split train/validation.
 
-Writes data/prepared/{train,validation}.jsonl (one {"text": ...} per record) and data/prepared/stats.json.
+Writes data/prepared/{train,validation}/NNNNN.jsonl (shards, one {"text": ...} per record, in the sources' order)
+and data/prepared/stats.json.
 Run: python -m tasks.ingest
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import multiprocessing
+import os
 import sys
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +24,7 @@ from tasks.errors import PipelineError
 from tasks.outputs import atomic_output
 from tasks.params import DataParams, load_params
 from tasks.paths import PREPARED_DIR, SPLITS
-from tasks.sources import first_invalid_utf8, read_source, record_text, record_turns, resolve_sources
+from tasks.sources import Piece, first_invalid_utf8, plan, read_piece, record_text, record_turns, resolve_sources
 from tasks.stage import run_cli
 
 
@@ -35,62 +41,150 @@ def in_validation(text: str, fraction: float, seed: int) -> bool:
 
 
 def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
-    """Read, normalize, deduplicate and split the sources into out_dir. Returns the stats written."""
+    """Read, normalize, deduplicate and split the sources into out_dir's shards. Returns the stats written.
+
+    Each unit of the plan (tasks/sources.py) is prepared on its own, by data.workers processes at once, into one
+    shard per split; duplicates across units are then removed in the units' order, so the shards are the same
+    bytes whatever the number of workers.
+    """
     fields = [params.text_field] if isinstance(params.text_field, str) else list(params.text_field)
     sources = resolve_sources(params.sources, params.allow_outside_project)
-    stats: dict[str, Any] = {split: {"records": 0, "chars": 0, "bytes": 0} for split in SPLITS}
-    dropped = {"short": 0, "duplicate": 0}
-    seen: set[bytes] = set()  # 16-byte digests: memory grows with unique records, not with their text
-    empty: list[str] = []
+    units = plan(sources, params.shard_mb << 20)
     with atomic_output(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        handles = {split: (tmp / f"{split}.jsonl").open("w", encoding="utf-8") for split in SPLITS}
-        try:
-            for record in _normalized(sources, fields, params, empty):
-                text = record["text"]
-                if len(text) < params.min_chars:
-                    dropped["short"] += 1
-                    continue
-                digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-                if digest in seen:
-                    dropped["duplicate"] += 1
-                    continue
-                seen.add(digest)
-                split = "validation" if in_validation(text, params.validation_fraction, params.seed) else "train"
-                handles[split].write(json.dumps(record, ensure_ascii=False) + "\n")
-                counts = stats[split]
-                counts["records"] += 1
-                counts["chars"] += len(text)
-                counts["bytes"] += len(text.encode("utf-8"))
-        finally:
-            for handle in handles.values():
-                handle.close()
-        kept = stats["train"]["records"] + stats["validation"]["records"]
-        if kept == 0 and empty:
-            raise PipelineError(
-                f"data.sources: no text in {', '.join(empty)} (empty, or only whitespace); add text or list other files"
-            )
         for split in SPLITS:
-            if stats[split]["records"] == 0:
-                raise PipelineError(
-                    f"data.sources: the {split} split is empty ({kept} records kept in all); "
-                    "add text, lower data.min_chars or change data.validation_fraction"
-                )
-        stats.update(dropped=dropped, sources=sources)
+            (tmp / split).mkdir(parents=True)
+        prepare = functools.partial(_prepare_unit, fields=fields, params=params, out=tmp)
+        prepared = list(_map(prepare, enumerate(units), workers(params.workers, len(units))))
+        stats = _merge(prepared, tmp)
+        _check_kept(stats, prepared, sources)
+        stats.update(sources=sources, shards=len(units))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return stats
 
 
-def _normalized(
-    sources: list[str], fields: list[str], params: DataParams, empty: list[str]
-) -> Iterable[dict[str, Any]]:
+def workers(setting: int, units: int) -> int:
+    """Processes to run: data.workers, or 0 for every core this process may use; never more than units."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(setting or cores, units))
+
+
+def _map(function: Callable, items: Iterable, processes: int) -> Iterator:
+    """function over items in order, in this process or in `processes` forked ones."""
+    if processes == 1:
+        yield from map(function, items)
+        return
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield from pool.map(function, items)
+
+
+@dataclass
+class Unit:
+    """What preparing one unit left: its shards' records (digest, split, characters, bytes) in order, and counts."""
+
+    index: int
+    digests: list[bytes]
+    splits: list[int]  # 1: validation
+    chars: list[int]
+    sizes: list[int]
+    short: int
+    duplicate: int
+    texts: dict[str, int]  # records with text, by source
+
+
+def _prepare_unit(indexed: tuple[int, list[Piece]], fields: list[str], params: DataParams, out: Path) -> Unit:
+    index, pieces = indexed
+    unit = Unit(index, [], [], [], [], 0, 0, {})
+    seen: set[bytes] = set()  # 16-byte digests: memory grows with unique records, not with their text
+    handles = {split: (out / split / f"{index:05d}.jsonl").open("w", encoding="utf-8") for split in SPLITS}
+    try:
+        for record in _normalized(pieces, fields, params, unit.texts):
+            text = record["text"]
+            if len(text) < params.min_chars:
+                unit.short += 1
+                continue
+            encoded = text.encode("utf-8")
+            digest = hashlib.blake2b(encoded, digest_size=16).digest()
+            if digest in seen:
+                unit.duplicate += 1
+                continue
+            seen.add(digest)
+            validation = in_validation(text, params.validation_fraction, params.seed)
+            handles[SPLITS[validation]].write(json.dumps(record, ensure_ascii=False) + "\n")
+            unit.digests.append(digest)
+            unit.splits.append(validation)
+            unit.chars.append(len(text))
+            unit.sizes.append(len(encoded))
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return unit
+
+
+def _merge(units: list[Unit], out: Path) -> dict[str, Any]:
+    """Drop records an earlier unit already holds (the first of equal texts is kept, as in one pass over all
+    sources), rewriting only the shards that had one, and count what is kept."""
+    stats: dict[str, Any] = {split: {"records": 0, "chars": 0, "bytes": 0} for split in SPLITS}
+    dropped = {"short": 0, "duplicate": 0}
+    seen: set[bytes] = set()
+    for unit in units:
+        dropped["short"] += unit.short
+        dropped["duplicate"] += unit.duplicate
+        repeated = set()
+        for position, digest in enumerate(unit.digests):
+            if digest in seen:
+                repeated.add(position)
+                continue
+            seen.add(digest)
+            counts = stats[SPLITS[unit.splits[position]]]
+            counts["records"] += 1
+            counts["chars"] += unit.chars[position]
+            counts["bytes"] += unit.sizes[position]
+        if repeated:
+            dropped["duplicate"] += len(repeated)
+            _rewrite_without(unit, repeated, out)
+    return {**stats, "dropped": dropped}
+
+
+def _rewrite_without(unit: Unit, repeated: set[int], out: Path) -> None:
+    """Rewrite a unit's shards without the records at the given positions (counted across both splits)."""
+    for split_index, split in enumerate(SPLITS):
+        positions = [p for p, s in enumerate(unit.splits) if s == split_index]
+        shard = out / split / f"{unit.index:05d}.jsonl"
+        with shard.open(encoding="utf-8") as handle:
+            kept = [line for line, p in zip(handle, positions, strict=True) if p not in repeated]
+        shard.write_text("".join(kept), encoding="utf-8")
+
+
+def _check_kept(stats: dict[str, Any], units: list[Unit], sources: list[str]) -> None:
+    """Sources without any text are named on stderr; no text at all, or an empty split, stops the stage."""
+    texts: dict[str, int] = {}
+    for unit in units:
+        for source, count in unit.texts.items():
+            texts[source] = texts.get(source, 0) + count
+    empty = [source for source in sources if not texts.get(source)]
+    for source in empty:
+        print(f"warning: {source}: no text (empty, or only whitespace)", file=sys.stderr)
+    kept = stats["train"]["records"] + stats["validation"]["records"]
+    if kept == 0 and empty:
+        raise PipelineError(
+            f"data.sources: no text in {', '.join(empty)} (empty, or only whitespace); add text or list other files"
+        )
+    for split in SPLITS:
+        if stats[split]["records"] == 0:
+            raise PipelineError(
+                f"data.sources: the {split} split is empty ({kept} records kept in all); "
+                "add text, lower data.min_chars or change data.validation_fraction"
+            )
+
+
+def _normalized(pieces: list[Piece], fields: list[str], params: DataParams, texts: dict[str, int]) -> Iterable[dict]:
     """Prepared records: {"text"}, or for dialogues {"text", "turns"} with the turns also joined by newlines.
-    Sources that hold no text at all are added to `empty` and named on stderr."""
+    Counts the records with text of each source into `texts`."""
     dialog = params.format == "dialog"
-    for source in sources:
+    for piece in pieces:
         count = 0
         try:
-            for where, raw in read_source(source, fields, params):
+            for where, raw in read_piece(piece, fields, params):
                 if dialog:
                     turns = [turn for turn in map(normalize, record_turns(raw, fields, where)) if turn]
                     record = {"text": "\n".join(turns), "turns": turns}
@@ -99,14 +193,12 @@ def _normalized(
                 count += bool(record["text"])
                 yield record
         except UnicodeDecodeError:
-            line, offset = first_invalid_utf8(Path(source))
+            line, offset = first_invalid_utf8(Path(piece.source))
             raise PipelineError(
-                f"{source}:{line}: not valid UTF-8 (byte {offset} of the file); convert it to UTF-8 "
+                f"{piece.source}:{line}: not valid UTF-8 (byte {offset} of the file); convert it to UTF-8 "
                 "(e.g. iconv -f <encoding> -t UTF-8) or remove the file from data.sources"
             ) from None
-        if count == 0:
-            empty.append(source)
-            print(f"warning: {source}: no text (empty, or only whitespace)", file=sys.stderr)
+        texts[piece.source] = texts.get(piece.source, 0) + count
 
 
 def main() -> None:

@@ -85,6 +85,12 @@ class DataParams(Section):
     max_record_bytes: int = Field(16 << 20, ge=1024, le=1 << 30, description="longest JSONL line (one record)")
     max_json_bytes: int = Field(64 << 20, ge=1024, le=4 << 30, description="largest .json file, read whole")
     hub_records: int | None = Field(None, gt=0, description="records read from each hf: source; null: all")
+    shard_mb: int = Field(
+        64, ge=1, le=4096, description="input read as one unit, and so the size of each prepared shard, in MB"
+    )
+    workers: int = Field(
+        0, ge=0, le=1024, description="ingest processes at once; 0: every core. The shards are the same for any"
+    )
 
 
 class TokenizerParams(Section):
@@ -264,7 +270,9 @@ class RegisterParams(Section):
 
 class PromoteParams(Section):
     min_improvement: float = Field(0.01, ge=0, lt=1, description="fraction fewer bits per byte than the champion")
-    eval_path: str | None = Field(None, description="a prepared-style JSONL to score on; null: the validation split")
+    eval_path: str | None = Field(
+        None, description="a prepared-style JSONL file, or a folder of them, to score on; null: the validation split"
+    )
 
 
 class MlflowParams(Section):

@@ -12,6 +12,13 @@ from pathlib import Path
 PREPARED_DIR = Path("data/prepared")
 SPLITS = ("train", "validation")
 INGEST_STATS = PREPARED_DIR / "stats.json"
+
+
+def prepared_shards(split: str, prepared: Path = PREPARED_DIR) -> list[Path]:
+    """A split's shards as ingest wrote them (<prepared>/<split>/NNNNN.jsonl), in order."""
+    return sorted((prepared / split).glob("*.jsonl"))
+
+
 # tokenize
 TOKENIZER_DIR = Path("models/tokenizer")
 TOKENIZED_DIR = Path("data/tokenized")

@@ -33,7 +33,7 @@ from tasks.registry import (
 )
 
 LOCK_FILE = Path(".promote.lock")
-DEFAULT_TEXT = PREPARED_DIR / "validation.jsonl"
+DEFAULT_TEXT = PREPARED_DIR / "validation"  # its shards
 
 
 def text_path(params: Params, root: Path = Path()) -> Path:
@@ -46,10 +46,13 @@ def text_path(params: Params, root: Path = Path()) -> Path:
 
 
 def frozen_texts(path: Path) -> list[str]:
-    """The records of a prepared JSONL file (one {"text": ...} a line): the text both models are scored on."""
+    """The records of a prepared JSONL file, or of a folder of them such as a split's shards (one {"text": ...}
+    a line): the text both models are scored on."""
     if not path.exists():
         raise PipelineError(f"{path}: not found; run the pipeline first or set promote.eval_path")
-    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    lines = (line for file in files for line in file.read_text(encoding="utf-8").splitlines())
+    return [json.loads(line)["text"] for line in lines if line.strip()]
 
 
 def measure(uri: str, texts: list[str], block_size: int, evaluation: EvaluateParams) -> tuple[float, list[dict]]:

@@ -1,6 +1,10 @@
-"""Where ingest's records come from: data.sources resolved into files (globs expanded, confined to the project)
-and hub specs, each read as raw records with where they are (file:line), within the params' size limits.
-Formats: .txt (paragraphs), .jsonl, .json, .csv, .parquet, and `hf:` datasets.
+"""Where ingest's records come from: data.sources resolved, cut into pieces, and read as raw records.
+
+Sources are files (globs expanded, confined to the project) or `hf:` datasets. Formats: .txt (paragraphs), .jsonl,
+.txt.gz, .jsonl.gz, .json, .csv, .parquet. A plain .txt or .jsonl file is cut into pieces of about
+data.shard_mb at a record boundary (a blank line, a line end), so one large file is read by several workers; the
+pieces, and so ingest's shards, depend only on the files and data.shard_mb. Every record comes with where it is
+(file:line), and is read within the params' size limits.
 """
 
 from __future__ import annotations
@@ -8,9 +12,13 @@ from __future__ import annotations
 import codecs
 import csv
 import glob
+import gzip
+import io
 import itertools
 import json
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +26,8 @@ from tasks.errors import PipelineError, first_line
 from tasks.outputs import inside_project, project_root
 from tasks.params import DataParams
 
-TEXT_SUFFIXES = {".txt", ".jsonl", ".json", ".csv", ".parquet"}
+TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".json", ".csv", ".parquet")
+SPLITTABLE = (".txt", ".jsonl")  # read from any record boundary, so cut into pieces
 # A longer paragraph of a .txt file is cut into records of this many characters (an extra end-of-text token
 # every 64 Ki characters costs nothing; holding a 1 GB line without breaks in memory would).
 MAX_RECORD_CHARS = 1 << 16
@@ -60,12 +69,110 @@ def _field(record: dict, field: str, where: str) -> Any:
 Located = tuple[str, Any]  # (where the record is: file:line, the raw record)
 
 
-def _read_txt(path: Path) -> Iterator[Located]:
+@dataclass(frozen=True)
+class Piece:
+    """A source, or the byte range [start, end) of a plain .txt or .jsonl file whose first line is `line`."""
+
+    source: str
+    start: int = 0
+    end: int | None = None
+    line: int = 1
+
+
+def source_format(name: str) -> str | None:
+    """The format a file name says (.jsonl for x.jsonl.gz), or None when it is not one ingest reads."""
+    lower = name.lower()
+    return next((suffix for suffix in TEXT_SUFFIXES if lower.endswith(suffix)), None)
+
+
+def plan(sources: list[str], shard_bytes: int) -> list[list[Piece]]:
+    """Units of work of about shard_bytes each: consecutive pieces of the sources, in order. Each unit becomes one
+    shard per split, so the shards depend on the files and shard_bytes, never on how many workers read them."""
+    units: list[list[Piece]] = []
+    current: list[Piece] = []
+    size = 0
+    for source in sources:
+        for piece, length in _pieces(source, shard_bytes):
+            if current and size + length > shard_bytes:
+                units.append(current)
+                current, size = [], 0
+            current.append(piece)
+            size += length
+    return [*units, current] if current else units
+
+
+def _pieces(source: str, target: int) -> Iterator[tuple[Piece, int]]:
+    if source.startswith("hf:") or source_format(source) not in SPLITTABLE:
+        yield Piece(source), 0 if source.startswith("hf:") else os.path.getsize(source)
+        return
+    size, start, line = os.path.getsize(source), 0, 1
+    with open(source, "rb") as handle:
+        while start < size:
+            cut, lines = _boundary(handle, start, start + target, paragraphs=source_format(source) == ".txt")
+            yield Piece(source, start, cut, line), cut - start
+            start, line = cut, line + lines
+
+
+def _boundary(handle: io.BufferedReader, start: int, target: int, paragraphs: bool) -> tuple[int, int]:
+    """(where the piece from start ends, the line ends in it): after the line at target ends, or for paragraphs
+    after the next whitespace-only line; the end of the file if there is none."""
+    handle.seek(start)
+    lines = 0
+    while handle.tell() < target and (block := handle.read(min(1 << 24, target - handle.tell()))):
+        lines += block.count(b"\n")
+    lines += _finish_line(handle)
+    while paragraphs and (line := handle.readline(1 << 20)):
+        lines += line.endswith(b"\n")
+        if not line.strip() and line.endswith(b"\n"):
+            break
+        if not line.endswith(b"\n"):
+            lines += _finish_line(handle)
+    return handle.tell(), lines
+
+
+def _finish_line(handle: io.BufferedReader) -> int:
+    """Read to the end of the current line, a megabyte at a time (a line may be any length); 1 if it ended."""
+    while chunk := handle.readline(1 << 20):
+        if chunk.endswith(b"\n"):
+            return 1
+    return 0
+
+
+class _Range(io.RawIOBase):
+    """The bytes [start, end) of a file, as a stream of their own."""
+
+    def __init__(self, path: str, start: int, end: int | None):
+        self._file = open(path, "rb")  # noqa: SIM115 (closed with this stream)
+        self._file.seek(start)
+        self._left = (end if end is not None else os.path.getsize(path)) - start
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer)[: max(self._left, 0)]
+        count = self._file.readinto(view)
+        self._left -= count
+        return count
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _open(piece: Piece, text: bool) -> io.IOBase:
+    if piece.source.lower().endswith(".gz"):
+        return gzip.open(piece.source, "rt" if text else "rb", encoding="utf-8" if text else None)
+    binary = io.BufferedReader(_Range(piece.source, piece.start, piece.end), 1 << 20)
+    return io.TextIOWrapper(binary, encoding="utf-8") if text else binary
+
+
+def _read_txt(piece: Piece) -> Iterator[Located]:
     """Paragraphs (blank-line separated) of a text file, streamed: a paragraph, or a single line, longer than
     MAX_RECORD_CHARS becomes several records, so a file with no line breaks never has to fit in memory."""
     paragraph: list[str] = []
-    size, number = 0, 1
-    with path.open(encoding="utf-8") as handle:
+    size, number, path = 0, piece.line, piece.source
+    with _open(piece, text=True) as handle:
         while chunk := handle.readline(MAX_RECORD_CHARS):
             if chunk.strip():
                 paragraph.append(chunk)
@@ -81,11 +188,11 @@ def _read_txt(path: Path) -> Iterator[Located]:
         yield f"{path}:{number}", "".join(paragraph)
 
 
-def _read_jsonl(path: Path, limits: DataParams) -> Iterator[Located]:
+def _read_jsonl(piece: Piece, limits: DataParams) -> Iterator[Located]:
     """One record a line; a line is read up to data.max_record_bytes, so one huge line never fills memory."""
-    cap = limits.max_record_bytes
-    with path.open("rb") as handle:
-        for number, line in enumerate(iter(lambda: handle.readline(cap + 1), b""), 1):
+    cap, path = limits.max_record_bytes, piece.source
+    with _open(piece, text=False) as handle:
+        for number, line in enumerate(iter(lambda: handle.readline(cap + 1), b""), piece.line):
             if len(line) > cap and not line.endswith(b"\n"):
                 raise PipelineError(
                     f"{path}:{number}: a record over {cap:,} bytes (data.max_record_bytes); split it into several "
@@ -213,8 +320,8 @@ def resolve_sources(sources: list[str], outside: bool = False) -> list[str]:
             what = "matches no files" if glob.has_magic(source) else "does not exist"
             raise PipelineError(f"{key}: {source!r} {what} (paths are relative to the project root)")
         for file in files:
-            if Path(file).suffix.lower() not in TEXT_SUFFIXES:
-                raise PipelineError(f"{key}: {file!r} has an unsupported type; use {', '.join(sorted(TEXT_SUFFIXES))}")
+            if source_format(file) is None:
+                raise PipelineError(f"{key}: {file!r} has an unsupported type; use {', '.join(TEXT_SUFFIXES)}")
             if not outside:
                 inside_project(file, key, OUTSIDE_SWITCH)
         resolved.extend(files)
@@ -238,17 +345,22 @@ def hub_local_path(source: str) -> Path | None:
 
 def read_source(source: str, fields: list[str], limits: DataParams) -> Iterator[Located]:
     """The raw records of one resolved source, each with where it is, read within the params' size limits."""
-    if source.startswith("hf:"):
-        return _read_hub(source, limits.hub_records)
-    path = Path(source)
+    return read_piece(Piece(source), fields, limits)
+
+
+def read_piece(piece: Piece, fields: list[str], limits: DataParams) -> Iterator[Located]:
+    """The raw records of one piece of a source (all of it unless cut by plan)."""
+    if piece.source.startswith("hf:"):
+        return _read_hub(piece.source, limits.hub_records)
+    path = Path(piece.source)
     readers = {
-        ".txt": lambda: _read_txt(path),
-        ".jsonl": lambda: _read_jsonl(path, limits),
+        ".txt": lambda: _read_txt(piece),
+        ".jsonl": lambda: _read_jsonl(piece, limits),
         ".json": lambda: _read_json(path, limits),
         ".csv": lambda: _read_csv(path, fields),
         ".parquet": lambda: _read_parquet(path, fields),
     }
-    return readers[path.suffix.lower()]()
+    return readers[source_format(piece.source).removesuffix(".gz")]()
 
 
 def first_invalid_utf8(path: Path) -> tuple[int, int]:

@@ -22,14 +22,23 @@ from tasks.blocks import TokenSizes, encode_and_group
 from tasks.errors import PipelineError
 from tasks.outputs import atomic_outputs, hash_file, read_json
 from tasks.params import ModelParams, TokenizerParams, load_params
-from tasks.paths import DATA_STATS, FRAMING_FIGURE, INGEST_STATS, PREPARED_DIR, SPLITS, TOKENIZED_DIR, TOKENIZER_DIR
+from tasks.paths import (
+    DATA_STATS,
+    FRAMING_FIGURE,
+    INGEST_STATS,
+    PREPARED_DIR,
+    SPLITS,
+    TOKENIZED_DIR,
+    TOKENIZER_DIR,
+    prepared_shards,
+)
 from tasks.stage import run_cli
 from tasks.tokenizer import build_tokenizer
 
 RECORD_BATCH = 1000  # records encoded at a time; each batch's last block_size-1 tokens at most are dropped
 
 
-def blocks_fingerprint(prepared_file: Path, tokenizer, block_size: int) -> str:
+def blocks_fingerprint(shards: list[Path], tokenizer, block_size: int) -> str:
     """The fingerprint saved with a split's blocks, from what makes them: its text, the tokenizer, block_size.
 
     Left to itself, datasets derives it from the data files' modification times, new whenever ingest reruns
@@ -39,16 +48,24 @@ def blocks_fingerprint(prepared_file: Path, tokenizer, block_size: int) -> str:
     digest = hashlib.sha256()
     digest.update(tokenizer.backend_tokenizer.to_str().encode())
     digest.update(f"block_size={block_size}".encode())
-    hash_file(digest, prepared_file)
+    for shard in shards:
+        hash_file(digest, shard)
     return digest.hexdigest()[:16]
 
 
-def _record_batches(path: Path, size: int) -> Iterator[dict[str, list]]:
-    """A prepared split's records, `size` at a time, as columns: {"text": [...]} (and "turns" for dialogues)."""
-    with path.open(encoding="utf-8") as handle:
-        while lines := list(itertools.islice(handle, size)):
-            records = [json.loads(line) for line in lines]
-            yield {key: [record[key] for record in records] for key in records[0]}
+def _lines(shards: list[Path]) -> Iterator[str]:
+    for shard in shards:
+        with shard.open(encoding="utf-8") as handle:
+            yield from handle
+
+
+def _record_batches(shards: list[Path], size: int) -> Iterator[dict[str, list]]:
+    """A prepared split's records, `size` at a time across its shards (so the blocks do not depend on where the
+    shards end), as columns: {"text": [...]} (and "turns" for dialogues)."""
+    lines = _lines(shards)
+    while batch := list(itertools.islice(lines, size)):
+        records = [json.loads(line) for line in batch]
+        yield {key: [record[key] for record in records] for key in records[0]}
 
 
 def _blocks_table(blocks: dict[str, np.ndarray]):
@@ -61,7 +78,7 @@ def _blocks_table(blocks: dict[str, np.ndarray]):
     return pa.table(columns)
 
 
-def write_split(prepared_file: Path, folder: Path, encode, fingerprint: str) -> int:
+def write_split(shards: list[Path], folder: Path, encode, fingerprint: str) -> int:
     """Encode a split batch by batch and write its blocks once, straight into `folder` in the layout of
     datasets' save_to_disk (one Arrow file, state.json, dataset_info.json); returns the number of blocks."""
     from dataclasses import asdict
@@ -72,12 +89,12 @@ def write_split(prepared_file: Path, folder: Path, encode, fingerprint: str) -> 
     folder.mkdir(parents=True)
     arrow = folder / "data-00000-of-00001.arrow"
     with ArrowWriter(features=block_features(), path=str(arrow)) as writer:
-        for batch in _record_batches(prepared_file, RECORD_BATCH):
+        for batch in _record_batches(shards, RECORD_BATCH):
             writer.write_table(_blocks_table(encode(batch)))
         count, _ = writer.finalize()
     dataset = datasets.Dataset.from_file(str(arrow))  # memory-mapped: read for its state, not copied
     state = {key: dataset.__dict__[key] for key in ("_format_columns", "_format_kwargs", "_format_type")}
-    state |= {"_fingerprint": fingerprint, "_output_all_columns": False, "_split": prepared_file.stem}
+    state |= {"_fingerprint": fingerprint, "_output_all_columns": False, "_split": folder.name}
     state["_data_files"] = [{"filename": arrow.name}]
     (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
     info = asdict(dataset.info)
@@ -110,10 +127,11 @@ def tokenize(
 ) -> dict[str, Any]:
     """Build the tokenizer and the block datasets (read back with datasets.load_from_disk); returns blocks and
     tokens per split."""
+    shards = {split: prepared_shards(split, prepared_dir) for split in SPLITS}
     for split in SPLITS:
-        if not (prepared_dir / f"{split}.jsonl").exists():
-            raise PipelineError(f"{prepared_dir / f'{split}.jsonl'}: not found; run the ingest stage first (dvc repro)")
-    tokenizer, chosen = build_tokenizer(tokenizer_params, model_params, prepared_dir / "train.jsonl", dialog)
+        if not shards[split]:
+            raise PipelineError(f"{prepared_dir / split}: no shards; run the ingest stage first (dvc repro)")
+    tokenizer, chosen = build_tokenizer(tokenizer_params, model_params, shards["train"], dialog)
     start_id = tokenizer.convert_tokens_to_ids(getattr(tokenizer, chosen.start)) if chosen.start else None
     block_size = tokenizer_params.block_size
     sizes = TokenSizes(tokenizer.backend_tokenizer)
@@ -126,13 +144,12 @@ def tokenize(
     # the new blocks with the old tokenizer, and a failure leaves the previous outputs as they were.
     with atomic_outputs(tokenized_dir, tokenizer_dir) as (blocks_tmp, tokenizer_tmp):
         for split in SPLITS:
-            prepared_file = prepared_dir / f"{split}.jsonl"
-            fingerprint = blocks_fingerprint(prepared_file, tokenizer, block_size)
-            blocks = write_split(prepared_file, blocks_tmp / split, encode, fingerprint)
+            fingerprint = blocks_fingerprint(shards[split], tokenizer, block_size)
+            blocks = write_split(shards[split], blocks_tmp / split, encode, fingerprint)
             if blocks == 0:
                 raise PipelineError(
-                    f"{prepared_file}: fewer tokens than one block (tokenizer.block_size={block_size}); add text or "
-                    "lower block_size"
+                    f"{prepared_dir / split}: fewer tokens than one block (tokenizer.block_size={block_size}); "
+                    "add text or lower block_size"
                 )
             stats[f"{split}_blocks"], stats[f"{split}_tokens"] = blocks, blocks * block_size
         (blocks_tmp / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")

@@ -17,13 +17,14 @@ from tasks.specials import EOS, SEP, UNK
 CHAR_PATTERN = r"[\s\S]"  # the char tokenizer's pre-tokenizer: every character on its own
 
 
-def _train_texts(path: Path) -> Iterator[str]:
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            yield json.loads(line)["text"]
+def _train_texts(shards: list[Path]) -> Iterator[str]:
+    for shard in shards:
+        with shard.open(encoding="utf-8") as handle:
+            for line in handle:
+                yield json.loads(line)["text"]
 
 
-def train_bpe(train_path: Path, params: TokenizerParams):
+def train_bpe(train_shards: list[Path], params: TokenizerParams):
     """A byte-level BPE (GPT-2's scheme) trained on the train split, wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
@@ -38,17 +39,17 @@ def train_bpe(train_path: Path, params: TokenizerParams):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_train_texts(train_path), trainer=trainer)
+    bpe.train_from_iterator(_train_texts(train_shards), trainer=trainer)
     return _wrap(bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS, sep_token=SEP)
 
 
-def train_char(train_path: Path, params: TokenizerParams):
+def train_char(train_shards: list[Path], params: TokenizerParams):
     """A character-level vocabulary (GPT2-Chinese's scheme): every character seen at least min_frequency times,
     the most frequent first up to vocab_size, the rest [UNK]."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     counts: Counter[str] = Counter()
-    for text in _train_texts(train_path):
+    for text in _train_texts(train_shards):
         counts.update(text)
     room = params.vocab_size - len(CHAR_SPECIALS)
     kept = [char for char, count in counts.most_common(room) if count >= params.min_frequency]
@@ -87,9 +88,9 @@ def load_pretrained_tokenizer(name_or_path: str, dialog: bool, framing_setting: 
     return framing.apply(chosen, tokenizer), chosen
 
 
-def build_tokenizer(params: TokenizerParams, model_params: ModelParams, train_path: Path, dialog: bool):
+def build_tokenizer(params: TokenizerParams, model_params: ModelParams, train_shards: list[Path], dialog: bool):
     """(tokenizer, framing): a bpe or char tokenizer trained on the train split, or the pretrained model's."""
     if params.kind == "pretrained":
         return load_pretrained_tokenizer(model_params.name_or_path, dialog, params.framing)
-    tokenizer = train_bpe(train_path, params) if params.kind == "bpe" else train_char(train_path, params)
+    tokenizer = train_bpe(train_shards, params) if params.kind == "bpe" else train_char(train_shards, params)
     return tokenizer, framing.resolve(params.framing, tokenizer, dialog, f"the trained {params.kind} tokenizer")

@@ -84,7 +84,8 @@ def prepared(tmp_path: Path) -> Path:
     texts = lines + ["\n".join(p["paragraphs"]) for p in poems]
     stats = {}
     for split, chunk in (("train", texts[::2]), ("validation", texts[1::2])):
-        with (folder / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
+        (folder / split).mkdir()
+        with (folder / split / "00000.jsonl").open("w", encoding="utf-8") as handle:
             for text in chunk:
                 handle.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
         stats[split] = {"records": len(chunk), "chars": sum(map(len, chunk)), "bytes": len("".join(chunk).encode())}

@@ -76,7 +76,7 @@ def test_an_edit_to_text_normalization_reruns_ingest_and_everything_after_it(pro
     assert changed_stages(project) == {"ingest"}
     output = dvc(project, "repro").stdout
     assert stages_ran(output) == ["ingest", "tokenize", "train", "evaluate", "register"]
-    first = json.loads((project / "data/prepared/train.jsonl").open().readline())["text"]
+    first = json.loads((project / "data/prepared/train/00000.jsonl").open().readline())["text"]
     assert first == first.lower()
     after = registered(project)
     assert after["run_id"] != before["run_id"]  # a new model, a new run

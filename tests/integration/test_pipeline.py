@@ -199,7 +199,11 @@ def test_a_new_run_workspace_starts_from_the_committed_outputs(trained_project):
     from flows import workspace
 
     folder = workspace.prepare(trained_project, {"train.seed": 9})
-    for output in ("data/prepared/train.jsonl", "data/tokenized/dataset_dict.json", "models/tokenizer/tokenizer.json"):
+    for output in (
+        "data/prepared/train/00000.jsonl",
+        "data/tokenized/dataset_dict.json",
+        "models/tokenizer/tokenizer.json",
+    ):
         assert (folder / output).read_bytes() == (trained_project / output).read_bytes()
     changed = run([str(BIN / "dvc"), "status"], folder).stdout
     assert [line for line in changed.splitlines() if not line.startswith(("\t", " "))] == ["train:"], changed

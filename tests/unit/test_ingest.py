@@ -9,6 +9,7 @@ import pytest
 from tasks.errors import PipelineError
 from tasks.ingest import in_validation, ingest, normalize
 from tasks.params import DataParams
+from tasks.paths import prepared_shards
 from tasks.sources import MAX_RECORD_CHARS, first_invalid_utf8, read_source, record_text, resolve_sources
 
 
@@ -23,7 +24,7 @@ def params(sources, **kw) -> DataParams:
 
 
 def read_split(folder, split):
-    return [json.loads(line)["text"] for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+    return [json.loads(line)["text"] for shard in prepared_shards(split, folder) for line in shard.open()]
 
 
 def test_normalize_nfc_trailing_space_and_empty_lines():
@@ -151,7 +152,7 @@ def test_dialog_records_keep_their_turns(tmp_path):
         ingest(params([source], format="dialog", text_field="dialog"), tmp_path / "out")
     source.write_text("\n".join(json.dumps({"dialog": [f"问{i}", f"答{i}"]}, ensure_ascii=False) for i in range(50)))
     ingest(params([source], format="dialog", text_field="dialog", validation_fraction=0.2), tmp_path / "out")
-    records = [json.loads(line) for line in (tmp_path / "out/train.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for shard in prepared_shards("train", tmp_path / "out") for line in shard.open()]
     assert all(r["turns"] == r["text"].split("\n") and len(r["turns"]) == 2 for r in records)
 
 
@@ -210,3 +211,44 @@ def test_a_hub_source_that_is_a_local_path_is_confined_as_a_file_is(tmp_path, mo
     assert resolve_sources([f"hf:{named}"], outside=True) == [f"hf:{named}"]
     assert f"reading 1 files outside the project: ['{outside}']" in capsys.readouterr().out
     assert resolve_sources(["hf:stas/openwebtext-10k"]) == ["hf:stas/openwebtext-10k"]  # a hub id passes
+
+
+def test_shards_are_the_same_bytes_for_any_number_of_workers_and_as_one_pass_reads_the_sources(tmp_path):
+    """Large .txt and .jsonl files are cut into pieces at record boundaries, several files share a unit, a
+    .jsonl.gz is read whole; duplicates across units go (the first kept), and 1, 2 or 3 workers write the same."""
+    import gzip
+
+    paragraphs = [f"paragraph {i} " + "word " * (i % 37) + ("\nsecond line" if i % 3 else "") for i in range(30000)]
+    text = tmp_path / "book.txt"
+    text.write_text("\n\n  \n".join(paragraphs + paragraphs[:50]) + "\n")  # 50 repeats, across pieces
+    lines = tmp_path / "records.jsonl"
+    lines.write_text("".join(json.dumps({"text": f"line record {i}"}) + "\n" for i in range(40000)))
+    with gzip.open(tmp_path / "packed.jsonl.gz", "wt", encoding="utf-8") as handle:
+        handle.writelines(json.dumps({"text": f"packed {i}"}) + "\n" for i in range(500))
+    sources = [text, lines, tmp_path / "packed.jsonl.gz"]
+    runs = {}
+    for count in (1, 2, 3):
+        stats = ingest(params(sources, shard_mb=1, workers=count), tmp_path / f"out-{count}")
+        files = sorted(p for p in (tmp_path / f"out-{count}").rglob("*") if p.is_file())
+        runs[count] = {str(f.relative_to(tmp_path / f"out-{count}")): f.read_bytes() for f in files}
+    assert runs[1] == runs[2] == runs[3]
+    assert stats["shards"] == len(runs[1]) // 2 - 0 and stats["shards"] >= 4, stats["shards"]
+    assert stats["dropped"]["duplicate"] == 50
+    assert stats["train"]["records"] + stats["validation"]["records"] == 30000 + 40000 + 500
+    one_piece = [normalize(p) for p in paragraphs] + [f"line record {i}" for i in range(40000)]
+    one_piece += [f"packed {i}" for i in range(500)]
+    train = read_split(tmp_path / "out-2", "train")
+    assert sorted(train + read_split(tmp_path / "out-2", "validation")) == sorted(one_piece)
+    in_train = set(train)
+    assert [t for t in one_piece if t in in_train] == train, "the sources' order"
+
+
+def test_a_piece_starts_at_a_record_and_counts_lines_from_the_file(tmp_path):
+    from tasks.sources import plan, read_piece
+
+    source = tmp_path / "lines.jsonl"
+    source.write_text("".join(json.dumps({"text": "x" * 100 + str(i)}) + "\n" for i in range(30000)))
+    units = plan([str(source)], 1 << 20)
+    assert len(units) == 4 and all(len(unit) == 1 for unit in units)
+    located = [where for unit in units for where, _ in read_piece(unit[0], ["text"], DataParams(sources=["x"]))]
+    assert located == [f"{source}:{n}" for n in range(1, 30001)]

@@ -33,7 +33,7 @@ def test_venv_dvc_without_the_venv_on_path_runs_the_stage_in_the_venv(tmp_path, 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "> python3 -m tasks.ingest" in result.stdout and "ingest: " in result.stdout
-    assert (project / "data/prepared/train.jsonl").stat().st_size > 0
+    assert (project / "data/prepared/train/00000.jsonl").stat().st_size > 0
 
 
 def test_another_interpreter_without_a_venv_stops_with_one_line(tmp_path, bare_path_env):

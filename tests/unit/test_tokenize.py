@@ -49,7 +49,7 @@ def test_tokenize_writes_a_loadable_tokenizer_and_blocks(prepared, tmp_path):
     # Every byte of the validation text is in some block, bar the remainder dropped at the end.
     source_bytes = sum(
         len(line.encode()) + 1
-        for line in datasets.load_dataset("json", data_files=str(prepared / "validation.jsonl"))["train"]["text"]
+        for line in datasets.load_dataset("json", data_files=str(prepared / "validation/00000.jsonl"))["train"]["text"]
     )
     covered = int(np.array(blocks["validation"]["token_bytes"]).sum())
     assert source_bytes - 32 * 4 < covered <= source_bytes
@@ -79,7 +79,7 @@ def test_the_same_text_gives_byte_identical_blocks(prepared, tmp_path):
 
 
 def test_a_corpus_smaller_than_one_block_is_refused(prepared, tmp_path):
-    with pytest.raises(PipelineError, match=r"train.jsonl: fewer tokens than one block \(tokenizer.block_size="):
+    with pytest.raises(PipelineError, match=r"prepared/train: fewer tokens than one block \(tokenizer.block_size="):
         tokenize(
             TokenizerParams(vocab_size=300, block_size=100000),
             ModelParams(),
@@ -113,7 +113,8 @@ def test_dialog_turns_are_joined_with_the_separator(tmp_path):
     folder.mkdir()
     dialog = {"text": "你好\n你好呀，吃了吗\n吃了", "turns": ["你好", "你好呀，吃了吗", "吃了"]}
     for split in ("train", "validation"):
-        (folder / f"{split}.jsonl").write_text((json.dumps(dialog, ensure_ascii=False) + "\n") * 4)
+        (folder / split).mkdir()
+        (folder / split / "00000.jsonl").write_text((json.dumps(dialog, ensure_ascii=False) + "\n") * 4)
     counts = {"records": 4, "chars": 4 * len(dialog["text"]), "bytes": 4 * len(dialog["text"].encode())}
     (folder / "stats.json").write_text(json.dumps({"train": counts, "validation": counts}))  # as ingest writes it
     tokenize(
@@ -140,7 +141,7 @@ TRICKY = ["床前明月光，疑是地上霜。", "mixed 漢字 and 😀 emoji, 
 def test_batch_sizes_match_the_offsets_record_by_record(prepared, kind):
     """The vectorized sizes (a byte table for byte-level BPE, UTF-8 widths for char) equal the offsets' sums."""
     trainer = train_bpe if kind == "bpe" else train_char
-    tokenizer = trainer(prepared / "train.jsonl", TokenizerParams(kind=kind, vocab_size=400, min_frequency=1))
+    tokenizer = trainer([prepared / "train/00000.jsonl"], TokenizerParams(kind=kind, vocab_size=400, min_frequency=1))
     sizes = TokenSizes(tokenizer.backend_tokenizer)
     assert sizes.mode == {"bpe": "table", "char": "char"}[kind]
     offsets = TokenSizes.__new__(TokenSizes)
@@ -157,9 +158,30 @@ def test_other_tokenizers_fall_back_to_offsets(prepared):
     """A normalizer changes the text the tokens stand for: only the offsets tell the original bytes."""
     from tokenizers import normalizers
 
-    tokenizer = train_bpe(prepared / "train.jsonl", TokenizerParams(vocab_size=400, min_frequency=1))
+    tokenizer = train_bpe([prepared / "train/00000.jsonl"], TokenizerParams(vocab_size=400, min_frequency=1))
     tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
     assert TokenSizes(tokenizer.backend_tokenizer).mode == "offsets"
     blocks = encode_and_group({"text": ["ÉCOLE Été"] * 8}, tokenizer, 1)  # blocks of 1: nothing cut off
     assert int(blocks["token_bytes"].sum()) == len("ÉCOLE Été\n".encode()) * 8
     assert int(blocks["token_chars"].sum()) == len("ÉCOLE Été\n") * 8
+
+
+def test_the_blocks_do_not_depend_on_where_the_shards_end(prepared, tmp_path):
+    """ingest's shard boundaries follow data.shard_mb: the same records cut into other shards give the same
+    tokenizer and the same blocks, fingerprints included."""
+    import shutil
+
+    recut = tmp_path / "recut"
+    shutil.copytree(prepared, recut)
+    for split in ("train", "validation"):
+        lines = (prepared / split / "00000.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+        (recut / split / "00000.jsonl").write_text("".join(lines[:7]), encoding="utf-8")
+        (recut / split / "00001.jsonl").write_text("".join(lines[7:100]), encoding="utf-8")
+        (recut / split / "00002.jsonl").write_text("".join(lines[100:]), encoding="utf-8")
+    for folder, name in ((prepared, "one"), (recut, "three")):
+        tokenize(TokenizerParams(vocab_size=300, block_size=32), ModelParams(), folder,
+                 tmp_path / name / "tokenizer", tmp_path / name / "tokenized")  # fmt: skip
+    for split in ("train", "validation"):
+        for name in ("data-00000-of-00001.arrow", "state.json"):
+            one = (tmp_path / "one/tokenized" / split / name).read_bytes()
+            assert one == (tmp_path / "three/tokenized" / split / name).read_bytes(), (split, name)
