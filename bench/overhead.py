@@ -86,6 +86,7 @@ FLOW_CHILD = """
 import json, subprocess, sys, time
 from pathlib import Path
 from flows.pipeline import stage_env, stages, training_pipeline
+from flows.server import start_local
 
 def bare():
     started = time.perf_counter()
@@ -96,6 +97,7 @@ def bare():
 
 def flow():
     started = time.perf_counter()
+    start_local()  # as `gpt2-pipeline run` does: the temporary server, with the project's start budget
     training_pipeline()
     return time.perf_counter() - started
 

@@ -10,18 +10,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import multiprocessing
-import os
 import sys
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.errors import PipelineError
 from tasks.outputs import atomic_output
+from tasks.parallel import ordered_map, workers
 from tasks.params import DataParams, load_params
 from tasks.paths import PREPARED_DIR, SPLITS
 from tasks.sources import Piece, first_invalid_utf8, plan, read_piece, record_text, record_turns, resolve_sources
@@ -54,27 +52,12 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
         for split in SPLITS:
             (tmp / split).mkdir(parents=True)
         prepare = functools.partial(_prepare_unit, fields=fields, params=params, out=tmp)
-        prepared = list(_map(prepare, enumerate(units), workers(params.workers, len(units))))
+        prepared = list(ordered_map(prepare, enumerate(units), workers(params.workers, len(units))))
         stats = _merge(prepared, tmp)
         _check_kept(stats, prepared, sources)
         stats.update(sources=sources, shards=len(units))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return stats
-
-
-def workers(setting: int, units: int) -> int:
-    """Processes to run: data.workers, or 0 for every core this process may use; never more than units."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(setting or cores, units))
-
-
-def _map(function: Callable, items: Iterable, processes: int) -> Iterator:
-    """function over items in order, in this process or in `processes` forked ones."""
-    if processes == 1:
-        yield from map(function, items)
-        return
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
-        yield from pool.map(function, items)
 
 
 @dataclass

@@ -89,7 +89,7 @@ class DataParams(Section):
         64, ge=1, le=4096, description="input read as one unit, and so the size of each prepared shard, in MB"
     )
     workers: int = Field(
-        0, ge=0, le=1024, description="ingest processes at once; 0: every core. The shards are the same for any"
+        0, ge=0, le=1024, description="ingest and tokenize processes at once; 0: every core (same outputs for any)"
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import numpy as np
 from tasks.blocks import TokenSizes, encode_and_group
 from tasks.errors import PipelineError
 from tasks.outputs import atomic_outputs, hash_file, read_json
+from tasks.parallel import ordered_map, workers
 from tasks.params import ModelParams, TokenizerParams, load_params
 from tasks.paths import (
     DATA_STATS,
@@ -78,9 +80,12 @@ def _blocks_table(blocks: dict[str, np.ndarray]):
     return pa.table(columns)
 
 
-def write_split(shards: list[Path], folder: Path, encode, fingerprint: str) -> int:
+def write_split(shards: list[Path], folder: Path, encode, fingerprint: str, processes: int = 1) -> int:
     """Encode a split batch by batch and write its blocks once, straight into `folder` in the layout of
-    datasets' save_to_disk (one Arrow file, state.json, dataset_info.json); returns the number of blocks."""
+    datasets' save_to_disk (one Arrow file, state.json, dataset_info.json); returns the number of blocks.
+
+    Each batch's blocks depend on that batch alone, so `processes` encode batches at once and the blocks are
+    written in the batches' order: the same bytes for any number of processes."""
     from dataclasses import asdict
 
     import datasets
@@ -88,9 +93,11 @@ def write_split(shards: list[Path], folder: Path, encode, fingerprint: str) -> i
 
     folder.mkdir(parents=True)
     arrow = folder / "data-00000-of-00001.arrow"
+    if processes > 1:  # set before the fork: each encoder one thread, and tokenizers' fork warning not printed
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     with ArrowWriter(features=block_features(), path=str(arrow)) as writer:
-        for batch in _record_batches(shards, RECORD_BATCH):
-            writer.write_table(_blocks_table(encode(batch)))
+        for blocks in ordered_map(encode, _record_batches(shards, RECORD_BATCH), processes):
+            writer.write_table(_blocks_table(blocks))
         count, _ = writer.finalize()
     dataset = datasets.Dataset.from_file(str(arrow))  # memory-mapped: read for its state, not copied
     state = {key: dataset.__dict__[key] for key in ("_format_columns", "_format_kwargs", "_format_type")}
@@ -124,6 +131,7 @@ def tokenize(
     tokenizer_dir: Path = TOKENIZER_DIR,
     tokenized_dir: Path = TOKENIZED_DIR,
     dialog: bool = False,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """Build the tokenizer and the block datasets (read back with datasets.load_from_disk); returns blocks and
     tokens per split."""
@@ -145,7 +153,7 @@ def tokenize(
     with atomic_outputs(tokenized_dir, tokenizer_dir) as (blocks_tmp, tokenizer_tmp):
         for split in SPLITS:
             fingerprint = blocks_fingerprint(shards[split], tokenizer, block_size)
-            blocks = write_split(shards[split], blocks_tmp / split, encode, fingerprint)
+            blocks = write_split(shards[split], blocks_tmp / split, encode, fingerprint, processes)
             if blocks == 0:
                 raise PipelineError(
                     f"{prepared_dir / split}: fewer tokens than one block (tokenizer.block_size={block_size}); "
@@ -173,7 +181,8 @@ def data_figures(ingest_stats: dict[str, Any], tokenize_stats: dict[str, Any]) -
 
 def main() -> None:
     params = load_params()
-    stats = tokenize(params.tokenizer, params.model, dialog=params.data.format == "dialog")
+    dialog, processes = params.data.format == "dialog", workers(params.data.workers)
+    stats = tokenize(params.tokenizer, params.model, dialog=dialog, processes=processes)
     print(
         f"tokenize: vocabulary {stats['vocab_size']}, {stats['train_blocks']} train / "
         f"{stats['validation_blocks']} validation blocks of {stats['block_size']}, framing {stats['framing']} "

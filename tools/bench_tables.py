@@ -31,7 +31,7 @@ Table = tuple[list[str], list[list[str]]]
 class Case:
     command: str
     device: str  # "cpu" runs anywhere; "cuda" needs a GPU
-    table: Callable[[Any], Table]
+    table: Callable[[Any], Table | list[Table]]  # one table, or several shown one after another
     summary: Callable[[Any], list[tuple[str, str, str, bool]]]  # (figure, target, measured, met)
 
 
@@ -144,6 +144,59 @@ def overhead_summary(f: dict) -> list:
     ]
 
 
+def data_table(rows: list) -> Table:
+    head = ["text", "workers", "ingest", "tokenize", "peak RSS ingest / tokenize", "speed-up", "same bytes"]
+    body = []
+    for r in rows:
+        runs = {int(workers): run for workers, run in r["runs"].items()}
+        one = runs[min(runs)]
+        for workers, run in sorted(runs.items()):
+            total, base = (sum(run[stage]["seconds"] for stage in ("ingest", "tokenize")) for run in (run, one))
+            body.append([
+                f"{r['text_mb']:,.0f} MB",
+                str(workers),
+                f"{run['ingest']['seconds']:.1f} s ({r['text_mb'] / run['ingest']['seconds']:.1f} MB/s)",
+                f"{run['tokenize']['seconds']:.1f} s ({r['text_mb'] / run['tokenize']['seconds']:.1f} MB/s)",
+                f"{run['ingest']['peak_rss_mb']:,.0f} / {run['tokenize']['peak_rss_mb']:,.0f} MB",
+                x(base / total),
+                "yes" if r["identical"] else "**no**",
+            ])  # fmt: skip
+    return head, body
+
+
+def data_dvc_table(rows: list) -> Table:
+    head = ["text", "input on disk", "prepared", "tokenized", "`dvc status`", "no-op `dvc repro`"]
+    body = [
+        [
+            f"{r['text_mb']:,.0f} MB",
+            f"{r['input_mb']:,.0f} MB",
+            f"{r['output_mb']['data/prepared']:,.0f} MB",
+            f"{r['output_mb']['data/tokenized']:,.0f} MB",
+            f"{r['dvc_status_s']:.1f} s",
+            f"{r['dvc_repro_noop_s']:.1f} s",
+        ]
+        for r in rows
+    ]
+    return head, body
+
+
+def data_both(rows: list) -> list[Table]:
+    return [data_table(rows), data_dvc_table(rows)]
+
+
+def data_summary(rows: list) -> list:
+    out = []
+    for r in rows:
+        runs = {int(workers): run for workers, run in r["runs"].items()}
+        if 1 in runs and 2 in runs:
+            speed = sum(runs[1][s]["seconds"] for s in runs[1]) / sum(runs[2][s]["seconds"] for s in runs[2])
+            out.append((f"ingest and tokenize, {r['text_mb']:,.0f} MB: 2 workers against 1", "≥ 1.8 ×", x(speed),
+                        speed >= 1.8))  # fmt: skip
+        out.append((f"the same outputs for every worker count, {r['text_mb']:,.0f} MB", "yes",
+                    "yes" if r["identical"] else "no", r["identical"]))  # fmt: skip
+    return out
+
+
 GPT2_124M = "--layers 12 --width 768 --heads 12 --block 1024 --vocab 50257"
 CASES = {
     "train-cpu": Case("python bench/train_throughput.py --save train-cpu", "cpu", train_table, train_summary),
@@ -155,6 +208,15 @@ CASES = {
         "python bench/tokenize_whole.py --mb 50 --rounds 3 --save tokenize-whole", "cpu", whole_table, whole_summary
     ),
     "overhead": Case("python bench/overhead.py --steps 2000 --save overhead", "cpu", overhead_table, overhead_summary),
+    "data-scaling": Case(
+        "python bench/data_scaling.py --sizes-mb 1000 --workers 1,2 --save data-scaling", "cpu", data_both, data_summary
+    ),
+    "data-scaling-10gb": Case(
+        "python bench/data_scaling.py --sizes-mb 10000 --workers 1,2 --save data-scaling-10gb",
+        "cpu",
+        data_both,
+        data_summary,
+    ),
     "train-gpu-124m": Case(
         f"python bench/train_throughput.py {GPT2_124M} --batch 32 --precision bf16 --compile --device cuda "
         "--save train-gpu-124m",
@@ -191,8 +253,11 @@ def block(case: str) -> str:
         return summary()
     result = load(case)
     if result is None:
-        return f"Not measured: run `{CASES[case].command}` on a machine with {CASES[case].device}."
-    return markdown(*CASES[case].table(result["figures"])) + "\n\n" + where(result)
+        on = " on a machine with a GPU" if CASES[case].device == "cuda" else ""
+        return f"Not measured: run `{CASES[case].command}`{on}, then `make bench-tables`."
+    tables = CASES[case].table(result["figures"])
+    tables = tables if isinstance(tables, list) else [tables]
+    return "\n\n".join([*(markdown(*table) for table in tables), where(result)])
 
 
 def summary() -> str:

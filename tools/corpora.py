@@ -35,3 +35,22 @@ def write_corpus(path: Path, size: int, seed: int = 0) -> int:
                 if written >= size:
                     break
     return written
+
+
+def write_unique_corpus(folder: Path, size: int, file_size: int = 64 * MB, seed: int = 0) -> int:
+    """JSONL files of about file_size bytes each under folder, about `size` UTF-8 bytes of text in all, every
+    record three samples joined (drawn at random, so no two records are alike and deduplication keeps them
+    all, as it would a web corpus); returns the exact text bytes written."""
+    records, rng, written, part = sample_records(), np.random.default_rng(seed), 0, 0
+    folder.mkdir(parents=True, exist_ok=True)
+    while written < size:
+        with (folder / f"part-{part:05d}.jsonl").open("w", encoding="utf-8") as handle:
+            in_file = 0
+            while in_file < file_size and written < size:
+                picks = rng.integers(0, len(records), (4096, 3))
+                lines = ["\n\n".join(records[i] for i in pick) for pick in picks]
+                handle.writelines(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in lines)
+                count = sum(len(text.encode("utf-8")) for text in lines)
+                written, in_file = written + count, in_file + count
+        part += 1
+    return written

@@ -78,5 +78,5 @@ def test_a_saved_result_becomes_its_table_and_a_missing_one_says_how_to_measure_
     assert "| 49.5 MB | 40.0 s | 30.0 s | 0.750 × |" in rendered and "old" not in rendered
     assert "Measured on 2026-01-02: 2 cores (Test CPU, without native bf16), 8 GiB" in rendered
     assert "| tokenize as a user waits for it, against a hand-written script | ≥ 0.8 × | 0.750 × | **no** |" in rendered
-    assert f"Not measured: run `{bench_tables.CASES['eval-cpu'].command}`" in rendered
+    assert f"Not measured: run `{bench_tables.CASES['eval-cpu'].command}`, then `make bench-tables`." in rendered
     assert bench_tables.render(rendered) == rendered

@@ -166,11 +166,12 @@ def test_other_tokenizers_fall_back_to_offsets(prepared):
     assert int(blocks["token_chars"].sum()) == len("ÉCOLE Été\n") * 8
 
 
-def test_the_blocks_do_not_depend_on_where_the_shards_end(prepared, tmp_path):
-    """ingest's shard boundaries follow data.shard_mb: the same records cut into other shards give the same
-    tokenizer and the same blocks, fingerprints included."""
+def test_the_blocks_do_not_depend_on_where_the_shards_end(prepared, tmp_path, monkeypatch):
+    """ingest's shard boundaries follow data.shard_mb: the same records cut into other shards, and encoded by two
+    processes instead of one, give the same tokenizer and the same blocks, fingerprints included."""
     import shutil
 
+    monkeypatch.setattr("tasks.tokenize.RECORD_BATCH", 16)  # many batches, so two processes share them
     recut = tmp_path / "recut"
     shutil.copytree(prepared, recut)
     for split in ("train", "validation"):
@@ -178,9 +179,9 @@ def test_the_blocks_do_not_depend_on_where_the_shards_end(prepared, tmp_path):
         (recut / split / "00000.jsonl").write_text("".join(lines[:7]), encoding="utf-8")
         (recut / split / "00001.jsonl").write_text("".join(lines[7:100]), encoding="utf-8")
         (recut / split / "00002.jsonl").write_text("".join(lines[100:]), encoding="utf-8")
-    for folder, name in ((prepared, "one"), (recut, "three")):
+    for folder, name, processes in ((prepared, "one", 1), (recut, "three", 2)):
         tokenize(TokenizerParams(vocab_size=300, block_size=32), ModelParams(), folder,
-                 tmp_path / name / "tokenizer", tmp_path / name / "tokenized")  # fmt: skip
+                 tmp_path / name / "tokenizer", tmp_path / name / "tokenized", processes=processes)  # fmt: skip
     for split in ("train", "validation"):
         for name in ("data-00000-of-00001.arrow", "state.json"):
             one = (tmp_path / "one/tokenized" / split / name).read_bytes()

@@ -1,0 +1,50 @@
+"""Work spread over processes with results in order: what lets ingest and tokenize use every core and still write
+the same bytes for any number of workers (data.workers)."""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+
+
+def cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def workers(setting: int, units: int | None = None) -> int:
+    """Processes to run: the setting, or every core for 0; never more than there are units of work."""
+    chosen = setting or cores()
+    return max(1, min(chosen, units) if units is not None else chosen)
+
+
+def ordered_map(function: Callable, items: Iterable, processes: int, ahead: int = 2) -> Iterator:
+    """function over items, results in the items' order, in this process or in `processes` forked ones.
+
+    At most processes times ahead items are in flight, so memory stays flat however many items there are. Forked,
+    not spawned: function may be a closure over what the parent built (a tokenizer), which a fork inherits as
+    it is and a spawn would have to pickle.
+    """
+    if processes == 1:
+        yield from map(function, items)
+        return
+    global _FUNCTION
+    _FUNCTION = function
+    pending: collections.deque = collections.deque()
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        for item in items:
+            pending.append(pool.submit(_call, item))
+            if len(pending) >= processes * ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+_FUNCTION: Callable | None = None  # set in the parent before the fork; each worker calls its copy
+
+
+def _call(item):
+    return _FUNCTION(item)
