@@ -1,5 +1,6 @@
-"""Tokens/s of the evaluate stage's scoring against a bare `torch.inference_mode()` forward loop, and its peak
-memory at 1x and 10x the validation tokens.
+"""Tokens/s of the evaluate stage's scoring against a bare `torch.inference_mode()` forward loop.
+
+Its peak memory at 1x and 10x the validation tokens.
 
 A config-initialized GPT-2 is saved as a folder and random validation blocks are saved as the tokenize stage's
 DatasetDict. Throughput: `tasks.evaluate.evaluate` (memory-mapped blocks, windows, per-token NLL summed with

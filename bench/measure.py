@@ -1,7 +1,8 @@
-"""What the benchmarks share: timing a child process with the peak RSS of its whole process tree, the machine a
-figure was measured on, and saving a run's figures as bench/results/<name>.json, from which tools/bench_tables.py
-writes docs/benchmarks.md's tables. The project copy, its tools and the synthetic corpora, which the tests use
-too, are in tools/."""
+"""What the benchmarks share.
+
+Timing a child process with the peak RSS of its whole process tree, the machine a figure was measured on, and
+saving a run's figures as bench/results/<name>.json, from which tools/bench_tables.py writes docs/benchmarks.md's
+tables. The project copy, its tools and the synthetic corpora, which the tests use too, are in tools/."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""What the pipeline's machinery costs on top of the work: (a) a no-op `dvc repro`; (b) the Prefect flow
-beyond its stages, on a running Prefect server and on the ephemeral one; (c) MLflow logging of every step's
-metrics over 10,000 training steps; (d) registering a GPT-2 124M-sized model against `save_pretrained`.
+"""What the pipeline's machinery costs on top of the work.
+
+(a) a no-op `dvc repro`; (b) the Prefect flow beyond its stages, on a running Prefect server and on the ephemeral
+one; (c) MLflow logging of every step's metrics over 10,000 training steps; (d) registering a GPT-2 124M-sized
+model against `save_pretrained`.
 
 Everything runs in a copy of the project (its committed and new files, tiny params) in a temporary folder,
 with its own SQLite MLflow store. Each figure has a bare reference from the same run:

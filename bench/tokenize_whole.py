@@ -1,7 +1,9 @@
-"""The whole tokenize stage as a user waits for it (`dvc repro --single-item --force tokenize`: DVC's start, the
-stage's interpreter and imports, training the byte-level BPE on the train split, encoding both splits, writing
-the blocks and the tokenizer, DVC hashing and caching them; and `python -m tasks.tokenize` alone) against a
-hand-written script doing the same work with `tokenizers` and numpy.
+"""The whole tokenize stage as a user waits for it, against a hand-written script.
+
+The stage is `dvc repro --single-item --force tokenize` (DVC's start, the stage's interpreter and imports, training
+the byte-level BPE on the train split, encoding both splits, writing the blocks and the tokenizer, DVC hashing
+and caching them) and, with --stage-alone, `python -m tasks.tokenize`; the script does the same work with
+`tokenizers` and numpy.
 
 The corpus (the bundled Shakespeare and Tang poems, shuffled and repeated; 99% train, 1% validation) is written
 as the ingest stage's output in a copy of the project, with the project's params.yaml (vocab_size 4,096,

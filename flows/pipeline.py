@@ -85,9 +85,10 @@ def stages(project: Path) -> list[str]:
 
 
 def stage_additions(flow_run_id: str | None, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """What a stage's environment adds to this process's: the flow run id for MLflow lineage, a workspace's
-    overrides. The tasks take these, never the environment itself: Prefect keeps task parameters (for cache keys,
-    the UI, retries), and the environment holds passwords and cloud keys."""
+    """What a stage's environment adds to this process's: the flow run id for MLflow lineage, a workspace's overrides.
+
+    The tasks take these, never the environment itself: Prefect keeps task parameters (for cache keys, the UI,
+    retries), and the environment holds passwords and cloud keys."""
     return {**({FLOW_RUN_ENV: flow_run_id} if flow_run_id else {}), **(extra or {})}
 
 

@@ -62,9 +62,10 @@ def prepare(project: Path, overrides: dict[str, Any]) -> Path:
 
 @contextmanager
 def claimed(project: Path, overrides: dict[str, Any]) -> Iterator[Path]:
-    """The run workspace for these overrides (prepared), held by this run until it ends. A second run with the
-    same overrides fails at once with one line instead of resetting the workspace under the first: an exclusive
-    lock on .runs/<hash>.lock, released by the system when the holder ends however it ends."""
+    """The run workspace for these overrides (prepared), held by this run until it ends.
+
+    A second run with the same overrides fails at once with one line instead of resetting the workspace under the
+    first: an exclusive lock on .runs/<hash>.lock, released by the system when the holder ends however it ends."""
     apply_overrides(read_raw(project / PARAMS_FILE), overrides)  # bad overrides fail before anything is made
     lock = project / RUNS_DIR / f"{overrides_key(overrides)}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)

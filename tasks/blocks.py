@@ -1,5 +1,7 @@
-"""Records into training blocks (run_clm's group_texts): encoded in batches, framed, concatenated and cut into
-block_size rows, with the UTF-8 bytes and characters each token stands for (bits per byte needs them)."""
+"""Records into training blocks (run_clm's group_texts).
+
+Encoded in batches, framed, concatenated and cut into block_size rows, with the UTF-8 bytes and characters each
+token stands for (bits per byte needs them)."""
 
 from __future__ import annotations
 

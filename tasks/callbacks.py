@@ -1,5 +1,7 @@
-"""The Trainer callbacks of the train stage: MLflow logging of the curve and the throughput, stopping on a signal
-at a step's end, and refusing a loss that is not finite."""
+"""The Trainer callbacks of the train stage.
+
+MLflow logging of the curve and the throughput, stopping on a signal at a step's end, and refusing a loss that is
+not finite."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Line charts as inline SVG: drawn by the train stage (plots/loss.svg, an image plot `dvc plots show` shows
-offline) and by the promotion report. No plotting library: a few lines of SVG open in any browser."""
+"""Line charts as inline SVG.
+
+Drawn by the train stage (plots/loss.svg, an image plot `dvc plots show` shows offline) and by the promotion
+report. No plotting library: a few lines of SVG open in any browser."""
 
 from __future__ import annotations
 

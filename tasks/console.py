@@ -1,5 +1,7 @@
-"""What a stage and the CLI print alike: redacted, warnings on one line, no progress bars in a log; and the
-programs a child starts by name taken from this interpreter's folder."""
+"""What a stage and the CLI print alike.
+
+Redacted, warnings on one line, no progress bars in a log; and the programs a child starts by name taken from this
+interpreter's folder."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The exit status contract and the one line a user sees for any error: shared by the stages, the CLI and the
-flow's retry condition."""
+"""The exit status contract and the one line a user sees for any error.
+
+Shared by the stages, the CLI and the flow's retry condition."""
 
 from __future__ import annotations
 

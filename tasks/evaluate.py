@@ -69,10 +69,11 @@ def windows(total: int, block_size: int, stride: int) -> list[tuple[int, int, in
 
 
 def score(model, blocks, block_size: int, stride: int, batch_size: int, device: str) -> Score:
-    """Sum the NLL of every scored token of the validation stream (its blocks end to end), a batch of windows
-    at a time. `blocks` is a torch-formatted Dataset (memory-mapped Arrow) or a dict of tensors; each batch
-    reads only the blocks its windows cover, and logits never outlive their batch, so memory is flat in the
-    number of validation tokens."""
+    """Sum the NLL of every scored token of the validation stream (its blocks end to end), a batch of windows at a time.
+
+    `blocks` is a torch-formatted Dataset (memory-mapped Arrow) or a dict of tensors; each batch reads only the
+    blocks its windows cover, and logits never outlive their batch, so memory is flat in the number of validation
+    tokens."""
     count = len(blocks) if not isinstance(blocks, dict) else len(blocks["input_ids"])
     spans = windows(count * block_size, block_size, stride)
     model.to(device).eval()

@@ -36,8 +36,10 @@ def pip_requirements() -> list[str]:
 
 
 def place(source: Path, dest: Path) -> None:
-    """dest as a hard link to source, or a copy across devices. Only weights are linked: save_pretrained and DVC
-    replace them with new files, never edit them in place; the small files a user might edit are copied."""
+    """dest as a hard link to source, or a copy across devices.
+
+    Only weights are linked: save_pretrained and DVC replace them with new files, never edit them in place; the
+    small files a user might edit are copied."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     if fnmatch(source.name, MODEL_WEIGHTS):
         try:

@@ -1,5 +1,6 @@
-"""Launching the train stage past one process: torchrun on this machine or across nodes, and the role each
-process plays."""
+"""Launching the train stage past one process.
+
+Torchrun on this machine or across nodes, and the role each process plays."""
 
 from __future__ import annotations
 
@@ -79,9 +80,10 @@ def rendezvous_endpoint(train: TrainParams, environ: Mapping[str, str]) -> str:
 
 
 def train_on_nodes(params: Params) -> None:
-    """This node's launcher of a multi-node training. c10d may give global rank 0 to any node: the node where it
-    ran holds the model and the run; any other node exits OUTPUTS_ELSEWHERE_EXIT, so that DVC does not record
-    its old outputs as this training's."""
+    """This node's launcher of a multi-node training.
+
+    c10d may give global rank 0 to any node: the node where it ran holds the model and the run; any other node exits
+    OUTPUTS_ELSEWHERE_EXIT, so that DVC does not record its old outputs as this training's."""
     record = MODEL_DIR / RUN_RECORD
 
     def written() -> tuple[int, int] | None:  # a model swapped in is a new file, even for a resumed run's id

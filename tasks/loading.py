@@ -1,6 +1,7 @@
-"""Loading a GPT-2 and its tokenizer (a save_pretrained folder, a hub id or an MLflow model URI), and the device
-to run it on. The one place the pipeline calls from_pretrained: train's pretrained path, tokenize's pretrained
-tokenizer, evaluate, promotion and `gpt2-pipeline generate`."""
+"""Loading a GPT-2 and its tokenizer, and the device to run it on.
+
+From a save_pretrained folder, a hub id or an MLflow model URI. The one place the pipeline calls from_pretrained:
+train's pretrained path, tokenize's pretrained tokenizer, evaluate, promotion and `gpt2-pipeline generate`."""
 
 from __future__ import annotations
 

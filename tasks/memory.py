@@ -1,5 +1,7 @@
-"""Training memory, estimated from the params before a model is built: a model that cannot fit the machine (or
-the GPU) is refused with the estimate and how to shrink it, instead of hanging in allocation.
+"""Training memory, estimated from the params before a model is built.
+
+A model that cannot fit the machine (or the GPU) is refused with the estimate and how to shrink it, instead of
+hanging in allocation.
 
 The estimate is deliberately plain: fp32 weights, gradients and AdamW's two moments (16 bytes a parameter),
 activations at the micro-batch (about 34 bytes per token, layer and width in 16-bit with fused attention, as in

@@ -112,8 +112,10 @@ def training_run(params: Params, checkpoint_dir: Path, resuming: bool, figures: 
 
 
 def model_run(params: Params, model_dir: Path) -> str:
-    """The run of the model in model_dir. A model trained against another store (a fresh clone's own mlflow.db
-    after `dvc pull`) gets one run standing in for it, tagged trained_in_run, which its later stages find."""
+    """The run of the model in model_dir.
+
+    A model trained against another store (a fresh clone's own mlflow.db after `dvc pull`) gets one run standing in
+    for it, tagged trained_in_run, which its later stages find."""
     store.require_tracking_server()
     recorded = read_record(model_dir) or "unknown"
     if _exists(recorded):

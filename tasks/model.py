@@ -1,5 +1,7 @@
-"""The GPT-2 the train stage builds: config-initialized or pretrained, sized to the tokenizer, framed as tokenize
-framed the records, and padded for training."""
+"""The GPT-2 the train stage builds.
+
+Config-initialized or pretrained, sized to the tokenizer, framed as tokenize framed the records, and padded for
+training."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Where a stage may read and how it writes: inside the project, and atomically (a killed stage leaves the previous
-output or nothing, never half of one)."""
+"""Where a stage may read and how it writes.
+
+Inside the project, and atomically (a killed stage leaves the previous output or nothing, never half of one)."""
 
 from __future__ import annotations
 
@@ -78,8 +79,9 @@ def atomic_outputs(*dests: Path) -> Iterator[tuple[Path, ...]]:
 
 
 def _swap_in(tmp: Path, dest: Path) -> None:
-    """Replace dest with tmp: a file in one rename, a folder by moving the old one aside first. A folder is only
-    ever replaced by a folder (the pipeline's own outputs): a file never takes a folder's place."""
+    """Replace dest with tmp: a file in one rename, a folder by moving the old one aside first.
+
+    A folder is only ever replaced by a folder (the pipeline's own outputs): a file never takes a folder's place."""
     if dest.is_dir() and not tmp.is_dir():
         raise PipelineError(f"{dest}: is a folder; name a file to write, the folder and its contents are kept")
     if tmp.is_dir() and dest.is_dir():

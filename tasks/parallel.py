@@ -1,5 +1,7 @@
-"""Work spread over processes with results in order: what lets ingest and tokenize use every core and still write
-the same bytes for any number of workers (data.workers)."""
+"""Work spread over processes with results in order.
+
+What lets ingest and tokenize use every core and still write the same bytes for any number of workers
+(data.workers)."""
 
 from __future__ import annotations
 

@@ -347,9 +347,10 @@ class _AnchorRefused(Exception):
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where `1e-3` is a string; accept it as a float, as YAML 1.2 does. Anchors and
-    aliases are refused before any node is built: ten nested aliases to ten items each expand to 10^10 values
-    (a "billion laughs" bomb) when the params are walked, validated or logged."""
+    """PyYAML follows YAML 1.1, where `1e-3` is a string; accept it as a float, as YAML 1.2 does.
+
+    Anchors and aliases are refused before any node is built: ten nested aliases to ten items each expand to 10^10
+    values (a "billion laughs" bomb) when the params are walked, validated or logged."""
 
     def compose_node(self, parent, index):
         event = self.peek_event()

@@ -41,8 +41,10 @@ _cache: tuple[int, tuple[str, ...]] = (0, ())
 
 
 def uri_secrets(value: str) -> set[str]:
-    """The password (or bare token) of a URI's user-info and its token-like query values. The user-info ends at
-    the last `@`: a password may hold `@`, `/`, `?` or `#` unescaped, which a URI parser would cut elsewhere."""
+    """The password (or bare token) of a URI's user-info and its token-like query values.
+
+    The user-info ends at the last `@`: a password may hold `@`, `/`, `?` or `#` unescaped, which a URI parser would
+    cut elsewhere."""
     found = {match.group(2) for match in TOKEN_PARAMETER.finditer(value)}
     for uri in [value, *URI_IN_TEXT.findall(value)] if "://" in value else []:
         rest = uri.partition("://")[2]

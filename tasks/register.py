@@ -141,9 +141,10 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
 
 
 def log_model(run_id: str, model_dir: Path, card: str, signature) -> str:
-    """model_dir as a logged model of the run, in MLflow's transformers layout; returns its id. In a local artifact
-    store the layout is written in place, the weights hard-linked (no copy at all); elsewhere it is staged (links)
-    and uploaded once."""
+    """model_dir as a logged model of the run, in MLflow's transformers layout; returns its id.
+
+    In a local artifact store the layout is written in place, the weights hard-linked (no copy at all); elsewhere it
+    is staged (links) and uploaded once."""
     from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model
     from mlflow.utils.file_utils import local_file_uri_to_path

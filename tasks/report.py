@@ -1,5 +1,7 @@
-"""The promotion report: two models side by side in one HTML page that needs nothing but itself (charts are
-inline SVG; no script, no stylesheet or font from elsewhere), so it opens offline and as an MLflow artifact.
+"""The promotion report.
+
+Two models side by side in one HTML page that needs nothing but itself (charts are inline SVG; no script, no
+stylesheet or font from elsewhere), so it opens offline and as an MLflow artifact.
 
 It shows what a person deciding a promotion asks: the decision in words, bits per byte of both against the
 threshold, the two training curves overlaid, the evaluation metrics, samples for the same prompts and seed, the

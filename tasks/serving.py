@@ -30,8 +30,9 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may ask of a served model, and how many run at once. serve-model's options default to
-    these; `docs/reliability.md` lists them."""
+    """What one request may ask of a served model, and how many run at once.
+
+    serve-model's options default to these; `docs/reliability.md` lists them."""
 
     max_body_bytes: int = 1 << 20  # a request's body; past it 413, before the body is read
     max_prompts: int = 16  # prompts in one request

@@ -86,8 +86,10 @@ def source_format(name: str) -> str | None:
 
 
 def plan(sources: list[str], shard_bytes: int) -> list[list[Piece]]:
-    """Units of work of about shard_bytes each: consecutive pieces of the sources, in order. Each unit becomes one
-    shard per split, so the shards depend on the files and shard_bytes, never on how many workers read them."""
+    """Units of work of about shard_bytes each: consecutive pieces of the sources, in order.
+
+    Each unit becomes one shard per split, so the shards depend on the files and shard_bytes, never on how many
+    workers read them."""
     units: list[list[Piece]] = []
     current: list[Piece] = []
     size = 0
@@ -298,8 +300,10 @@ OUTSIDE_SWITCH = "data.allow_outside_project"
 
 
 def resolve_sources(sources: list[str], outside: bool = False) -> list[str]:
-    """Expand globs into files (sorted, so the order is reproducible); hub specs pass through. Files must be
-    inside the project after following symlinks, unless outside (data.allow_outside_project) says otherwise."""
+    """Expand globs into files (sorted, so the order is reproducible); hub specs pass through.
+
+    Files must be inside the project after following symlinks, unless outside (data.allow_outside_project) says
+    otherwise."""
     resolved: list[str] = []
     for index, source in enumerate(sources):
         key = f"data.sources[{index}]"

@@ -1,5 +1,7 @@
-"""Stopping a stage cleanly: SIGTERM and Ctrl-C unwind it (finished outputs kept), a commit of outputs is never
-cut in half, and a watchdog kills a stage that cannot unwind."""
+"""Stopping a stage cleanly.
+
+SIGTERM and Ctrl-C unwind it (finished outputs kept), a commit of outputs is never cut in half, and a watchdog
+kills a stage that cannot unwind."""
 
 from __future__ import annotations
 
@@ -82,8 +84,9 @@ os.kill(stage, signal.SIGKILL)
 
 
 def start_watchdog() -> Callable[[], None]:
-    """A stage stopped by a signal ends within STOP_GRACE_SECONDS, whatever its main thread is doing. Returns
-    what disarms it (a stage run in-process, by a test, returns to its caller)."""
+    """A stage stopped by a signal ends within STOP_GRACE_SECONDS, whatever its main thread is doing.
+
+    Returns what disarms it (a stage run in-process, by a test, returns to its caller)."""
     import subprocess  # nosec B404: this interpreter, a fixed program, no shell
 
     read_end, write_end = os.pipe()

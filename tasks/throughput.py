@@ -69,8 +69,10 @@ def measured_peak(device: str, precision: str) -> float:
 
 
 def use_tf32() -> None:
-    """TF32 tensor cores for fp32 matmuls. Set through the per-backend setting of torch >= 2.9, the one the
-    Trainer uses: once the legacy and the new API are mixed, torch refuses to read the legacy one."""
+    """TF32 tensor cores for fp32 matmuls.
+
+    Set through the per-backend setting of torch >= 2.9, the one the Trainer uses: once the legacy and the new API
+    are mixed, torch refuses to read the legacy one."""
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         torch.backends.cuda.matmul.fp32_precision = "tf32"
     else:

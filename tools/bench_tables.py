@@ -145,7 +145,7 @@ def overhead_summary(f: dict) -> list:
 
 
 def data_table(rows: list) -> Table:
-    head = ["text", "workers", "ingest", "tokenize", "peak RSS ingest / tokenize", "speed-up", "same bytes"]
+    head = ["text", "workers", "ingest", "tokenize", "peak private memory ingest / tokenize", "speed-up", "same bytes"]
     body = []
     for r in rows:
         runs = {int(workers): run for workers, run in r["runs"].items()}
@@ -157,7 +157,7 @@ def data_table(rows: list) -> Table:
                 str(workers),
                 f"{run['ingest']['seconds']:.1f} s ({r['text_mb'] / run['ingest']['seconds']:.1f} MB/s)",
                 f"{run['tokenize']['seconds']:.1f} s ({r['text_mb'] / run['tokenize']['seconds']:.1f} MB/s)",
-                f"{run['ingest']['peak_rss_mb']:,.0f} / {run['tokenize']['peak_rss_mb']:,.0f} MB",
+                f"{run['ingest']['peak_private_mb']:,.0f} / {run['tokenize']['peak_private_mb']:,.0f} MB",
                 x(base / total),
                 "yes" if r["identical"] else "**no**",
             ])  # fmt: skip

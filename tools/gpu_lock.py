@@ -1,5 +1,7 @@
-"""Write infra/requirements-gpu.lock: the CUDA build of torch and what it needs beyond requirements.lock, each
-pinned with its hash, for the image's Python (infra/Dockerfile installs it with --require-hashes).
+"""Write infra/requirements-gpu.lock.
+
+The CUDA build of torch and what it needs beyond requirements.lock, each pinned with its hash, for the image's
+Python (infra/Dockerfile installs it with --require-hashes).
 
 pip resolves torch for the image's platform without installing anything (`pip install --dry-run --report`), and
 the report gives each file's sha256. Needs PyPI; `make lock-gpu` runs it.

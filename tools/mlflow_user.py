@@ -1,5 +1,7 @@
-"""Create the pipeline's own MLflow user on a basic-auth server, as its admin (the compose stack's mlflow-users
-job): the worker then holds this user's password, not the admin's. Running it again changes nothing.
+"""Create the pipeline's own MLflow user on a basic-auth server, as its admin.
+
+The compose stack's mlflow-users job runs it: the worker then holds this user's password, not the admin's. Running
+it again changes nothing.
 
 Reads MLFLOW_TRACKING_URI and the admin's MLFLOW_TRACKING_USERNAME/PASSWORD, and PIPELINE_USER/PIPELINE_PASSWORD.
 """

@@ -1,7 +1,8 @@
-"""Write the params reference (docs/reference/params.md) and the JSON Schema of params.yaml
-(docs/reference/params.schema.json) from tasks/params.py's pydantic models, the one source of every key's type,
-default, bounds and description. `make reference` runs it; a test fails when the committed files differ from
-what it writes.
+"""Write the params reference and the JSON Schema of params.yaml from tasks/params.py's models.
+
+docs/reference/params.md and docs/reference/params.schema.json come from the pydantic models, the one source of
+every key's type, default, bounds and description. `make reference` runs it; a test fails when the committed files
+differ from what it writes.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The project as the tests and the benchmarks use it: its folder, its interpreter's tools, and a copy of it as a
-newcomer's clone has it."""
+"""The project as the tests and the benchmarks use it.
+
+Its folder, its interpreter's tools, and a copy of it as a newcomer's clone has it."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ every service, volume, variable, parameter and template placeholder it names exi
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import re
@@ -250,3 +251,37 @@ def test_dvc_reads_the_projects_remote_config_with_the_default_install():
     assert re.search(r"Supports:[\s\S]*\bs3\b", version.stdout), version.stdout
     remotes = subprocess.run([dvc, "remote", "list"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert re.match(r"minio\s+s3://dvc", remotes), remotes
+
+
+def test_the_trainjob_is_a_kubeflow_trainer_v2_trainjob_whose_sizes_and_script_agree():
+    """Validated by the Kubeflow Trainer API's own models (kubeflow-trainer-api, generated from the CRDs' OpenAPI
+    schema): a wrong type fails, and a key the schema does not have is caught by the round trip."""
+    import pydantic
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    def plain(value):
+        return json.loads(json.dumps(value, default=str))
+
+    doc = yaml.safe_load((INFRA / "k8s/trainjob.yaml").read_text())
+    assert plain(TrainerV1alpha1TrainJob.from_dict(doc).to_dict()) == plain(doc)
+    typo = copy.deepcopy(doc)
+    typo["spec"]["trainer"]["numNode"] = typo["spec"]["trainer"].pop("numNodes")
+    assert plain(TrainerV1alpha1TrainJob.from_dict(typo).to_dict()) != plain(typo)
+    wrong = copy.deepcopy(doc)
+    wrong["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] = 8  # a quantity is a string
+    with pytest.raises(pydantic.ValidationError):
+        TrainerV1alpha1TrainJob.from_dict(wrong)
+    trainer = doc["spec"]["trainer"]
+    assert doc["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org", "kind": "ClusterTrainingRuntime", "name": "torch-distributed"
+    }  # fmt: skip
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == str(trainer["numProcPerNode"])
+    script = trainer["args"][0]
+    subprocess.run(["sh", "-n", "-c", script], check=True)
+    assert '"$PET_NNODES" "$PET_NPROC_PER_NODE"' in script and 'MASTER_ADDR="$PET_MASTER_ADDR"' in script
+    assert "python -m tasks.train || status=$?" in script and re.search(r"^\s+4\) echo", script, re.M)
+    assert "dvc pull -r minio tokenize" in script
+    node = doc["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    pod = node["template"]["spec"]["template"]
+    assert node["name"] == pod["spec"]["containers"][0]["name"] == "node"  # the torch runtime's job and container
+    assert pod["metadata"]["labels"] == {"gpt2-pipeline/client": "true"}  # network-policy.yaml's client label
