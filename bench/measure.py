@@ -38,8 +38,9 @@ class Measured:
 def run_measured(
     args: list[str], cwd: Path | None = None, env: dict | None = None, poll: float = 0.05, memory_limit: int = 0
 ) -> Measured:
-    """Run `python args...` and sample the RSS of its tree (map workers included) until it exits; with
-    memory_limit (bytes) it runs in a memory cgroup of that size, page cache included, as a container would."""
+    """Run `python args...` and sample the RSS of its tree (map workers included) until it exits.
+
+    With memory_limit (bytes) it runs in a memory cgroup of that size, page cache included, as a container would."""
     started = time.perf_counter()
     # A file, not a pipe: a chatty child never blocks on a full pipe while only its memory is being read.
     with memory_cgroup(memory_limit) as join, tempfile.TemporaryFile("w+") as log:
@@ -69,8 +70,10 @@ def _sample(proc: subprocess.Popen, poll: float) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def memory_cgroup(limit: int) -> Iterator[Callable[[], None] | None]:
-    """A child cgroup (v1 memory controller, or v2) limited to `limit` bytes; yields a preexec function that
-    moves the child into it. Needs root and a writable cgroup tree (a refusal names the path)."""
+    """A child cgroup (v1 memory controller, or v2) limited to `limit` bytes.
+
+    Yields a preexec function that moves the child into it. Needs root and a writable cgroup tree (a refusal names
+    the path)."""
     if not limit:
         yield None
         return

@@ -111,8 +111,9 @@ print("RESULT " + json.dumps(rounds))
 
 
 def flow_overhead(project: Path, rounds: int) -> dict:
-    """Flow wall time minus the same stages' wall time in a plain loop, per round; the first round of the
-    ephemeral server includes starting it."""
+    """Flow wall time minus the same stages' wall time in a plain loop, per round.
+
+    The first round of the ephemeral server includes starting it."""
     row = {}
     with prefect_server(project.parent) as api_url:
         row["running"] = flow_rounds(project, rounds, tool_env(PREFECT_API_URL=api_url))
@@ -176,8 +177,9 @@ def prefect_server(parent: Path):
 
 
 def logging_share(project: Path, steps: int, unbatched: bool) -> dict:
-    """Training `steps` steps with every step's metrics logged, against the same training with MLflow calls
-    made no-ops; also the seconds spent inside the MLflow calls themselves."""
+    """Training `steps` steps with every step's metrics logged, against the same training with MLflow calls made no-ops.
+
+    Also the seconds spent inside the MLflow calls themselves."""
     from tasks import mlflow_runs, store, train
     from tasks.params import apply_overrides, parse_params, read_raw
 
@@ -252,7 +254,9 @@ else:
 
 
 def register_ratio(project: Path, rounds: int) -> dict:
-    """GPT-2 124M (GPT2Config's defaults) in models/gpt2, registered by the register stage's function, against
+    """Registering a GPT-2 124M against save_pretrained of the same model.
+
+    GPT-2 124M (GPT2Config's defaults) in models/gpt2, registered by the register stage's function, against
     save_pretrained of the same model; alternating, medians."""
     from transformers import GPT2Config, GPT2LMHeadModel
 

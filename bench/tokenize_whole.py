@@ -39,8 +39,10 @@ def prepared_texts(prepared: Path, split: str):
 
 
 def script_blocks(tokenizer, prepared: Path, out: Path, block: int) -> int:
-    """The hand-written encoding: both splits with `encode_batch`, 1,000 records at a time, each record ended with
-    the end-of-text id, cut into blocks and saved with np.save; returns the tokens."""
+    """The hand-written encoding.
+
+    Both splits with `encode_batch`, 1,000 records at a time, each record ended with the end-of-text id, cut into
+    blocks and saved with np.save; returns the tokens."""
     import numpy as np
 
     eos, tokens = tokenizer.token_to_id("<|endoftext|>"), 0

@@ -52,7 +52,9 @@ def options(
 
 
 def main() -> None:
-    """The console script: any error is one line, as the stages print it (tasks.errors.report_error), with the same
+    """The console script.
+
+    The console script: any error is one line, as the stages print it (tasks.errors.report_error), with the same
     exit status; the traceback only with --verbose. In a log (not a terminal) no progress bars, as in the stages."""
     console_output()
     try:
@@ -66,8 +68,10 @@ def fail(message: str) -> None:
 
 
 def command(function: Callable) -> Callable:
-    """Register a command whose errors end it as a stage's end: one line (tasks.errors.report_error) and the exit status
-    of the contract, whether it runs from the console script or in-process (typer's CliRunner, a notebook)."""
+    """Register a command whose errors end it as a stage's end.
+
+    One line (tasks.errors.report_error) and the exit status of the contract, whether it runs from the console
+    script or in-process (typer's CliRunner, a notebook)."""
 
     @functools.wraps(function)
     def reported(*args, **kwargs):
@@ -181,8 +185,9 @@ def show_summary(root: Path) -> None:
 def promote(
     version: Annotated[str | None, typer.Option(help="the registered version to judge; default: @challenger")] = None,
 ):
-    """Run the promote-model flow: @champion moves to the challenger only if it has fewer bits per byte; exit
-    status 3 when it kept the champion."""
+    """Run the promote-model flow.
+
+    @champion moves to the challenger only if it has fewer bits per byte; exit status 3 when it kept the champion."""
     from flows.promote import promote_model
 
     load_params()  # bad params first: one line, no store touched
@@ -202,8 +207,10 @@ def compare(
         Path, typer.Option(help="the HTML report's file; an existing folder gets compare.html inside it")
     ] = Path(COMPARE_FILE),
 ):
-    """Write the promotion report for any two models: bits per byte on the promotion text, training curves,
-    evaluation metrics, samples for the same prompts and seed, what differs, and what promotion would decide."""
+    """Write the promotion report for any two models.
+
+    Bits per byte on the promotion text, training curves, evaluation metrics, samples for the same prompts and seed,
+    what differs, and what promotion would decide."""
     from tasks.promote import compare as compare_models
     from tasks.promote import text_path
 
@@ -337,7 +344,9 @@ def generate(
     top_p: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="default: evaluate.generation's")] = None,
     seed: Annotated[int | None, typer.Option(help="default: evaluate.generation's")] = None,
 ):
-    """Continue a prompt with a trained model, sampling as evaluate.generation in params.yaml says unless an option
+    """Continue a prompt with a trained model.
+
+    Continue a prompt with a trained model, sampling as evaluate.generation in params.yaml says unless an option
     says otherwise (a fixed seed: the same call gives the same text)."""
     from tasks.loading import load_pretrained
     from tasks.params import GenerationParams

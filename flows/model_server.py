@@ -51,8 +51,9 @@ def depth(value: Any, limit: int) -> int:
 
 
 def parse_request(body: bytes, limits: Limits, settings: dict[str, Any]) -> None:
-    """Refuse a body that is not `{"inputs": ..., "params": {...}}` within the limits; settings: the model's
-    generation settings and their defaults (its signature's params)."""
+    """Refuse a body that is not `{"inputs": ..., "params": {...}}` within the limits.
+
+    Settings: the model's generation settings and their defaults (its signature's params)."""
     try:
         request = json.loads(body)
     except RecursionError:
@@ -109,8 +110,9 @@ async def respond(send: Send, status: int, message: str, error_code: str, header
 
 
 def one_message(body: bytes) -> tuple[str, str]:
-    """MLflow's error body reduced to its error code and the loader's own message: no stack trace, and not the
-    request it echoes ("Failed to predict data '...'. Error: <message>")."""
+    """MLflow's error body reduced to its error code and the loader's own message.
+
+    No stack trace, and not the request it echoes ("Failed to predict data '...'. Error: <message>")."""
     try:
         error = json.loads(body)
         code, message = str(error.get("error_code", "INTERNAL_ERROR")), str(error.get("message", ""))

@@ -111,8 +111,10 @@ def stage_status(lines: list[str], dvc_status: int) -> int:
 
 
 def worth_retrying(task, task_run, state) -> bool:
-    """Retry crashes and faults, not bad input (the same params would fail the same way) nor a node whose part of
-    a multi-node training is done (rerun alone, it would wait at the rendezvous for nodes that have finished)."""
+    """Whether a failed stage is worth retrying.
+
+    Retry crashes and faults, not bad input (the same params would fail the same way) nor a node whose part of a
+    multi-node training is done (rerun alone, it would wait at the rendezvous for nodes that have finished)."""
     final = (BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT)
     return not (isinstance(state.data, StageFailed) and state.data.exit_status in final)
 
@@ -148,8 +150,10 @@ def run_stage(stage: str, cwd: str, additions: dict[str, str]) -> None:
 
 
 def failure_line(lines: list[str]) -> str:
-    """The line that explains a failed `dvc repro`: the stage's own (`error: ...`), else DVC's (`ERROR: ...`, such
-    as another run holding the workspace's lock), else the last line."""
+    """The line that explains a failed `dvc repro`.
+
+    The stage's own (`error: ...`), else DVC's (`ERROR: ...`, such as another run holding the workspace's lock),
+    else the last line."""
     for prefix in ("error:", "ERROR:"):
         found = [line for line in lines if line.startswith(prefix)]
         if found:

@@ -31,8 +31,9 @@ def shared() -> bool:
 
 
 def start_local() -> None:
-    """Start the temporary server now (Prefect would at the first flow call), one start at a time per
-    PREFECT_HOME; nothing to do with PREFECT_API_URL set."""
+    """Start the temporary server now (Prefect would at the first flow call), one start at a time per PREFECT_HOME.
+
+    Nothing to do with PREFECT_API_URL set."""
     from prefect.settings import (
         PREFECT_HOME,
         PREFECT_SERVER_EPHEMERAL_ENABLED,
@@ -58,8 +59,10 @@ def promotion_limit(model_name: str) -> str:
 
 @contextmanager
 def promotion_slot(model_name: str) -> Iterator[None]:
-    """Hold the model's promotion slot on the user's Prefect server (the limit is made on first use), waiting
-    for another host's promotion to finish; on a temporary server, no one else can reach it: nothing to hold."""
+    """Hold the model's promotion slot on the user's Prefect server.
+
+    Hold the model's promotion slot on the user's Prefect server (the limit is made on first use), waiting for
+    another host's promotion to finish; on a temporary server, no one else can reach it: nothing to hold."""
     if not shared():
         yield
         return

@@ -86,9 +86,10 @@ def claimed(project: Path, overrides: dict[str, Any]) -> Iterator[Path]:
 
 
 def uncommitted(project: Path) -> list[str]:
-    """Tracked files changed since HEAD, which a run workspace does not see: not params.yaml (prepare writes the
-    workspace's from the project's own, overrides applied: `run --params FILE -S ...` uses FILE), nor dvc.lock
-    and the metrics."""
+    """Tracked files changed since HEAD, which a run workspace does not see.
+
+    Not params.yaml (prepare writes the workspace's from the project's own, overrides applied: `run --params FILE -S
+    ...` uses FILE), nor dvc.lock and the metrics."""
     changed = _git(project, "status", "--porcelain", "--untracked-files=no").splitlines()
     paths = [line[3:] for line in changed]
     outputs = ("dvc.lock", str(PARAMS_FILE))
@@ -111,10 +112,12 @@ def _share_dvc_cache(project: Path, workspace: Path) -> None:
 
 
 def _check_out_committed_outputs(workspace: Path) -> None:
-    """Give a new workspace the outputs its dvc.lock names, from the shared cache, so that DVC skips the stages
-    the overrides leave unchanged (ingest and tokenize for a training override) instead of running them again:
-    the stages' outputs are `persist`, which keeps DVC from restoring them from its run cache. An output the
-    cache lacks is left out (`--allow-missing`); DVC then runs its stage."""
+    """Give a new workspace the outputs its dvc.lock names, from the shared cache.
+
+    Give a new workspace the outputs its dvc.lock names, from the shared cache, so that DVC skips the stages the
+    overrides leave unchanged (ingest and tokenize for a training override) instead of running them again: the
+    stages' outputs are `persist`, which keeps DVC from restoring them from its run cache. An output the cache lacks
+    is left out (`--allow-missing`); DVC then runs its stage."""
     command = [sys.executable, "-m", "dvc", "checkout", "--quiet", "--allow-missing"]
     subprocess.run(command, cwd=workspace, capture_output=True, check=False)
 

@@ -21,10 +21,11 @@ from tasks.paths import (
 
 
 class MlflowLogger(TrainerCallback):
-    """Each logging step to the pipeline's MLflow run, by id: loss, learning rate, gradient norm, eval loss,
-    tokens/s and MFU, and one readable line on stdout. The metrics are sent in batches, every FLUSH_SECONDS,
-    before each checkpoint and at the end. After a resume, steps the run already holds are skipped, so no
-    metric step is logged twice."""
+    """Each logging step to the pipeline's MLflow run, by id.
+
+    Loss, learning rate, gradient norm, eval loss, tokens/s and MFU, and one readable line on stdout. The metrics
+    are sent in batches, every FLUSH_SECONDS, before each checkpoint and at the end. After a resume, steps the run
+    already holds are skipped, so no metric step is logged twice."""
 
     KEYS: ClassVar[dict[str, str]] = {
         "loss": "train/loss",

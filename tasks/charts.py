@@ -12,8 +12,9 @@ WIDTH, HEIGHT, MARGIN = 560, 260, 48
 
 
 def line_chart(series: list[tuple[str, str, list[tuple[int, float]]]], label: str) -> str:
-    """An SVG line chart: (name, colour, [(step, value)]) per line, steps on x, values on y, with gridlines;
-    styled by its own attributes, so it is the same alone in a file and inside a page."""
+    """An SVG line chart: (name, colour, [(step, value)]) per line, steps on x, values on y, with gridlines.
+
+    Styled by its own attributes, so it is the same alone in a file and inside a page."""
     steps = [step for _, _, curve in series for step, _ in curve]
     values = [value for _, _, curve in series for _, value in curve]
     x0, x1, y0, y1 = min(steps), max(steps), min(values), max(values)

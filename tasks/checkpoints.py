@@ -22,8 +22,9 @@ CHECKPOINT_LAYOUT = 2
 
 
 def fingerprint(params: Params, tokenized_dir: Path) -> str:
-    """A hash of everything that shapes the training trajectory: model, train and tokenizer params and the
-    training blocks themselves."""
+    """A hash of everything that shapes the training trajectory.
+
+    Model, train and tokenizer params and the training blocks themselves."""
     digest = hashlib.sha256()
     settings = {
         "model": params.model.model_dump(),
@@ -57,8 +58,9 @@ def last_checkpoint(folder: Path) -> str | None:
 
 
 def prepare(folder: Path, print_: str, clean: bool = True) -> str | None:
-    """The checkpoint to resume from when the folder holds checkpoints of the same settings; otherwise
-    (with clean) empty the folder and mark it with these settings."""
+    """The checkpoint to resume from when the folder holds checkpoints of the same settings.
+
+    Otherwise (with clean) empty the folder and mark it with these settings."""
     marker = folder / FINGERPRINT_FILE
     if marker.exists() and marker.read_text().strip() == print_:
         return last_checkpoint(folder)

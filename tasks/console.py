@@ -14,8 +14,10 @@ from tasks.redaction import redact_output
 
 
 def quiet_progress_bars() -> None:
-    """No progress bars from transformers and the Hugging Face libraries: in a terminal a bar redraws one line,
-    but in a log (a Prefect flow's, CI's, a file) every redraw adds one, e.g. "Writing model shards: 0%|"."""
+    """No progress bars from transformers and the Hugging Face libraries.
+
+    In a terminal a bar redraws one line, but in a log (a Prefect flow's, CI's, a file) every redraw adds one, e.g.
+    "Writing model shards: 0%|"."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by the libraries imported from here on
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # read at each download
     if "transformers" in sys.modules:  # imported already (the train stage's module does): it read the variable
@@ -25,14 +27,17 @@ def quiet_progress_bars() -> None:
 
 
 def tools_first(bin_dir: Path, path: str | None = None) -> str:
-    """PATH with bin_dir first (default: after it, this process's PATH): the programs a child starts by name
-    (dvc's `python`, mlflow's `uvicorn`, torchrun) are then the project interpreter's."""
+    """PATH with bin_dir first (default: after it, this process's PATH).
+
+    The programs a child starts by name (dvc's `python`, mlflow's `uvicorn`, torchrun) are then the project
+    interpreter's."""
     return f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '') if path is None else path}"
 
 
 def one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line=None) -> str:
-    """A Python warning as one line, naming where it was raised: the default adds the source line below it, two
-    lines a log reader takes for an error's traceback."""
+    """A Python warning as one line, naming where it was raised.
+
+    The default adds the source line below it, two lines a log reader takes for an error's traceback."""
     return f"warning: {category.__name__}: {' '.join(str(message).split())} ({Path(filename).name}:{lineno})\n"
 
 

@@ -95,9 +95,11 @@ def environment_files(path: Path, requirements: list[str]) -> None:
 def save_model(
     path: str, mlflow_model, folder: Path, card: str, signature, loader: Path, model_config: dict[str, Any]
 ) -> None:
-    """The layout of `folder` in `path` (the logged model's artifact folder, or a staging folder), with `loader`
-    (a module in code/) as the python_function loader, `model_config` as the settings a server may override
-    (`mlflow models serve --model-config`) and `card` as the model card."""
+    """Write MLflow's transformers layout of `folder` in `path`.
+
+    The layout of `folder` in `path` (the logged model's artifact folder, or a staging folder), with `loader` (a
+    module in code/) as the python_function loader, `model_config` as the settings a server may override (`mlflow
+    models serve --model-config`) and `card` as the model card."""
     from mlflow.pyfunc import add_to_model
 
     root = Path(path)

@@ -40,8 +40,10 @@ CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}\x{3000}-\x{303F}\x{FF00}-\x{FF
 
 
 def resolve(setting: str, tokenizer, dialog: bool, source: str) -> Framing:
-    """The framing `tokenizer.framing` names; auto is eos when the tokenizer has an end-of-text token, else the
-    uer convention ([CLS]/[SEP]; chitchat's for dialogue). Its tokens must be in the tokenizer."""
+    """The framing `tokenizer.framing` names.
+
+    Auto is eos when the tokenizer has an end-of-text token, else the uer convention ([CLS]/[SEP]; chitchat's for
+    dialogue). Its tokens must be in the tokenizer."""
     if setting == "auto":
         if tokenizer.eos_token_id is not None:
             setting = "eos"
@@ -66,8 +68,10 @@ def resolve(setting: str, tokenizer, dialog: bool, source: str) -> Framing:
 
 
 def apply(framing: Framing, tokenizer):
-    """The tokenizer carrying the framing: its eos_token is the record's end marker, its bos_token the start
-    marker, and a WordPiece (BERT) vocabulary decodes Chinese without a space between characters."""
+    """The tokenizer carrying the framing.
+
+    Its eos_token is the record's end marker, its bos_token the start marker, and a WordPiece (BERT) vocabulary
+    decodes Chinese without a space between characters."""
     if framing.name != "eos":
         markers = {"eos_token": getattr(tokenizer, framing.end)}
         if framing.start:
@@ -77,8 +81,10 @@ def apply(framing: Framing, tokenizer):
 
 
 def join_cjk(tokenizer):
-    """BERT's WordPiece decoder puts a space before every token but `##` pieces: keep it before Latin words and
-    drop it before CJK characters and punctuation, so `床 前 明 月 光` decodes as `床前明月光`.
+    """BERT's WordPiece decoder puts a space before every token but `##` pieces.
+
+    Keep it before Latin words and drop it before CJK characters and punctuation, so `床 前 明 月 光` decodes as
+    `床前明月光`.
 
     transformers rebuilds a BertTokenizer's decoder from its class when it loads one: the tokenizer is saved
     as a plain fast tokenizer instead, whose tokenizer.json (with this decoder) is what loads, here and in the

@@ -104,8 +104,10 @@ def _prepare_unit(indexed: tuple[int, list[Piece]], fields: list[str], params: D
 
 
 def _merge(units: list[Unit], out: Path) -> dict[str, Any]:
-    """Drop records an earlier unit already holds (the first of equal texts is kept, as in one pass over all
-    sources), rewriting only the shards that had one, and count what is kept."""
+    """Drop records an earlier unit already holds, and count what is kept.
+
+    Drop records an earlier unit already holds (the first of equal texts is kept, as in one pass over all sources),
+    rewriting only the shards that had one, and count what is kept."""
     stats: dict[str, Any] = {split: {"records": 0, "chars": 0, "bytes": 0} for split in SPLITS}
     dropped = {"short": 0, "duplicate": 0}
     seen: set[bytes] = set()

@@ -42,9 +42,11 @@ def role(train: TrainParams, environ: Mapping[str, str]) -> Role:
 
 
 def launch_processes(params: Params, run_id: str | None) -> int:
-    """Rerun this stage under torchrun: train.num_processes workers on this machine, all writing to the run run_id;
-    or, with train.nodes > 1, this node's share of a c10d rendezvous (run_id None: the worker that becomes global
-    rank 0, on whichever node, creates the run and writes the outputs)."""
+    """Rerun this stage under torchrun.
+
+    train.num_processes workers on this machine, all writing to the run run_id; or, with train.nodes > 1, this
+    node's share of a c10d rendezvous (run_id None: the worker that becomes global rank 0, on whichever node,
+    creates the run and writes the outputs)."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if run_id is not None:
         env[mlflow_runs.RUN_ID_ENV] = run_id
@@ -65,8 +67,10 @@ def torchrun_command(params: Params) -> list[str]:
 
 
 def rendezvous_endpoint(train: TrainParams, environ: Mapping[str, str]) -> str:
-    """Where the nodes meet: train.rendezvous, else the scheduler's (torchrun's own PET_RDZV_ENDPOINT, or the
-    MASTER_ADDR and MASTER_PORT a PyTorchJob sets)."""
+    """Where the nodes meet.
+
+    train.rendezvous, else the scheduler's (torchrun's own PET_RDZV_ENDPOINT, or the MASTER_ADDR and MASTER_PORT a
+    PyTorchJob sets)."""
     if train.rendezvous:
         return train.rendezvous
     if environ.get("PET_RDZV_ENDPOINT"):

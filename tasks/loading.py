@@ -31,8 +31,10 @@ class ModelSource:
 
 @contextmanager
 def model_source(name_or_path: str) -> Iterator[ModelSource]:
-    """A hub id or a local folder as is; an MLflow model URI (`models:/gpt2-lm@champion`) downloaded for the
-    duration of the block, its transformers-flavor layout (model/, components/tokenizer/) resolved."""
+    """A hub id or a local folder as is.
+
+    An MLflow model URI (`models:/gpt2-lm@champion`) downloaded for the duration of the block, its transformers-
+    flavor layout (model/, components/tokenizer/) resolved."""
     if not name_or_path.startswith(MLFLOW_URI_PREFIXES):
         yield ModelSource(name_or_path, name_or_path)
         return
@@ -52,8 +54,10 @@ def model_source(name_or_path: str) -> Iterator[ModelSource]:
 
 
 def load_pretrained(name_or_path: str, key: str = "model.name_or_path", **model_kwargs: Any):
-    """(GPT2LMHeadModel, tokenizer) from a folder, hub id or MLflow URI; a model that cannot be loaded is one
-    PipelineError naming `key`. model_kwargs go to from_pretrained (config overrides, attn_implementation)."""
+    """(GPT2LMHeadModel, tokenizer) from a folder, hub id or MLflow URI.
+
+    A model that cannot be loaded is one PipelineError naming `key`. model_kwargs go to from_pretrained (config
+    overrides, attn_implementation)."""
     try:
         with model_source(name_or_path) as source:
             # After the registry has answered: a model URI that fails there fails before torch is imported.

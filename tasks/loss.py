@@ -73,7 +73,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int, num_items_in_batch=None
 ) -> torch.Tensor:
-    """transformers' causal-LM loss (labels shifted by one inside, IGNORE_INDEX skipped; the mean over the valid
+    """transformers' causal-LM loss, computed chunk by chunk from the last hidden states.
+
+    transformers' causal-LM loss (labels shifted by one inside, IGNORE_INDEX skipped; the mean over the valid
     targets, or their sum over num_items_in_batch when the Trainer accumulates gradients) from the last hidden
     states (batch, block, width) and the output projection's weight (vocabulary rows, width)."""
     targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
@@ -88,8 +90,10 @@ def linear_cross_entropy(
 
 
 def use_chunked_loss(model, vocab_size: int) -> None:
-    """Make a GPT2LMHeadModel compute its training loss with linear_cross_entropy (only the first vocab_size
-    columns count). Forward without labels (generation, the evaluate stage) is the model's own."""
+    """Make a GPT2LMHeadModel compute its training loss with linear_cross_entropy.
+
+    Make a GPT2LMHeadModel compute its training loss with linear_cross_entropy (only the first vocab_size columns
+    count). Forward without labels (generation, the evaluate stage) is the model's own."""
     from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
     own = model.forward

@@ -39,7 +39,9 @@ class Estimate:
 
 
 def shape(params: Params) -> dict[str, int] | None:
-    """n_layer, n_embd, n_positions, n_inner and vocab_size the training will build, or None where only loading the
+    """The model shape the training will build, or None where only loading the model would tell.
+
+    n_layer, n_embd, n_positions, n_inner and vocab_size the training will build, or None where only loading the
     model would tell (a hub id)."""
     if params.model.init == "scratch":
         config = {**GPT2_DEFAULTS, **params.model.gpt2_config()}
@@ -85,8 +87,10 @@ def machine_bytes(device: str) -> int:
 
 
 def check_fits(params: Params, device: str, available: int | None = None, fp32: bool = True) -> Estimate | None:
-    """Refuse (exit 2, before any work) a training that needs more memory than `available` (default: the
-    device's), naming the estimate and what shrinks it; train.check_memory: false skips the check."""
+    """Refuse a training that needs more memory than there is.
+
+    Refuse (exit 2, before any work) a training that needs more memory than `available` (default: the device's),
+    naming the estimate and what shrinks it; train.check_memory: false skips the check."""
     dims = shape(params)
     if dims is None or not params.train.check_memory:
         return None

@@ -68,8 +68,10 @@ def _log_params(run_id: str, params: dict[str, object]) -> None:
 
 
 def log_params_once(run_id: str, params: dict[str, str]) -> None:
-    """Params a stage decides (not params.yaml's): logged by the run's first attempt; a resumed attempt, maybe on
-    another machine, keeps them (MLflow refuses to change a logged param)."""
+    """Params a stage decides (not params.yaml's).
+
+    Logged by the run's first attempt; a resumed attempt, maybe on another machine, keeps them (MLflow refuses to
+    change a logged param)."""
     logged = store.client().get_run(run_id).data.params
     fresh = {key: value for key, value in params.items() if key not in logged}
     if fresh:
@@ -99,8 +101,10 @@ def _exists(run_id: str | None) -> bool:
 
 
 def training_run(params: Params, checkpoint_dir: Path, resuming: bool, figures: dict[str, float]) -> str:
-    """The run a training logs to: the one its checkpoint recorded when it resumes, else a new one, holding the
-    data's figures (ingest/*, tokenize/*) from the start."""
+    """The run a training logs to.
+
+    The one its checkpoint recorded when it resumes, else a new one, holding the data's figures (ingest/*,
+    tokenize/*) from the start."""
     store.require_tracking_server()
     recorded = read_record(checkpoint_dir) if resuming else None
     if _exists(recorded):
@@ -153,8 +157,10 @@ def active(run_id: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def system_metrics(run_id: str, resuming: bool) -> Iterator[None]:
-    """MLflow's system metrics on the run while the block runs: system/* for CPU, memory, disk, network and each
-    GPU, sampled every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL); a resumed run continues their steps."""
+    """MLflow's system metrics on the run while the block runs.
+
+    System/* for CPU, memory, disk, network and each GPU, sampled every 10 s
+    (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL); a resumed run continues their steps."""
     import logging
 
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -180,8 +186,10 @@ def set_tags(run_id: str, tags: dict[str, object]) -> None:
 
 
 def log_metric_steps(run_id: str, entries: list[tuple[int, int, dict[str, float]]]) -> None:
-    """Log (step, timestamp in ms, metrics) entries gathered over several steps, MLflow's limit of 1,000 metrics
-    a request at a time."""
+    """Log metric entries gathered over several steps.
+
+    Log (step, timestamp in ms, metrics) entries gathered over several steps, MLflow's limit of 1,000 metrics a
+    request at a time."""
     from mlflow.entities import Metric
 
     batch = [Metric(key, float(value), at, step) for step, at, metrics in entries for key, value in metrics.items()]

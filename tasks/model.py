@@ -35,9 +35,10 @@ def config_overrides(model_params: ModelParams) -> dict[str, Any]:
 
 
 def build_model(model_params: ModelParams, tokenizer, block_size: int, framing_name: str = "eos"):
-    """A GPT2LMHeadModel matching the tokenizer: config-initialized, or pretrained with embeddings resized; it
-    stops generating at the tokenizer's eos_token (the framing's end marker) and frames prompts as tokenize
-    framed records."""
+    """A GPT2LMHeadModel matching the tokenizer.
+
+    Config-initialized, or pretrained with embeddings resized; it stops generating at the tokenizer's eos_token (the
+    framing's end marker) and frames prompts as tokenize framed records."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     eos = tokenizer.eos_token_id
@@ -70,18 +71,22 @@ def build_model(model_params: ModelParams, tokenizer, block_size: int, framing_n
 
 
 def for_training(model) -> None:
-    """The model as it trains: vocabulary rows padded to VOCAB_MULTIPLE (the padding columns masked out of the
-    loss) and the loss computed chunk by chunk from the hidden states (tasks/loss.py). _save trims the padding
-    off again (to the tokenizer's size)."""
+    """The model as it trains.
+
+    Vocabulary rows padded to VOCAB_MULTIPLE (the padding columns masked out of the loss) and the loss computed
+    chunk by chunk from the hidden states (tasks/loss.py). _save trims the padding off again (to the tokenizer's
+    size)."""
     size = model.config.vocab_size
     model.resize_token_embeddings(padded_vocab(size), mean_resizing=False)  # padding rows: never looked up
     loss.use_chunked_loss(model, size)
 
 
 def frame(model, tokenizer, framing: Framing) -> None:
-    """The framing in the model's config: the start marker as the prompt prefix (transformers' text-generation
-    pipeline reads it too), the end marker as the stop token (a uer checkpoint's config names GPT-2's 50256,
-    outside its vocabulary), and the framing's name for the model card."""
+    """The framing in the model's config.
+
+    The start marker as the prompt prefix (transformers' text-generation pipeline reads it too), the end marker as
+    the stop token (a uer checkpoint's config names GPT-2's 50256, outside its vocabulary), and the framing's name
+    for the model card."""
     eos = tokenizer.eos_token_id
     model.config.eos_token_id = model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = eos

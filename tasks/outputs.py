@@ -17,16 +17,19 @@ from tasks.stopping import raise_if_stopped, stops_deferred
 
 
 def project_root(start: Path | None = None) -> Path:
-    """The project a stage works for: the outermost folder, from start (the working directory) up, that holds a
-    dvc.yaml. A run workspace (.runs/<hash>) and DVC's temporary experiment copies sit inside their project and
-    may read its files."""
+    """The project a stage works for.
+
+    The outermost folder, from start (the working directory) up, that holds a dvc.yaml. A run workspace
+    (.runs/<hash>) and DVC's temporary experiment copies sit inside their project and may read its files."""
     here = (start or Path.cwd()).resolve()
     return ([folder for folder in (here, *here.parents) if (folder / "dvc.yaml").is_file()] or [here])[-1]
 
 
 def inside_project(path: Path | str, key: str, allow_key: str | None = None, given: str | None = None) -> Path:
-    """path resolved (symlinks followed); a path outside the project is one PipelineError naming key and the value
-    given there (default: path), and, where params may allow it, the switch that does (allow_key)."""
+    """path resolved (symlinks followed).
+
+    A path outside the project is one PipelineError naming key and the value given there (default: path), and, where
+    params may allow it, the switch that does (allow_key)."""
     resolved, root = Path(path).resolve(), project_root()
     if not resolved.is_relative_to(root):
         allow = f", or set {allow_key}: true to read it where it is" if allow_key else ""

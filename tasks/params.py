@@ -110,9 +110,11 @@ SCRATCH_DEFAULTS = {"n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 128
 
 
 class GPT2ConfigParams(Section):
-    """model.config: the GPT2Config fields a user may set, typed and bounded, plus `dropout`, which sets the three
-    dropout rates at once. A model from scratch takes this section's values (SCRATCH_DEFAULTS for a key left
-    out); a pretrained one only the keys params.yaml sets. Only the keys set reach MLflow's params."""
+    """model.config: the GPT2Config fields a user may set.
+
+    model.config: the GPT2Config fields a user may set, typed and bounded, plus `dropout`, which sets the three
+    dropout rates at once. A model from scratch takes this section's values (SCRATCH_DEFAULTS for a key left out); a
+    pretrained one only the keys params.yaml sets. Only the keys set reach MLflow's params."""
 
     n_layer: int = Field(SCRATCH_DEFAULTS["n_layer"], gt=0, le=MAX_LAYERS, description="transformer blocks")
     n_head: int = Field(SCRATCH_DEFAULTS["n_head"], gt=0, le=MAX_LAYERS, description="attention heads a block")
@@ -150,8 +152,10 @@ class GPT2ConfigParams(Section):
         return {key: dumped[key] for key in type(self).model_fields if key in self.model_fields_set}
 
     def overrides(self, scratch: bool = False) -> dict[str, Any]:
-        """As GPT2Config takes them: the keys params.yaml sets, and for a model from scratch every value this
-        section has (its defaults for the keys left out)."""
+        """As GPT2Config takes them.
+
+        The keys params.yaml sets, and for a model from scratch every value this section has (its defaults for
+        the keys left out)."""
         if not scratch:
             return self.model_dump()
         return {name: value for name in type(self).model_fields if (value := getattr(self, name)) is not None}

@@ -37,8 +37,10 @@ DEFAULT_TEXT = PREPARED_DIR / "validation"  # its shards
 
 
 def text_path(params: Params, root: Path = Path()) -> Path:
-    """The text promotion scores on: promote.eval_path, or the validation split, in the project at root; a path
-    outside the project only where data.allow_outside_project says so."""
+    """The text promotion scores on.
+
+    promote.eval_path, or the validation split, in the project at root; a path outside the project only where
+    data.allow_outside_project says so."""
     path = root / (params.promote.eval_path or DEFAULT_TEXT)
     if not params.data.allow_outside_project:
         inside_project(path, "promote.eval_path", "data.allow_outside_project")
@@ -46,8 +48,9 @@ def text_path(params: Params, root: Path = Path()) -> Path:
 
 
 def frozen_texts(path: Path) -> list[str]:
-    """The records of a prepared JSONL file, or of a folder of them such as a split's shards (one {"text": ...}
-    a line): the text both models are scored on."""
+    """The records of a prepared JSONL file, or of a folder of them such as a split's shards (one {"text": ...} a line).
+
+    The text both models are scored on."""
     if not path.exists():
         raise PipelineError(f"{path}: not found; run the pipeline first or set promote.eval_path")
     files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
@@ -56,8 +59,10 @@ def frozen_texts(path: Path) -> list[str]:
 
 
 def measure(uri: str, texts: list[str], block_size: int, evaluation: EvaluateParams) -> tuple[float, list[dict]]:
-    """Bits per byte of a model on texts (tokenized with the model's own tokenizer), and its samples for the
-    evaluation prompts and seed: what the report shows of each model."""
+    """Bits per byte of a model on texts, and its samples.
+
+    Bits per byte of a model on texts (tokenized with the model's own tokenizer), and its samples for the evaluation
+    prompts and seed: what the report shows of each model."""
     # Here, not at the top: a rollback, or a challenger that is already champion, never loads a model, and
     # torch with transformers is most of what this module would otherwise cost to import.
     import torch
@@ -78,8 +83,10 @@ def measure(uri: str, texts: list[str], block_size: int, evaluation: EvaluatePar
 def decide(
     challenger: float, champion: float | None, min_improvement: float, versus: str = "the champion"
 ) -> tuple[bool, str]:
-    """Promote when there is no champion, or when the challenger's bits per byte are lower by min_improvement
-    (a fraction of the champion's); the reason in words, naming the champion as `versus`."""
+    """Whether the challenger is promoted, and the reason in words.
+
+    Promote when there is no champion, or when the challenger's bits per byte are lower by min_improvement (a
+    fraction of the champion's); the reason in words, naming the champion as `versus`."""
     if champion is None:
         return True, "no champion yet"
     gain = (champion - challenger) / champion
@@ -112,9 +119,10 @@ def promote(
     evaluation: EvaluateParams,
     version: str | None = None,
 ) -> dict[str, Any]:
-    """Compare a challenger with @champion and move @champion when the challenger wins; the decision, with the
-    report logged to the challenger's run. The challenger is `version` (a pipeline run's promotion judges the
-    version that run registered: @challenger may name another run's by then), else @challenger."""
+    """Compare a challenger with @champion and move @champion when the challenger wins.
+
+    The decision, with the report logged to the challenger's run. The challenger is `version` (a pipeline run's
+    promotion judges the version that run registered: @challenger may name another run's by then), else @challenger."""
     texts = frozen_texts(text_path)
     text_hash = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
     with promotion_lock():
@@ -162,8 +170,10 @@ def log_report(challenger: report.ModelView, champion: report.ModelView | None, 
 
 
 def compare(reference: str, candidate: str, params: Params, text_path: Path) -> tuple[str, dict]:
-    """The promotion report for any two models, the candidate judged against the reference as promotion would
-    judge a challenger against the champion; (HTML, decision)."""
+    """The promotion report for any two models, and its decision.
+
+    The promotion report for any two models, the candidate judged against the reference as promotion would judge a
+    challenger against the champion; (HTML, decision)."""
     texts = frozen_texts(text_path)
     args = (texts, params.tokenizer.block_size, params.evaluate)
     old, new = view(reference, "A", *args), view(candidate, "B", *args)

@@ -58,8 +58,10 @@ def uri_secrets(value: str) -> set[str]:
 
 
 def known_secrets(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
-    """Every secret the environment holds, in each form it may be printed in, longest first (so a secret that
-    contains another is hidden whole)."""
+    """Every secret the environment holds, in each form it may be printed in.
+
+    Every secret the environment holds, in each form it may be printed in, longest first (so a secret that contains
+    another is hidden whole)."""
     environ = os.environ if environ is None else environ
     raw: set[str] = set()
     for name, value in environ.items():
@@ -81,7 +83,9 @@ def _current_secrets() -> tuple[str, ...]:
 
 
 def redact(text: str) -> str:
-    """text with every known secret hidden, then the user-info of every URI in it (`user:password@` becomes
+    """text with every secret hidden.
+
+    text with every known secret hidden, then the user-info of every URI in it (`user:password@` becomes
     `user:***@`, `token@` `***@`) and every token-like query value (`?access_token=***`)."""
     for secret in _current_secrets():
         text = text.replace(secret, HIDDEN)
@@ -102,8 +106,10 @@ def _hide_user_info(match: re.Match) -> str:
 
 
 class RedactedStream:
-    """A text stream (stdout, stderr) that redacts what is written to it: prints, warnings and the log lines of
-    the libraries (MLflow names its server's URI in its messages), whoever writes them."""
+    """A text stream (stdout, stderr) that redacts what is written to it.
+
+    Prints, warnings and the log lines of the libraries (MLflow names its server's URI in its messages), whoever
+    writes them."""
 
     def __init__(self, stream):
         self._stream = stream

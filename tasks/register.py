@@ -30,8 +30,10 @@ SERVING_CODE = Path(serving.__file__)  # the served model's loader, shipped with
 
 
 def generation_signature(settings: GenerationParams):
-    """Text in, text out, and the generation settings a caller of the served model may set per request (the
-    params schema, without which `mlflow models serve` ignores them), defaulting to evaluate.generation."""
+    """The served model's signature: text in, text out, and the generation settings.
+
+    Text in, text out, and the generation settings a caller of the served model may set per request (the params
+    schema, without which `mlflow models serve` ignores them), defaulting to evaluate.generation."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
@@ -59,8 +61,10 @@ def markdown_text(value: object) -> str:
 
 
 def code_block(text: str) -> str:
-    """text as a fenced code block whose fence is longer than any run of backticks in it, so nothing in the text
-    (a generated or prompted ``` line) can close it."""
+    """text as a fenced code block that nothing in the text can close.
+
+    text as a fenced code block whose fence is longer than any run of backticks in it, so nothing in the text (a
+    generated or prompted ``` line) can close it."""
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
     return f"{fence}text\n{text}\n{fence}"
@@ -117,8 +121,10 @@ or `GPT2LMHeadModel.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(
 
 
 def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[str, str]:
-    """Log the model folder in MLflow's transformers layout (its files as they are, tasks/flavor.py) with its
-    card, register it with its lineage, scores and settings as tags, and alias it challenger."""
+    """Log, register and alias the trained model.
+
+    Log the model folder in MLflow's transformers layout (its files as they are, tasks/flavor.py) with its card,
+    register it with its lineage, scores and settings as tags, and alias it challenger."""
     if not (model_dir / "model.safetensors").exists():
         raise PipelineError(f"{model_dir}: no model.safetensors there; run the train stage first (dvc repro)")
     model_name = params.register.model_name

@@ -18,8 +18,9 @@ CUT_NOTE = "\n\n*The card is cut here to fit the registry; the whole card is the
 
 
 def within_limit(card: str, limit: int = MAX_DESCRIPTION) -> str:
-    """card cut to at most limit characters with a note saying where the rest is; a code block left open by the
-    cut is closed, so the note stays text."""
+    """card cut to at most limit characters with a note saying where the rest is.
+
+    A code block left open by the cut is closed, so the note stays text."""
     if len(card) <= limit:
         return card
     kept: list[str] = []
@@ -63,8 +64,10 @@ def set_alias(name: str, alias: str, version: str) -> None:
 
 
 def new_version(name: str, model_id: str, run_id: str, card: str, tags: dict[str, object]) -> str:
-    """A new version of the registered model name (created if missing) from a logged model, with its model card
-    as description and its tags, in one call; returns its number."""
+    """A new version of the registered model, in one call; returns its number.
+
+    A new version of the registered model name (created if missing) from a logged model, with its model card as
+    description and its tags, in one call; returns its number."""
     from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
@@ -100,8 +103,10 @@ def tag_version(name: str, version: str, tags: dict[str, object]) -> None:
 
 
 def describe_champion(name: str, version: str) -> None:
-    """The registered model's description becomes its new champion's model card (the version's description),
-    so the model's page in the MLflow UI says what @champion is."""
+    """The registered model's description becomes its new champion's model card.
+
+    The registered model's description becomes its new champion's model card (the version's description), so the
+    model's page in the MLflow UI says what @champion is."""
     client = store.client()
     card = client.get_model_version(name, version).description or ""
     client.update_registered_model(name, description=within_limit(f"@{CHAMPION} is version {version}.\n\n{card}"))

@@ -45,8 +45,10 @@ class ModelView:
 
 
 def recorded(uri: str) -> tuple[str | None, str | None, dict[str, str]]:
-    """(run id, registered version, version tags) behind a model URI: models:/name/N, models:/name@alias,
-    runs:/ID/path, or a save_pretrained folder with its mlflow_run.json; unknown parts are None or empty."""
+    """(run id, registered version, version tags) behind a model URI.
+
+    Models:/name/N, models:/name@alias, runs:/ID/path, or a save_pretrained folder with its mlflow_run.json; unknown
+    parts are None or empty."""
     if uri.startswith("runs:/"):
         return uri.removeprefix("runs:/").split("/")[0], None, {}
     if not uri.startswith("models:/"):

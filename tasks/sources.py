@@ -116,8 +116,10 @@ def _pieces(source: str, target: int) -> Iterator[tuple[Piece, int]]:
 
 
 def _boundary(handle: io.BufferedReader, start: int, target: int, paragraphs: bool) -> tuple[int, int]:
-    """(where the piece from start ends, the line ends in it): after the line at target ends, or for paragraphs
-    after the next whitespace-only line; the end of the file if there is none."""
+    """(where the piece from start ends, the line ends in it).
+
+    After the line at target ends, or for paragraphs after the next whitespace-only line; the end of the file if
+    there is none."""
     handle.seek(start)
     lines = 0
     while handle.tell() < target and (block := handle.read(min(1 << 24, target - handle.tell()))):
@@ -170,8 +172,10 @@ def _open(piece: Piece, text: bool) -> io.IOBase:
 
 
 def _read_txt(piece: Piece) -> Iterator[Located]:
-    """Paragraphs (blank-line separated) of a text file, streamed: a paragraph, or a single line, longer than
-    MAX_RECORD_CHARS becomes several records, so a file with no line breaks never has to fit in memory."""
+    """Paragraphs (blank-line separated) of a text file, streamed.
+
+    A paragraph, or a single line, longer than MAX_RECORD_CHARS becomes several records, so a file with no line
+    breaks never has to fit in memory."""
     paragraph: list[str] = []
     size, number, path = 0, piece.line, piece.source
     with _open(piece, text=True) as handle:
@@ -280,8 +284,9 @@ def _require_columns(path: Path, columns: list[str], have: list[str]) -> None:
 
 
 def _read_hub(spec: str, limit: int | None) -> Iterator[Located]:
-    """`hf:<dataset>[:<config>]`, the train split, streamed from the Hugging Face Hub: its first `limit` records
-    (data.hub_records), or all of them."""
+    """`hf:<dataset>[:<config>]`, the train split, streamed from the Hugging Face Hub.
+
+    Its first `limit` records (data.hub_records), or all of them."""
     import datasets
 
     name, _, config = spec.removeprefix("hf:").partition(":")
@@ -338,8 +343,9 @@ def resolve_sources(sources: list[str], outside: bool = False) -> list[str]:
 
 
 def hub_local_path(source: str) -> Path | None:
-    """The local folder or file an `hf:` source names, or None for a hub id (`owner/name`): one that is absolute,
-    starts with `.` or `~`, climbs with `..`, or exists here."""
+    """The local folder or file an `hf:` source names, or None for a hub id (`owner/name`).
+
+    One that is absolute, starts with `.` or `~`, climbs with `..`, or exists here."""
     name = source.removeprefix("hf:").partition(":")[0]
     path = Path(name).expanduser()
     if name.startswith(("/", ".", "~")) or ".." in path.parts or path.exists():

@@ -39,9 +39,10 @@ def raise_if_stopped() -> None:
 
 @contextmanager
 def stops_deferred() -> Iterator[None]:
-    """SIGTERM and Ctrl-C that arrive during the block are handled right after it, by the handler they would
-    have met: a commit (the renames that swap outputs in) is never cut in half. Off the main thread, where
-    handlers cannot be set (nor run), the block just runs."""
+    """SIGTERM and Ctrl-C that arrive during the block are handled right after it, by the handler they would have met.
+
+    A commit (the renames that swap outputs in) is never cut in half. Off the main thread, where handlers cannot be
+    set (nor run), the block just runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -55,9 +55,11 @@ def mlflow_module():
 
 
 def create_once(uri: str) -> None:
-    """A new SQLite store's tables, made by one process at a time: two stages opening a new store together (queued
-    experiments run with `dvc queue start --jobs 2` on a fresh clone) would both create them, and one fail ("table
-    experiments already exists"). They wait on an exclusive lock on the database's folder: no file left behind."""
+    """A new SQLite store's tables, made by one process at a time.
+
+    Two stages opening a new store together (queued experiments run with `dvc queue start --jobs 2` on a fresh
+    clone) would both create them, and one fail ("table experiments already exists"). They wait on an exclusive lock
+    on the database's folder: no file left behind."""
     if uri in _created or not uri.startswith("sqlite:///"):
         return
     folder = Path(uri.removeprefix("sqlite:///")).parent
@@ -92,7 +94,9 @@ def environment_kept(names: tuple[str, ...] = URI_VARIABLES) -> Iterator[None]:
 
 
 def point_mlflow(tracking: str, registry: str | None = None):
-    """mlflow with its fluent API (log_model, download_artifacts) on these URIs, the registry's defaulting to the
+    """mlflow's fluent API pointed at these URIs; returns the module.
+
+    mlflow with its fluent API (log_model, download_artifacts) on these URIs, the registry's defaulting to the
     tracking one; returns the module. The environment is left as it was: MLflow's setters also export the URIs, and
     had that stayed, it would decide the store of every later run in this process and its children (a flow's next
     stage, a test's next project) instead of the user's setting and DVC's root."""

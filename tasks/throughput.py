@@ -108,9 +108,11 @@ def cpu_facts(cpuinfo: str | None = None, cpufreq: Path = CPUFREQ_MAX) -> tuple[
 
 
 def cpu_peak(precision: str, threads: int, flags: set[str], clock: float) -> tuple[float, str]:
-    """An upper bound on the FLOP/s of `threads` cores: two FMA units (2 FLOPs each) over the widest vector's
-    fp32 lanes a cycle, doubled by native bf16 dot products (AVX512_BF16), 1024 bf16 FLOPs a cycle with AMX.
-    No CPU computes faster, so the MFU it gives never reads above 100%."""
+    """An upper bound on the FLOP/s of `threads` cores.
+
+    Two FMA units (2 FLOPs each) over the widest vector's fp32 lanes a cycle, doubled by native bf16 dot products
+    (AVX512_BF16), 1024 bf16 FLOPs a cycle with AMX. No CPU computes faster, so the MFU it gives never reads above
+    100%."""
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     per_cycle, unit = 4 * lanes, f"{lanes} fp32 lanes x 2 FMA units"
     if precision == "bf16" and "amx_bf16" in flags:
@@ -122,9 +124,10 @@ def cpu_peak(precision: str, threads: int, flags: set[str], clock: float) -> tup
 
 
 def peak_flops(device: str, precision: str) -> tuple[float, str]:
-    """The peak FLOP/s of one device and where it comes from: the table for a known GPU, the upper bound for
-    a CPU, else a measurement (the faster of fp32 and the training precision: a device without native bf16
-    emulates it, and its real peak is still its fp32 rate)."""
+    """The peak FLOP/s of one device and where it comes from.
+
+    The table for a known GPU, the upper bound for a CPU, else a measurement (the faster of fp32 and the training
+    precision: a device without native bf16 emulates it, and its real peak is still its fp32 rate)."""
     if device == "cuda":
         name = torch.cuda.get_device_name()
         peak = table_peak(name, precision, tf32_enabled())

@@ -62,8 +62,10 @@ def _lines(shards: list[Path]) -> Iterator[str]:
 
 
 def _record_batches(shards: list[Path], size: int) -> Iterator[dict[str, list]]:
-    """A prepared split's records, `size` at a time across its shards (so the blocks do not depend on where the
-    shards end), as columns: {"text": [...]} (and "turns" for dialogues)."""
+    """A prepared split's records, `size` at a time across its shards.
+
+    A prepared split's records, `size` at a time across its shards (so the blocks do not depend on where the shards
+    end), as columns: {"text": [...]} (and "turns" for dialogues)."""
     lines = _lines(shards)
     while batch := list(itertools.islice(lines, size)):
         records = [json.loads(line) for line in batch]
@@ -81,8 +83,10 @@ def _blocks_table(blocks: dict[str, np.ndarray]):
 
 
 def write_split(shards: list[Path], folder: Path, encode, fingerprint: str, processes: int = 1) -> int:
-    """Encode a split batch by batch and write its blocks once, straight into `folder` in the layout of
-    datasets' save_to_disk (one Arrow file, state.json, dataset_info.json); returns the number of blocks.
+    """Encode a split and write its blocks once; returns the number of blocks.
+
+    Encode a split batch by batch and write its blocks once, straight into `folder` in the layout of datasets'
+    save_to_disk (one Arrow file, state.json, dataset_info.json); returns the number of blocks.
 
     Each batch's blocks depend on that batch alone, so `processes` encode batches at once and the blocks are
     written in the batches' order: the same bytes for any number of processes."""
@@ -133,8 +137,9 @@ def tokenize(
     dialog: bool = False,
     processes: int = 1,
 ) -> dict[str, Any]:
-    """Build the tokenizer and the block datasets (read back with datasets.load_from_disk); returns blocks and
-    tokens per split."""
+    """Build the tokenizer and the block datasets (read back with datasets.load_from_disk).
+
+    Returns blocks and tokens per split."""
     shards = {split: prepared_shards(split, prepared_dir) for split in SPLITS}
     for split in SPLITS:
         if not shards[split]:
@@ -170,8 +175,10 @@ def tokenize(
 
 
 def data_figures(ingest_stats: dict[str, Any], tokenize_stats: dict[str, Any]) -> dict[str, float]:
-    """The ingest and tokenize figures as MLflow metrics (ingest/train_records, tokenize/vocab_size, ...), kept
-    with the blocks in data/tokenized/stats.json: the training run logs them, wherever and whenever it runs."""
+    """The ingest and tokenize figures as MLflow metrics.
+
+    The ingest and tokenize figures as MLflow metrics (ingest/train_records, tokenize/vocab_size, ...), kept with
+    the blocks in data/tokenized/stats.json: the training run logs them, wherever and whenever it runs."""
     figures = {
         f"ingest/{split}_{key}": ingest_stats[split][key] for split in SPLITS for key in ("records", "chars", "bytes")
     }

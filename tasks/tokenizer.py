@@ -44,8 +44,9 @@ def train_bpe(train_shards: list[Path], params: TokenizerParams):
 
 
 def train_char(train_shards: list[Path], params: TokenizerParams):
-    """A character-level vocabulary (GPT2-Chinese's scheme): every character seen at least min_frequency times,
-    the most frequent first up to vocab_size, the rest [UNK]."""
+    """A character-level vocabulary (GPT2-Chinese's scheme).
+
+    Every character seen at least min_frequency times, the most frequent first up to vocab_size, the rest [UNK]."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     counts: Counter[str] = Counter()
@@ -74,8 +75,10 @@ def _wrap(trained, **special_tokens):
 
 
 def load_pretrained_tokenizer(name_or_path: str, dialog: bool, framing_setting: str):
-    """The tokenizer of model.name_or_path (a hub id, a local folder or an MLflow model URI), carrying the
-    framing of its model family (tasks/framing.py).
+    """The tokenizer of model.name_or_path, carrying its model family's framing.
+
+    The tokenizer of model.name_or_path (a hub id, a local folder or an MLflow model URI), carrying the framing of
+    its model family (tasks/framing.py).
 
     Dialogue data framed GPT-2's way needs a separator: one is added when the tokenizer has none (train then
     resizes embeddings).

@@ -60,8 +60,9 @@ def native_bf16() -> str | None:
 
 
 def resolve_precision(setting: str, device: str, width: int, native: Callable[[], str | None] = native_bf16):
-    """(precision, why): `auto` is bf16 on a GPU that supports it, fp16 on an older GPU; on the CPU bf16 where
-    it computes bf16 natively and the model is at least CPU_BF16_MIN_WIDTH wide, else fp32."""
+    """(precision, why): `auto` is bf16 on a GPU that supports it, fp16 on an older GPU.
+
+    On the CPU bf16 where it computes bf16 natively and the model is at least CPU_BF16_MIN_WIDTH wide, else fp32."""
     if setting != "auto":
         if setting == "fp16" and device == "cpu":
             raise PipelineError("train.precision: fp16 needs a GPU; use fp32 or bf16 on the CPU")
@@ -94,8 +95,10 @@ def _collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 def training_arguments(params: TrainParams, device: str, precision: str, output_dir: Path = CHECKPOINT_DIR):
-    """The Trainer's settings: checkpoints every checkpoint_every steps, the best evaluated model kept, and on a
-    GPU the fast path (TF32 matmuls, fused AdamW, pinned memory)."""
+    """The Trainer's settings.
+
+    Checkpoints every checkpoint_every steps, the best evaluated model kept, and on a GPU the fast path (TF32
+    matmuls, fused AdamW, pinned memory)."""
     from transformers import TrainingArguments
 
     cuda = device == "cuda"
@@ -148,8 +151,9 @@ def train(
     checkpoint_dir: Path = CHECKPOINT_DIR,
     resume_from: str | None = None,
 ) -> dict[str, Any]:
-    """Train (from the checkpoint resume_from, if any), save the model folder with its run's record and the loss
-    curve; returns the train metrics. Under torchrun only the first process writes and logs."""
+    """Train (from the checkpoint resume_from, if any), save the model folder with its run's record and the loss curve.
+
+    Returns the train metrics. Under torchrun only the first process writes and logs."""
     import datasets
     from transformers import AutoTokenizer, EarlyStoppingCallback, PrinterCallback, Trainer, set_seed
 
@@ -242,8 +246,9 @@ def _save(model, tokenizer, model_dir: Path, run_id: str) -> None:
 
 
 def write_plots(curve: list[tuple[int, float]], evals: list[tuple[int, float]], plots_dir: Path) -> None:
-    """The loss curves' points (train_loss.csv, eval_loss.csv) and both curves as an image (loss.svg), the DVC
-    plot: `dvc plots show` draws it offline, where plots of the CSVs would load Vega from a CDN."""
+    """The loss curves' points (train_loss.csv, eval_loss.csv) and both curves as an image (loss.svg), the DVC plot.
+
+    `dvc plots show` draws it offline, where plots of the CSVs would load Vega from a CDN."""
     for name, column, points in (("train_loss.csv", "loss", curve), ("eval_loss.csv", "eval_loss", evals)):
         with atomic_output(plots_dir / name) as tmp, tmp.open("w", newline="") as handle:
             writer = csv.writer(handle)

@@ -22,7 +22,9 @@ def sample_records() -> list[str]:
 
 
 def write_corpus(path: Path, size: int, seed: int = 0) -> int:
-    """A JSONL of {"text"} records (the ingest stage's format) of about `size` UTF-8 bytes of text, the samples
+    """A JSONL of about `size` bytes of text from the samples; returns the bytes written.
+
+    A JSONL of {"text"} records (the ingest stage's format) of about `size` UTF-8 bytes of text, the samples
     shuffled and repeated; returns the exact text bytes written."""
     records, rng, written = sample_records(), np.random.default_rng(seed), 0
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,9 +40,11 @@ def write_corpus(path: Path, size: int, seed: int = 0) -> int:
 
 
 def write_unique_corpus(folder: Path, size: int, file_size: int = 64 * MB, seed: int = 0) -> int:
-    """JSONL files of about file_size bytes each under folder, about `size` UTF-8 bytes of text in all, every
-    record three samples joined (drawn at random, so no two records are alike and deduplication keeps them
-    all, as it would a web corpus); returns the exact text bytes written."""
+    """JSONL files of about `size` bytes of text, no two records alike; returns the bytes written.
+
+    JSONL files of about file_size bytes each under folder, about `size` UTF-8 bytes of text in all, every record
+    three samples joined (drawn at random, so no two records are alike and deduplication keeps them all, as it would
+    a web corpus); returns the exact text bytes written."""
     records, rng, written, part = sample_records(), np.random.default_rng(seed), 0, 0
     folder.mkdir(parents=True, exist_ok=True)
     while written < size:

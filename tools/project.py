@@ -15,16 +15,20 @@ BIN = Path(sys.executable).parent  # the project's interpreter's folder: dvc, pr
 
 
 def tool_env(**extra: str) -> dict[str, str]:
-    """This interpreter's tools first on PATH (dvc runs `python -m tasks.<stage>` through it) and the local
-    MLflow store and ephemeral Prefect server, whatever the caller's shell points at; then `extra`."""
+    """The environment the project's tools run in.
+
+    This interpreter's tools first on PATH (dvc runs `python -m tasks.<stage>` through it) and the local MLflow
+    store and ephemeral Prefect server, whatever the caller's shell points at; then `extra`."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return {**env, **extra}
 
 
 def copy_project(parent: Path) -> Path:
-    """The project's tracked and new files in a fresh git repository under parent, as a newcomer's clone has
-    them (without dvc.lock: nothing has run there yet)."""
+    """A copy of the project as a newcomer's clone has it.
+
+    The project's tracked and new files in a fresh git repository under parent, as a newcomer's clone has them
+    (without dvc.lock: nothing has run there yet)."""
     files = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.splitlines()
