@@ -53,9 +53,9 @@ def make_model(args) -> GPT2LMHeadModel:
         n_head=args.heads,
         n_embd=args.width,
         n_positions=args.block,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        resid_pdrop=args.dropout,
+        embd_pdrop=args.dropout,
+        attn_pdrop=args.dropout,
         attn_implementation="sdpa",
     )
     return GPT2LMHeadModel(config)
@@ -129,6 +129,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the model in both arms")
+    parser.add_argument("--dropout", type=float, default=0.0, help="all three dropouts (GPT2Config's default: 0.1)")
     parser.add_argument(
         "--transformers-loss",
         action="store_true",
@@ -162,6 +163,7 @@ def main() -> None:
     )
     figures = {
         **{name: getattr(args, name) for name in ("layers", "width", "heads", "block", "batch", "vocab", "compile")},
+        "dropout": args.dropout,
         **{"parameters": model.num_parameters(), "device": device, "precision": precision},
         **{"project_tokens_s": project, "bare_tokens_s": reference, "ratio": project / reference},
         **{"mfu": project * flops / peak, "peak_tflops": peak / 1e12, "peak_source": source},

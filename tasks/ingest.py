@@ -178,10 +178,13 @@ def _normalized(pieces: list[Piece], fields: list[str], params: DataParams, text
                 count += bool(record["text"])
                 yield record
         except UnicodeDecodeError:
-            line, offset = first_invalid_utf8(Path(piece.source))
+            # A compressed file's bytes on disk say nothing of where in its text the bad bytes are.
+            where = f"{piece.source}: not valid UTF-8 once decompressed"
+            if not piece.source.lower().endswith(".gz"):
+                line, offset = first_invalid_utf8(Path(piece.source))
+                where = f"{piece.source}:{line}: not valid UTF-8 (byte {offset} of the file)"
             raise PipelineError(
-                f"{piece.source}:{line}: not valid UTF-8 (byte {offset} of the file); convert it to UTF-8 "
-                "(e.g. iconv -f <encoding> -t UTF-8) or remove the file from data.sources"
+                f"{where}; convert it to UTF-8 (e.g. iconv -f <encoding> -t UTF-8) or remove the file from data.sources"
             ) from None
         texts[piece.source] = texts.get(piece.source, 0) + count
 

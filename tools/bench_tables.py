@@ -41,7 +41,7 @@ def x(value: float) -> str:
 
 def train_table(f: dict) -> Table:
     shape = f"{f['layers']} × {f['width']}, {f['parameters'] / 1e6:,.1f} M parameters, vocabulary {f['vocab']:,}"
-    compiled = ", compiled" if f["compile"] else ""
+    compiled = (", compiled" if f["compile"] else "") + (f", dropout {f['dropout']}" if f.get("dropout") else "")
     run = f"block {f['block']}, batch {f['batch']}, {f['device']} {f['precision']}{compiled}"
     row = [shape, run, f"{f['project_tokens_s']:,.0f}", f"{f['bare_tokens_s']:,.0f}", x(f["ratio"]), f"{f['mfu']:.1%}"]
     head = ["model", "run", "project tokens/s", "bare loop tokens/s", "ratio", "project MFU"]
@@ -50,6 +50,23 @@ def train_table(f: dict) -> Table:
 
 def train_summary(f: dict) -> list:
     return [("train stage tokens/s against a bare PyTorch loop", "≥ 0.9 ×", x(f["ratio"]), f["ratio"] >= 0.9)]
+
+
+FLAGSHIP_TOKENS = 19_073 * 524_288  # params/gpt2-124m-openwebtext.yaml: max_steps x tokens a step
+
+
+def gpu_tables(f: dict) -> list[Table]:
+    """The measurement, and what it makes of the flagship recipe's 10 B tokens on 1 and 8 GPUs (8: at best 8 x)."""
+    hours = FLAGSHIP_TOKENS / f["project_tokens_s"] / 3600
+    estimate = [
+        ["params/gpt2-124m-openwebtext.yaml on 1 GPU", f"{FLAGSHIP_TOKENS / 1e9:.1f} B", f"{hours:,.1f} h"],
+        [
+            "the same on 8 GPUs, if data-parallel scaled perfectly",
+            f"{FLAGSHIP_TOKENS / 1e9:.1f} B",
+            f"{hours / 8:,.1f} h",
+        ],
+    ]
+    return [train_table(f), (["run", "tokens", "time at the measured tokens/s"], estimate)]
 
 
 def gpu_summary(f: dict) -> list:
@@ -221,7 +238,22 @@ CASES = {
         f"python bench/train_throughput.py {GPT2_124M} --batch 32 --precision bf16 --compile --device cuda "
         "--save train-gpu-124m",
         "cuda",
-        train_table,
+        gpu_tables,
+        gpu_summary,
+    ),
+    # The levers towards llm.c's pace, each its own row (the same command with one thing changed).
+    "train-gpu-124m-batch64": Case(
+        f"python bench/train_throughput.py {GPT2_124M} --batch 64 --precision bf16 --compile --device cuda "
+        "--save train-gpu-124m-batch64",
+        "cuda",
+        gpu_tables,
+        gpu_summary,
+    ),
+    "train-gpu-124m-dropout": Case(
+        f"python bench/train_throughput.py {GPT2_124M} --batch 32 --precision bf16 --compile --device cuda "
+        "--dropout 0.1 --save train-gpu-124m-dropout",
+        "cuda",
+        gpu_tables,
         gpu_summary,
     ),
 }

@@ -51,7 +51,7 @@ def write_unique_corpus(folder: Path, size: int, file_size: int = 64 * MB, seed:
         with (folder / f"part-{part:05d}.jsonl").open("w", encoding="utf-8") as handle:
             in_file = 0
             while in_file < file_size and written < size:
-                picks = rng.integers(0, len(records), (4096, 3))
+                picks = rng.integers(0, len(records), (256, 3))
                 lines = ["\n\n".join(records[i] for i in pick) for pick in picks]
                 handle.writelines(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in lines)
                 count = sum(len(text.encode("utf-8")) for text in lines)

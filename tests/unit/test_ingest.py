@@ -252,3 +252,17 @@ def test_a_piece_starts_at_a_record_and_counts_lines_from_the_file(tmp_path):
     assert len(units) == 4 and all(len(unit) == 1 for unit in units)
     located = [where for unit in units for where, _ in read_piece(unit[0], ["text"], DataParams(sources=["x"]))]
     assert located == [f"{source}:{n}" for n in range(1, 30001)]
+
+
+def test_a_gzipped_source_is_read_as_its_text_and_bad_bytes_in_it_are_named(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "ok.txt.gz", "wt", encoding="utf-8") as handle:
+        handle.write("床前明月光\n\n疑是地上霜\n")
+    assert [text for _, text in read_source(str(tmp_path / "ok.txt.gz"), ["text"], DataParams(sources=["x"]))] == [
+        "床前明月光\n", "疑是地上霜\n"
+    ]  # fmt: skip
+    with gzip.open(tmp_path / "latin1.jsonl.gz", "wb") as handle:
+        handle.write('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(PipelineError, match=r"latin1\.jsonl\.gz: not valid UTF-8 once decompressed; convert it"):
+        ingest(params([tmp_path / "latin1.jsonl.gz"]), tmp_path / "out")
