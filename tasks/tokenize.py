@@ -21,7 +21,7 @@ import numpy as np
 
 from tasks.blocks import TokenSizes, encode_and_group
 from tasks.errors import PipelineError
-from tasks.outputs import atomic_outputs, hash_file, read_json
+from tasks.outputs import atomic_outputs, hash_file, read_json, write_json
 from tasks.parallel import ordered_map, workers
 from tasks.params import ModelParams, TokenizerParams, load_params
 from tasks.paths import (
@@ -37,6 +37,10 @@ from tasks.paths import (
 from tasks.stage import run_cli
 from tasks.tokenizer import build_tokenizer
 
+# Tokens an Arrow file of blocks holds at most (llm.c's shard size): a corpus of billions of tokens is many files
+# of bounded size, which DVC hashes, and a remote sends, one by one.
+SHARD_TOKENS = 100_000_000
+MANIFEST = "manifest.json"  # in data/tokenized: each split's files, with their blocks and tokens
 RECORD_BATCH = 1000  # records encoded at a time; each batch's last block_size-1 tokens at most are dropped
 
 
@@ -82,37 +86,65 @@ def _blocks_table(blocks: dict[str, np.ndarray]):
     return pa.table(columns)
 
 
-def write_split(shards: list[Path], folder: Path, encode, fingerprint: str, processes: int = 1) -> int:
-    """Encode a split and write its blocks once; returns the number of blocks.
+def write_split(
+    shards: list[Path], folder: Path, encode, fingerprint: str, per_file: int, processes: int = 1
+) -> list[int]:
+    """Encode a split and write its blocks once, at most per_file blocks an Arrow file; returns each file's blocks.
 
-    Encode a split batch by batch and write its blocks once, straight into `folder` in the layout of datasets'
-    save_to_disk (one Arrow file, state.json, dataset_info.json); returns the number of blocks.
-
-    Each batch's blocks depend on that batch alone, so `processes` encode batches at once and the blocks are
-    written in the batches' order: the same bytes for any number of processes."""
-    from dataclasses import asdict
-
-    import datasets
+    The files go straight into `folder` in the layout of datasets' save_to_disk (data-NNNNN-of-MMMMM.arrow,
+    state.json, dataset_info.json), which load_from_disk reads as one memory-mapped dataset. Each batch's blocks
+    depend on that batch alone, so `processes` encode batches at once and the blocks are written in the batches'
+    order: the same bytes for any number of processes."""
     from datasets.arrow_writer import ArrowWriter
 
     folder.mkdir(parents=True)
-    arrow = folder / "data-00000-of-00001.arrow"
     if processes > 1:  # set before the fork: each encoder one thread, and tokenizers' fork warning not printed
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    with ArrowWriter(features=block_features(), path=str(arrow)) as writer:
+    counts: list[int] = []
+    writer = None
+    try:
         for blocks in ordered_map(encode, _record_batches(shards, RECORD_BATCH), processes):
-            writer.write_table(_blocks_table(blocks))
-        count, _ = writer.finalize()
-    dataset = datasets.Dataset.from_file(str(arrow))  # memory-mapped: read for its state, not copied
+            table, start = _blocks_table(blocks), 0
+            if table.num_rows == 0 and writer is not None:
+                writer.write_table(table)  # as one file always had it: a batch too short for a block
+            while start < table.num_rows:
+                if writer is None:
+                    writer = ArrowWriter(features=block_features(), path=str(folder / f"part-{len(counts):05d}"))
+                    counts.append(0)
+                take = min(per_file - counts[-1], table.num_rows - start)
+                writer.write_table(table if take == table.num_rows else table.slice(start, take))
+                counts[-1], start = counts[-1] + take, start + take
+                if counts[-1] == per_file:  # full: the next block starts the next file
+                    writer.finalize()
+                    writer = None
+        if not counts:  # no blocks at all: one empty file, as datasets writes an empty dataset
+            writer = ArrowWriter(features=block_features(), path=str(folder / "part-00000"))
+            counts.append(0)
+    finally:
+        if writer is not None:
+            writer.finalize()
+    _name_files(folder, len(counts), fingerprint)
+    return counts
+
+
+def _name_files(folder: Path, count: int, fingerprint: str) -> None:
+    """The Arrow files under datasets' names (data-00000-of-00002.arrow, ...) with state.json and dataset_info.json."""
+    from dataclasses import asdict
+
+    import datasets
+
+    names = [f"data-{index:05d}-of-{count:05d}.arrow" for index in range(count)]
+    for index, name in enumerate(names):
+        (folder / f"part-{index:05d}").rename(folder / name)
+    dataset = datasets.Dataset.from_file(str(folder / names[0]))  # memory-mapped: read for its state, not copied
     state = {key: dataset.__dict__[key] for key in ("_format_columns", "_format_kwargs", "_format_type")}
     state |= {"_fingerprint": fingerprint, "_output_all_columns": False, "_split": folder.name}
-    state["_data_files"] = [{"filename": arrow.name}]
+    state["_data_files"] = [{"filename": name} for name in names]
     (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
     info = asdict(dataset.info)
     (folder / "dataset_info.json").write_text(
         json.dumps({k: info[k] for k in sorted(info)}, indent=2), encoding="utf-8"
     )
-    return count
 
 
 def block_features():
@@ -153,12 +185,20 @@ def tokenize(
         return encode_and_group(batch, tokenizer, block_size, sizes, start_id)
 
     stats: dict[str, Any] = {"vocab_size": len(tokenizer), "block_size": block_size}
+    manifest: dict[str, list[dict[str, Any]]] = {}
     # Both outputs are written in place of a scratch copy and swapped in together: a stop in between never pairs
     # the new blocks with the old tokenizer, and a failure leaves the previous outputs as they were.
     with atomic_outputs(tokenized_dir, tokenizer_dir) as (blocks_tmp, tokenizer_tmp):
         for split in SPLITS:
             fingerprint = blocks_fingerprint(shards[split], tokenizer, block_size)
-            blocks = write_split(shards[split], blocks_tmp / split, encode, fingerprint, processes)
+            per_file = max(1, SHARD_TOKENS // block_size)
+            files = write_split(shards[split], blocks_tmp / split, encode, fingerprint, per_file, processes)
+            names = sorted(path.name for path in (blocks_tmp / split).glob("*.arrow"))
+            manifest[split] = [
+                {"file": f"{split}/{name}", "blocks": count, "tokens": count * block_size}
+                for name, count in zip(names, files, strict=True)
+            ]
+            blocks = sum(files)
             if blocks == 0:
                 raise PipelineError(
                     f"{prepared_dir / split}: fewer tokens than one block (tokenizer.block_size={block_size}); "
@@ -166,6 +206,8 @@ def tokenize(
                 )
             stats[f"{split}_blocks"], stats[f"{split}_tokens"] = blocks, blocks * block_size
         (blocks_tmp / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
+        shape = {"block_size": block_size, "shard_tokens": SHARD_TOKENS}
+        write_json(blocks_tmp / MANIFEST, {**shape, "splits": manifest})
         figures = data_figures(read_json(prepared_dir / INGEST_STATS.name, "ingest"), stats)
         figures[FRAMING_FIGURE] = chosen.name  # for train (the model's prompt prefix), the run and the card
         stats["framing"] = f"{chosen.name} ({chosen.shown})"

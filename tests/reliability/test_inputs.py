@@ -90,7 +90,7 @@ BAD_PARAMS = {
     ),
     "corpus smaller than one block": (
         {"data": {"sources": ["bad/tiny.txt"], "validation_fraction": 0.5, "seed": 3}},
-        r"data/prepared/(train|validation)\.jsonl: fewer tokens than one block \(tokenizer\.block_size=64",
+        r"data/prepared/(train|validation): fewer tokens than one block \(tokenizer\.block_size=64",
     ),
     "empty validation split": (
         {"data": {"validation_fraction": 0.0001}},

@@ -64,13 +64,13 @@ def test_the_same_text_gives_byte_identical_blocks(prepared, tmp_path):
     # second run reads the same text rewritten later, as a rerun of ingest leaves it (datasets' own fingerprint
     # depends on the files' modification times).
     rewritten = shutil.copytree(prepared, tmp_path / "rewritten")
-    for jsonl in rewritten.glob("*.jsonl"):
+    for jsonl in rewritten.rglob("*.jsonl"):
         os.utime(jsonl, (jsonl.stat().st_atime, jsonl.stat().st_mtime + 60))
     for run, source in (("first", prepared), ("second", rewritten)):
         tokenize(TokenizerParams(vocab_size=400, block_size=32), ModelParams(), source,
                  tmp_path / run / "tokenizer", tmp_path / run / "tokenized")  # fmt: skip
     files = sorted(p.relative_to(tmp_path / "first") for p in (tmp_path / "first").rglob("*") if p.is_file())
-    assert len(files) == 10  # dataset_dict.json, stats.json, 3 per split, 2 for the tokenizer
+    assert len(files) == 11  # dataset_dict.json, manifest.json, stats.json, 3 per split, 2 for the tokenizer
     for name in files:
         assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name
     state = json.loads((tmp_path / "first/tokenized/train/state.json").read_text())
@@ -186,3 +186,22 @@ def test_the_blocks_do_not_depend_on_where_the_shards_end(prepared, tmp_path, mo
         for name in ("data-00000-of-00001.arrow", "state.json"):
             one = (tmp_path / "one/tokenized" / split / name).read_bytes()
             assert one == (tmp_path / "three/tokenized" / split / name).read_bytes(), (split, name)
+
+
+def test_the_blocks_go_into_arrow_files_of_bounded_size_that_read_as_one(prepared, tmp_path, monkeypatch):
+    """A split of more than tokenize.SHARD_TOKENS tokens is several Arrow files (a manifest lists them with their
+    blocks and tokens); load_from_disk reads them as the same blocks one file holds."""
+    read = {}
+    for name, shard_tokens in (("one", 10**8), ("many", 32 * 7)):
+        monkeypatch.setattr("tasks.tokenize.SHARD_TOKENS", shard_tokens)
+        stats = tokenize(TokenizerParams(vocab_size=300, block_size=32), ModelParams(), prepared,
+                         tmp_path / name / "tokenizer", tmp_path / name / "tokenized")  # fmt: skip
+        read[name] = datasets.load_from_disk(str(tmp_path / name / "tokenized"))
+    manifest = json.loads((tmp_path / "many/tokenized/manifest.json").read_text())
+    files = manifest["splits"]["train"]
+    assert len(files) == -(-stats["train_blocks"] // 7) > 2 and all(entry["blocks"] == 7 for entry in files[:-1])
+    assert sum(entry["tokens"] for entry in files) == stats["train_tokens"] and manifest["block_size"] == 32
+    assert [(tmp_path / "many/tokenized" / entry["file"]).exists() for entry in files] == [True] * len(files)
+    for split in ("train", "validation"):
+        for column in ("input_ids", "token_bytes", "token_chars"):
+            assert read["many"][split][column] == read["one"][split][column], (split, column)
