@@ -7,13 +7,14 @@ Run: python -m tasks.ingest
 
 from __future__ import annotations
 
+import array
 import functools
 import hashlib
 import json
 import sys
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +53,11 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
         for split in SPLITS:
             (tmp / split).mkdir(parents=True)
         prepare = functools.partial(_prepare_unit, fields=fields, params=params, out=tmp)
-        prepared = list(ordered_map(prepare, enumerate(units), workers(params.workers, len(units))))
-        stats = _merge(prepared, tmp)
-        _check_kept(stats, prepared, sources)
+        merged = _Merge()
+        for unit in ordered_map(prepare, enumerate(units), workers(params.workers, len(units))):
+            merged.add(unit, tmp)
+        stats = {**merged.stats, "dropped": merged.dropped}
+        _check_kept(stats, merged.texts, sources)
         stats.update(sources=sources, shards=len(units))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return stats
@@ -62,21 +65,24 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
 
 @dataclass
 class Unit:
-    """What preparing one unit left: its shards' records (digest, split, characters, bytes) in order, and counts."""
+    """What preparing one unit left: its records' digests, splits, characters and bytes in order, and counts.
+
+    Arrays, not lists of Python objects: a web corpus has millions of records, and every unit's figures pass
+    through the parent."""
 
     index: int
-    digests: list[bytes]
-    splits: list[int]  # 1: validation
-    chars: list[int]
-    sizes: list[int]
-    short: int
-    duplicate: int
-    texts: dict[str, int]  # records with text, by source
+    digests: bytearray = field(default_factory=bytearray)  # 16 bytes a record
+    splits: bytearray = field(default_factory=bytearray)  # 1: validation
+    chars: array.array = field(default_factory=lambda: array.array("q"))
+    sizes: array.array = field(default_factory=lambda: array.array("q"))
+    short: int = 0
+    duplicate: int = 0
+    texts: dict[str, int] = field(default_factory=dict)  # records with text, by source
 
 
 def _prepare_unit(indexed: tuple[int, list[Piece]], fields: list[str], params: DataParams, out: Path) -> Unit:
     index, pieces = indexed
-    unit = Unit(index, [], [], [], [], 0, 0, {})
+    unit = Unit(index)
     seen: set[bytes] = set()  # 16-byte digests: memory grows with unique records, not with their text
     handles = {split: (out / split / f"{index:05d}.jsonl").open("w", encoding="utf-8") for split in SPLITS}
     try:
@@ -93,7 +99,7 @@ def _prepare_unit(indexed: tuple[int, list[Piece]], fields: list[str], params: D
             seen.add(digest)
             validation = in_validation(text, params.validation_fraction, params.seed)
             handles[SPLITS[validation]].write(json.dumps(record, ensure_ascii=False) + "\n")
-            unit.digests.append(digest)
+            unit.digests += digest
             unit.splits.append(validation)
             unit.chars.append(len(text))
             unit.sizes.append(len(encoded))
@@ -103,31 +109,35 @@ def _prepare_unit(indexed: tuple[int, list[Piece]], fields: list[str], params: D
     return unit
 
 
-def _merge(units: list[Unit], out: Path) -> dict[str, Any]:
-    """Drop records an earlier unit already holds, and count what is kept.
+class _Merge:
+    """The units, one after another in their order: a record an earlier unit already holds is dropped (the first of
+    equal texts is kept, as in one pass over all sources), rewriting only the shards that had one; the rest counted."""
 
-    Drop records an earlier unit already holds (the first of equal texts is kept, as in one pass over all sources),
-    rewriting only the shards that had one, and count what is kept."""
-    stats: dict[str, Any] = {split: {"records": 0, "chars": 0, "bytes": 0} for split in SPLITS}
-    dropped = {"short": 0, "duplicate": 0}
-    seen: set[bytes] = set()
-    for unit in units:
-        dropped["short"] += unit.short
-        dropped["duplicate"] += unit.duplicate
+    def __init__(self) -> None:
+        self.stats: dict[str, Any] = {split: {"records": 0, "chars": 0, "bytes": 0} for split in SPLITS}
+        self.dropped = {"short": 0, "duplicate": 0}
+        self.texts: dict[str, int] = {}
+        self.seen: set[bytes] = set()
+
+    def add(self, unit: Unit, out: Path) -> None:
+        self.dropped["short"] += unit.short
+        self.dropped["duplicate"] += unit.duplicate
+        for source, count in unit.texts.items():
+            self.texts[source] = self.texts.get(source, 0) + count
         repeated = set()
-        for position, digest in enumerate(unit.digests):
-            if digest in seen:
+        for position in range(len(unit.splits)):
+            digest = bytes(unit.digests[16 * position : 16 * position + 16])
+            if digest in self.seen:
                 repeated.add(position)
                 continue
-            seen.add(digest)
-            counts = stats[SPLITS[unit.splits[position]]]
+            self.seen.add(digest)
+            counts = self.stats[SPLITS[unit.splits[position]]]
             counts["records"] += 1
             counts["chars"] += unit.chars[position]
             counts["bytes"] += unit.sizes[position]
         if repeated:
-            dropped["duplicate"] += len(repeated)
+            self.dropped["duplicate"] += len(repeated)
             _rewrite_without(unit, repeated, out)
-    return {**stats, "dropped": dropped}
 
 
 def _rewrite_without(unit: Unit, repeated: set[int], out: Path) -> None:
@@ -140,12 +150,8 @@ def _rewrite_without(unit: Unit, repeated: set[int], out: Path) -> None:
         shard.write_text("".join(kept), encoding="utf-8")
 
 
-def _check_kept(stats: dict[str, Any], units: list[Unit], sources: list[str]) -> None:
+def _check_kept(stats: dict[str, Any], texts: dict[str, int], sources: list[str]) -> None:
     """Sources without any text are named on stderr; no text at all, or an empty split, stops the stage."""
-    texts: dict[str, int] = {}
-    for unit in units:
-        for source, count in unit.texts.items():
-            texts[source] = texts.get(source, 0) + count
     empty = [source for source in sources if not texts.get(source)]
     for source in empty:
         print(f"warning: {source}: no text (empty, or only whitespace)", file=sys.stderr)
