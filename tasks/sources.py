@@ -330,7 +330,7 @@ def resolve_sources(sources: list[str], outside: bool = False) -> list[str]:
             raise PipelineError(f"{key}: {source!r} {what} (paths are relative to the project root)")
         for file in files:
             if source_format(file) is None:
-                raise PipelineError(f"{key}: {file!r} has an unsupported type; use {', '.join(TEXT_SUFFIXES)}")
+                raise PipelineError(f"{key}: {file!r} has an unsupported type; use {', '.join(sorted(TEXT_SUFFIXES))}")
             if not outside:
                 inside_project(file, key, OUTSIDE_SWITCH)
         resolved.extend(files)

@@ -268,7 +268,7 @@ def test_the_trainjob_is_a_kubeflow_trainer_v2_trainjob_whose_sizes_and_script_a
     typo["spec"]["trainer"]["numNode"] = typo["spec"]["trainer"].pop("numNodes")
     assert plain(TrainerV1alpha1TrainJob.from_dict(typo).to_dict()) != plain(typo)
     wrong = copy.deepcopy(doc)
-    wrong["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] = 8  # a quantity is a string
+    wrong["spec"]["trainer"]["numNodes"] = "2"  # a count is an integer
     with pytest.raises(pydantic.ValidationError):
         TrainerV1alpha1TrainJob.from_dict(wrong)
     trainer = doc["spec"]["trainer"]
