@@ -23,7 +23,8 @@ from tasks.outputs import atomic_output
 from tasks.parallel import ordered_map, workers
 from tasks.params import DataParams, load_params
 from tasks.paths import PREPARED_DIR, SPLITS
-from tasks.sources import Piece, first_invalid_utf8, plan, read_piece, record_text, record_turns, resolve_sources
+from tasks.pieces import Piece, plan
+from tasks.sources import first_invalid_utf8, read_piece, record_text, record_turns, resolve_sources
 from tasks.stage import run_cli
 
 
@@ -110,8 +111,10 @@ def _prepare_unit(indexed: tuple[int, list[Piece]], fields: list[str], params: D
 
 
 class _Merge:
-    """The units, one after another in their order: a record an earlier unit already holds is dropped (the first of
-    equal texts is kept, as in one pass over all sources), rewriting only the shards that had one; the rest counted."""
+    """The units merged one after another in their order.
+
+    A record an earlier unit already holds is dropped (the first of equal texts is kept, as in one pass over all
+    sources), rewriting only the shards that had one; the rest is counted."""
 
     def __init__(self) -> None:
         self.stats: dict[str, Any] = {split: {"records": 0, "chars": 0, "bytes": 0} for split in SPLITS}

@@ -1,10 +1,8 @@
-"""Where ingest's records come from: data.sources resolved, cut into pieces, and read as raw records.
+"""Where ingest's records come from: data.sources resolved, and each source or piece read as raw records.
 
 Sources are files (globs expanded, confined to the project) or `hf:` datasets. Formats: .txt (paragraphs), .jsonl,
-.txt.gz, .jsonl.gz, .json, .csv, .parquet. A plain .txt or .jsonl file is cut into pieces of about
-data.shard_mb at a record boundary (a blank line, a line end), so one large file is read by several workers; the
-pieces, and so ingest's shards, depend only on the files and data.shard_mb. Every record comes with where it is
-(file:line), and is read within the params' size limits.
+.txt.gz, .jsonl.gz, .json, .csv, .parquet; large plain files are read in pieces (tasks/pieces.py). Every record
+comes with where it is (file:line), and is read within the params' size limits.
 """
 
 from __future__ import annotations
@@ -12,22 +10,17 @@ from __future__ import annotations
 import codecs
 import csv
 import glob
-import gzip
-import io
 import itertools
 import json
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tasks.errors import PipelineError, first_line
 from tasks.outputs import inside_project, project_root
 from tasks.params import DataParams
+from tasks.pieces import TEXT_SUFFIXES, Piece, open_piece, source_format
 
-TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".json", ".csv", ".parquet")
-SPLITTABLE = (".txt", ".jsonl")  # read from any record boundary, so cut into pieces
 # A longer paragraph of a .txt file is cut into records of this many characters (an extra end-of-text token
 # every 64 Ki characters costs nothing; holding a 1 GB line without breaks in memory would).
 MAX_RECORD_CHARS = 1 << 16
@@ -69,108 +62,6 @@ def _field(record: dict, field: str, where: str) -> Any:
 Located = tuple[str, Any]  # (where the record is: file:line, the raw record)
 
 
-@dataclass(frozen=True)
-class Piece:
-    """A source, or the byte range [start, end) of a plain .txt or .jsonl file whose first line is `line`."""
-
-    source: str
-    start: int = 0
-    end: int | None = None
-    line: int = 1
-
-
-def source_format(name: str) -> str | None:
-    """The format a file name says (.jsonl for x.jsonl.gz), or None when it is not one ingest reads."""
-    lower = name.lower()
-    return next((suffix for suffix in TEXT_SUFFIXES if lower.endswith(suffix)), None)
-
-
-def plan(sources: list[str], shard_bytes: int) -> list[list[Piece]]:
-    """Units of work of about shard_bytes each: consecutive pieces of the sources, in order.
-
-    Each unit becomes one shard per split, so the shards depend on the files and shard_bytes, never on how many
-    workers read them."""
-    units: list[list[Piece]] = []
-    current: list[Piece] = []
-    size = 0
-    for source in sources:
-        for piece, length in _pieces(source, shard_bytes):
-            if current and size + length > shard_bytes:
-                units.append(current)
-                current, size = [], 0
-            current.append(piece)
-            size += length
-    return [*units, current] if current else units
-
-
-def _pieces(source: str, target: int) -> Iterator[tuple[Piece, int]]:
-    if source.startswith("hf:") or source_format(source) not in SPLITTABLE:
-        yield Piece(source), 0 if source.startswith("hf:") else os.path.getsize(source)
-        return
-    size, start, line = os.path.getsize(source), 0, 1
-    with open(source, "rb") as handle:
-        while start < size:
-            cut, lines = _boundary(handle, start, start + target, paragraphs=source_format(source) == ".txt")
-            yield Piece(source, start, cut, line), cut - start
-            start, line = cut, line + lines
-
-
-def _boundary(handle: io.BufferedReader, start: int, target: int, paragraphs: bool) -> tuple[int, int]:
-    """(where the piece from start ends, the line ends in it).
-
-    After the line at target ends, or for paragraphs after the next whitespace-only line; the end of the file if
-    there is none."""
-    handle.seek(start)
-    lines = 0
-    while handle.tell() < target and (block := handle.read(min(1 << 24, target - handle.tell()))):
-        lines += block.count(b"\n")
-    lines += _finish_line(handle)
-    while paragraphs and (line := handle.readline(1 << 20)):
-        lines += line.endswith(b"\n")
-        if not line.strip() and line.endswith(b"\n"):
-            break
-        if not line.endswith(b"\n"):
-            lines += _finish_line(handle)
-    return handle.tell(), lines
-
-
-def _finish_line(handle: io.BufferedReader) -> int:
-    """Read to the end of the current line, a megabyte at a time (a line may be any length); 1 if it ended."""
-    while chunk := handle.readline(1 << 20):
-        if chunk.endswith(b"\n"):
-            return 1
-    return 0
-
-
-class _Range(io.RawIOBase):
-    """The bytes [start, end) of a file, as a stream of their own."""
-
-    def __init__(self, path: str, start: int, end: int | None):
-        self._file = open(path, "rb")  # noqa: SIM115 (closed with this stream)
-        self._file.seek(start)
-        self._left = (end if end is not None else os.path.getsize(path)) - start
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer)[: max(self._left, 0)]
-        count = self._file.readinto(view)
-        self._left -= count
-        return count
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-def _open(piece: Piece, text: bool) -> io.IOBase:
-    if piece.source.lower().endswith(".gz"):
-        return gzip.open(piece.source, "rt" if text else "rb", encoding="utf-8" if text else None)
-    binary = io.BufferedReader(_Range(piece.source, piece.start, piece.end), 1 << 20)
-    return io.TextIOWrapper(binary, encoding="utf-8") if text else binary
-
-
 def _read_txt(piece: Piece) -> Iterator[Located]:
     """Paragraphs (blank-line separated) of a text file, streamed.
 
@@ -178,7 +69,7 @@ def _read_txt(piece: Piece) -> Iterator[Located]:
     breaks never has to fit in memory."""
     paragraph: list[str] = []
     size, number, path = 0, piece.line, piece.source
-    with _open(piece, text=True) as handle:
+    with open_piece(piece, text=True) as handle:
         while chunk := handle.readline(MAX_RECORD_CHARS):
             if chunk.strip():
                 paragraph.append(chunk)
@@ -197,7 +88,7 @@ def _read_txt(piece: Piece) -> Iterator[Located]:
 def _read_jsonl(piece: Piece, limits: DataParams) -> Iterator[Located]:
     """One record a line; a line is read up to data.max_record_bytes, so one huge line never fills memory."""
     cap, path = limits.max_record_bytes, piece.source
-    with _open(piece, text=False) as handle:
+    with open_piece(piece, text=False) as handle:
         for number, line in enumerate(iter(lambda: handle.readline(cap + 1), b""), piece.line):
             if len(line) > cap and not line.endswith(b"\n"):
                 raise PipelineError(

@@ -244,7 +244,8 @@ def test_shards_are_the_same_bytes_for_any_number_of_workers_and_as_one_pass_rea
 
 
 def test_a_piece_starts_at_a_record_and_counts_lines_from_the_file(tmp_path):
-    from tasks.sources import plan, read_piece
+    from tasks.pieces import plan
+    from tasks.sources import read_piece
 
     source = tmp_path / "lines.jsonl"
     source.write_text("".join(json.dumps({"text": "x" * 100 + str(i)}) + "\n" for i in range(30000)))
