@@ -109,12 +109,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def native_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (what decides train.precision: auto on a CPU)."""
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def machine() -> str:
     import torch
 
@@ -129,12 +123,14 @@ def measured_on() -> dict[str, Any]:
     import torch
     import transformers
 
+    from tasks.train import native_bf16
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "date": datetime.date.today().isoformat(),
         "cores": psutil.cpu_count(),
         "cpu": cpu_model(),
-        "native_bf16": native_bf16(),
+        "native_bf16": bool(native_bf16()),  # the train stage's own check: what train.precision auto goes by
         "memory_gib": round(psutil.virtual_memory().total / 2**30),
         "gpu": gpu,
         "python": platform.python_version(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import functools
 import hashlib
+import io
 import json
 import sys
 import unicodedata
@@ -20,7 +21,7 @@ from typing import Any
 
 from tasks.errors import PipelineError
 from tasks.outputs import atomic_output
-from tasks.parallel import ordered_map, workers
+from tasks.parallel import cluster, ordered_map, workers
 from tasks.params import DataParams, load_params
 from tasks.paths import PREPARED_DIR, SPLITS
 from tasks.pieces import Piece, plan
@@ -43,9 +44,9 @@ def in_validation(text: str, fraction: float, seed: int) -> bool:
 def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
     """Read, normalize, deduplicate and split the sources into out_dir's shards. Returns the stats written.
 
-    Each unit of the plan (tasks/sources.py) is prepared on its own, by data.workers processes at once, into one
-    shard per split; duplicates across units are then removed in the units' order, so the shards are the same
-    bytes whatever the number of workers.
+    Each unit of the plan (tasks/pieces.py) is prepared on its own, by data.workers processes at once (or on a Ray
+    cluster, data.executor), into one shard per split; duplicates across units are then removed in the units'
+    order as this process writes the shards, so they are the same bytes whatever ran them and on how many cores.
     """
     fields = [params.text_field] if isinstance(params.text_field, str) else list(params.text_field)
     sources = resolve_sources(params.sources, params.allow_outside_project)
@@ -53,9 +54,10 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
     with atomic_output(out_dir) as tmp:
         for split in SPLITS:
             (tmp / split).mkdir(parents=True)
-        prepare = functools.partial(_prepare_unit, fields=fields, params=params, out=tmp)
+        prepare = functools.partial(_prepare_unit, fields=fields, params=params)
+        on_cluster = cluster(params.executor, params.ray_address)
         merged = _Merge()
-        for unit in ordered_map(prepare, enumerate(units), workers(params.workers, len(units))):
+        for unit in ordered_map(prepare, enumerate(units), workers(params.workers, len(units)), on_cluster=on_cluster):
             merged.add(unit, tmp)
         stats = {**merged.stats, "dropped": merged.dropped}
         _check_kept(stats, merged.texts, sources)
@@ -66,10 +68,11 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
 
 @dataclass
 class Unit:
-    """What preparing one unit left: its records' digests, splits, characters and bytes in order, and counts.
+    """What preparing one unit left: its shards' bytes, its records' digests, splits, characters and bytes in
+    order, and counts.
 
     Arrays, not lists of Python objects: a web corpus has millions of records, and every unit's figures pass
-    through the parent."""
+    through the parent (from another machine, on a cluster)."""
 
     index: int
     digests: bytearray = field(default_factory=bytearray)  # 16 bytes a record
@@ -79,34 +82,32 @@ class Unit:
     short: int = 0
     duplicate: int = 0
     texts: dict[str, int] = field(default_factory=dict)  # records with text, by source
+    shards: dict[str, bytes] = field(default_factory=dict)  # each split's JSON lines
 
 
-def _prepare_unit(indexed: tuple[int, list[Piece]], fields: list[str], params: DataParams, out: Path) -> Unit:
+def _prepare_unit(indexed: tuple[int, list[Piece]], fields: list[str], params: DataParams) -> Unit:
     index, pieces = indexed
     unit = Unit(index)
     seen: set[bytes] = set()  # 16-byte digests: memory grows with unique records, not with their text
-    handles = {split: (out / split / f"{index:05d}.jsonl").open("w", encoding="utf-8") for split in SPLITS}
-    try:
-        for record in _normalized(pieces, fields, params, unit.texts):
-            text = record["text"]
-            if len(text) < params.min_chars:
-                unit.short += 1
-                continue
-            encoded = text.encode("utf-8")
-            digest = hashlib.blake2b(encoded, digest_size=16).digest()
-            if digest in seen:
-                unit.duplicate += 1
-                continue
-            seen.add(digest)
-            validation = in_validation(text, params.validation_fraction, params.seed)
-            handles[SPLITS[validation]].write(json.dumps(record, ensure_ascii=False) + "\n")
-            unit.digests += digest
-            unit.splits.append(validation)
-            unit.chars.append(len(text))
-            unit.sizes.append(len(encoded))
-    finally:
-        for handle in handles.values():
-            handle.close()
+    shards = [io.BytesIO() for _ in SPLITS]
+    for record in _normalized(pieces, fields, params, unit.texts):
+        text = record["text"]
+        if len(text) < params.min_chars:
+            unit.short += 1
+            continue
+        encoded = text.encode("utf-8")
+        digest = hashlib.blake2b(encoded, digest_size=16).digest()
+        if digest in seen:
+            unit.duplicate += 1
+            continue
+        seen.add(digest)
+        validation = in_validation(text, params.validation_fraction, params.seed)
+        shards[validation].write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+        unit.digests += digest
+        unit.splits.append(validation)
+        unit.chars.append(len(text))
+        unit.sizes.append(len(encoded))
+    unit.shards = {split: shard.getvalue() for split, shard in zip(SPLITS, shards, strict=True)}
     return unit
 
 
@@ -114,7 +115,7 @@ class _Merge:
     """The units merged one after another in their order.
 
     A record an earlier unit already holds is dropped (the first of equal texts is kept, as in one pass over all
-    sources), rewriting only the shards that had one; the rest is counted."""
+    sources) as the unit's shards are written; the rest is counted."""
 
     def __init__(self) -> None:
         self.stats: dict[str, Any] = {split: {"records": 0, "chars": 0, "bytes": 0} for split in SPLITS}
@@ -138,19 +139,19 @@ class _Merge:
             counts["records"] += 1
             counts["chars"] += unit.chars[position]
             counts["bytes"] += unit.sizes[position]
-        if repeated:
-            self.dropped["duplicate"] += len(repeated)
-            _rewrite_without(unit, repeated, out)
+        self.dropped["duplicate"] += len(repeated)
+        _write_without(unit, repeated, out)
 
 
-def _rewrite_without(unit: Unit, repeated: set[int], out: Path) -> None:
-    """Rewrite a unit's shards without the records at the given positions (counted across both splits)."""
+def _write_without(unit: Unit, repeated: set[int], out: Path) -> None:
+    """Write a unit's shards without the records at the given positions (counted across both splits)."""
     for split_index, split in enumerate(SPLITS):
-        positions = [p for p, s in enumerate(unit.splits) if s == split_index]
-        shard = out / split / f"{unit.index:05d}.jsonl"
-        with shard.open(encoding="utf-8") as handle:
-            kept = [line for line, p in zip(handle, positions, strict=True) if p not in repeated]
-        shard.write_text("".join(kept), encoding="utf-8")
+        data = unit.shards.pop(split)
+        if repeated:
+            positions = [p for p, s in enumerate(unit.splits) if s == split_index]
+            lines = data.split(b"\n")[:-1]  # JSON escapes a newline inside a text: one record a line
+            data = b"".join(line + b"\n" for line, p in zip(lines, positions, strict=True) if p not in repeated)
+        (out / split / f"{unit.index:05d}.jsonl").write_bytes(data)
 
 
 def _check_kept(stats: dict[str, Any], texts: dict[str, int], sources: list[str]) -> None:

@@ -23,13 +23,30 @@ def workers(setting: int, units: int | None = None) -> int:
     return max(1, min(chosen, units) if units is not None else chosen)
 
 
-def ordered_map(function: Callable, items: Iterable, processes: int, ahead: int = 2) -> Iterator:
-    """function over items, results in the items' order, in this process or in `processes` forked ones.
+def cluster(executor: str, ray_address: str | None) -> str | None:
+    """The Ray cluster data.executor names (data.ray_address or RAY_ADDRESS), or None to run on this machine."""
+    if executor == "local":
+        return None
+    from tasks.cluster import address
+
+    return address(ray_address)
+
+
+def ordered_map(
+    function: Callable, items: Iterable, processes: int, ahead: int = 2, on_cluster: str | None = None
+) -> Iterator:
+    """function over items, results in the items' order: here, in `processes` forked processes, or on a cluster.
 
     At most processes times ahead items are in flight, so memory stays flat however many items there are. Forked,
     not spawned: function may be a closure over what the parent built (a tokenizer), which a fork inherits as
-    it is and a spawn would have to pickle.
+    it is and a spawn would have to pickle. on_cluster (a Ray address) runs it as a Ray Data job instead
+    (tasks/cluster.py).
     """
+    if on_cluster:
+        from tasks.cluster import ray_map
+
+        yield from ray_map(function, items, on_cluster)
+        return
     if processes == 1:
         yield from map(function, items)
         return

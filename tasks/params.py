@@ -89,7 +89,13 @@ class DataParams(Section):
         64, ge=1, le=4096, description="input read as one unit, and so the size of each prepared shard, in MB"
     )
     workers: int = Field(
-        0, ge=0, le=1024, description="ingest and tokenize processes at once; 0: every core (same outputs for any)"
+        0, ge=0, le=1024, description="cores ingest and tokenize use; 0: every core (same outputs for any)"
+    )
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: this machine's cores; ray: a Ray cluster's (pip install 'gpt2-pipeline[ray]')"
+    )
+    ray_address: str | None = Field(
+        None, max_length=256, description="the Ray cluster for executor ray (host:port, auto); null: RAY_ADDRESS"
     )
 
 

@@ -10,7 +10,6 @@ Run: python -m tasks.tokenize
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import numpy as np
 from tasks.blocks import TokenSizes, encode_and_group
 from tasks.errors import PipelineError
 from tasks.outputs import atomic_outputs, hash_file, read_json, write_json
-from tasks.parallel import ordered_map, workers
+from tasks.parallel import cluster, ordered_map, workers
 from tasks.params import ModelParams, TokenizerParams, load_params
 from tasks.paths import (
     DATA_STATS,
@@ -42,6 +41,7 @@ from tasks.tokenizer import build_tokenizer
 SHARD_TOKENS = 100_000_000
 MANIFEST = "manifest.json"  # in data/tokenized: each split's files, with their blocks and tokens
 RECORD_BATCH = 1000  # records encoded at a time; each batch's last block_size-1 tokens at most are dropped
+SCAN_BYTES = 16 << 20  # read at a time to find the batches' line ends
 
 
 def blocks_fingerprint(shards: list[Path], tokenizer, block_size: int) -> str:
@@ -59,21 +59,41 @@ def blocks_fingerprint(shards: list[Path], tokenizer, block_size: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def _lines(shards: list[Path]) -> Iterator[str]:
+Span = tuple[str, int, int]  # a prepared shard's bytes [start, end)
+
+
+def batch_spans(shards: list[Path], size: int) -> Iterator[list[Span]]:
+    """Where a prepared split's batches of `size` records lie: the byte ranges of its shards each one covers.
+
+    Batches run across shards (so the blocks do not depend on where the shards end); only line ends are looked
+    for here, each batch is read and parsed where it is encoded (read_batch)."""
+    spans: list[Span] = []
+    count = 0
     for shard in shards:
-        with shard.open(encoding="utf-8") as handle:
-            yield from handle
+        start = offset = 0
+        with shard.open("rb") as handle:
+            while chunk := handle.read(SCAN_BYTES):
+                ends = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == ord("\n")) + offset + 1
+                while len(ends) >= size - count:
+                    ends, end = ends[size - count :], int(ends[size - count - 1])
+                    yield [*spans, (str(shard), start, end)]
+                    spans, count, start = [], 0, end
+                count += len(ends)
+                offset += len(chunk)
+        if offset > start:
+            spans.append((str(shard), start, offset))
+    if spans:
+        yield spans
 
 
-def _record_batches(shards: list[Path], size: int) -> Iterator[dict[str, list]]:
-    """A prepared split's records, `size` at a time across its shards.
-
-    A prepared split's records, `size` at a time across its shards (so the blocks do not depend on where the shards
-    end), as columns: {"text": [...]} (and "turns" for dialogues)."""
-    lines = _lines(shards)
-    while batch := list(itertools.islice(lines, size)):
-        records = [json.loads(line) for line in batch]
-        yield {key: [record[key] for record in records] for key in records[0]}
+def read_batch(spans: list[Span]) -> dict[str, list]:
+    """A batch's records as columns: {"text": [...]} (and "turns" for dialogues)."""
+    records = []
+    for path, start, end in spans:
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            records.extend(json.loads(line) for line in handle.read(end - start).split(b"\n") if line)
+    return {key: [record[key] for record in records] for key in records[0]}
 
 
 def _blocks_table(blocks: dict[str, np.ndarray]):
@@ -87,14 +107,20 @@ def _blocks_table(blocks: dict[str, np.ndarray]):
 
 
 def write_split(
-    shards: list[Path], folder: Path, encode, fingerprint: str, per_file: int, processes: int = 1
+    shards: list[Path],
+    folder: Path,
+    encode,
+    fingerprint: str,
+    per_file: int,
+    processes: int = 1,
+    on_cluster: str | None = None,
 ) -> list[int]:
     """Encode a split and write its blocks once, at most per_file blocks an Arrow file; returns each file's blocks.
 
     The files go straight into `folder` in the layout of datasets' save_to_disk (data-NNNNN-of-MMMMM.arrow,
     state.json, dataset_info.json), which load_from_disk reads as one memory-mapped dataset. Each batch's blocks
-    depend on that batch alone, so `processes` encode batches at once and the blocks are written in the batches'
-    order: the same bytes for any number of processes."""
+    depend on that batch alone, so `processes` (or a Ray cluster's, on_cluster) read and encode batches at once and
+    the blocks are written in the batches' order: the same bytes however many encode them."""
     from datasets.arrow_writer import ArrowWriter
 
     folder.mkdir(parents=True)
@@ -103,7 +129,8 @@ def write_split(
     counts: list[int] = []
     writer = None
     try:
-        for blocks in ordered_map(encode, _record_batches(shards, RECORD_BATCH), processes):
+        batches = batch_spans(shards, RECORD_BATCH)
+        for blocks in ordered_map(encode, batches, processes, on_cluster=on_cluster):
             table, start = _blocks_table(blocks), 0
             if table.num_rows == 0 and writer is not None:
                 writer.write_table(table)  # as one file always had it: a batch too short for a block
@@ -168,6 +195,7 @@ def tokenize(
     tokenized_dir: Path = TOKENIZED_DIR,
     dialog: bool = False,
     processes: int = 1,
+    on_cluster: str | None = None,
 ) -> dict[str, Any]:
     """Build the tokenizer and the block datasets (read back with datasets.load_from_disk).
 
@@ -181,8 +209,8 @@ def tokenize(
     block_size = tokenizer_params.block_size
     sizes = TokenSizes(tokenizer.backend_tokenizer)
 
-    def encode(batch: dict[str, list]) -> dict[str, np.ndarray]:
-        return encode_and_group(batch, tokenizer, block_size, sizes, start_id)
+    def encode(spans: list[Span]) -> dict[str, np.ndarray]:
+        return encode_and_group(read_batch(spans), tokenizer, block_size, sizes, start_id)
 
     stats: dict[str, Any] = {"vocab_size": len(tokenizer), "block_size": block_size}
     manifest: dict[str, list[dict[str, Any]]] = {}
@@ -192,7 +220,8 @@ def tokenize(
         for split in SPLITS:
             fingerprint = blocks_fingerprint(shards[split], tokenizer, block_size)
             per_file = max(1, SHARD_TOKENS // block_size)
-            files = write_split(shards[split], blocks_tmp / split, encode, fingerprint, per_file, processes)
+            folder = blocks_tmp / split
+            files = write_split(shards[split], folder, encode, fingerprint, per_file, processes, on_cluster)
             names = sorted(path.name for path in (blocks_tmp / split).glob("*.arrow"))
             manifest[split] = [
                 {"file": f"{split}/{name}", "blocks": count, "tokens": count * block_size}
@@ -230,8 +259,13 @@ def data_figures(ingest_stats: dict[str, Any], tokenize_stats: dict[str, Any]) -
 
 def main() -> None:
     params = load_params()
-    dialog, processes = params.data.format == "dialog", workers(params.data.workers)
-    stats = tokenize(params.tokenizer, params.model, dialog=dialog, processes=processes)
+    data = params.data
+    on_cluster = cluster(data.executor, data.ray_address)
+    dialog, processes = data.format == "dialog", workers(data.workers)
+    # data.workers is a budget of cores: the tokenizers library's own threads (BPE training, encoding in this
+    # process) keep to it too, so that 1 means one core, as it does for ingest. Threads never change the outputs.
+    os.environ["RAYON_NUM_THREADS"] = str(processes)
+    stats = tokenize(params.tokenizer, params.model, dialog=dialog, processes=processes, on_cluster=on_cluster)
     print(
         f"tokenize: vocabulary {stats['vocab_size']}, {stats['train_blocks']} train / "
         f"{stats['validation_blocks']} validation blocks of {stats['block_size']}, framing {stats['framing']} "

@@ -116,6 +116,8 @@ def mlflow_run(empty_store, tmp_path, monkeypatch) -> str:
 
 def pytest_collection_finish(session):
     if any("golden" in getattr(item, "fixturenames", ()) for item in session.items):
+        # The run's temporary folder made here, first: the build thread and the first test would both create it.
+        session.config._tmp_path_factory.getbasetemp()
         session.config.golden_build = GoldenBuild(session.config._tmp_path_factory)
         session.config.golden_build.start()
 

@@ -267,3 +267,23 @@ def test_a_gzipped_source_is_read_as_its_text_and_bad_bytes_in_it_are_named(tmp_
         handle.write('{"text": "caf\xe9"}\n'.encode("latin-1"))
     with pytest.raises(PipelineError, match=r"latin1\.jsonl\.gz: not valid UTF-8 once decompressed; convert it"):
         ingest(params([tmp_path / "latin1.jsonl.gz"]), tmp_path / "out")
+
+
+def test_the_ray_executor_names_its_cluster_or_says_what_is_missing(monkeypatch):
+    """data.executor: ray joins data.ray_address, else RAY_ADDRESS; without either, without Ray, or with nothing
+    answering at the address, one line says what to do (ray.init would wait for an absent head without end)."""
+    import sys
+
+    from tasks.parallel import cluster, ordered_map
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert cluster("local", "10.0.0.1:6379") is None and cluster("ray", "10.0.0.1:6379") == "10.0.0.1:6379"
+    with pytest.raises(PipelineError, match=r"no cluster is named: set data\.ray_address"):
+        cluster("ray", None)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    assert cluster("ray", None) == "auto"
+    with pytest.raises(PipelineError, match=r"nothing answers at '127.0.0.1:1' \(Connection refused\)"):
+        list(ordered_map(str, [1], 1, on_cluster="127.0.0.1:1"))
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(PipelineError, match=r"Ray is not installed: pip install 'gpt2-pipeline\[ray\]'"):
+        list(ordered_map(str, [1], 1, on_cluster="auto"))

@@ -168,7 +168,8 @@ def test_other_tokenizers_fall_back_to_offsets(prepared):
 
 def test_the_blocks_do_not_depend_on_where_the_shards_end(prepared, tmp_path, monkeypatch):
     """ingest's shard boundaries follow data.shard_mb: the same records cut into other shards, and encoded by two
-    processes instead of one, give the same tokenizer and the same blocks, fingerprints included."""
+    processes instead of one (batches found by reads of any size), give the same tokenizer and the same blocks,
+    fingerprints included."""
     import shutil
 
     monkeypatch.setattr("tasks.tokenize.RECORD_BATCH", 16)  # many batches, so two processes share them
@@ -179,7 +180,8 @@ def test_the_blocks_do_not_depend_on_where_the_shards_end(prepared, tmp_path, mo
         (recut / split / "00000.jsonl").write_text("".join(lines[:7]), encoding="utf-8")
         (recut / split / "00001.jsonl").write_text("".join(lines[7:100]), encoding="utf-8")
         (recut / split / "00002.jsonl").write_text("".join(lines[100:]), encoding="utf-8")
-    for folder, name, processes in ((prepared, "one", 1), (recut, "three", 2)):
+    for folder, name, processes, scan in ((prepared, "one", 1, 1 << 24), (recut, "three", 2, 7)):
+        monkeypatch.setattr("tasks.tokenize.SCAN_BYTES", scan)  # line ends found across reads of 7 bytes
         tokenize(TokenizerParams(vocab_size=300, block_size=32), ModelParams(), folder,
                  tmp_path / name / "tokenizer", tmp_path / name / "tokenized", processes=processes)  # fmt: skip
     for split in ("train", "validation"):
@@ -205,3 +207,22 @@ def test_the_blocks_go_into_arrow_files_of_bounded_size_that_read_as_one(prepare
     for split in ("train", "validation"):
         for column in ("input_ids", "token_bytes", "token_chars"):
             assert read["many"][split][column] == read["one"][split][column], (split, column)
+
+
+def test_data_workers_is_a_budget_of_cores_for_the_tokenizers_threads_too(prepared, tmp_path, monkeypatch, capsys):
+    """data.workers: 1 is one core, as for ingest: the stage holds the tokenizers library's thread pool (rayon,
+    which BPE training and batch encoding use) to data.workers threads before it first runs."""
+    import yaml
+
+    from tasks import tokenize as stage
+    from tools.project import ROOT
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAYON_NUM_THREADS", "8")  # what a shell may have exported; restored after the test
+    shutil.copytree(prepared, tmp_path / "data/prepared")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    params["data"]["workers"] = 1
+    params["tokenizer"] |= {"vocab_size": 300, "block_size": 32}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    stage.main()
+    assert os.environ["RAYON_NUM_THREADS"] == "1" and "tokenize: vocabulary 300" in capsys.readouterr().out
