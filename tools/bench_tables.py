@@ -212,6 +212,24 @@ def data_summary(rows: list) -> list:
         if r["identical"] is not None:  # None: one worker count, nothing to compare
             out.append((f"the same outputs for every worker count, {r['text_mb']:,.0f} MB", "yes",
                         "yes" if r["identical"] else "no", r["identical"]))  # fmt: skip
+        out.extend(_memory_against_smaller(r, runs))
+    return out
+
+
+def _memory_against_smaller(row: dict, runs: dict) -> list:
+    """A larger corpus's peak memory over the data-scaling case's with the same workers: flat is at most 1.5 times."""
+    smaller = load("data-scaling")
+    if smaller is None or row["text_mb"] <= smaller["figures"][0]["text_mb"]:
+        return []
+    base = smaller["figures"][0]
+    out = []
+    for workers, run in runs.items():
+        reference = {int(count): figures for count, figures in base["runs"].items()}.get(workers)
+        if reference is not None:
+            peak = max(figures["peak_private_mb"] for figures in run.values())
+            ratio = peak / max(figures["peak_private_mb"] for figures in reference.values())
+            out.append((f"peak memory, {row['text_mb']:,.0f} MB against {base['text_mb']:,.0f} MB, {workers} workers",
+                        "≤ 1.5 ×", x(ratio), ratio <= 1.5))  # fmt: skip
     return out
 
 

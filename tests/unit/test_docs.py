@@ -80,3 +80,31 @@ def test_a_saved_result_becomes_its_table_and_a_missing_one_says_how_to_measure_
     assert "| tokenize as a user waits for it, against a hand-written script | ≥ 0.8 × | 0.750 × | **no** |" in rendered
     assert f"Not measured: run `{bench_tables.CASES['eval-cpu'].command}`, then `make bench-tables`." in rendered
     assert bench_tables.render(rendered) == rendered
+
+
+def test_a_larger_corpus_run_on_one_worker_count_is_judged_by_its_memory_against_the_smaller_one(tmp_path, monkeypatch):
+    """The 10 GB case runs one worker count: no speed-up or same-bytes claim, and its peak memory over the 1 GB
+    case's with the same workers is the figure (flat: at most 1.5 times)."""
+    import json
+
+    from tools import bench_tables
+
+    monkeypatch.setattr(bench_tables, "RESULTS", tmp_path)
+
+    def result(case, text_mb, runs, identical):
+        stages = {"seconds": 10.0, "peak_rss_mb": 1.0}
+        figures = [{"text_mb": text_mb, "input_mb": text_mb, "identical": identical, "dvc_status_s": 1.0,
+                    "dvc_repro_noop_s": 1.0, "output_mb": {"data/prepared": 1.0, "data/tokenized": 2.0},
+                    "runs": {str(w): {s: stages | {"peak_private_mb": mb} for s in ("ingest", "tokenize")}
+                             for w, mb in runs.items()}}]  # fmt: skip
+        (tmp_path / f"{case}.json").write_text(json.dumps({"command": "c", "measured_on": None, "figures": figures}))
+
+    result("data-scaling", 1000, {1: 300, 2: 800}, True)
+    result("data-scaling-10gb", 10000, {2: 1000}, None)
+    rows = bench_tables.data_summary(bench_tables.load("data-scaling-10gb")["figures"])
+    assert rows == [("peak memory, 10,000 MB against 1,000 MB, 2 workers", "≤ 1.5 ×", "1.250 ×", True)]
+    assert "| 10,000 MB | 2 | 10.0 s (1000.0 MB/s) | 10.0 s (1000.0 MB/s) | 1,000 / 1,000 MB | — | — |" in (
+        bench_tables.markdown(*bench_tables.data_table(bench_tables.load("data-scaling-10gb")["figures"]))
+    )
+    result("data-scaling-10gb", 10000, {2: 1300}, None)
+    assert bench_tables.data_summary(bench_tables.load("data-scaling-10gb")["figures"])[0][3] is False
