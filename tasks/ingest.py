@@ -13,12 +13,17 @@ import hashlib
 import io
 import json
 import sys
+import tempfile
 import unicodedata
 from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from tasks.digests import DigestSet
 from tasks.errors import PipelineError
 from tasks.outputs import atomic_output
 from tasks.parallel import cluster, ordered_map, workers
@@ -56,9 +61,13 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
             (tmp / split).mkdir(parents=True)
         prepare = functools.partial(_prepare_unit, fields=fields, params=params)
         on_cluster = cluster(params.executor, params.ray_address)
-        merged = _Merge()
-        for unit in ordered_map(prepare, enumerate(units), workers(params.workers, len(units)), on_cluster=on_cluster):
-            merged.add(unit, tmp)
+        processes = workers(params.workers, len(units))
+        # The digests' scratch folder is inside the new output: whatever stops the stage leaves nothing else.
+        with tempfile.TemporaryDirectory(prefix=".digests-", dir=tmp) as scratch:
+            merged = _Merge(Path(scratch))
+            with closing(ordered_map(prepare, enumerate(units), processes, on_cluster=on_cluster)) as prepared:
+                for unit in prepared:
+                    merged.add(unit, tmp)
         stats = {**merged.stats, "dropped": merged.dropped}
         _check_kept(stats, merged.texts, sources)
         stats.update(sources=sources, shards=len(units))
@@ -117,30 +126,28 @@ class _Merge:
     A record an earlier unit already holds is dropped (the first of equal texts is kept, as in one pass over all
     sources) as the unit's shards are written; the rest is counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, scratch: Path) -> None:
         self.stats: dict[str, Any] = {split: {"records": 0, "chars": 0, "bytes": 0} for split in SPLITS}
         self.dropped = {"short": 0, "duplicate": 0}
         self.texts: dict[str, int] = {}
-        self.seen: set[bytes] = set()
+        self.seen = DigestSet(scratch)
 
     def add(self, unit: Unit, out: Path) -> None:
         self.dropped["short"] += unit.short
         self.dropped["duplicate"] += unit.duplicate
         for source, count in unit.texts.items():
             self.texts[source] = self.texts.get(source, 0) + count
-        repeated = set()
-        for position in range(len(unit.splits)):
-            digest = bytes(unit.digests[16 * position : 16 * position + 16])
-            if digest in self.seen:
-                repeated.add(position)
-                continue
-            self.seen.add(digest)
-            counts = self.stats[SPLITS[unit.splits[position]]]
-            counts["records"] += 1
-            counts["chars"] += unit.chars[position]
-            counts["bytes"] += unit.sizes[position]
-        self.dropped["duplicate"] += len(repeated)
-        _write_without(unit, repeated, out)
+        repeated = self.seen.add_new(bytes(unit.digests))
+        splits = np.frombuffer(unit.splits, dtype=np.uint8)
+        chars, sizes = np.frombuffer(unit.chars, dtype=np.int64), np.frombuffer(unit.sizes, dtype=np.int64)
+        for index, split in enumerate(SPLITS):
+            kept = ~repeated & (splits == index)
+            counts = self.stats[split]
+            counts["records"] += int(kept.sum())
+            counts["chars"] += int(chars[kept].sum())
+            counts["bytes"] += int(sizes[kept].sum())
+        self.dropped["duplicate"] += int(repeated.sum())
+        _write_without(unit, set(np.flatnonzero(repeated).tolist()), out)
 
 
 def _write_without(unit: Unit, repeated: set[int], out: Path) -> None:

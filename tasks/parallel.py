@@ -6,8 +6,11 @@ What lets ingest and tokenize use every core and still write the same bytes for 
 from __future__ import annotations
 
 import collections
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 
@@ -53,15 +56,40 @@ def ordered_map(
     global _FUNCTION
     _FUNCTION = function
     pending: collections.deque = collections.deque()
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+    before = set(multiprocessing.active_children())
+    fork = multiprocessing.get_context("fork")
+    pool = ProcessPoolExecutor(processes, mp_context=fork, initializer=_worker_start, initargs=(os.getpid(),))
+    try:
         for item in items:
             pending.append(pool.submit(_call, item))
             if len(pending) >= processes * ahead:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except BaseException:  # an error, a stop (SIGTERM, Ctrl-C) or the caller's close(): the work is not wanted
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in set(multiprocessing.active_children()) - before:
+            worker.kill()  # not waited for: a stop must not sit behind the batches in flight
+            worker.join()
+        raise
+    pool.shutdown()
 
 
+def _worker_start(parent: int) -> None:
+    """A worker ignores stop signals (its parent stops it as it unwinds) and dies with its parent.
+
+    A worker left behind by a parent killed outright (SIGKILL, the stage's watchdog) would wait for work for ever
+    and hold the stage's stdout, so the `dvc repro` reading it would never see its end."""
+    signal.set_wakeup_fd(-1)  # the stage's watchdog counts from the parent's signals alone
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the request
+            os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>: the signal this process gets when the thread that forked it ends
 _FUNCTION: Callable | None = None  # set in the parent before the fork; each worker calls its copy
 
 

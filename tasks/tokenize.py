@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -130,20 +131,21 @@ def write_split(
     writer = None
     try:
         batches = batch_spans(shards, RECORD_BATCH)
-        for blocks in ordered_map(encode, batches, processes, on_cluster=on_cluster):
-            table, start = _blocks_table(blocks), 0
-            if table.num_rows == 0 and writer is not None:
-                writer.write_table(table)  # as one file always had it: a batch too short for a block
-            while start < table.num_rows:
-                if writer is None:
-                    writer = ArrowWriter(features=block_features(), path=str(folder / f"part-{len(counts):05d}"))
-                    counts.append(0)
-                take = min(per_file - counts[-1], table.num_rows - start)
-                writer.write_table(table if take == table.num_rows else table.slice(start, take))
-                counts[-1], start = counts[-1] + take, start + take
-                if counts[-1] == per_file:  # full: the next block starts the next file
-                    writer.finalize()
-                    writer = None
+        with closing(ordered_map(encode, batches, processes, on_cluster=on_cluster)) as encoded:
+            for blocks in encoded:
+                table, start = _blocks_table(blocks), 0
+                if table.num_rows == 0 and writer is not None:
+                    writer.write_table(table)  # as one file always had it: a batch too short for a block
+                while start < table.num_rows:
+                    if writer is None:
+                        writer = ArrowWriter(features=block_features(), path=str(folder / f"part-{len(counts):05d}"))
+                        counts.append(0)
+                    take = min(per_file - counts[-1], table.num_rows - start)
+                    writer.write_table(table if take == table.num_rows else table.slice(start, take))
+                    counts[-1], start = counts[-1] + take, start + take
+                    if counts[-1] == per_file:  # full: the next block starts the next file
+                        writer.finalize()
+                        writer = None
         if not counts:  # no blocks at all: one empty file, as datasets writes an empty dataset
             writer = ArrowWriter(features=block_features(), path=str(folder / "part-00000"))
             counts.append(0)
