@@ -4,7 +4,8 @@ against a bare PyTorch loop (forward, backward, AdamW step, zero_grad) on the sa
 The two alternate for several rounds in one process, so machine noise hits both alike; each round times
 `--steps` steps after `--warmup` untimed ones. Prints tokens/s of both, the ratio and the project path's MFU.
 Run: python bench/train_throughput.py [--layers 6 --width 256 --heads 8 --block 256 --batch 8 --precision fp32]
-(--transformers-loss: the project path with transformers' loss and the unpadded vocabulary, to measure those two)
+(--transformers-loss: the project path with transformers' loss and the unpadded vocabulary, to measure those two;
+--loss-kernel cut_cross_entropy and --fp8-lm-head: the GPU levers of train.loss_kernel and train.fp8_lm_head)
 GPT-2 124M as OpenAI shipped it: --layers 12 --width 768 --heads 12 --block 1024 --vocab 50257.
 """
 
@@ -77,7 +78,7 @@ def project_path(args, blocks, device: str, precision: str) -> float:
     clock = StepClock(args.warmup)
     model = make_model(args)
     if not args.transformers_loss:
-        for_training(model)  # as the stage trains: vocabulary padded, loss chunk by chunk
+        for_training(model, device, args.loss_kernel, args.fp8_lm_head)  # as the stage trains it
     with tempfile.TemporaryDirectory() as scratch:
         trainer = Trainer(
             model=model,
@@ -135,6 +136,9 @@ def main() -> None:
         action="store_true",
         help="the project path without its training loss (tasks/loss.py) and padded vocabulary: transformers' own",
     )
+    parser.add_argument("--loss-kernel", default="chunked", choices=["chunked", "cut_cross_entropy"],
+                        help="train.loss_kernel in the project path")  # fmt: skip
+    parser.add_argument("--fp8-lm-head", action="store_true", help="train.fp8_lm_head in the project path")
     add_save_option(parser)
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -163,7 +167,7 @@ def main() -> None:
     )
     figures = {
         **{name: getattr(args, name) for name in ("layers", "width", "heads", "block", "batch", "vocab", "compile")},
-        "dropout": args.dropout,
+        **{"dropout": args.dropout, "loss_kernel": args.loss_kernel, "fp8_lm_head": args.fp8_lm_head},
         **{"parameters": model.num_parameters(), "device": device, "precision": precision},
         **{"project_tokens_s": project, "bare_tokens_s": reference, "ratio": project / reference},
         **{"mfu": project * flops / peak, "peak_tflops": peak / 1e12, "peak_source": source},

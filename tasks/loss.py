@@ -6,15 +6,20 @@ too. Here the output projection, the fp32 log-softmax and its gradient are done 
 time, and the gradients of the hidden states and of the projection's weight are computed in the same pass:
 the full logits never exist. The vocabulary may be padded (rows past `vocab_size` in the weight, for matmul
 shapes the GPU likes): padded columns are masked to -inf, so the loss is the unpadded model's exactly.
+On a GPU the same loss can come from cut-cross-entropy's fused kernel (train.loss_kernel), or from an FP8
+output projection's whole logits (train.fp8_lm_head).
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import types
 from typing import Any
 
 import torch
+
+from tasks.errors import PipelineError
 
 IGNORE_INDEX = -100  # labels that take no part in the loss (transformers' convention)
 CHUNK_LOGITS = 1 << 25  # logits in one chunk: 128 MiB in fp32, whatever the vocabulary
@@ -70,6 +75,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None, None, None, None
 
 
+def causal_targets(labels: torch.Tensor, num_items_in_batch, device) -> tuple[torch.Tensor, Any]:
+    """transformers' causal-LM targets (labels shifted by one, IGNORE_INDEX past the end), flat, and the divisor:
+    the count of valid targets, or num_items_in_batch when the Trainer accumulates gradients."""
+    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+    divisor = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
+    if torch.is_tensor(divisor):
+        divisor = divisor.to(device, torch.float32)
+    return targets, divisor
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int, num_items_in_batch=None
 ) -> torch.Tensor:
@@ -78,31 +93,75 @@ def linear_cross_entropy(
     transformers' causal-LM loss (labels shifted by one inside, IGNORE_INDEX skipped; the mean over the valid
     targets, or their sum over num_items_in_batch when the Trainer accumulates gradients) from the last hidden
     states (batch, block, width) and the output projection's weight (vocabulary rows, width)."""
-    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    divisor = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
-    if torch.is_tensor(divisor):
-        divisor = divisor.to(flat.device, torch.float32)
+    targets, divisor = causal_targets(labels, num_items_in_batch, flat.device)
     # Inside the Function grad mode is off: whether backward will come is decided here.
     wants_grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad)
     chunk = chunk_tokens(weight.shape[0])
     return _LinearCrossEntropy.apply(flat, weight, targets, vocab_size, divisor, chunk, wants_grad)
 
 
-def use_chunked_loss(model, vocab_size: int) -> None:
-    """Make a GPT2LMHeadModel compute its training loss with linear_cross_entropy.
+def fused_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_size: int, num_items_in_batch=None
+) -> torch.Tensor:
+    """The same loss by cut-cross-entropy's fused kernel (CUDA): the logits live in the GPU's on-chip memory only.
 
-    Make a GPT2LMHeadModel compute its training loss with linear_cross_entropy (only the first vocab_size columns
-    count). Forward without labels (generation, the evaluate stage) is the model's own."""
+    The kernel takes the projection in the compute dtype (autocast's) and the unpadded rows of the weight."""
+    from cut_cross_entropy import linear_cross_entropy as cut
+
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    targets, divisor = causal_targets(labels, num_items_in_batch, flat.device)
+    compute = _compute_dtype(flat.device.type, flat.dtype)
+    summed = cut(flat.to(compute), weight[:vocab_size].to(compute), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return summed.float() / divisor
+
+
+def logits_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, num_items_in_batch=None):
+    """The same loss from logits the output projection computed whole (an FP8 lm_head computes them itself): the
+    padded columns left out, the softmax in fp32."""
+    flat = logits.reshape(-1, logits.shape[-1])[:, :vocab_size].float()
+    targets, divisor = causal_targets(labels, num_items_in_batch, flat.device)
+    return torch.nn.functional.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum") / divisor
+
+
+def resolve_kernel(kernel: str, device: str) -> str:
+    """The loss kernel this run uses (train.loss_kernel): cut-cross-entropy's on CUDA when installed, else the
+    chunked loss."""
+    if kernel == "chunked":
+        return kernel
+    if device != "cuda":  # its kernel is Triton's, for the GPU; the chunked loss is the same loss
+        print(
+            f"note: train.loss_kernel: {kernel} runs on CUDA; on the {device} the chunked loss is used", file=sys.stderr
+        )
+        return "chunked"
+    try:
+        import cut_cross_entropy  # noqa: F401
+    except ImportError:
+        raise PipelineError(
+            f"train.loss_kernel: {kernel} is not installed: pip install 'gpt2-pipeline[kernels]', or set it to chunked"
+        ) from None
+    return kernel
+
+
+def use_training_loss(model, vocab_size: int, kernel: str = "chunked", through_head: bool = False) -> None:
+    """Make a GPT2LMHeadModel compute its training loss from the hidden states, by `kernel` (train.loss_kernel).
+
+    Only the first vocab_size columns count. through_head: from the logits of the model's lm_head module whole (an
+    FP8 module, whose weight alone is not what it computes with). Forward without labels (generation, the evaluate
+    stage) is the model's own."""
     from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
 
     own = model.forward
+    from_weight = fused_cross_entropy if kernel == "cut_cross_entropy" else linear_cross_entropy
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs: Any):
         if labels is None:
             return own(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = self.transformer(input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        loss = linear_cross_entropy(hidden, self.lm_head.weight, labels, vocab_size, num_items_in_batch)
+        if through_head:
+            loss = logits_cross_entropy(self.lm_head(hidden), labels, vocab_size, num_items_in_batch)
+        else:
+            loss = from_weight(hidden, self.lm_head.weight, labels, vocab_size, num_items_in_batch)
         return CausalLMOutputWithCrossAttentions(loss=loss)
 
     model.forward = types.MethodType(forward, model)

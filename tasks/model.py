@@ -70,15 +70,53 @@ def build_model(model_params: ModelParams, tokenizer, block_size: int, framing_n
     return model
 
 
-def for_training(model) -> None:
+def for_training(model, device: str = "cpu", loss_kernel: str = "chunked", fp8_lm_head: bool = False) -> None:
     """The model as it trains.
 
     Vocabulary rows padded to VOCAB_MULTIPLE (the padding columns masked out of the loss) and the loss computed
-    chunk by chunk from the hidden states (tasks/loss.py). _save trims the padding off again (to the tokenizer's
-    size)."""
+    from the hidden states (tasks/loss.py: chunk by chunk, or by cut-cross-entropy's kernel on CUDA); with
+    fp8_lm_head the output projection runs in FP8 (torchao) and the loss takes its logits. _save trims the padding
+    off again (to the tokenizer's size)."""
     size = model.config.vocab_size
     model.resize_token_embeddings(padded_vocab(size), mean_resizing=False)  # padding rows: never looked up
-    loss.use_chunked_loss(model, size)
+    kernel = loss.resolve_kernel(loss_kernel, device)
+    if fp8_lm_head:
+        fp8_head(model, device)
+    loss.use_training_loss(model, size, kernel, through_head=fp8_lm_head)
+
+
+FP8_CAPABILITY = (8, 9)  # the first GPUs with FP8 tensor cores: Ada (8.9), then Hopper (9.0: H100, H200)
+
+
+def fp8_head(model, device: str, emulate: bool = False) -> None:
+    """The output projection (the largest matmul of a GPT-2 124M: 768 x 50,304) in FP8 by torchao's float8 training.
+
+    Refused where it cannot run: no GPU with FP8, torchao missing, a width FP8 matmuls cannot take. emulate: torchao's
+    emulation of the FP8 matmuls, which runs anywhere (slowly): how the tests run this on the CPU."""
+    import torch
+
+    if not emulate and (device != "cuda" or torch.cuda.get_device_capability() < FP8_CAPABILITY):
+        has = (
+            "no CUDA GPU"
+            if device != "cuda"
+            else f"{torch.cuda.get_device_name()} {torch.cuda.get_device_capability()}"
+        )
+        raise PipelineError(
+            "train.fp8_lm_head: FP8 needs a GPU of compute capability 8.9 or later (Ada, Hopper: H100, H200); "
+            f"this run has {has}; set it to false"
+        )
+    if model.config.n_embd % 16:
+        raise PipelineError(f"train.fp8_lm_head: n_embd {model.config.n_embd} is not a multiple of 16, as FP8 needs")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise PipelineError(
+            "train.fp8_lm_head: torchao is not installed: pip install 'gpt2-pipeline[kernels]', or set it to false"
+        ) from None
+    # The module is swapped, its weight kept: still the embedding's, as GPT-2 ties them.
+    convert_to_float8_training(
+        model, module_filter_fn=lambda module, name: name == "lm_head", config=Float8LinearConfig(emulate=emulate)
+    )
 
 
 def frame(model, tokenizer, framing: Framing) -> None:

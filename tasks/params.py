@@ -211,6 +211,13 @@ class TrainParams(Section):
         None, description="host:port where the nodes meet; null: the scheduler's (PET_RDZV_ENDPOINT or MASTER_ADDR)"
     )
     torch_compile: bool = Field(False, description="compile the model with torch.compile (GPUs gain most)")
+    loss_kernel: Literal["chunked", "cut_cross_entropy"] = Field(
+        "chunked",
+        description="the loss: chunk by chunk, or cut-cross-entropy's fused kernel on CUDA (the CPU: chunked)",
+    )
+    fp8_lm_head: bool = Field(
+        False, description="the output projection in FP8 (torchao; GPUs of compute capability 8.9+)"
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations: less memory, more time")
     dataloader_workers: int = Field(0, ge=0, le=256, description="processes that feed batches; 0: the main one")
     check_memory: bool = Field(

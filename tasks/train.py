@@ -167,7 +167,7 @@ def train(
     blocks = datasets.load_from_disk(str(tokenized_dir)).select_columns(["input_ids"]).with_format("torch")
     framing_name = read_json(tokenized_dir / DATA_STATS.name, "tokenize").get(FRAMING_FIGURE, "eos")
     model = build_model(params.model, tokenizer, params.tokenizer.block_size, framing_name)
-    for_training(model)
+    for_training(model, device, params.train.loss_kernel, params.train.fp8_lm_head)
     precision, why = resolve_precision(params.train.precision, device, model.config.n_embd)
     args = training_arguments(params.train, device, precision, checkpoint_dir)
     tokens_per_step = params.train.batch_size * params.train.grad_accum * params.tokenizer.block_size * args.world_size

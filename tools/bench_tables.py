@@ -274,6 +274,20 @@ CASES = {
         gpu_tables,
         gpu_summary,
     ),
+    "train-gpu-124m-cut-cross-entropy": Case(
+        f"python bench/train_throughput.py {GPT2_124M} --batch 32 --precision bf16 --compile --device cuda "
+        "--loss-kernel cut_cross_entropy --save train-gpu-124m-cut-cross-entropy",
+        "cuda",
+        gpu_tables,
+        gpu_summary,
+    ),
+    "train-gpu-124m-fp8-head": Case(
+        f"python bench/train_throughput.py {GPT2_124M} --batch 32 --precision bf16 --compile --device cuda "
+        "--fp8-lm-head --save train-gpu-124m-fp8-head",
+        "cuda",
+        gpu_tables,
+        gpu_summary,
+    ),
 }
 
 

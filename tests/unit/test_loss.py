@@ -12,9 +12,9 @@ from tasks import loss as chunked
 VOCAB = 300  # the tokenizer's size; the padded models have 384 rows
 
 
-def model_pair(rows: int) -> tuple[GPT2LMHeadModel, GPT2LMHeadModel]:
+def model_pair(rows: int, through_head: bool = False) -> tuple[GPT2LMHeadModel, GPT2LMHeadModel]:
     """A reference model with VOCAB rows and the same model with `rows` rows (the extra ones random), the
-    second computing its loss chunk by chunk."""
+    second computing its loss chunk by chunk (through_head: from its lm_head's whole logits, as with FP8)."""
     torch.manual_seed(0)
     config = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     reference = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, **config))
@@ -23,7 +23,7 @@ def model_pair(rows: int) -> tuple[GPT2LMHeadModel, GPT2LMHeadModel]:
     with torch.no_grad():
         for name, tensor in padded.state_dict().items():
             tensor[: len(state[name])].copy_(state[name])  # the vocabulary's rows are the first dimension
-    chunked.use_chunked_loss(padded, VOCAB)
+    chunked.use_training_loss(padded, VOCAB, through_head=through_head)
     return reference, padded
 
 
@@ -52,8 +52,9 @@ def small_chunks(monkeypatch):
 
 @pytest.mark.parametrize("rows", [VOCAB, 384], ids=["unpadded", "padded to 384"])
 @pytest.mark.parametrize("items", [None, 150], ids=["mean", "sum over num_items_in_batch"])
-def test_the_chunked_loss_and_its_gradients_are_transformers_own(small_chunks, rows, items):
-    reference, padded = model_pair(rows)
+@pytest.mark.parametrize("through_head", [False, True], ids=["chunked", "through the lm_head"])
+def test_the_chunked_loss_and_its_gradients_are_transformers_own(small_chunks, rows, items, through_head):
+    reference, padded = model_pair(rows, through_head)
     ids, labels = batch()
     kwargs = {} if items is None else {"num_items_in_batch": torch.tensor(items)}
     expected, expected_grads = loss_and_grads(reference, ids, labels, **kwargs)
@@ -92,3 +93,42 @@ def test_evaluation_without_gradients_keeps_no_gradient_buffers(small_chunks):
     with torch.no_grad():
         loss = padded(input_ids=ids, labels=labels).loss
     assert loss.grad_fn is None and torch.isfinite(loss)
+
+
+def test_the_gpu_kernels_on_the_cpu_fall_back_or_refuse_in_one_line(capsys):
+    """cut-cross-entropy's kernel (Triton) gives way to the chunked loss on the CPU; FP8 cannot run there at all."""
+    from tasks.errors import PipelineError
+    from tasks.model import fp8_head
+
+    assert chunked.resolve_kernel("cut_cross_entropy", "cpu") == "chunked"
+    assert (
+        capsys.readouterr().err
+        == "note: train.loss_kernel: cut_cross_entropy runs on CUDA; on the cpu the chunked loss is used\n"
+    )
+    assert chunked.resolve_kernel("chunked", "cuda") == "chunked"
+    with pytest.raises(
+        PipelineError,
+        match=r"^train\.fp8_lm_head: FP8 needs a GPU of compute capability 8\.9 .*"
+        r"this run has no CUDA GPU; set it to false$",
+    ):
+        fp8_head(model_pair(VOCAB)[1], "cpu")
+
+
+def test_the_fp8_head_emulated_on_the_cpu_trains_the_tied_weight_and_saves_a_plain_gpt2(small_chunks, tmp_path):
+    """train.fp8_lm_head's path, with torchao emulating the FP8 matmuls: the loss near the reference's (FP8 rounds
+    the logits), gradients reaching the embedding it shares, and the trimmed model saved as a plain GPT-2."""
+    from tasks.model import fp8_head
+
+    reference, padded = model_pair(384, through_head=True)
+    fp8_head(padded, "cpu", emulate=True)
+    assert type(padded.lm_head).__name__ == "Float8Linear" and padded.lm_head.weight is padded.transformer.wte.weight
+    ids, labels = batch()
+    expected, _ = loss_and_grads(reference, ids, labels)
+    got, grads = loss_and_grads(padded, ids, labels)
+    assert got != expected and got == pytest.approx(expected, rel=2e-2)
+    assert grads["transformer.wte.weight"][:VOCAB].abs().sum() > 0
+    padded.resize_token_embeddings(VOCAB)  # as the train stage saves it
+    padded.save_pretrained(tmp_path)
+    saved = GPT2LMHeadModel.from_pretrained(tmp_path)
+    assert type(saved.lm_head) is torch.nn.Linear and saved.lm_head.weight.shape == (VOCAB, 32)
+    torch.testing.assert_close(saved.transformer.wte.weight, padded.transformer.wte.weight)

@@ -15,6 +15,8 @@ import psutil
 
 from tasks.parallel import ordered_map
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _slow(item: tuple[int, str]) -> int:
     """Item 0 at once; the others leave a mark after 30 s (a worker still running them then)."""
@@ -46,7 +48,7 @@ time.sleep(600)
 
 def test_workers_die_with_a_parent_killed_outright():
     parent = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(PARENT)], stdout=subprocess.PIPE, text=True, cwd=Path.cwd()
+        [sys.executable, "-c", textwrap.dedent(PARENT)], stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
     try:
         workers = [psutil.Process(pid) for pid in json.loads(parent.stdout.readline())]
