@@ -16,6 +16,7 @@ import statistics
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -136,8 +137,10 @@ def main() -> None:
         action="store_true",
         help="the project path without its training loss (tasks/loss.py) and padded vocabulary: transformers' own",
     )
-    parser.add_argument("--loss-kernel", default="chunked", choices=["chunked", "cut_cross_entropy"],
-                        help="train.loss_kernel in the project path")  # fmt: skip
+    kernels = typing.get_args(TrainParams.model_fields["loss_kernel"].annotation)  # the param's own values
+    parser.add_argument(
+        "--loss-kernel", default="chunked", choices=kernels, help="train.loss_kernel in the project path"
+    )
     parser.add_argument("--fp8-lm-head", action="store_true", help="train.fp8_lm_head in the project path")
     add_save_option(parser)
     args = parser.parse_args()
