@@ -9,14 +9,14 @@ LOCK_TOOLS := .venv-lock
 # dvc runs each stage's `python -m tasks.<stage>` through PATH: make that the project's interpreter.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install lock lock-gpu reference docs run test test-fast lint audit bench bench-tables clean
+.PHONY: install system-packages lock lock-gpu reference docs run test test-fast lint audit bench bench-tables clean
 
 install: $(VENV)/.installed
 
 # Exactly the versions and files requirements.lock names (hashes checked), then the project itself: two installs
 # on two machines get the same set. The lock holds the CPU build of torch (`make lock` refreshes it).
 $(VENV)/.installed: pyproject.toml $(LOCK)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || (tools/system-packages venv $(PYTHON) && $(PYTHON) -m venv $(VENV))
 	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
@@ -37,7 +37,7 @@ lock:
 lock-gpu: install
 	$(BIN)/python tools/gpu_lock.py
 
-# docs/reference/params.md and params.schema.json from tasks/params.py (a test checks they are up to date).
+# docs/reference/params.md and params.schema.json from tasks/plumbing/params.py (a test checks they are up to date).
 reference: install
 	$(BIN)/python tools/params_reference.py
 
@@ -54,17 +54,22 @@ run: install
 # longest first, as tests/conftest.py orders and schedules them (PYTEST_ARGS=--store-durations refreshes
 # tests/durations.json); tests are in a random order within them (pytest-randomly prints its seed; replay an order
 # with PYTEST_ARGS=--randomly-seed=N).
-test: install
+test: install system-packages
 	$(BIN)/python -m pytest -n 2 --dist loadscope $(PYTEST_ARGS)
+
+# What the tests need beside Python packages (PostgreSQL, Chromium), installed with apt-get where missing.
+system-packages:
+	tools/system-packages tests
 
 # The edit-test loop: no model trained through DVC, no servers, on both cores (-n 2: about half the time of one
 # process). CI always runs everything (make test).
-test-fast: install
+test-fast: install system-packages
 	$(BIN)/python -m pytest -n 2 -m "not slow and not servers" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 # Security: bandit on the project's code (medium and high findings fail), pip-audit on the installed packages
 # (tools/audit.py says how many it could check: NOT AUDITED where no vulnerability database answers).

@@ -64,8 +64,8 @@ def train_tokenizer(scratch: Path) -> Path:
     write_corpus(source, 10 * MB)
     folder = scratch / "tokenizer"
     code = (
-        "import sys; from pathlib import Path; from tasks.params import TokenizerParams; "
-        "from tasks.tokenizer import train_bpe; "
+        "import sys; from pathlib import Path; from tasks.plumbing.params import TokenizerParams; "
+        "from tasks.data.tokenizer import train_bpe; "
         "train_bpe([Path(sys.argv[1])], TokenizerParams(vocab_size=4096)).save_pretrained(sys.argv[2])"
     )
     run_measured(["-c", code, str(source), str(folder)], cwd=Path(__file__).resolve().parents[1])

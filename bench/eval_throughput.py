@@ -98,7 +98,7 @@ def main() -> None:
     import datasets
     import torch
 
-    from tasks.console import quiet_progress_bars
+    from tasks.plumbing.console import quiet_progress_bars
 
     datasets.disable_progress_bars()
     quiet_progress_bars()

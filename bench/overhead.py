@@ -58,7 +58,7 @@ def timed(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str]:
 
 def prepare(parent: Path) -> Path:
     """A project copy with tiny params, reproduced once (about a minute on two cores)."""
-    from tasks.params import apply_overrides, read_raw
+    from tasks.plumbing.params import apply_overrides, read_raw
 
     project = copy_project(parent)
     params = apply_overrides(read_raw(project / "params.yaml"), TINY)
@@ -180,8 +180,9 @@ def logging_share(project: Path, steps: int, unbatched: bool) -> dict:
     """Training `steps` steps with every step's metrics logged, against the same training with MLflow calls made no-ops.
 
     Also the seconds spent inside the MLflow calls themselves."""
-    from tasks import mlflow_runs, store, train
-    from tasks.params import apply_overrides, parse_params, read_raw
+    from tasks import train
+    from tasks.plumbing.params import apply_overrides, parse_params, read_raw
+    from tasks.tracking import mlflow_runs, store
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project.parent}/logging-bench.db"
     every_step = {"train.max_steps": steps, "train.logging_steps": 1, "train.eval_steps": 10**6,
@@ -242,8 +243,8 @@ if mode == "save":
         model.save_pretrained(scratch)
         print("RESULT " + json.dumps({"seconds": time.perf_counter() - started}))
 else:
-    from tasks import mlflow_runs
-    from tasks.params import load_params
+    from tasks.tracking import mlflow_runs
+    from tasks.plumbing.params import load_params
     from tasks.register import register
     params = load_params()
     run_id = mlflow_runs.create_run(params)

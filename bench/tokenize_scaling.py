@@ -37,7 +37,7 @@ def stage(work: Path) -> None:
     import datasets  # noqa: F401  # libraries load before the clock starts, as tokenizers does for the bare loop
     from transformers import AutoTokenizer  # noqa: F401
 
-    from tasks.params import ModelParams, TokenizerParams
+    from tasks.plumbing.params import ModelParams, TokenizerParams
     from tasks.tokenize import tokenize
 
     started = time.perf_counter()
@@ -85,8 +85,8 @@ def script(work: Path) -> None:
 
 
 def train_tokenizer(work: Path) -> None:
-    from tasks.params import TokenizerParams
-    from tasks.tokenizer import train_bpe
+    from tasks.data.tokenizer import train_bpe
+    from tasks.plumbing.params import TokenizerParams
 
     train_bpe([work / "prepared/train/00000.jsonl"], TokenizerParams(vocab_size=4096)).save_pretrained(
         str(work / "tokenizer")

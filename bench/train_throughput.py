@@ -27,12 +27,12 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PrinterCallback, Trainer, TrainerCallback
 
 from bench.measure import add_save_option, save
-from tasks import throughput
-from tasks.console import quiet_progress_bars
-from tasks.loading import resolve_device
-from tasks.model import for_training
-from tasks.params import TrainParams
+from tasks.plumbing.console import quiet_progress_bars
+from tasks.plumbing.params import TrainParams
+from tasks.tracking.loading import resolve_device
 from tasks.train import _collate, resolve_precision, training_arguments
+from tasks.training import throughput
+from tasks.training.model import for_training
 
 
 class StepClock(TrainerCallback):
@@ -135,7 +135,8 @@ def main() -> None:
     parser.add_argument(
         "--transformers-loss",
         action="store_true",
-        help="the project path without its training loss (tasks/loss.py) and padded vocabulary: transformers' own",
+        help="the project path without its training loss (tasks/training/loss.py) and padded vocabulary: "
+        "transformers' own",
     )
     kernels = typing.get_args(TrainParams.model_fields["loss_kernel"].annotation)  # the param's own values
     parser.add_argument(

@@ -19,13 +19,13 @@ import click
 import typer
 
 from flows import server, workspace
-from tasks import registry, store
-from tasks.console import console_output, tools_first
-from tasks.errors import DEBUG_ENV, NOT_PROMOTED_EXIT, PipelineError, report_error
-from tasks.outputs import atomic_output, read_json
-from tasks.params import PARAMS_FILE, apply_overrides, load_params, parse_override, read_raw
-from tasks.paths import EVAL_METRICS, REGISTERED_FILE, TRAIN_METRICS
-from tasks.serving import Limits
+from tasks.plumbing.console import console_output, tools_first
+from tasks.plumbing.errors import DEBUG_ENV, NOT_PROMOTED_EXIT, PipelineError, report_error
+from tasks.plumbing.outputs import atomic_output, read_json
+from tasks.plumbing.params import PARAMS_FILE, apply_overrides, load_params, parse_override, read_raw
+from tasks.plumbing.paths import EVAL_METRICS, REGISTERED_FILE, TRAIN_METRICS
+from tasks.tracking import registry, store
+from tasks.tracking.serving import Limits
 
 COMPARE_FILE = "compare.html"
 STOP_SECONDS = 3  # serve-model: how long requests in progress have after SIGTERM
@@ -54,8 +54,9 @@ def options(
 def main() -> None:
     """The console script.
 
-    The console script: any error is one line, as the stages print it (tasks.errors.report_error), with the same
-    exit status; the traceback only with --verbose. In a log (not a terminal) no progress bars, as in the stages."""
+    The console script: any error is one line, as the stages print it (tasks.plumbing.errors.report_error), with the
+    same exit status; the traceback only with --verbose. In a log (not a terminal) no progress bars, as in the
+    stages."""
     console_output()
     try:
         app()
@@ -70,7 +71,7 @@ def fail(message: str) -> None:
 def command(function: Callable) -> Callable:
     """Register a command whose errors end it as a stage's end.
 
-    One line (tasks.errors.report_error) and the exit status of the contract, whether it runs from the console
+    One line (tasks.plumbing.errors.report_error) and the exit status of the contract, whether it runs from the console
     script or in-process (typer's CliRunner, a notebook)."""
 
     @functools.wraps(function)
@@ -298,7 +299,7 @@ def serve_model(
     """Serve a registered model over HTTP: MLflow's scoring server in this interpreter, every request bounded:
     POST /invocations {"inputs": ["ROMEO:"], "params": {"max_new_tokens": 20, "temperature": 0.8}}."""
     from flows.model_server import SERVE_ENV
-    from tasks.registry import CHAMPION, alias_version
+    from tasks.tracking.registry import CHAMPION, alias_version
 
     uri = model or f"models:/{load_params().register.model_name}@{CHAMPION}"
     store.require_tracking_server()
@@ -348,8 +349,8 @@ def generate(
 
     Continue a prompt with a trained model, sampling as evaluate.generation in params.yaml says unless an option
     says otherwise (a fixed seed: the same call gives the same text)."""
-    from tasks.loading import load_pretrained
-    from tasks.params import GenerationParams
+    from tasks.plumbing.params import GenerationParams
+    from tasks.tracking.loading import load_pretrained
 
     asked = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
              "seed": seed}  # fmt: skip

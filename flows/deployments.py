@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from tasks.errors import PipelineError
+from tasks.plumbing.errors import PipelineError
 
 PREFECT_FILE = Path("prefect.yaml")
 

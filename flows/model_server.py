@@ -1,6 +1,6 @@
 """serve-model's HTTP server: MLflow's scoring server for one model, behind limits on every request.
 
-The model's own loader (tasks/serving.py) checks what needs the model: prompt lengths against its positions,
+The model's own loader (tasks/tracking/serving.py) checks what needs the model: prompt lengths against its positions,
 settings in range, the time limit. This ASGI layer adds what only the server can do: a body past its size is
 refused (413) before it is read, JSON that is malformed or nested too deep and settings the model does not take
 are refused (400) before MLflow parses them, no more than max_concurrent requests generate at once and
@@ -20,7 +20,7 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tasks.serving import LIMITS, Limits, RequestError, check_budget, out_of_range, prompts_of
+from tasks.tracking.serving import LIMITS, Limits, RequestError, check_budget, out_of_range, prompts_of
 
 SERVE_ENV = "GPT2_PIPELINE_SERVE"  # {"model_uri": ..., "limits": {...}}, set by serve-model for this process
 INVOCATIONS = "/invocations"

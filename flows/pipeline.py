@@ -24,12 +24,12 @@ from prefect.tasks import exponential_backoff
 
 from flows import server, workspace
 from flows.promote import promote_model
-from tasks.console import tools_first
-from tasks.errors import BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError
-from tasks.lineage import FLOW_RUN_ENV
-from tasks.outputs import read_json
-from tasks.paths import REGISTERED_FILE
-from tasks.redaction import redact
+from tasks.plumbing.console import tools_first
+from tasks.plumbing.errors import BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError
+from tasks.plumbing.outputs import read_json
+from tasks.plumbing.paths import REGISTERED_FILE
+from tasks.plumbing.redaction import redact
+from tasks.tracking.lineage import FLOW_RUN_ENV
 
 DVC_FILE = Path("dvc.yaml")
 TRAIN_RETRIES = 2  # a crashed or preempted training resumes from its last checkpoint
@@ -45,7 +45,7 @@ DVC_GIT_HINT = re.compile(
 
 
 class StageFailed(PipelineError):
-    """A stage (or dvc) exited non-zero; the exit status is the stage's own (tasks.errors' contract)."""
+    """A stage (or dvc) exited non-zero; the exit status is the stage's own (tasks.plumbing.errors' contract)."""
 
     def __init__(self, stage: str, returncode: int, message: str):
         super().__init__(f"stage {stage} failed: {message}")

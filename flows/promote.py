@@ -9,8 +9,8 @@ from prefect import flow
 
 from flows import server
 from tasks import promote as promotion
-from tasks.outputs import inside_project
-from tasks.params import PARAMS_FILE, load_params
+from tasks.plumbing.outputs import inside_project
+from tasks.plumbing.params import PARAMS_FILE, load_params
 
 
 @flow(name="promote-model", log_prints=True)

@@ -25,11 +25,11 @@ from typing import Any
 
 import yaml
 
-from tasks import store
-from tasks.errors import PipelineError
-from tasks.lineage import OVERRIDES_ENV
-from tasks.outputs import atomic_output
-from tasks.params import PARAMS_FILE, apply_overrides, read_raw
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.outputs import atomic_output
+from tasks.plumbing.params import PARAMS_FILE, apply_overrides, read_raw
+from tasks.tracking import store
+from tasks.tracking.lineage import OVERRIDES_ENV
 
 RUNS_DIR = Path(".runs")
 

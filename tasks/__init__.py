@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.console import tools_first
-from tasks.errors import BAD_INPUT_EXIT
+from tasks.plumbing.console import tools_first
+from tasks.plumbing.errors import BAD_INPUT_EXIT
 
 REQUIRED = ("torch", "transformers", "datasets", "tokenizers", "mlflow", "pydantic", "yaml")
 VENV_PYTHON = Path(".venv/bin/python")

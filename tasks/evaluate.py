@@ -19,14 +19,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tasks import mlflow_runs, store
-from tasks.errors import PipelineError
-from tasks.framing import prompt_prefix
-from tasks.loading import load_pretrained, resolve_device
-from tasks.outputs import write_json
-from tasks.params import GenerationParams, load_params
-from tasks.paths import EVAL_METRICS, MODEL_DIR, SAMPLES_FILE, TOKENIZED_DIR
-from tasks.stage import run_cli
+from tasks.data.framing import prompt_prefix
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.outputs import write_json
+from tasks.plumbing.params import GenerationParams, load_params
+from tasks.plumbing.paths import EVAL_METRICS, MODEL_DIR, SAMPLES_FILE, TOKENIZED_DIR
+from tasks.plumbing.stage import run_cli
+from tasks.tracking import mlflow_runs, store
+from tasks.tracking.loading import load_pretrained, resolve_device
 
 COLUMNS = ("input_ids", "token_bytes", "token_chars")
 

@@ -23,15 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from tasks.digests import DigestSet
-from tasks.errors import PipelineError
-from tasks.outputs import atomic_output
-from tasks.parallel import cluster, ordered_map, workers
-from tasks.params import DataParams, load_params
-from tasks.paths import PREPARED_DIR, SPLITS
-from tasks.pieces import Piece, plan
-from tasks.sources import first_invalid_utf8, read_piece, record_text, record_turns, resolve_sources
-from tasks.stage import run_cli
+from tasks.data.digests import DigestSet
+from tasks.data.parallel import cluster, ordered_map, workers
+from tasks.data.pieces import Piece, plan
+from tasks.data.sources import first_invalid_utf8, read_piece, record_text, record_turns, resolve_sources
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.outputs import atomic_output
+from tasks.plumbing.params import DataParams, load_params
+from tasks.plumbing.paths import PREPARED_DIR, SPLITS
+from tasks.plumbing.stage import run_cli
 
 
 def normalize(text: str) -> str:
@@ -49,7 +49,7 @@ def in_validation(text: str, fraction: float, seed: int) -> bool:
 def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
     """Read, normalize, deduplicate and split the sources into out_dir's shards. Returns the stats written.
 
-    Each unit of the plan (tasks/pieces.py) is prepared on its own, by data.workers processes at once (or on a Ray
+    Each unit of the plan (tasks/data/pieces.py) is prepared on its own, by data.workers processes at once (or on a Ray
     cluster, data.executor), into one shard per split; duplicates across units are then removed in the units'
     order as this process writes the shards, so they are the same bytes whatever ran them and on how many cores.
     """

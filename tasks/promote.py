@@ -17,12 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks import report, store
-from tasks.errors import PipelineError
-from tasks.outputs import inside_project
-from tasks.params import EvaluateParams, Params
-from tasks.paths import PREPARED_DIR
-from tasks.registry import (
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.outputs import inside_project
+from tasks.plumbing.params import EvaluateParams, Params
+from tasks.plumbing.paths import PREPARED_DIR
+from tasks.tracking import report, store
+from tasks.tracking.registry import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
@@ -67,9 +67,9 @@ def measure(uri: str, texts: list[str], block_size: int, evaluation: EvaluatePar
     # torch with transformers is most of what this module would otherwise cost to import.
     import torch
 
-    from tasks.blocks import encode_and_group
+    from tasks.data.blocks import encode_and_group
     from tasks.evaluate import sample, score
-    from tasks.loading import load_pretrained
+    from tasks.tracking.loading import load_pretrained
 
     model, tokenizer = load_pretrained(uri, key=uri)
     block = min(block_size, model.config.n_positions)

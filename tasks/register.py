@@ -1,7 +1,7 @@
 """Stage `register`: log models/gpt2/ to the model's MLflow run and register it as a new model version.
 
-The run is the one recorded in models/gpt2 (tasks/mlflow_runs.py), so the version's source run holds the params, the
-training curve and the evaluations. The version gets alias `challenger`, lineage tags (git, dvc.lock hashes,
+The run is the one recorded in models/gpt2 (tasks/tracking/mlflow_runs.py), so the version's source run holds the
+params, the training curve and the evaluations. The version gets alias `challenger`, lineage tags (git, dvc.lock hashes,
 params hash, run id, DVC experiment), the eval metrics and settings it was registered with as tags, and a model
 card (README.md in the logged model folder and the run); the run is closed again.
 Writes registered.json (name, version, run_id, model_uri).
@@ -16,15 +16,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tasks import flavor, lineage, mlflow_runs, registry, serving, store
-from tasks.errors import PipelineError
-from tasks.framing import FRAMINGS
-from tasks.outputs import read_json, write_json
-from tasks.params import GenerationParams, Params, flatten, load_params
-from tasks.paths import EVAL_METRICS, INGEST_STATS, MODEL_DIR, REGISTERED_FILE, SAMPLES_FILE, TRAIN_METRICS
-from tasks.redaction import redact
-from tasks.registry import CHALLENGER
-from tasks.stage import run_cli
+from tasks.data.framing import FRAMINGS
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.outputs import read_json, write_json
+from tasks.plumbing.params import GenerationParams, Params, flatten, load_params
+from tasks.plumbing.paths import EVAL_METRICS, INGEST_STATS, MODEL_DIR, REGISTERED_FILE, SAMPLES_FILE, TRAIN_METRICS
+from tasks.plumbing.redaction import redact
+from tasks.plumbing.stage import run_cli
+from tasks.tracking import flavor, lineage, mlflow_runs, registry, serving, store
+from tasks.tracking.registry import CHALLENGER
 
 SERVING_CODE = Path(serving.__file__)  # the served model's loader, shipped with each version
 
@@ -123,8 +123,8 @@ or `GPT2LMHeadModel.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(
 def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[str, str]:
     """Log, register and alias the trained model.
 
-    Log the model folder in MLflow's transformers layout (its files as they are, tasks/flavor.py) with its card,
-    register it with its lineage, scores and settings as tags, and alias it challenger."""
+    Log the model folder in MLflow's transformers layout (its files as they are, tasks/tracking/flavor.py) with its
+    card, register it with its lineage, scores and settings as tags, and alias it challenger."""
     if not (model_dir / "model.safetensors").exists():
         raise PipelineError(f"{model_dir}: no model.safetensors there; run the train stage first (dvc repro)")
     model_name = params.register.model_name

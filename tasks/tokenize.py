@@ -19,12 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from tasks.blocks import TokenSizes, encode_and_group
-from tasks.errors import PipelineError
-from tasks.outputs import atomic_outputs, hash_file, read_json, write_json
-from tasks.parallel import cluster, ordered_map, workers
-from tasks.params import ModelParams, TokenizerParams, load_params
-from tasks.paths import (
+from tasks.data.blocks import TokenSizes, encode_and_group
+from tasks.data.parallel import cluster, ordered_map, workers
+from tasks.data.tokenizer import build_tokenizer
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.outputs import atomic_outputs, hash_file, read_json, write_json
+from tasks.plumbing.params import ModelParams, TokenizerParams, load_params
+from tasks.plumbing.paths import (
     DATA_STATS,
     FRAMING_FIGURE,
     INGEST_STATS,
@@ -34,8 +35,7 @@ from tasks.paths import (
     TOKENIZER_DIR,
     prepared_shards,
 )
-from tasks.stage import run_cli
-from tasks.tokenizer import build_tokenizer
+from tasks.plumbing.stage import run_cli
 
 # Tokens an Arrow file of blocks holds at most (llm.c's shard size): a corpus of billions of tokens is many files
 # of bounded size, which DVC hashes, and a remote sends, one by one.

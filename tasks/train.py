@@ -2,7 +2,7 @@
 
 Writes models/gpt2/ (save_pretrained: safetensors, config, generation config, tokenizer, and mlflow_run.json: the
 model's MLflow run), metrics/train.json and plots/ (the loss curves). Creates the model's MLflow run
-(tasks/mlflow_runs.py) and logs to it the params, the ingest/tokenize figures and the curve as train/*.
+(tasks/tracking/mlflow_runs.py) and logs to it the params, the ingest/tokenize figures and the curve as train/*.
 Run: python -m tasks.train
 """
 
@@ -19,16 +19,10 @@ from typing import Any
 
 import torch
 
-from tasks import checkpoints, launch, memory, mlflow_runs, throughput
-from tasks.callbacks import MlflowLogger, StopOnSignal, kept
-from tasks.charts import COLORS, line_chart
-from tasks.errors import PipelineError, Stopped
-from tasks.launch import Role
-from tasks.loading import resolve_device
-from tasks.model import build_model, for_training
-from tasks.outputs import atomic_output, read_json, write_json
-from tasks.params import Params, TrainParams, load_params
-from tasks.paths import (
+from tasks.plumbing.errors import PipelineError, Stopped
+from tasks.plumbing.outputs import atomic_output, read_json, write_json
+from tasks.plumbing.params import Params, TrainParams, load_params
+from tasks.plumbing.paths import (
     CHECKPOINT_DIR,
     DATA_STATS,
     FRAMING_FIGURE,
@@ -38,7 +32,14 @@ from tasks.paths import (
     TOKENIZER_DIR,
     TRAIN_METRICS,
 )
-from tasks.stage import run_cli
+from tasks.plumbing.stage import run_cli
+from tasks.tracking import mlflow_runs
+from tasks.tracking.charts import COLORS, line_chart
+from tasks.tracking.loading import resolve_device
+from tasks.training import checkpoints, launch, memory, throughput
+from tasks.training.callbacks import MlflowLogger, StopOnSignal, kept
+from tasks.training.launch import Role
+from tasks.training.model import build_model, for_training
 
 # What a run is rather than how it went: one value each, so run tags (MLflow draws a metric as a chart).
 RUN_FACTS = ("steps", "tokens_seen", "seconds", "parameters", "processes", "device", "precision", "mfu_peak")

@@ -10,7 +10,7 @@ from pathlib import Path
 def chromium(page: Path, out: Path) -> tuple[str, Path]:
     """(the DOM as Chromium parsed it, a screenshot). Network off: a page that needs a CDN draws nothing."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert browser, "no chromium on PATH: .ci/setup installs it (apt-get install chromium)"
+    assert browser, "no chromium on PATH: make test installs it (tools/system-packages)"
     flags = [
         browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,1600",
         "--disable-background-networking", "--disable-component-update", "--no-first-run",

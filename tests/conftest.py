@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.store import URI_VARIABLES, environment_kept
+from tasks.tracking.store import URI_VARIABLES, environment_kept
 from tests.helpers import (
     IDLE_PREFECT_SERVICES,
     ROOT,
@@ -106,7 +106,7 @@ def empty_store(tmp_path_factory) -> Path:
 @pytest.fixture
 def mlflow_run(empty_store, tmp_path, monkeypatch) -> str:
     """A real run in a throwaway SQLite MLflow store; MLFLOW_TRACKING_URI points at it for the test."""
-    from tasks import store
+    from tasks.tracking import store
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_copy(empty_store, tmp_path / "mlflow.db"))
     client = store.client()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.store import point_mlflow
+from tasks.tracking.store import point_mlflow
 
 # Tests and benchmarks run the same tools on the same copies.
 from tools.project import BIN, copy_project, tool_env

@@ -1,4 +1,4 @@
-"""Write the params reference and the JSON Schema of params.yaml from tasks/params.py's models.
+"""Write the params reference and the JSON Schema of params.yaml from tasks/plumbing/params.py's models.
 
 docs/reference/params.md and docs/reference/params.schema.json come from the pydantic models, the one source of
 every key's type, default, bounds and description. `make reference` runs it; a test fails when the committed files
@@ -15,7 +15,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tasks.params import Params  # noqa: E402 (the project's root first on the path, for a plain `python tools/...`)
+from tasks.plumbing.params import Params  # noqa: E402 (the project's root first on the path, for a plain `python tools/...`)
 
 REFERENCE = ROOT / "docs/reference/params.md"
 SCHEMA = ROOT / "docs/reference/params.schema.json"
@@ -67,11 +67,11 @@ def reference() -> str:
     lines = [
         "# params.yaml reference",
         "",
-        "Generated from `tasks/params.py` by `make reference` (do not edit by hand). Every key below is checked",
-        "when a stage starts; a key left out of params.yaml takes the default shown, which is the value the shipped",
-        "params.yaml sets. Editors that read JSON Schema (VS Code's YAML extension, JetBrains IDEs) complete and",
-        "check params.yaml against [params.schema.json](params.schema.json), which params.yaml names on its first",
-        "line.",
+        "Generated from `tasks/plumbing/params.py` by `make reference` (do not edit by hand). Every key below is",
+        "checked when a stage starts; a key left out of params.yaml takes the default shown, which is the value the",
+        "shipped params.yaml sets. Editors that read JSON Schema (VS Code's YAML extension, JetBrains IDEs)",
+        "complete and check params.yaml against [params.schema.json](params.schema.json), which params.yaml names on",
+        "its first line.",
         "",
         "| key | type | default | bounds | what it does |",
         "| --- | --- | --- | --- | --- |",

@@ -8,8 +8,8 @@ import unicodedata
 import pytest
 
 from tasks.ingest import ingest
-from tasks.params import load_params
-from tasks.paths import prepared_shards
+from tasks.plumbing.params import load_params
+from tasks.plumbing.paths import prepared_shards
 from tests.helpers import ROOT
 
 

@@ -31,7 +31,7 @@ def fine_tune_params(project, source, **sections) -> dict:
 def starting_perplexity(project, source) -> float:
     """The validation perplexity of the model fine-tuning started from, on the project's framed blocks."""
     from tasks.evaluate import evaluate
-    from tasks.loading import load_pretrained
+    from tasks.tracking.loading import load_pretrained
 
     return evaluate(load_pretrained(str(source))[0], project / "data/tokenized", batch_size=16, device="cpu")[
         "perplexity"

@@ -58,7 +58,7 @@ def test_a_failed_stage_closes_its_run_as_failed(project):
 
 def test_an_edit_to_the_registry_helpers_reruns_only_register(project):
     before = registered(project)
-    with (project / "tasks/registry.py").open("a") as handle:
+    with (project / "tasks/tracking/registry.py").open("a") as handle:
         handle.write("\n# an edit\n")
     assert changed_stages(project) == {"register"}
     output = dvc(project, "repro").stdout

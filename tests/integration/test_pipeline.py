@@ -62,7 +62,7 @@ def test_dvc_repro_registers_a_model_that_loads_and_generates(pipeline):
 def test_dvc_plots_show_draws_offline_in_a_browser(pipeline, tmp_path):
     """`dvc plots show` on a trained project writes a page that Chromium draws with the network off: both loss
     curves, nothing loaded from a CDN."""
-    from tasks.charts import COLORS
+    from tasks.tracking.charts import COLORS
 
     run([str(BIN / "dvc"), "plots", "show", "-o", str(tmp_path / "plots")], pipeline)
     page = tmp_path / "plots/index.html"
@@ -216,10 +216,10 @@ def test_a_registered_model_is_where_a_training_can_start(pipeline, monkeypatch)
     import torch
     from transformers import AutoTokenizer
 
-    from tasks.errors import PipelineError
-    from tasks.loading import load_tokenizer
-    from tasks.model import build_model
-    from tasks.params import ModelParams
+    from tasks.plumbing.errors import PipelineError
+    from tasks.plumbing.params import ModelParams
+    from tasks.tracking.loading import load_tokenizer
+    from tasks.training.model import build_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{pipeline}/mlflow.db")
     registered = ModelParams(init="pretrained", name_or_path="models:/gpt2-lm@challenger", config={})
@@ -369,9 +369,9 @@ def test_a_generation_past_its_time_limit_stops_and_says_so(pipeline):
 
 REGISTER_ALONE = """
 import json, sys
-from tasks import mlflow_runs
-from tasks.params import load_params
-from tasks.paths import MODEL_DIR
+from tasks.tracking import mlflow_runs
+from tasks.plumbing.params import load_params
+from tasks.plumbing.paths import MODEL_DIR
 from tasks.register import register
 params = load_params()
 version = register(params, mlflow_runs.model_run(params, MODEL_DIR))["version"]

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import yaml
 
-from tasks.params import load_params
+from tasks.plumbing.params import load_params
 from tests.helpers import BIN, copy_project, merge, run, write_params
 from tools.corpora import MB, write_unique_corpus
 

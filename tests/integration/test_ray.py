@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.errors import PipelineError
 from tasks.ingest import ingest
-from tasks.params import DataParams, ModelParams, TokenizerParams
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.params import DataParams, ModelParams, TokenizerParams
 from tasks.tokenize import tokenize
 from tests.servers import LOOPBACK, free_port, process
 from tools.project import BIN, ROOT

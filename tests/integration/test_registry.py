@@ -171,7 +171,7 @@ def test_every_version_carries_lineage_and_the_table_shows_it(scenario):
 def test_the_promotion_report_is_logged_and_draws_in_a_browser(scenario, tmp_path):
     """The better challenger's promotion logged its report to the challenger's run; Chromium draws both training
     curves and shows the decision in words."""
-    from tasks.report import COLORS
+    from tasks.tracking.report import COLORS
 
     (promoted,) = [json.loads(out[out.index("{") :]) for out, _ in scenario.outcomes["concurrent"] if '"report"' in out]
     run_id = store_client(scenario.project).get_model_version("gpt2-lm", scenario.better).run_id

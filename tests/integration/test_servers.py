@@ -306,7 +306,7 @@ def test_a_card_over_the_registry_limit_is_cut_to_fit_postgresql(stack):
     registration as it is, and is stored whole once cut to the limit, its note saying where the full card is."""
     from mlflow.exceptions import MlflowException
 
-    from tasks.registry import CUT_NOTE, MAX_DESCRIPTION, within_limit
+    from tasks.tracking.registry import CUT_NOTE, MAX_DESCRIPTION, within_limit
 
     client = stack.mlflow()
     card = "# long-card\n\n" + "\n\n".join(f"```text\n{'x' * 700}\n```" for _ in range(9))

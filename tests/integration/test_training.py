@@ -87,8 +87,8 @@ def curve(plot_file) -> list[tuple[int, float]]:
 
 def single_process_curve(project, tmp_path, monkeypatch, empty_store) -> list[tuple[int, float]]:
     """The loss curve of 1 process x batch 16 (DATA_PARALLEL), trained in this process on project's data."""
-    from tasks import mlflow_runs as pipeline_runs
-    from tasks.params import parse_params
+    from tasks.plumbing.params import parse_params
+    from tasks.tracking import mlflow_runs as pipeline_runs
     from tasks.train import train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_copy(empty_store, tmp_path / "single.db"))
@@ -239,9 +239,9 @@ def test_the_tang_poetry_params_train_a_model_far_better_than_untrained(tmp_path
 def test_sigterm_after_the_last_step_stops_the_stage_at_once():
     """During training SIGTERM is noted (the Trainer checkpoints at the step's end); after it, while the model is
     saved and plotted, the stage's own handler is back and stops it at once instead of noting it for no one."""
-    from tasks import stopping
-    from tasks.callbacks import StopOnSignal
-    from tasks.errors import Stopped
+    from tasks.plumbing import stopping
+    from tasks.plumbing.errors import Stopped
+    from tasks.training.callbacks import StopOnSignal
 
     previous = signal.signal(signal.SIGTERM, stopping.raise_stopped)  # what run_cli installs
     try:

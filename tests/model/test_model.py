@@ -12,14 +12,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from tasks import mlflow_runs, store
-from tasks.callbacks import MlflowLogger
-from tasks.errors import PipelineError
 from tasks.evaluate import evaluate, load_model, score, windows
-from tasks.model import build_model, for_training
-from tasks.params import ModelParams, parse_params
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.params import ModelParams, parse_params
 from tasks.tokenize import tokenize
+from tasks.tracking import mlflow_runs, store
 from tasks.train import _save, train
+from tasks.training.callbacks import MlflowLogger
+from tasks.training.model import build_model, for_training
 from tests.helpers import merge, tiny_params
 
 TOKENIZER_SIZE = 500  # not a multiple of 128: the models here train with their vocabulary padded to 512
@@ -190,7 +190,7 @@ def test_early_stopping_keeps_the_best_model(tokenized, tmp_path, mlflow_run):
 
 def test_samples_fit_in_the_model_positions(tokenized):
     from tasks.evaluate import sample
-    from tasks.params import GenerationParams
+    from tasks.plumbing.params import GenerationParams
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenized / "tokenizer"))
     model = build_model(parse_params(tiny_params()).model, tokenizer, 64)  # 64 positions

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.stage import run_cli
+from tasks.plumbing.stage import run_cli
 from tests.helpers import BIN, merge, run, store_client, tool_env, trained_copy, write_params
 
 # What an earlier successful run left that nothing may lose or corrupt.

@@ -20,8 +20,8 @@ import psutil
 import pytest
 import yaml
 
-from tasks.errors import BAD_INPUT_EXIT
-from tasks.params import PARAMS_MAX_BYTES
+from tasks.plumbing.errors import BAD_INPUT_EXIT
+from tasks.plumbing.params import PARAMS_MAX_BYTES
 from tests.helpers import BIN, ROOT, tiny_params, tool_env
 
 MEMORY_LIMIT = 1 << 30
@@ -97,8 +97,8 @@ def test_hostile_params_end_the_stage_at_once_with_one_line(tmp_path, case):
 
 STUCK_STAGE = """
 import ctypes, sys
-import tasks.stopping as stopping
-from tasks.stage import run_cli
+import tasks.plumbing.stopping as stopping
+from tasks.plumbing.stage import run_cli
 stopping.STOP_GRACE_SECONDS = 1  # the stage's own is a minute
 def main():
     mutex = ctypes.create_string_buffer(64)  # zeroed: an unlocked default pthread mutex
@@ -147,7 +147,7 @@ def test_a_stage_stuck_where_no_handler_runs_still_ends_after_sigterm(tmp_path):
 
 def test_a_finished_stage_leaves_no_watchdog_behind(tmp_path):
     """In a test process (run in-process by tests/reliability) as in a stage's own: the watchdog ends with it."""
-    from tasks.stage import run_cli
+    from tasks.plumbing.stage import run_cli
 
     before = {p.pid for p in psutil.Process().children()}
     with pytest.raises(SystemExit) as exit_status:
@@ -182,8 +182,8 @@ OUTSIDE = {
 
 @pytest.mark.parametrize("case", list(OUTSIDE))
 def test_data_sources_outside_the_project_are_refused(project, case):
-    from tasks.errors import PipelineError
-    from tasks.sources import resolve_sources
+    from tasks.data.sources import resolve_sources
+    from tasks.plumbing.errors import PipelineError
 
     make, target = OUTSIDE[case]
     source = make(project)
@@ -199,8 +199,8 @@ def test_data_sources_outside_the_project_are_refused(project, case):
 def test_a_glob_outside_the_project_is_refused_before_it_walks_anything(project, monkeypatch):
     import glob
 
-    from tasks.errors import PipelineError
-    from tasks.sources import resolve_sources
+    from tasks.data.sources import resolve_sources
+    from tasks.plumbing.errors import PipelineError
 
     monkeypatch.setattr(glob, "glob", lambda *args, **kwargs: pytest.fail(f"walked {args}"))
     with pytest.raises(PipelineError, match=r"^data\.sources\[0\]: '/usr/share/\*\*/\*\.txt' resolves to /usr/share, "):
@@ -208,7 +208,7 @@ def test_a_glob_outside_the_project_is_refused_before_it_walks_anything(project,
 
 
 def test_outside_files_are_read_only_when_params_allow_it_and_are_listed(project, capsys):
-    from tasks.sources import resolve_sources
+    from tasks.data.sources import resolve_sources
 
     assert resolve_sources(["data/*.txt", "../secret.txt"], outside=True) == ["data/inside.txt", "../secret.txt"]
     outside = project.parent.resolve() / "secret.txt"
@@ -219,7 +219,7 @@ def test_outside_files_are_read_only_when_params_allow_it_and_are_listed(project
 
 def test_a_run_workspace_reads_its_project_s_files(project, monkeypatch):
     """.runs/<hash> (and DVC's temporary copies) are projects inside the project: its files are inside."""
-    from tasks.sources import resolve_sources
+    from tasks.data.sources import resolve_sources
 
     workspace = project / ".runs/abc123"
     workspace.mkdir(parents=True)
@@ -230,8 +230,8 @@ def test_a_run_workspace_reads_its_project_s_files(project, monkeypatch):
 
 def test_promotion_text_and_workdir_stay_in_the_project(project):
     from flows.promote import promote_model
-    from tasks.errors import PipelineError
-    from tasks.params import parse_params
+    from tasks.plumbing.errors import PipelineError
+    from tasks.plumbing.params import parse_params
     from tasks.promote import text_path
 
     outside = str(project.parent.resolve() / "secret.txt")
@@ -302,8 +302,8 @@ def test_bad_files_are_refused_in_bounded_memory_with_file_and_line(tmp_path, ca
 def test_a_hub_source_reads_only_its_record_limit(tmp_path):
     import datasets
 
-    from tasks.params import DataParams
-    from tasks.sources import read_source
+    from tasks.data.sources import read_source
+    from tasks.plumbing.params import DataParams
 
     folder = tmp_path / "local-dataset"
     datasets.Dataset.from_dict({"text": [f"record {n}" for n in range(50)]}).to_parquet(str(folder / "train.parquet"))

@@ -18,9 +18,9 @@ from hypothesis.strategies import text
 
 from flows import workspace
 from flows.pipeline import failure_line
-from tasks.errors import PipelineError
-from tasks.redaction import MIN_SECRET_CHARS
-from tasks.specials import EOS
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.redaction import MIN_SECRET_CHARS
+from tasks.plumbing.specials import EOS
 from tests.helpers import (
     BIN,
     ROOT,
@@ -54,7 +54,7 @@ def test_models_load_only_tensors_and_never_run_remote_code():
         (path, node) for path, node in calls("from_pretrained")
         if isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", "") == "GPT2LMHeadModel"
     ]  # fmt: skip
-    # One loader (tasks/loading.py) serves every stage, promotion and the CLI.
+    # One loader (tasks/tracking/loading.py) serves every stage, promotion and the CLI.
     assert [path.name for path, _ in model_loads] == ["loading.py"]
     for path, node in model_loads:
         keywords = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
@@ -155,8 +155,8 @@ URI_SHAPES = {
 
 @pytest.mark.parametrize("uri", URI_SHAPES)
 def test_one_redaction_hides_every_shape_of_credentials_wherever_they_stand(uri):
-    from tasks.redaction import redact
-    from tasks.store import shown_uri
+    from tasks.plumbing.redaction import redact
+    from tasks.tracking.store import shown_uri
 
     assert shown_uri(uri) == URI_SHAPES[uri]
     request = "/api/2.0/mlflow/runs/get?run_id=1"
@@ -189,8 +189,8 @@ def test_a_password_of_any_printable_characters_is_hidden_wherever_it_is_configu
     """Redaction by value: whatever characters a password holds (brackets, quotes, `@`, `/`, spaces), and however
     it is configured, it is hidden, as typed and percent-encoded, from the lines the CLI and the stages print,
     the tracking URI they show, and what goes to MLflow."""
-    from tasks.redaction import redact
-    from tasks.store import shown_uri
+    from tasks.plumbing.redaction import redact
+    from tasks.tracking.store import shown_uri
 
     assume("*" not in password)  # the mask itself
     forms = {password, quote(password, safe=""), quote(password), quote_plus(password)}
@@ -211,7 +211,7 @@ def test_a_password_of_any_printable_characters_is_hidden_wherever_it_is_configu
 def test_only_secret_variables_are_hidden_by_value():
     """A variable is a secret by the whole words of its name: TOKENIZERS_PARALLELISM=false and the hub's settings
     hide nothing (a "false" printed in a decision stays), HF_TOKEN and the Prefect auth string do."""
-    from tasks.redaction import known_secrets
+    from tasks.plumbing.redaction import known_secrets
 
     environ = {
         "TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1", "PREFECT_UI_ENABLED": "false",
@@ -223,8 +223,8 @@ def test_only_secret_variables_are_hidden_by_value():
 def test_params_and_tags_reach_mlflow_without_credentials(tmp_path, monkeypatch, empty_store):
     """A URI with credentials in params (a model's address) or in a tag is written to MLflow redacted: the run's
     params and tags, and a registered version's tags (the redaction's shapes are the test above's)."""
-    from tasks import mlflow_runs, registry, store
-    from tasks.params import parse_params
+    from tasks.plumbing.params import parse_params
+    from tasks.tracking import mlflow_runs, registry, store
 
     uri = f"http://user:p@ss{SECRET}@127.0.0.1:9/"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_copy(empty_store, tmp_path / "mlflow.db"))

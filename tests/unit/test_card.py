@@ -7,9 +7,9 @@ import json
 import pytest
 from markdown_it import MarkdownIt
 
-from tasks.paths import INGEST_STATS, MODEL_DIR, SAMPLES_FILE, TRAIN_METRICS
+from tasks.plumbing.paths import INGEST_STATS, MODEL_DIR, SAMPLES_FILE, TRAIN_METRICS
 from tasks.register import model_card
-from tasks.registry import CUT_NOTE, MAX_DESCRIPTION, within_limit
+from tasks.tracking.registry import CUT_NOTE, MAX_DESCRIPTION, within_limit
 from tests.helpers import tiny_params
 
 HOSTILE_SAMPLE = "ROMEO:\n```\n# Pwned\n[click](javascript:alert(1)) <img src=x onerror=alert(1)>\n````\nend"
@@ -19,7 +19,7 @@ HOSTILE_SOURCE = "data/[x](javascript:alert(2))<script>alert(3)</script>#.txt"
 @pytest.fixture
 def card(tmp_path, monkeypatch) -> str:
     """The card of a model whose samples and source names carry Markdown and HTML."""
-    from tasks.params import parse_params
+    from tasks.plumbing.params import parse_params
 
     monkeypatch.chdir(tmp_path)
     split = {"records": 3, "chars": 30, "bytes": 30}

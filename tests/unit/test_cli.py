@@ -90,7 +90,7 @@ def test_an_absent_alias_is_none_but_a_failing_server_is_an_error(tmp_path, monk
     not read as "no @challenger"."""
     from mlflow.exceptions import MlflowException
 
-    from tasks import registry, store
+    from tasks.tracking import registry, store
     from tests.helpers import store_copy
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_copy(empty_store, tmp_path / "mlflow.db"))
@@ -132,14 +132,14 @@ def test_help_shows_whole_defaults_and_no_type_on_flags():
 
 
 def test_an_empty_exception_message_is_still_one_line():
-    from tasks.errors import first_line, unexpected
+    from tasks.plumbing.errors import first_line, unexpected
 
     assert first_line(OSError()) == "no message" and first_line(ValueError("a\nb")) == "a"
     assert unexpected(OSError()).startswith("OSError: no message (set ")
 
 
 def test_a_stopped_first_training_does_not_claim_a_previous_model(tmp_path):
-    from tasks.callbacks import kept
+    from tasks.training.callbacks import kept
 
     assert kept(tmp_path / "models/gpt2") == f"there is no model in {tmp_path / 'models/gpt2'} yet"
     (tmp_path / "models/gpt2").mkdir(parents=True)

@@ -6,8 +6,8 @@ import random
 
 import numpy as np
 
-from tasks import digests
-from tasks.digests import DigestSet
+from tasks.data import digests
+from tasks.data.digests import DigestSet
 
 
 def test_the_set_on_disk_answers_as_a_python_set(tmp_path, monkeypatch):

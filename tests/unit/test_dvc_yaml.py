@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from flows.pipeline import stages
-from tasks.errors import PipelineError
+from tasks.plumbing.errors import PipelineError
 from tests.helpers import ROOT
 
 STAGE_MODULE = re.compile(r"python3? -m (tasks\.\w+)")
@@ -77,15 +77,15 @@ def test_stages_do_not_import_each_other():
 
 def test_an_edit_reruns_only_the_stages_that_import_it():
     users = {stage: closure(f"tasks.{stage}") for stage in dvc_stages()}
-    assert [s for s, files in users.items() if "tasks/registry.py" in files] == ["register"]
+    assert [s for s, files in users.items() if "tasks/tracking/registry.py" in files] == ["register"]
     assert [s for s, files in users.items() if "tasks/ingest.py" in files] == ["ingest"]  # normalize() lives there
-    assert [s for s, files in users.items() if "tasks/stage.py" in files] == list(dvc_stages())
+    assert [s for s, files in users.items() if "tasks/plumbing/stage.py" in files] == list(dvc_stages())
 
 
 def test_the_flow_takes_its_stages_from_dvc_yaml(tmp_path):
     assert stages(ROOT) == ["ingest", "tokenize", "train", "evaluate", "register"]
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
-    report = {"cmd": "python3 -m tasks.report", "deps": ["metrics/eval.json"], "outs": ["reports/report.html"]}
+    report = {"cmd": "python3 -m tasks.tracking.report", "deps": ["metrics/eval.json"], "outs": ["reports/report.html"]}
     spec["stages"] = {"report": report, **spec["stages"]}  # listed first, runs after what it reads
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     assert stages(tmp_path) == ["ingest", "tokenize", "train", "evaluate", "report", "register"]

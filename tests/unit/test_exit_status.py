@@ -1,5 +1,5 @@
-"""One exit status contract (tasks.errors): bad input 2, a fault 1, a stop 128 + the signal, for the stages, the
-CLI and the flow's retry condition alike."""
+"""One exit status contract (tasks.plumbing.errors): bad input 2, a fault 1, a stop 128 + the signal, for the stages,
+the CLI and the flow's retry condition alike."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.pipeline import StageFailed, stage_status, worth_retrying
-from tasks.errors import BAD_INPUT_EXIT, FAULT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError, Stopped, report_error
+from tasks.plumbing.errors import (
+    BAD_INPUT_EXIT,
+    FAULT_EXIT,
+    OUTPUTS_ELSEWHERE_EXIT,
+    PipelineError,
+    Stopped,
+    report_error,
+)
 from tests.helpers import BIN, copy_project, tool_env
 
 

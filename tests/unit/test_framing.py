@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from examples.bert_gpt2 import bert_tokenizer
-from tasks import framing
-from tasks.blocks import TokenSizes, encode_and_group
-from tasks.errors import PipelineError
-from tasks.params import FRAMING_CHOICES
+from tasks.data import framing
+from tasks.data.blocks import TokenSizes, encode_and_group
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.params import FRAMING_CHOICES
 from tests.reliability.test_security import char_tokenizer
 
 WORDS = ["床", "前", "明", "月", "光", "，", "hello", "world", "py", "##thon", "!"]

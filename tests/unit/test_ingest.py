@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from tasks.errors import PipelineError
+from tasks.data.sources import MAX_RECORD_CHARS, first_invalid_utf8, read_source, record_text, resolve_sources
 from tasks.ingest import in_validation, ingest, normalize
-from tasks.params import DataParams
-from tasks.paths import prepared_shards
-from tasks.sources import MAX_RECORD_CHARS, first_invalid_utf8, read_source, record_text, resolve_sources
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.params import DataParams
+from tasks.plumbing.paths import prepared_shards
 
 
 @pytest.fixture(autouse=True)
@@ -244,8 +244,8 @@ def test_shards_are_the_same_bytes_for_any_number_of_workers_and_as_one_pass_rea
 
 
 def test_a_piece_starts_at_a_record_and_counts_lines_from_the_file(tmp_path):
-    from tasks.pieces import plan
-    from tasks.sources import read_piece
+    from tasks.data.pieces import plan
+    from tasks.data.sources import read_piece
 
     source = tmp_path / "lines.jsonl"
     source.write_text("".join(json.dumps({"text": "x" * 100 + str(i)}) + "\n" for i in range(30000)))
@@ -274,7 +274,7 @@ def test_the_ray_executor_names_its_cluster_or_says_what_is_missing(monkeypatch)
     answering at the address, one line says what to do (ray.init would wait for an absent head without end)."""
     import sys
 
-    from tasks.parallel import cluster, ordered_map
+    from tasks.data.parallel import cluster, ordered_map
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cluster("local", "10.0.0.1:6379") is None and cluster("ray", "10.0.0.1:6379") == "10.0.0.1:6379"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tasks import loss as chunked
+from tasks.training import loss as chunked
 
 VOCAB = 300  # the tokenizer's size; the padded models have 384 rows
 
@@ -97,8 +97,8 @@ def test_evaluation_without_gradients_keeps_no_gradient_buffers(small_chunks):
 
 def test_the_gpu_kernels_on_the_cpu_fall_back_or_refuse_in_one_line(capsys):
     """cut-cross-entropy's kernel (Triton) gives way to the chunked loss on the CPU; FP8 cannot run there at all."""
-    from tasks.errors import PipelineError
-    from tasks.model import fp8_head
+    from tasks.plumbing.errors import PipelineError
+    from tasks.training.model import fp8_head
 
     assert chunked.resolve_kernel("cut_cross_entropy", "cpu") == "chunked"
     assert (
@@ -121,7 +121,7 @@ def test_the_fp8_head_emulated_on_the_cpu_trains_the_tied_weight_and_saves_a_pla
     torchao is not in the dev install: once installed, transformers imports it with every Trainer and it logs
     notices about its GPU libraries on each train run. With `pip install torchao` this runs on the CPU."""
     pytest.importorskip("torchao", reason="train.fp8_lm_head's torchao: pip install torchao to run this on the CPU")
-    from tasks.model import fp8_head
+    from tasks.training.model import fp8_head
 
     reference, padded = model_pair(384, through_head=True)
     fp8_head(padded, "cpu", emulate=True)

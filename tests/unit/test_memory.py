@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.errors import PipelineError
-from tasks.memory import check_fits, estimate, shape
-from tasks.params import parse_params
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.params import parse_params
+from tasks.training.memory import check_fits, estimate, shape
 from tests.helpers import default_params, merge
 
 GB = 10**9

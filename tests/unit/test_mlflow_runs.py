@@ -6,9 +6,9 @@ import contextlib
 
 import pytest
 
-from tasks import mlflow_runs, store
-from tasks.errors import PipelineError, Stopped
-from tasks.params import parse_params
+from tasks.plumbing.errors import PipelineError, Stopped
+from tasks.plumbing.params import parse_params
+from tasks.tracking import mlflow_runs, store
 from tests.helpers import tiny_params
 
 

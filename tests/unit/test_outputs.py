@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from tasks.errors import PipelineError
-from tasks.outputs import atomic_output, write_json
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.outputs import atomic_output, write_json
 
 
 def test_failed_write_keeps_the_old_file(tmp_path):
@@ -71,9 +71,9 @@ def run_stage(folder, body: str) -> subprocess.CompletedProcess:
         [
             "import signal",
             "from pathlib import Path",
-            "from tasks import outputs",
-            "from tasks.outputs import atomic_output, atomic_outputs",
-            "from tasks.stage import run_cli",
+            "from tasks.plumbing import outputs",
+            "from tasks.plumbing.outputs import atomic_output, atomic_outputs",
+            "from tasks.plumbing.stage import run_cli",
             "class Finalized:",
             "    def __del__(self):  # a stop that lands in a finalizer: its Stopped is only printed, then dropped",
             "        signal.raise_signal(signal.SIGTERM)",
@@ -128,7 +128,7 @@ def test_a_stage_writing_to_a_log_shows_no_progress_bars(tmp_path, imported_firs
     script = "\n".join(
         [
             "import transformers" if imported_first else "",
-            "from tasks.stage import run_cli",
+            "from tasks.plumbing.stage import run_cli",
             "def main():",
             "    from transformers import GPT2Config, GPT2LMHeadModel",
             "    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=16, n_positions=8))",
@@ -146,7 +146,7 @@ def test_a_warning_in_a_stage_is_one_line():
     script = "\n".join(
         [
             "import warnings",
-            "from tasks.stage import run_cli",
+            "from tasks.plumbing.stage import run_cli",
             "def main():",
             "    warnings.warn('the corpus is small;\\n  add text', UserWarning)",
             "    print('done')",

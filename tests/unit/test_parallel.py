@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from tasks.parallel import ordered_map
+from tasks.data.parallel import ordered_map
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def test_a_map_closed_early_stops_its_workers_without_finishing_their_items(tmp_
 
 PARENT = """
 import json, multiprocessing, os, sys, time
-from tasks.parallel import ordered_map
+from tasks.data.parallel import ordered_map
 
 results = ordered_map(lambda index: index and time.sleep(600), range(6), processes=2)
 next(results)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tasks.errors import PipelineError
-from tasks.params import apply_overrides, flatten, load_params, parse_override, parse_params
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.params import apply_overrides, flatten, load_params, parse_override, parse_params
 from tests.helpers import ROOT, default_params, merge
 
 
@@ -125,7 +125,7 @@ def test_overrides_change_a_copy_and_are_validated():
 def test_model_config_keeps_only_the_keys_set_and_every_activation_exists():
     from transformers.activations import ACT2FN
 
-    from tasks.params import ACTIVATIONS
+    from tasks.plumbing.params import ACTIVATIONS
 
     params = parse_params(merge(default_params(), {"model": {"config": {"n_layer": 3, "dropout": 0}}}))
     assert params.model.config.overrides() == {"n_layer": 3, "n_head": 4, "n_embd": 128, "n_positions": 128,
@@ -157,7 +157,7 @@ def test_yaml_anchors_and_aliases_are_refused_with_their_line(tmp_path, text, li
 
 
 def test_a_params_file_over_the_limit_is_refused_before_it_is_read(tmp_path):
-    from tasks.params import PARAMS_MAX_BYTES
+    from tasks.plumbing.params import PARAMS_MAX_BYTES
 
     path = tmp_path / "params.yaml"
     path.write_text("#" * (PARAMS_MAX_BYTES + 1))
@@ -196,7 +196,7 @@ def test_a_key_left_out_of_params_yaml_means_what_params_yaml_says():
         del section[last]
         if effective(parse_params(trimmed)) != expected:
             changed.append(key)
-    assert changed == [], "tasks/params.py's defaults differ from params.yaml"
+    assert changed == [], "tasks/plumbing/params.py's defaults differ from params.yaml"
 
 
 def test_the_schema_checks_every_params_file_and_a_broken_copy_fails():

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import throughput, train
-from tasks.errors import PipelineError
+from tasks import train
+from tasks.plumbing.errors import PipelineError
 from tasks.train import CPU_BF16_MIN_WIDTH, native_bf16, resolve_precision
+from tasks.training import throughput
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from tasks.promote import decide
-from tasks.report import COLORS, ModelView, render
+from tasks.tracking.report import COLORS, ModelView, render
 
 
 def views() -> tuple[ModelView, ModelView]:

@@ -1,10 +1,11 @@
-"""The served model's checks on a request's generation settings (tasks/serving.py, shipped with each version)."""
+"""The served model's checks on a request's generation settings (tasks/tracking/serving.py, shipped with each
+version)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tasks.serving import out_of_range
+from tasks.tracking.serving import out_of_range
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from tasks import store
+from tasks.tracking import store
 from tests.helpers import ROOT, tool_env
 
 
@@ -42,7 +42,7 @@ def test_a_tracking_uri_the_user_set_is_kept(tmp_path, monkeypatch):
 OPEN_TOGETHER = """
 import sys, time
 from pathlib import Path
-from tasks import store
+from tasks.tracking import store
 store.mlflow_module()
 Path(f"ready-{sys.argv[1]}").touch()
 while not Path("go").exists():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from tasks.throughput import (
+from tasks.training.throughput import (
     counted_parameters,
     cpu_facts,
     cpu_peak,

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from tasks.blocks import TokenSizes, encode_and_group, span_lengths
-from tasks.errors import PipelineError
-from tasks.params import ModelParams, TokenizerParams
+from tasks.data.blocks import TokenSizes, encode_and_group, span_lengths
+from tasks.data.tokenizer import train_bpe, train_char
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.params import ModelParams, TokenizerParams
 from tasks.tokenize import tokenize
-from tasks.tokenizer import train_bpe, train_char
 
 
 @pytest.mark.parametrize("text", ["plain ascii text", "床前明月光，疑是地上霜。", "mixed 漢字 and 😀 emoji"])

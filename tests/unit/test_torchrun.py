@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.errors import PipelineError
-from tasks.launch import Role, rendezvous_endpoint, role, torchrun_command
-from tasks.params import parse_params
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.params import parse_params
+from tasks.training.launch import Role, rendezvous_endpoint, role, torchrun_command
 from tests.helpers import merge, tiny_params
 
 

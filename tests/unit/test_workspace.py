@@ -8,7 +8,7 @@ from prefect.states import Failed
 
 from flows import workspace
 from flows.pipeline import TRAIN_RETRY_DELAYS, StageFailed, run_train_stage, worth_retrying
-from tasks.errors import BAD_INPUT_EXIT, PipelineError
+from tasks.plumbing.errors import BAD_INPUT_EXIT, PipelineError
 from tests.helpers import copy_project, run
 
 

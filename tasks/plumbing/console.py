@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from tasks.redaction import redact_output
+from tasks.plumbing.redaction import redact_output
 
 
 def quiet_progress_bars() -> None:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks import store
-from tasks.errors import PipelineError, first_line
-from tasks.paths import MLFLOW_MODEL_SUBDIR, MLFLOW_TOKENIZER_SUBDIR
+from tasks.plumbing.errors import PipelineError, first_line
+from tasks.plumbing.paths import MLFLOW_MODEL_SUBDIR, MLFLOW_TOKENIZER_SUBDIR
+from tasks.tracking import store
 
 MLFLOW_URI_PREFIXES = ("models:/", "runs:/")
 

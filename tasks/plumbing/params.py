@@ -30,11 +30,11 @@ from pydantic import (
     model_validator,
 )
 
-from tasks.errors import PipelineError
-from tasks.specials import EOS, SEP, UNK
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.specials import EOS, SEP, UNK
 
 PARAMS_FILE = Path("params.yaml")
-# tokenizer.framing: auto, then the conventions tasks/framing.py defines (the same names, in that order)
+# tokenizer.framing: auto, then the conventions tasks/data/framing.py defines (the same names, in that order)
 FRAMING_CHOICES = ("auto", "eos", "uer", "gpt2-chinese", "chitchat")
 CHAR_SPECIALS = (UNK, EOS, SEP)  # the char tokenizer's special tokens, in id order
 BYTE_ALPHABET = 256  # byte-level BPE starts from every byte value
@@ -104,7 +104,7 @@ class TokenizerParams(Section):
         "bpe", description="bpe: byte-level BPE; char: one token a character; pretrained: model.name_or_path's"
     )
     framing: Literal[FRAMING_CHOICES] = Field(  # type: ignore[valid-type]
-        "auto", description="special tokens around each record: the model family's convention (tasks/framing.py)"
+        "auto", description="special tokens around each record: the model family's convention (tasks/data/framing.py)"
     )
     vocab_size: int = Field(4096, gt=0, le=MAX_VOCAB, description="tokens the trained tokenizer may hold at most")
     min_frequency: int = Field(2, ge=1, description="a merge (bpe) or character (char) must occur this often")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasks.errors import PipelineError
-from tasks.params import FRAMING_CHOICES
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.params import FRAMING_CHOICES
 
 
 @dataclass(frozen=True)

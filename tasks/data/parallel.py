@@ -30,7 +30,7 @@ def cluster(executor: str, ray_address: str | None) -> str | None:
     """The Ray cluster data.executor names (data.ray_address or RAY_ADDRESS), or None to run on this machine."""
     if executor == "local":
         return None
-    from tasks.cluster import address
+    from tasks.data.cluster import address
 
     return address(ray_address)
 
@@ -43,10 +43,10 @@ def ordered_map(
     At most processes times ahead items are in flight, so memory stays flat however many items there are. Forked,
     not spawned: function may be a closure over what the parent built (a tokenizer), which a fork inherits as
     it is and a spawn would have to pickle. on_cluster (a Ray address) runs it as a Ray Data job instead
-    (tasks/cluster.py).
+    (tasks/data/cluster.py).
     """
     if on_cluster:
-        from tasks.cluster import ray_map
+        from tasks.data.cluster import ray_map
 
         yield from ray_map(function, items, on_cluster)
         return

@@ -14,7 +14,7 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from tasks.errors import PipelineError
+from tasks.plumbing.errors import PipelineError
 
 INSTALL = "pip install 'gpt2-pipeline[ray]' on the driver and every node, or set data.executor: local"
 

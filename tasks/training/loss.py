@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tasks.errors import PipelineError
+from tasks.plumbing.errors import PipelineError
 
 IGNORE_INDEX = -100  # labels that take no part in the loss (transformers' convention)
 CHUNK_LOGITS = 1 << 25  # logits in one chunk: 128 MiB in fp32, whatever the vocabulary

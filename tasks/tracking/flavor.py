@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from tasks.paths import MLFLOW_MODEL_SUBDIR, MLFLOW_TOKENIZER_SUBDIR, RUN_RECORD
+from tasks.plumbing.paths import MLFLOW_MODEL_SUBDIR, MLFLOW_TOKENIZER_SUBDIR, RUN_RECORD
 
 FLAVOR = "transformers"
 CODE_SUBDIR = "code"

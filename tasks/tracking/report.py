@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks import mlflow_runs, store
-from tasks.charts import COLORS, line_chart
-from tasks.redaction import redact
+from tasks.plumbing.redaction import redact
+from tasks.tracking import mlflow_runs, store
+from tasks.tracking.charts import COLORS, line_chart
 
 CURVES = {"train/loss": "training loss", "train/eval_loss": "validation loss"}
 DATA_TAGS = ("data_md5", "tokenized_md5")

@@ -11,8 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
-from tasks.outputs import hash_file
-from tasks.params import Params
+from tasks.plumbing.outputs import hash_file
+from tasks.plumbing.params import Params
 
 FINGERPRINT_FILE = "fingerprint.txt"
 # The shape of what a checkpoint holds beyond the params: changed when the training model's layout changes, so

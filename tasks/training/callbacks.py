@@ -13,11 +13,12 @@ from typing import Any, ClassVar
 
 from transformers import TrainerCallback
 
-from tasks import mlflow_runs, throughput
-from tasks.errors import PipelineError
-from tasks.paths import (
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.paths import (
     MODEL_DIR,
 )
+from tasks.tracking import mlflow_runs
+from tasks.training import throughput
 
 
 class MlflowLogger(TrainerCallback):

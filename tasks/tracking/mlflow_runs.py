@@ -18,12 +18,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks import lineage, store
-from tasks.errors import Stopped
-from tasks.outputs import write_json
-from tasks.params import Params, flatten
-from tasks.paths import RUN_RECORD
-from tasks.redaction import redact
+from tasks.plumbing.errors import Stopped
+from tasks.plumbing.outputs import write_json
+from tasks.plumbing.params import Params, flatten
+from tasks.plumbing.paths import RUN_RECORD
+from tasks.plumbing.redaction import redact
+from tasks.tracking import lineage, store
 
 MAX_METRICS_PER_BATCH = 1000  # the most metrics MLflow's log_batch takes in one request
 RUN_ID_ENV = "GPT2_PIPELINE_RUN_ID"  # the run train's launcher opened, for its torchrun workers

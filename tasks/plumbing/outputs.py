@@ -12,8 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import PipelineError, disk_full
-from tasks.stopping import raise_if_stopped, stops_deferred
+from tasks.plumbing.errors import PipelineError, disk_full
+from tasks.plumbing.stopping import raise_if_stopped, stops_deferred
 
 
 def project_root(start: Path | None = None) -> Path:

@@ -8,11 +8,11 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks import framing
-from tasks.errors import PipelineError
-from tasks.loading import load_tokenizer
-from tasks.params import CHAR_SPECIALS, ModelParams, TokenizerParams
-from tasks.specials import EOS, SEP, UNK
+from tasks.data import framing
+from tasks.plumbing.errors import PipelineError
+from tasks.tracking.loading import load_tokenizer
+from tasks.plumbing.params import CHAR_SPECIALS, ModelParams, TokenizerParams
+from tasks.plumbing.specials import EOS, SEP, UNK
 
 CHAR_PATTERN = r"[\s\S]"  # the char tokenizer's pre-tokenizer: every character on its own
 
@@ -78,7 +78,7 @@ def load_pretrained_tokenizer(name_or_path: str, dialog: bool, framing_setting: 
     """The tokenizer of model.name_or_path, carrying its model family's framing.
 
     The tokenizer of model.name_or_path (a hub id, a local folder or an MLflow model URI), carrying the framing of
-    its model family (tasks/framing.py).
+    its model family (tasks/data/framing.py).
 
     Dialogue data framed GPT-2's way needs a separator: one is added when the tokenizer has none (train then
     resizes embeddings).

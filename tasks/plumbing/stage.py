@@ -7,9 +7,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tasks import stopping
-from tasks.console import console_output
-from tasks.errors import Stopped, interrupted_exit, report_error
+from tasks.plumbing import stopping
+from tasks.plumbing.console import console_output
+from tasks.plumbing.errors import Stopped, interrupted_exit, report_error
 
 
 def run_cli(main: Callable[[], Any]) -> None:

@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.errors import PipelineError
-from tasks.params import GPT2_DEFAULT_POSITIONS, Params
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.params import GPT2_DEFAULT_POSITIONS, Params
 
 # GPT2Config's defaults, for the keys model.config leaves out (GPT-2 124M).
 GPT2_DEFAULTS = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": GPT2_DEFAULT_POSITIONS}

@@ -24,7 +24,7 @@ TOKENIZER_DIR = Path("models/tokenizer")
 TOKENIZED_DIR = Path("data/tokenized")
 # The figures of ingest and tokenize, carried with the blocks so that the training run can log them.
 DATA_STATS = TOKENIZED_DIR / "stats.json"
-FRAMING_FIGURE = "tokenize/framing"  # in DATA_STATS: the framing tokenize used (tasks/framing.py)
+FRAMING_FIGURE = "tokenize/framing"  # in DATA_STATS: the framing tokenize used (tasks/data/framing.py)
 # train
 MODEL_DIR = Path("models/gpt2")
 RUN_RECORD = "mlflow_run.json"  # in MODEL_DIR (and a checkpoint folder): the model's MLflow run
@@ -36,6 +36,6 @@ EVAL_METRICS = Path("metrics/eval.json")
 SAMPLES_FILE = Path("reports/samples.json")
 # register
 REGISTERED_FILE = Path("registered.json")
-# A registered version's files (MLflow's transformers layout, tasks/flavor.py): the model, then its tokenizer
+# A registered version's files (MLflow's transformers layout, tasks/tracking/flavor.py): the model, then its tokenizer
 MLFLOW_MODEL_SUBDIR = "model"
 MLFLOW_TOKENIZER_SUBDIR = "components/tokenizer"

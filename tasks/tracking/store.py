@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.errors import PipelineError, first_line
-from tasks.redaction import redact
+from tasks.plumbing.errors import PipelineError, first_line
+from tasks.plumbing.redaction import redact
 
 DATABASE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"

@@ -10,14 +10,15 @@ import sys
 from collections.abc import Mapping
 from enum import StrEnum
 
-from tasks import checkpoints, mlflow_runs
-from tasks.errors import OUTPUTS_ELSEWHERE_EXIT, PipelineError
-from tasks.params import Params, TrainParams
-from tasks.paths import (
+from tasks.plumbing.errors import OUTPUTS_ELSEWHERE_EXIT, PipelineError
+from tasks.plumbing.params import Params, TrainParams
+from tasks.plumbing.paths import (
     MODEL_DIR,
     RUN_RECORD,
     TOKENIZED_DIR,
 )
+from tasks.tracking import mlflow_runs
+from tasks.training import checkpoints
 
 
 class Role(StrEnum):

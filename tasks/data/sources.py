@@ -1,7 +1,7 @@
 """Where ingest's records come from: data.sources resolved, and each source or piece read as raw records.
 
 Sources are files (globs expanded, confined to the project) or `hf:` datasets. Formats: .txt (paragraphs), .jsonl,
-.txt.gz, .jsonl.gz, .json, .csv, .parquet; large plain files are read in pieces (tasks/pieces.py). Every record
+.txt.gz, .jsonl.gz, .json, .csv, .parquet; large plain files are read in pieces (tasks/data/pieces.py). Every record
 comes with where it is (file:line), and is read within the params' size limits.
 """
 
@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import PipelineError, first_line
-from tasks.outputs import inside_project, project_root
-from tasks.params import DataParams
-from tasks.pieces import TEXT_SUFFIXES, Piece, open_piece, source_format
+from tasks.plumbing.errors import PipelineError, first_line
+from tasks.plumbing.outputs import inside_project, project_root
+from tasks.plumbing.params import DataParams
+from tasks.data.pieces import TEXT_SUFFIXES, Piece, open_piece, source_format
 
 # A longer paragraph of a .txt file is cut into records of this many characters (an extra end-of-text token
 # every 64 Ki characters costs nothing; holding a 1 GB line without breaks in memory would).

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.params import params_hash
+from tasks.plumbing.params import params_hash
 
 DVC_LOCK = Path("dvc.lock")
 FLOW_RUN_ENV = "GPT2_PIPELINE_PREFECT_FLOW_RUN_ID"  # set by the Prefect flow for the stages it runs

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 
-from tasks.tokenizer import CHAR_PATTERN
+from tasks.data.tokenizer import CHAR_PATTERN
 
 
 def span_lengths(text: str, offsets: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +87,7 @@ def encode_and_group(
 ) -> dict[str, np.ndarray]:
     """Tokenize records, frame each, concatenate and cut into blocks (run_clm's group_texts).
 
-    A record ends with the tokenizer's eos_token (the framing's end marker, tasks/framing.py); a dialogue
+    A record ends with the tokenizer's eos_token (the framing's end marker, tasks/data/framing.py); a dialogue
     record's turns are joined with the separator token; `start_id`, when given, goes before each record. End
     and separator count as one byte and character each: they stand for the newline between records and between
     turns; the start marker stands for nothing. Pass `sizes` when calling batch after batch: building it walks

@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tasks import loss
-from tasks.errors import PipelineError
-from tasks.framing import FRAMINGS, Framing
-from tasks.loading import load_pretrained
-from tasks.params import ModelParams
+from tasks.data.framing import FRAMINGS, Framing
+from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.params import ModelParams
+from tasks.tracking.loading import load_pretrained
+from tasks.training import loss
 
 # While training, the embedding rows are padded to a multiple of 128 (50304 for GPT-2's 50257): matmul shapes
 # the GPU's tensor cores take whole, as nanoGPT and llm.c pad. The saved model has the tokenizer's size again,
@@ -74,7 +74,7 @@ def for_training(model, device: str = "cpu", loss_kernel: str = "chunked", fp8_l
     """The model as it trains.
 
     Vocabulary rows padded to VOCAB_MULTIPLE (the padding columns masked out of the loss) and the loss computed
-    from the hidden states (tasks/loss.py: chunk by chunk, or by cut-cross-entropy's kernel on CUDA); with
+    from the hidden states (tasks/training/loss.py: chunk by chunk, or by cut-cross-entropy's kernel on CUDA); with
     fp8_lm_head the output projection runs in FP8 (torchao) and the loss takes its logits. _save trims the padding
     off again (to the tokenizer's size)."""
     size = model.config.vocab_size

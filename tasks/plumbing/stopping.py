@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from tasks.errors import Stopped
+from tasks.plumbing.errors import Stopped
 
 # The stop signals run_cli's handler received. A library can swallow the Stopped it raises (one raised while a
 # finalizer runs is only printed), so a commit of outputs and run_cli's end look here as well.

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from tasks import store
-from tasks.redaction import redact
+from tasks.plumbing.redaction import redact
+from tasks.tracking import store
 
 CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous-champion"
 # The longest description the SQL stores keep (a String(5000) column; PostgreSQL refuses more, SQLite does not).
