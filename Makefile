@@ -37,9 +37,11 @@ lock:
 lock-gpu: install
 	$(BIN)/python tools/gpu_lock.py
 
-# docs/reference/params.md and params.schema.json from tasks/plumbing/params.py (a test checks they are up to date).
+# params.yaml, docs/reference/params.md and params.schema.json from tasks/plumbing/params.py, and
+# docs/architecture.md from the code (tests check they are up to date).
 reference: install
 	$(BIN)/python tools/params_reference.py
+	$(BIN)/python tools/architecture.py
 
 # The documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or a page left out.
 docs: install

@@ -125,7 +125,11 @@ def whole_summary(f: dict) -> list:
 def overhead_table(f: dict) -> Table:
     noop, flow, logged, reg = f["noop"], f["flow"], f["logging"], f["register"]
     rows = [
-        ["no-op `dvc repro`", f"{noop['noop_repro_s']:.2f} s", f"`dvc version`: {noop['dvc_version_s']:.2f} s"],
+        [
+            "no-op `dvc repro`",
+            f"{noop['noop_repro_s']:.2f} s ({x(noop['ratio'])})",
+            f"a one-stage DVC project's no-op `dvc repro`: {noop['one_stage_noop_s']:.2f} s",
+        ],
         [
             "Prefect flow beyond its stages, running server",
             f"{flow['running_overhead_first_s']:.2f} s first run, {flow['running_overhead_s']:.2f} s after",
@@ -151,10 +155,11 @@ def overhead_table(f: dict) -> Table:
 
 
 def overhead_summary(f: dict) -> list:
-    noop, share, ratio = f["noop"]["noop_repro_s"], f["logging"]["share_in_calls"], f["register"]["ratio"]
+    noop, share, ratio = f["noop"]["ratio"], f["logging"]["share_in_calls"], f["register"]["ratio"]
     running = f["flow"]["running_overhead_s"]
     return [
-        ("no-op `dvc repro`", "≤ 2 s", f"{noop:.2f} s", noop <= 2),
+        # a ratio, not seconds: DVC's own start-up is most of a no-op and differs from machine to machine
+        ("no-op `dvc repro` against a one-stage DVC project's", "≤ 1.5 ×", x(noop), noop <= 1.5),
         ("Prefect flow overhead, running server", "≤ 5 s", f"{running:.2f} s", running <= 5),
         ("MLflow logging, share of training", "≤ 2%", f"{share:.2%}", share <= 0.02),
         ("register against `save_pretrained`", "≤ 2 ×", x(ratio), ratio <= 2),
@@ -301,12 +306,18 @@ def markdown(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def where(result: dict) -> str:
+def machine_of(result: dict) -> str:
+    """The machine a result was measured on, in words: two results with the same words came from alike machines."""
     on = result["measured_on"]
     cpu = f"{on['cores']} cores ({on['cpu']}, {'with' if on['native_bf16'] else 'without'} native bf16)"
     device = f"{on['gpu']}, " if on["gpu"] else ""
+    return f"{device}{cpu}, {on['memory_gib']} GiB"
+
+
+def where(result: dict) -> str:
+    on = result["measured_on"]
     return (
-        f"Measured on {on['date']}: {device}{cpu}, {on['memory_gib']} GiB; python {on['python']}, "
+        f"Measured on {on['date']}: {machine_of(result)}; python {on['python']}, "
         f"torch {on['torch']}, transformers {on['transformers']}. Command: `{result['command']}`"
     )
 
@@ -325,15 +336,21 @@ def block(case: str) -> str:
 
 
 def summary() -> str:
-    rows = []
+    """Every case's figures against their targets, each row naming the machine it was measured on.
+
+    Cases measured on different machines (one CPU with native bf16, one without) are told apart by a letter, so a
+    reader never takes two machines' rows for one's."""
+    rows, machines = [], {}
     for name, case in CASES.items():
         result = load(name)
         if result is None:
-            rows.append([f"`{name}`", "", "not measured", "—"])
+            rows.append([f"`{name}`", "", "not measured", "—", ""])
             continue
+        letter = machines.setdefault(machine_of(result), "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[len(machines)])
         for figure, target, measured, met in case.summary(result["figures"]):
-            rows.append([figure, target, measured, "yes" if met else "**no**"])
-    return markdown(["figure", "target", "measured", "met"], rows)
+            rows.append([figure, target, measured, "yes" if met else "**no**", letter])
+    legend = "; ".join(f"{letter}: {machine}" for machine, letter in machines.items())
+    return markdown(["figure", "target", "measured", "met", "machine"], rows) + f"\n\nMachines: {legend}."
 
 
 def render(page: str) -> str:

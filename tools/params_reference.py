@@ -1,8 +1,9 @@
-"""Write the params reference and the JSON Schema of params.yaml from tasks/plumbing/params.py's models.
+"""Write params.yaml, its reference and its JSON Schema from tasks/plumbing/params.py's models.
 
-docs/reference/params.md and docs/reference/params.schema.json come from the pydantic models, the one source of
-every key's type, default, bounds and description. `make reference` runs it; a test fails when the committed files
-differ from what it writes.
+params.yaml (every key with its default and a one-line comment), docs/reference/params.md and
+docs/reference/params.schema.json come from the pydantic models, the one source of every key's type, default,
+bounds and description. Every key being in params.yaml is what lets `dvc exp run -S any.key=value` work without
+DVC's `+`. `make reference` runs it; a test fails when the committed files differ from what it writes.
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
 from tasks.plumbing.params import Params  # noqa: E402 (the project's root first on the path, for a plain `python tools/...`)
 
+PARAMS = ROOT / "params.yaml"
 REFERENCE = ROOT / "docs/reference/params.md"
 SCHEMA = ROOT / "docs/reference/params.schema.json"
 BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<", "minItems": "items >="}
@@ -81,11 +86,56 @@ def reference() -> str:
     return "\n".join(lines)
 
 
+COMMENT_COLUMN = 30  # where the comments start, as far as the key and value leave room
+
+
+def flow_value(value: Any) -> str:
+    """A value as one line of YAML (flow style: a list stays on its key's line)."""
+    return (
+        yaml.safe_dump(value, default_flow_style=True, width=1 << 20, allow_unicode=True)
+        .removesuffix("\n...\n")
+        .strip()
+    )
+
+
+def commented(line: str, comment: str | None) -> str:
+    return f"{line.ljust(COMMENT_COLUMN - 1)} # {comment}" if comment else line
+
+
+def section_lines(section: BaseModel, depth: int) -> list[str]:
+    """One line for each key of section with its value and description; a subsection as a block under its key."""
+    lines, indent = [], "  " * depth
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            lines.append(commented(f"{indent}{name}:", field.description))
+            lines += section_lines(value, depth + 1)
+        else:
+            lines.append(commented(f"{indent}{name}: {flow_value(value)}", field.description))
+    return lines
+
+
+def params_yaml() -> str:
+    """params.yaml: every section and key with its default, in the models' order."""
+    defaults = Params()
+    lines = [
+        f"# yaml-language-server: $schema={SCHEMA.relative_to(ROOT)}",
+        "# Every key with its default and what it does, one section per stage, generated from",
+        "# tasks/plumbing/params.py by `make reference` (types and bounds: docs/reference/params.md). Try a value",
+        "# with `dvc exp run -S key=value` or `gpt2-pipeline run -S key=value`; change a shipped default in",
+        "# tasks/plumbing/params.py.",
+    ]
+    for name, field in Params.model_fields.items():
+        lines += ["", f"{name}:  # {field.description}", *section_lines(getattr(defaults, name), 1)]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     REFERENCE.parent.mkdir(parents=True, exist_ok=True)
     REFERENCE.write_text(reference(), encoding="utf-8")
     SCHEMA.write_text(json.dumps(schema(), indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {REFERENCE.relative_to(ROOT)} and {SCHEMA.relative_to(ROOT)}")
+    PARAMS.write_text(params_yaml(), encoding="utf-8")
+    print(f"wrote {PARAMS.relative_to(ROOT)}, {REFERENCE.relative_to(ROOT)} and {SCHEMA.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,11 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    sources: list[str] = Field(min_length=1, description="paths, globs or hf:<dataset>[:<config>], project-relative")
+    sources: list[str] = Field(
+        default_factory=lambda: ["data/samples/tinyshakespeare.txt"],
+        min_length=1,
+        description="paths, globs or hf:<dataset>[:<config>], project-relative",
+    )
     text_field: str | list[str] = Field(
         "text", description="record field(s) holding the text (JSON, CSV, Parquet); several are joined by lines"
     )
@@ -120,7 +124,7 @@ class GPT2ConfigParams(Section):
 
     model.config: the GPT2Config fields a user may set, typed and bounded, plus `dropout`, which sets the three
     dropout rates at once. A model from scratch takes this section's values (SCRATCH_DEFAULTS for a key left out); a
-    pretrained one only the keys params.yaml sets. Only the keys set reach MLflow's params."""
+    pretrained one only the keys params.yaml sets to a value. Only those reach MLflow's params."""
 
     n_layer: int = Field(SCRATCH_DEFAULTS["n_layer"], gt=0, le=MAX_LAYERS, description="transformer blocks")
     n_head: int = Field(SCRATCH_DEFAULTS["n_head"], gt=0, le=MAX_LAYERS, description="attention heads a block")
@@ -155,13 +159,18 @@ class GPT2ConfigParams(Section):
     @model_serializer(mode="wrap")
     def _set_keys_only(self, handler) -> dict[str, Any]:
         dumped = handler(self)
-        return {key: dumped[key] for key in type(self).model_fields if key in self.model_fields_set}
+        # null means "not set" (GPT2Config's or the checkpoint's value), as a key left out does
+        return {
+            key: dumped[key]
+            for key in type(self).model_fields
+            if key in self.model_fields_set and dumped[key] is not None
+        }
 
     def overrides(self, scratch: bool = False) -> dict[str, Any]:
         """As GPT2Config takes them.
 
-        The keys params.yaml sets, and for a model from scratch every value this section has (its defaults for
-        the keys left out)."""
+        The keys params.yaml sets to a value (null keeps the checkpoint's), and for a model from scratch every
+        value this section has (its defaults for the keys left out)."""
         if not scratch:
             return self.model_dump()
         return {name: value for name in type(self).model_fields if (value := getattr(self, name)) is not None}
@@ -306,7 +315,9 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message='Field name "register"')
 
     class Params(Section):
-        data: DataParams = Field(description="ingest: where the text comes from and how it is split")
+        data: DataParams = Field(
+            default_factory=DataParams, description="ingest: where the text comes from and how it is split"
+        )
         tokenizer: TokenizerParams = Field(default_factory=TokenizerParams, description="tokenize: the vocabulary")
         model: ModelParams = Field(default_factory=ModelParams, description="the GPT-2 that train builds")
         train: TrainParams = Field(default_factory=TrainParams, description="train: the optimizer and the run")

@@ -87,7 +87,9 @@ def test_an_edit_to_text_normalization_reruns_ingest_and_everything_after_it(pro
 def test_an_experiment_in_a_temporary_copy_reaches_the_project_registry(project):
     """`dvc exp run --temp` (as `--queue` and `--run-all` do) runs in a temporary copy under .dvc/tmp; its model
     still reaches the project's registry, tagged with the experiment, and its run is closed."""
-    dvc(project, "exp", "run", "--temp", "-n", "lineage-a", "-S", "train.max_steps=20", "-S", "train.seed=1")
+    # train.loss_kernel: a key the pipeline reads at its default, which -S sets without DVC's `+` prefix
+    dvc(project, "exp", "run", "--temp", "-n", "lineage-a", "-S", "train.max_steps=20", "-S", "train.seed=1",
+        "-S", "train.loss_kernel=chunked")  # fmt: skip
     mlflow_client = store_client(project)
     versions = {v.tags.get("dvc_exp_name"): v for v in mlflow_client.search_model_versions("name='gpt2-lm'")}
     version = versions["lineage-a"]

@@ -74,10 +74,25 @@ def test_a_saved_result_becomes_its_table_and_a_missing_one_says_how_to_measure_
     (tmp_path / "tokenize-whole.json").write_text(json.dumps(result))
     page = "<!-- bench: tokenize-whole -->\nold\n<!-- /bench -->\n<!-- bench: summary -->\n<!-- /bench -->\n"
     page += "<!-- bench: eval-cpu -->\n<!-- /bench -->\n"
+    # another case measured on another machine: the summary tells the two machines apart
+    other = {"command": "python bench/overhead.py --save overhead", "measured_on": on | {"native_bf16": True}}
+    other["figures"] = {
+        "noop": {"noop_repro_s": 1.2, "one_stage_noop_s": 1.0, "ratio": 1.2},
+        "flow": {"running_overhead_s": 1.0},
+        "logging": {"share_in_calls": 0.01},
+        "register": {"ratio": 1.5},
+    }
+    (tmp_path / "overhead.json").write_text(json.dumps(other))
     rendered = bench_tables.render(page)
     assert "| 49.5 MB | 40.0 s | 30.0 s | 0.750 × |" in rendered and "old" not in rendered
     assert "Measured on 2026-01-02: 2 cores (Test CPU, without native bf16), 8 GiB" in rendered
-    assert "| tokenize as a user waits for it, against a hand-written script | ≥ 0.8 × | 0.750 × | **no** |" in rendered
+    summary_row = "| tokenize as a user waits for it, against a hand-written script | ≥ 0.8 × | 0.750 × | **no** | A |"
+    assert summary_row in rendered
+    assert "| no-op `dvc repro` against a one-stage DVC project's | ≤ 1.5 × | 1.200 × | yes | B |" in rendered
+    legend = (
+        "Machines: A: 2 cores (Test CPU, without native bf16), 8 GiB; B: 2 cores (Test CPU, with native bf16), 8 GiB."
+    )
+    assert legend in rendered
     assert f"Not measured: run `{bench_tables.CASES['eval-cpu'].command}`, then `make bench-tables`." in rendered
     assert bench_tables.render(rendered) == rendered
 

@@ -218,8 +218,9 @@ def test_the_schema_checks_every_params_file_and_a_broken_copy_fails():
 def test_the_reference_and_schema_are_as_generated_and_every_key_is_described():
     import json
 
-    from tools.params_reference import REFERENCE, SCHEMA, reference, schema
+    from tools.params_reference import PARAMS, REFERENCE, SCHEMA, params_yaml, reference, schema
 
+    assert PARAMS.read_text() == params_yaml(), "run `make reference` and commit params.yaml"
     assert REFERENCE.read_text() == reference(), "run `make reference` and commit docs/reference/"
     assert json.loads(SCHEMA.read_text()) == schema(), "run `make reference` and commit docs/reference/"
     generated = schema()
@@ -228,3 +229,35 @@ def test_the_reference_and_schema_are_as_generated_and_every_key_is_described():
         name for section in sections for name, spec in section["properties"].items() if "description" not in spec
     ]
     assert undescribed == []
+
+
+def test_params_yaml_sets_every_key_the_model_accepts_at_its_default():
+    """Every key is in params.yaml (so `dvc exp run -S key=value` needs no `+`), set to the model's default."""
+    from tasks.plumbing.params import Params
+
+    def keys(value: dict, prefix: str = "") -> dict:
+        flat = {}
+        for key, inner in value.items():
+            flat.update(keys(inner, f"{prefix}{key}.") if isinstance(inner, dict) else {f"{prefix}{key}": inner})
+        return flat
+
+    def model_keys(model, prefix: str = "") -> dict:
+        flat = {}
+        for name in type(model).model_fields:
+            inner = getattr(model, name)
+            flat.update(
+                model_keys(inner, f"{prefix}{name}.") if hasattr(inner, "model_fields") else {prefix + name: inner}
+            )
+        return flat
+
+    shipped = keys(default_params())
+    assert shipped == model_keys(Params())
+    assert {"train.loss_kernel", "model.config.n_inner", "data.max_record_bytes"} <= set(shipped)
+
+
+def test_a_null_gpt2_config_key_keeps_the_pretrained_checkpoints_value():
+    from tasks.plumbing.params import ModelParams
+
+    config = {"n_inner": None, "attn_pdrop": None, "dropout": 0.1}
+    assert ModelParams(init="pretrained", config=config).gpt2_config() == {"dropout": 0.1}
+    assert ModelParams(init="scratch", config=config).gpt2_config()["n_layer"] == 4
