@@ -200,7 +200,8 @@ def prefect_server(parent: Path):
 def logging_share(project: Path, steps: int, unbatched: bool) -> dict:
     """Training `steps` steps with every step's metrics logged, against the same training with MLflow calls made no-ops.
 
-    Also the seconds spent inside the MLflow calls themselves."""
+    Also the seconds training waits on MLflow (in the logger's flushes; the metrics go out from a thread of their own)
+    and the seconds inside the MLflow calls themselves, wherever they run."""
     from tasks import train
     from tasks.plumbing.params import apply_overrides, parse_params, read_raw
     from tasks.tracking import mlflow_runs, store
@@ -211,16 +212,21 @@ def logging_share(project: Path, steps: int, unbatched: bool) -> dict:
     params = parse_params(apply_overrides(read_raw(project / "params.yaml"), every_step))
     client = store.client()
     experiment = client.create_experiment("overhead", artifact_location=(project.parent / "logging-art").as_uri())
-    send, spent = mlflow_runs.log_metric_steps, [0.0]
+    send, flush, spent, waited = mlflow_runs.log_metric_steps, train.MlflowLogger.flush, [0.0], [0.0]
 
     def timed_send(run_id, entries):
         started = time.perf_counter()
         send(run_id, entries)
         spent[0] += time.perf_counter() - started
 
+    def timed_flush(logger, wait: bool = True):
+        started = time.perf_counter()
+        flush(logger, wait)
+        waited[0] += time.perf_counter() - started
+
     def run(sender, flush_seconds: float) -> float:
         mlflow_runs.log_metric_steps, train.MlflowLogger.FLUSH_SECONDS = sender, flush_seconds
-        spent[0], run_id = 0.0, client.create_run(experiment).info.run_id
+        spent[0], waited[0], run_id = 0.0, 0.0, client.create_run(experiment).info.run_id
         with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(open(os.devnull, "w")):
             out = Path(out)
             seconds = train.train(params, run_id, project / "models/tokenizer", project / "data/tokenized",
@@ -231,18 +237,22 @@ def logging_share(project: Path, steps: int, unbatched: bool) -> dict:
         return seconds
 
     batched = train.MlflowLogger.FLUSH_SECONDS
+    train.MlflowLogger.flush = timed_flush
     try:
         bare = run(lambda run_id, entries: None, batched)
         logged = run(timed_send, batched)
-        row = {"steps": steps, "bare_s": bare, "logged_s": logged, "in_mlflow_s": spent[0]}
+        row = {"steps": steps, "bare_s": bare, "logged_s": logged, "in_mlflow_s": spent[0], "waited_s": waited[0]}
         if unbatched:
             row["unbatched_s"], row["unbatched_in_mlflow_s"] = run(timed_send, 0.0), spent[0]
     finally:
         mlflow_runs.log_metric_steps, train.MlflowLogger.FLUSH_SECONDS = send, batched
+        train.MlflowLogger.flush = flush
     row["share_in_calls"], row["share_ab"] = row["in_mlflow_s"] / logged, logged / bare - 1
+    row["share_waited"] = row["waited_s"] / logged
     print(
-        f"(c) {steps:,} steps, every step logged: training {logged:.1f} s, of it {row['in_mlflow_s']:.2f} s in MLflow "
-        f"calls ({row['share_in_calls']:.2%}); without MLflow {bare:.1f} s ({row['share_ab']:+.2%})"
+        f"(c) {steps:,} steps, every step logged: training {logged:.1f} s, of it {row['waited_s']:.2f} s waiting on "
+        f"MLflow ({row['share_waited']:.2%}; {row['in_mlflow_s']:.2f} s in MLflow calls in their thread); without "
+        f"MLflow {bare:.1f} s ({row['share_ab']:+.2%})"
     )
     if unbatched:
         print(

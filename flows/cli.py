@@ -148,8 +148,9 @@ def serve(
 def use_params(path: Path) -> None:
     """Validate another params file, then put it in place of params.yaml in one rename."""
     load_params(path)
+    text = path.read_bytes().decode("utf-8")
     with atomic_output(PARAMS_FILE) as tmp:
-        tmp.write_bytes(path.read_bytes())
+        tmp.write_bytes(workspace.relocated(text, path, PARAMS_FILE).encode("utf-8"))
     typer.echo(f"params.yaml now holds {path}")
 
 

@@ -32,6 +32,7 @@ from tasks.tracking import store
 from tasks.tracking.lineage import OVERRIDES_ENV
 
 RUNS_DIR = Path(".runs")
+SCHEMA_COMMENT = "# yaml-language-server: $schema="
 
 
 def overrides_key(overrides: dict[str, Any]) -> str:
@@ -44,6 +45,7 @@ def prepare(project: Path, overrides: dict[str, Any]) -> Path:
     """The run workspace for these overrides, at the project's committed HEAD, params written; created once."""
     params = apply_overrides(read_raw(project / PARAMS_FILE), overrides)
     workspace = project / RUNS_DIR / overrides_key(overrides)
+    project_text = (project / PARAMS_FILE).read_text(encoding="utf-8")
     new = not (workspace / ".git").exists()
     if new:
         workspace.mkdir(parents=True, exist_ok=True)
@@ -56,8 +58,29 @@ def prepare(project: Path, overrides: dict[str, Any]) -> Path:
         _check_out_committed_outputs(workspace)
     params["data"]["sources"] = [_source_for(workspace, project, source) for source in params["data"]["sources"]]
     with atomic_output(workspace / PARAMS_FILE) as tmp:
-        tmp.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        comment = schema_comment(project_text, project / PARAMS_FILE, workspace / PARAMS_FILE)
+        tmp.write_text(comment + yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return workspace
+
+
+def schema_comment(text: str, source: Path, destination: Path) -> str:
+    """The schema comment opening params file `source` (its `text`), rewritten to name the same schema file from
+    `destination`'s folder, with its newline; "" when there is none."""
+    first = text.partition("\n")[0].rstrip("\r")
+    if not first.startswith(SCHEMA_COMMENT):
+        return ""
+    schema = first.removeprefix(SCHEMA_COMMENT).strip()
+    if "://" in schema or Path(schema).is_absolute():  # names the same file from any folder
+        return first + "\n"
+    target = os.path.join(source.parent.absolute(), schema)
+    return SCHEMA_COMMENT + Path(os.path.relpath(target, destination.parent.absolute())).as_posix() + "\n"
+
+
+def relocated(text: str, source: Path, destination: Path) -> str:
+    """Params file `source` (its `text`) as written at `destination`: the same, its schema comment still naming the
+    schema file (`params/x.yaml`'s `../docs/...` is `docs/...` from the project's params.yaml)."""
+    comment = schema_comment(text, source, destination)
+    return comment + text.partition("\n")[2] if comment else text
 
 
 @contextmanager

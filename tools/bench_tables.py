@@ -142,7 +142,9 @@ def overhead_table(f: dict) -> Table:
         ],
         [
             f"MLflow logging of {logged['steps']:,} steps' metrics",
-            f"{logged['share_in_calls']:.2%} of training ({logged['in_mlflow_s']:.2f} s in MLflow calls)",
+            f"training waits {logged['waited_s']:.2f} s on MLflow ({logged['share_waited']:.2%}); "
+            f"{logged['in_mlflow_s']:.2f} s in MLflow calls in their own thread; "
+            f"training {logged['share_ab']:+.2%} against the bare reference",
             f"the same training without MLflow: {logged['bare_s']:.1f} s",
         ],
         [
@@ -155,13 +157,13 @@ def overhead_table(f: dict) -> Table:
 
 
 def overhead_summary(f: dict) -> list:
-    noop, share, ratio = f["noop"]["ratio"], f["logging"]["share_in_calls"], f["register"]["ratio"]
+    noop, share, ratio = f["noop"]["ratio"], f["logging"]["share_waited"], f["register"]["ratio"]
     running = f["flow"]["running_overhead_s"]
     return [
         # a ratio, not seconds: DVC's own start-up is most of a no-op and differs from machine to machine
         ("no-op `dvc repro` against a one-stage DVC project's", "≤ 1.5 ×", x(noop), noop <= 1.5),
         ("Prefect flow overhead, running server", "≤ 5 s", f"{running:.2f} s", running <= 5),
-        ("MLflow logging, share of training", "≤ 2%", f"{share:.2%}", share <= 0.02),
+        ("MLflow logging, training's wait on it", "≤ 2%", f"{share:.2%}", share <= 0.02),
         ("register against `save_pretrained`", "≤ 2 ×", x(ratio), ratio <= 2),
     ]
 

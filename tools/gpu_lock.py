@@ -18,9 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK, GPU_LOCK = ROOT / "requirements.lock", ROOT / "infra/requirements-gpu.lock"
-IMAGE_PYTHON = "3.12"  # the Python of the Dockerfile's base image (Ubuntu 24.04)
-# Every manylinux tag up to the base image's glibc (2.39): pip matches a platform tag exactly.
-PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(5, 40)]
+IMAGE_PYTHON = "3.11"  # the Dockerfile's base image (python:3.11-slim-bookworm), as requirements.lock's
+# Every manylinux tag up to the base image's glibc (Debian 12: 2.36): pip matches a platform tag exactly.
+PLATFORMS = [f"manylinux_2_{minor}_x86_64" for minor in range(5, 37)]
 PLATFORMS += ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64", "any"]
 
 

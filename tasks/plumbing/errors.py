@@ -11,6 +11,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from tasks.plumbing.redaction import redact
+
 DEBUG_ENV = "GPT2_PIPELINE_DEBUG"
 
 
@@ -98,8 +100,17 @@ def _stop_within(exc: BaseException | None) -> Stopped | None:
 
 
 def first_line(exc: BaseException, limit: int = 300, empty: str = "no message") -> str:
-    """The first line of an exception's message (a library's may span pages, or be empty), at most limit long."""
-    return (str(exc).strip().splitlines() or [empty])[0][:limit]
+    """The first line of an exception's message (a library's may span pages, or be empty), at most limit long.
+
+    Secrets are hidden before the cut: the part of a password that a cut leaves matches neither its value nor a
+    URI's shape, so the output's own redaction would miss it."""
+    return redact((str(exc).strip().splitlines() or [empty])[0])[:limit]
+
+
+def cause(exc: BaseException, limit: int = 200) -> str:
+    """An exception as the reason inside an error line: its type and the first line of its message."""
+    line = first_line(exc, limit, empty="")
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 def unexpected(exc: BaseException) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.plumbing.errors import PipelineError, first_line
+from tasks.plumbing.errors import PipelineError, cause
 from tasks.plumbing.redaction import redact
 
 DATABASE = "mlflow.db"
@@ -136,9 +136,7 @@ def require_tracking_server() -> None:
             httpx.get(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S).raise_for_status()
         client().search_experiments(max_results=1)
     except Exception as exc:
-        first = first_line(exc, limit=200, empty="")
         raise PipelineError(
-            f"MLflow tracking server {shown_uri(uri)} is not reachable ({type(exc).__name__}"
-            f"{f': {redact(first)}' if first else ''}); start it, check its credentials, or unset "
-            "MLFLOW_TRACKING_URI to use the local mlflow.db"
+            f"MLflow tracking server {shown_uri(uri)} is not reachable ({cause(exc)}); start it, check its "
+            "credentials, or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
         ) from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,8 +26,9 @@ class MlflowLogger(TrainerCallback):
     """Each logging step to the pipeline's MLflow run, by id.
 
     Loss, learning rate, gradient norm, eval loss, tokens/s and MFU, and one readable line on stdout. The metrics
-    are sent in batches, every FLUSH_SECONDS, before each checkpoint and at the end. After a resume, steps the run
-    already holds are skipped, so no metric step is logged twice."""
+    are sent in batches, every FLUSH_SECONDS by a thread of their own while training goes on, and before each
+    checkpoint and at the end with training waiting until MLflow holds them. After a resume, steps the run already
+    holds are skipped, so no metric step is logged twice."""
 
     KEYS: ClassVar[dict[str, str]] = {
         "loss": "train/loss",
@@ -42,6 +44,9 @@ class MlflowLogger(TrainerCallback):
         self.logged: dict[str, int] = {}
         self.pending: list[tuple[int, int, dict[str, float]]] = []
         self.flushed_at = -math.inf  # the first logging step goes out at once: the UI shows the run started
+        # One thread, so batches reach MLflow in order; training waits for it only before a checkpoint and at the end.
+        self.sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
+        self.sending: Future | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -74,16 +79,28 @@ class MlflowLogger(TrainerCallback):
         if fresh:
             self.pending.append((step, int(time.time() * 1000), fresh))
         # A run resumed from a checkpoint logs only the steps after it: what came before must be sent first.
-        if control.should_save or time.monotonic() - self.flushed_at >= self.FLUSH_SECONDS:
+        if control.should_save:
             self.flush()
+        elif time.monotonic() - self.flushed_at >= self.FLUSH_SECONDS:
+            self.flush(wait=False)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.flush()
+        self.sender.shutdown()
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = True) -> None:
+        """Send the pending steps: by the sending thread, and with wait until MLflow holds every step sent so far.
+
+        A batch goes out only after the one before it is in; a send that failed raises here, in the training."""
+        if self.sending is not None and (wait or self.pending):
+            sending, self.sending = self.sending, None
+            sending.result()
         if self.pending:
-            mlflow_runs.log_metric_steps(self.run_id, self.pending)
+            self.sending = self.sender.submit(mlflow_runs.log_metric_steps, self.run_id, self.pending)
             self.pending = []
+        if wait and self.sending is not None:
+            sending, self.sending = self.sending, None
+            sending.result()
         self.flushed_at = time.monotonic()
 
 

@@ -79,7 +79,7 @@ def test_a_saved_result_becomes_its_table_and_a_missing_one_says_how_to_measure_
     other["figures"] = {
         "noop": {"noop_repro_s": 1.2, "one_stage_noop_s": 1.0, "ratio": 1.2},
         "flow": {"running_overhead_s": 1.0},
-        "logging": {"share_in_calls": 0.01},
+        "logging": {"share_waited": 0.01},
         "register": {"ratio": 1.5},
     }
     (tmp_path / "overhead.json").write_text(json.dumps(other))

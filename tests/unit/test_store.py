@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
 import sys
+import threading
 import time
 
+import pytest
+
+from tasks.plumbing.errors import BAD_INPUT_EXIT, PipelineError, report_error
 from tasks.tracking import store
 from tests.helpers import ROOT, tool_env
 
@@ -72,3 +77,38 @@ def test_stages_opening_a_new_store_together_all_succeed(tmp_path):
     results = [(*p.communicate(timeout=120), p.returncode) for p in processes]
     assert [(code, out) for out, _, code in results] == [(0, "1\n")] * 3, [err[-500:] for _, err, _ in results]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("ready-")) == ["go", "mlflow.db"]
+
+
+class Unauthorized(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(401)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_that_refuses_is_one_error_line_with_no_part_of_the_password(monkeypatch, capsys):
+    """The server's answer names the URL, password and all; however long the user name before it, the line shows
+    none of the password, also where the 200-character cut of the message falls inside it."""
+    password = "Zq9xW7vK2mLp4tRb"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for length in range(120, 200):  # the message's 200-character cut moves across the password
+            uri = f"http://{'u' * length}:{password}@127.0.0.1:{server.server_address[1]}"
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+            with pytest.raises(PipelineError) as error:
+                store.require_tracking_server()
+            assert report_error(error.value) == BAD_INPUT_EXIT
+            (line,) = capsys.readouterr().err.splitlines()
+            assert line.startswith(
+                f"error: MLflow tracking server {store.shown_uri(uri)} is not reachable (HTTPStatusError: "
+            ), line
+            assert line.endswith(
+                "; start it, check its credentials, or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
+            )
+            assert password[:4] not in line, line
+    finally:
+        server.shutdown()
+        server.server_close()

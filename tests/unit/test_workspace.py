@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from prefect.states import Failed
 
 from flows import workspace
+from flows.cli import use_params
 from flows.pipeline import TRAIN_RETRY_DELAYS, StageFailed, run_train_stage, worth_retrying
 from tasks.plumbing.errors import BAD_INPUT_EXIT, PipelineError
 from tests.helpers import copy_project, run
@@ -47,6 +50,26 @@ def test_a_workspace_follows_the_project_to_its_new_commit(project):
     assert workspace.prepare(project, {"train.seed": 5}) == folder
     assert (folder / "NOTES.md").read_text() == "new\n"
     assert (folder / "README.md").read_text() != "changed, not committed\n"
+
+
+def test_params_written_elsewhere_keep_a_schema_comment_that_names_the_schema(tmp_path, monkeypatch):
+    """`run --params params/x.yaml` writes params.yaml a folder up, and a run workspace two folders down: editors
+    follow each file's schema comment from its own folder, so it must still name docs/reference/params.schema.json."""
+    project = copy_project(tmp_path)
+    schema = project / "docs/reference/params.schema.json"
+
+    def named_schema(path: Path) -> Path:
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        assert first.startswith(workspace.SCHEMA_COMMENT), path
+        return (path.parent / first.removeprefix(workspace.SCHEMA_COMMENT)).resolve()
+
+    source = project / "params/tang-poetry.yaml"
+    assert named_schema(source) == schema
+    monkeypatch.chdir(project)
+    use_params(Path("params/tang-poetry.yaml"))
+    assert named_schema(project / "params.yaml") == schema
+    assert (project / "params.yaml").read_text().partition("\n")[2] == source.read_text().partition("\n")[2]
+    assert named_schema(workspace.prepare(project, {"train.seed": 3}) / "params.yaml") == schema
 
 
 def test_bad_overrides_fail_before_any_workspace_exists(tmp_path):
