@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import re
+import threading
 
 import datasets
 import pytest
@@ -205,11 +206,13 @@ def test_samples_fit_in_the_model_positions(tokenized):
 def test_metrics_go_to_mlflow_in_batches_and_before_each_checkpoint(tokenized, tmp_path, mlflow_run, monkeypatch):
     """Logging every step must not cost a request every step; a checkpoint never holds steps MLflow lacks."""
     requests = []  # (steps sent, checkpoints on disk at that moment)
+    senders = set()  # the threads the sends ran in: not training's
     send = mlflow_runs.log_metric_steps
 
     def counted(run_id, entries):
         on_disk = {int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("checkpoint-*")}
         requests.append(({step for step, _, _ in entries}, on_disk))
+        senders.add(threading.current_thread().name.split("_")[0])
         send(run_id, entries)
 
     monkeypatch.setattr(mlflow_runs, "log_metric_steps", counted)
@@ -220,6 +223,7 @@ def test_metrics_go_to_mlflow_in_batches_and_before_each_checkpoint(tokenized, t
     history = store.client().get_metric_history(mlflow_run, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 61))  # every step, once
     assert len(requests) <= 10, f"{len(requests)} requests for 60 logging steps"
+    assert senders == {"mlflow-metrics"}, senders  # training goes on while a batch is sent
     for checkpoint in (20, 40):  # step 20 went out before checkpoint-20 was written
         sent_with = [on_disk for sent, on_disk in requests if checkpoint in sent]
         assert sent_with and checkpoint not in sent_with[0], requests
