@@ -79,7 +79,7 @@ def test_a_saved_result_becomes_its_table_and_a_missing_one_says_how_to_measure_
     other["figures"] = {
         "noop": {"noop_repro_s": 1.2, "one_stage_noop_s": 1.0, "ratio": 1.2},
         "flow": {"running_overhead_s": 1.0},
-        "logging": {"share_waited": 0.01},
+        "logging": {"share_waited": 0.01, "share_ab": 0.03},
         "register": {"ratio": 1.5},
     }
     (tmp_path / "overhead.json").write_text(json.dumps(other))
@@ -93,6 +93,7 @@ def test_a_saved_result_becomes_its_table_and_a_missing_one_says_how_to_measure_
         "Machines: A: 2 cores (Test CPU, without native bf16), 8 GiB; B: 2 cores (Test CPU, with native bf16), 8 GiB."
     )
     assert legend in rendered
+    assert "| MLflow logging every step, training against none | ≤ 2% | +3.00% | **no** | B |" in rendered
     assert f"Not measured: run `{bench_tables.CASES['eval-cpu'].command}`, then `make bench-tables`." in rendered
     assert bench_tables.render(rendered) == rendered
 
