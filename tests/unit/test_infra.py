@@ -305,3 +305,31 @@ def test_the_trainjob_is_a_kubeflow_trainer_v2_trainjob_whose_sizes_and_script_a
     pod = node["template"]["spec"]["template"]
     assert node["name"] == pod["spec"]["containers"][0]["name"] == "node"  # the torch runtime's job and container
     assert pod["metadata"]["labels"] == {"gpt2-pipeline/client": "true"}  # network-policy.yaml's client label
+
+
+def system_packages(tmp_path: Path, uid: int, *args: str) -> subprocess.CompletedProcess:
+    """tools/system-packages with only a stand-in `id` on PATH: no sudo, no apt-get, a user of our choosing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "id").write_text(f"#!/bin/sh\necho {uid}\n")
+    (bin_dir / "id").chmod(0o755)
+    script = ROOT / "tools/system-packages"
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+    return subprocess.run(["/bin/bash", str(script), *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_make_installs_what_it_needs_or_names_the_packages_in_one_line(tmp_path):
+    """make install and make test set up the system packages they need; where they cannot (no root, no sudo, no
+    apt-get), one line names the packages and what to do, exit 2."""
+    plan = subprocess.run(["make", "-n", "-W", "pyproject.toml", "test"], cwd=ROOT, capture_output=True, text=True)
+    assert "tools/system-packages venv" in plan.stdout and "tools/system-packages tests" in plan.stdout
+    user = system_packages(tmp_path, 1000, "venv", "/no/python3")
+    assert (user.returncode, user.stdout) == (2, "")
+    assert user.stderr == (
+        "error: make install needs the system packages python3-venv: install them as root (apt-get install "
+        "python3-venv) or give this user sudo, then run make install again\n"
+    )
+    root = system_packages(tmp_path, 0, "venv", "/no/python3")
+    assert (root.returncode, root.stderr.count("\n")) == (2, 1)
+    assert "python3-venv and this machine has no apt-get" in root.stderr
+    assert system_packages(tmp_path, 1000, "venv", sys.executable).returncode == 0  # nothing missing: nothing to do
