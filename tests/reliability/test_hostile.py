@@ -79,7 +79,7 @@ HOSTILE = {
     ),
     "an oversized file": (
         lambda: yaml.safe_dump(tiny_params()) + "#" * PARAMS_MAX_BYTES + "\n",
-        r"^error: params\.yaml: 1,04\d,\d{3} bytes is over the 1,048,576-byte limit of a params file",
+        r"^error: params\.yaml: 1,0\d\d,\d{3} bytes is over the 1,048,576-byte limit of a params file",
     ),
 }
 

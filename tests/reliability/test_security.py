@@ -35,7 +35,7 @@ from tests.helpers import (
 )
 from tests.servers import LOOPBACK, MLFLOW_SERVER_ENV, free_port, mlflow_server, process, wait_http
 
-SOURCES = sorted([*(ROOT / "tasks").glob("*.py"), *(ROOT / "flows").glob("*.py")])
+SOURCES = sorted([*(ROOT / "tasks").rglob("*.py"), *(ROOT / "flows").rglob("*.py")])  # the packages too
 
 
 def calls(name: str):
