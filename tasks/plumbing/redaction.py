@@ -19,15 +19,18 @@ HIDDEN = "***"
 MIN_SECRET_CHARS = 4
 # A user-info without a password is a token (https://ghp_...@github.com/) when this long, else a user name.
 MIN_BARE_TOKEN_CHARS = 16
-# Environment variables whose values are secrets: MLFLOW_TRACKING_PASSWORD/TOKEN, AWS_SECRET_ACCESS_KEY,
-# AWS_SESSION_TOKEN, HF_TOKEN, PREFECT_API_KEY, AZURE_STORAGE_KEY, GOOGLE_APPLICATION_CREDENTIALS' kin, ...
-# Whole words of the name only: TOKENIZERS_PARALLELISM=false holds no secret.
-SECRET_VARIABLE = re.compile(
-    r"(?:^|_)(?:PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?|STORAGE_KEY|AUTH_STRING)(?:_|$)"
-)
+# Environment variables whose values are secrets, by the words of their names (split at `_`): a word that is or ends
+# with one of these (PGPASSWORD, MYSQL_PWD, DB_PASS, AWS_SECRET_ACCESS_KEY, OPENAI_APIKEY, HF_TOKEN), or that starts
+# with CREDENTIAL, or the pair AUTH_STRING (PREFECT_API_AUTH_STRING). TOKENIZERS_PARALLELISM and KEYRING_PROVIDER are
+# no secrets: their words only start with a marker.
+SECRET_WORD_ENDINGS = ("PASSWORD", "PASSWD", "PASS", "PWD", "SECRET", "TOKEN", "KEY")
+SECRET_WORD_STARTS = ("CREDENTIAL",)
+# The shell's working directories, named like a password.
+NOT_SECRET_NAMES = frozenset({"PWD", "OLDPWD"})
 # Names of such variables that hold a setting about a secret, not the secret (HF_HUB_DISABLE_IMPLICIT_TOKEN=1,
-# GOOGLE_APPLICATION_CREDENTIALS=/path/to/key.json).
-SETTING_VARIABLE = re.compile(r"DISABLE|ENABLE|IMPLICIT|_PATH$|_FILE$|_DIR$|_TTL$|EXPIR|CREDENTIALS$")
+# SSH_KEY_PATH=~/.ssh/id): a value that is an existing file's path is never one either
+# (GOOGLE_APPLICATION_CREDENTIALS=/path/to/key.json).
+SETTING_VARIABLE = re.compile(r"DISABLE|ENABLE|IMPLICIT|_PATH$|_FILE$|_DIR$|_TTL$|EXPIR")
 # A URI in running text: a scheme, then anything up to whitespace, a quote or a bracket.
 URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
 # Query parameters that carry credentials: OAuth tokens, API keys, signed-URL signatures (S3, GCS, Azure SAS).
@@ -57,6 +60,18 @@ def uri_secrets(value: str) -> set[str]:
     return found
 
 
+def secret_variable(name: str) -> bool:
+    """Whether an environment variable's name says its value is a secret (see SECRET_WORD_ENDINGS)."""
+    name = name.upper()
+    if name in NOT_SECRET_NAMES or SETTING_VARIABLE.search(name):
+        return False
+    words = name.split("_")
+    return (
+        any(word.endswith(SECRET_WORD_ENDINGS) or word.startswith(SECRET_WORD_STARTS) for word in words)
+        or "AUTH_STRING" in name
+    )
+
+
 def known_secrets(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """Every secret the environment holds, in each form it may be printed in.
 
@@ -65,7 +80,7 @@ def known_secrets(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
     environ = os.environ if environ is None else environ
     raw: set[str] = set()
     for name, value in environ.items():
-        if SECRET_VARIABLE.search(name.upper()) and not SETTING_VARIABLE.search(name.upper()):
+        if secret_variable(name) and not (os.path.isabs(value) and os.path.exists(value)):
             raw.add(value)
         raw |= uri_secrets(value)
     forms = {form for secret in raw for form in (secret, quote(secret, safe=""), quote(secret), quote_plus(secret))}

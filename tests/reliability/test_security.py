@@ -220,6 +220,41 @@ def test_only_secret_variables_are_hidden_by_value():
     assert set(known_secrets(environ)) == {"hf_Zq9xPw7unique", "admin:Zq9xPw7other", "admin%3AZq9xPw7other"}
 
 
+SECRET_NAMES = [
+    "PGPASSWORD", "MYSQL_PWD", "DB_PASS", "MLFLOW_TRACKING_PASSWORD", "DATABASE_PASSWD", "AWS_SECRET_ACCESS_KEY",
+    "OPENAI_API_KEY", "OPENAI_APIKEY", "AZURE_STORAGE_KEY", "HF_TOKEN", "GITHUB_TOKEN", "AWS_SESSION_TOKEN",
+    "MY_SERVICE_CREDENTIALS", "CREDENTIAL", "PREFECT_API_AUTH_STRING", "secret", "Db_Password",
+]  # fmt: skip
+SETTING_NAMES = [
+    "PWD", "OLDPWD", "TOKENIZERS_PARALLELISM", "KEYRING_PROVIDER", "PASSTHROUGH_MODE", "HF_HUB_DISABLE_IMPLICIT_TOKEN",
+    "PREFECT_UI_ENABLED", "SSH_KEY_PATH", "TOKEN_TTL", "AWS_SHARED_CREDENTIALS_FILE", "PATH", "HOME", "LANG",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SECRET_NAMES)
+def test_a_variable_named_like_a_secret_is_hidden_by_value(name):
+    from tasks.plumbing.redaction import known_secrets
+
+    assert known_secrets({name: "Zq9xPw7-not-a-path"}) == ("Zq9xPw7-not-a-path",)
+
+
+@pytest.mark.parametrize("name", SETTING_NAMES)
+def test_an_ordinary_setting_is_not_hidden(name):
+    from tasks.plumbing.redaction import known_secrets
+
+    assert known_secrets({name: "Zq9xPw7-an-ordinary-value"}) == ()
+
+
+def test_a_secret_named_variable_holding_an_existing_files_path_is_not_hidden(tmp_path):
+    """GOOGLE_APPLICATION_CREDENTIALS names a key file: the path is printed, the file is not read."""
+    from tasks.plumbing.redaction import known_secrets
+
+    key = tmp_path / "key.json"
+    key.write_text("{}")
+    assert known_secrets({"GOOGLE_APPLICATION_CREDENTIALS": str(key)}) == ()
+    assert known_secrets({"GOOGLE_APPLICATION_CREDENTIALS": "Zq9xPw7inline"}) == ("Zq9xPw7inline",)
+
+
 def test_params_and_tags_reach_mlflow_without_credentials(tmp_path, monkeypatch, empty_store):
     """A URI with credentials in params (a model's address) or in a tag is written to MLflow redacted: the run's
     params and tags, and a registered version's tags (the redaction's shapes are the test above's)."""
