@@ -20,7 +20,7 @@ from typing import Any
 from tasks.plumbing.errors import PipelineError
 from tasks.plumbing.outputs import inside_project
 from tasks.plumbing.params import EvaluateParams, Params
-from tasks.plumbing.paths import PREPARED_DIR
+from tasks.plumbing.paths import PREPARED_DIR, in_number_order
 from tasks.tracking import report, store
 from tasks.tracking.registry import (
     CHALLENGER,
@@ -53,7 +53,7 @@ def frozen_texts(path: Path) -> list[str]:
     The text both models are scored on."""
     if not path.exists():
         raise PipelineError(f"{path}: not found; run the pipeline first or set promote.eval_path")
-    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    files = in_number_order(path.glob("*.jsonl")) if path.is_dir() else [path]
     lines = (line for file in files for line in file.read_text(encoding="utf-8").splitlines())
     return [json.loads(line)["text"] for line in lines if line.strip()]
 

@@ -33,6 +33,7 @@ from tasks.plumbing.paths import (
     SPLITS,
     TOKENIZED_DIR,
     TOKENIZER_DIR,
+    in_number_order,
     prepared_shards,
 )
 from tasks.plumbing.stage import run_cli
@@ -224,7 +225,7 @@ def tokenize(
             per_file = max(1, SHARD_TOKENS // block_size)
             folder = blocks_tmp / split
             files = write_split(shards[split], folder, encode, fingerprint, per_file, processes, on_cluster)
-            names = sorted(path.name for path in (blocks_tmp / split).glob("*.arrow"))
+            names = [path.name for path in in_number_order((blocks_tmp / split).glob("*.arrow"))]
             manifest[split] = [
                 {"file": f"{split}/{name}", "blocks": count, "tokens": count * block_size}
                 for name, count in zip(names, files, strict=True)

@@ -6,6 +6,8 @@ that stage (and what its changed outputs feed).
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 # ingest
@@ -14,9 +16,17 @@ SPLITS = ("train", "validation")
 INGEST_STATS = PREPARED_DIR / "stats.json"
 
 
+NUMBERS = re.compile(r"(\d+)")
+
+
+def in_number_order(paths: Iterable[Path]) -> list[Path]:
+    """Paths sorted by the numbers in their names: shard 100000 after 99999, where string order puts it first."""
+    return sorted(paths, key=lambda path: [int(part) if part.isdigit() else part for part in NUMBERS.split(path.name)])
+
+
 def prepared_shards(split: str, prepared: Path = PREPARED_DIR) -> list[Path]:
     """A split's shards as ingest wrote them (<prepared>/<split>/NNNNN.jsonl), in order."""
-    return sorted((prepared / split).glob("*.jsonl"))
+    return in_number_order((prepared / split).glob("*.jsonl"))
 
 
 # tokenize

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tasks.plumbing.outputs import hash_file
 from tasks.plumbing.params import Params
+from tasks.plumbing.paths import in_number_order
 
 FINGERPRINT_FILE = "fingerprint.txt"
 # The shape of what a checkpoint holds beyond the params: changed when the training model's layout changes, so
@@ -33,7 +34,7 @@ def fingerprint(params: Params, tokenized_dir: Path) -> str:
         "layout": CHECKPOINT_LAYOUT,
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for arrow in sorted((tokenized_dir / "train").glob("*.arrow")):
+    for arrow in in_number_order((tokenized_dir / "train").glob("*.arrow")):
         hash_file(digest, arrow)
     return digest.hexdigest()
 

@@ -287,3 +287,14 @@ def test_the_ray_executor_names_its_cluster_or_says_what_is_missing(monkeypatch)
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(PipelineError, match=r"Ray is not installed: pip install 'gpt2-pipeline\[ray\]'"):
         list(ordered_map(str, [1], 1, on_cluster="auto"))
+
+
+def test_shards_past_99999_are_read_in_number_order(tmp_path):
+    """Names are `{index:05d}`: shard 100000 has six digits and sorts before 10001 as a string; read in number order."""
+    from tasks.plumbing.paths import prepared_shards
+
+    split = tmp_path / "train"
+    split.mkdir()
+    for index in (9, 10001, 99999, 100000, 100001):
+        (split / f"{index:05d}.jsonl").write_text("")
+    assert [path.stem for path in prepared_shards("train", tmp_path)] == ["00009", "10001", "99999", "100000", "100001"]
