@@ -61,7 +61,7 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
             (tmp / split).mkdir(parents=True)
         prepare = functools.partial(_prepare_unit, fields=fields, params=params)
         on_cluster = cluster(params.executor, params.ray_address)
-        processes = workers(params.workers, len(units))
+        processes = workers(params.workers, len(units), local=on_cluster is None)
         # The digests' scratch folder is inside the new output: whatever stops the stage leaves nothing else.
         with tempfile.TemporaryDirectory(prefix=".digests-", dir=tmp) as scratch:
             merged = _Merge(Path(scratch))

@@ -264,7 +264,7 @@ def main() -> None:
     params = load_params()
     data = params.data
     on_cluster = cluster(data.executor, data.ray_address)
-    dialog, processes = data.format == "dialog", workers(data.workers)
+    dialog, processes = data.format == "dialog", workers(data.workers, local=on_cluster is None)
     # data.workers is a budget of cores: the tokenizers library's own threads (BPE training, encoding in this
     # process) keep to it too, so that 1 means one core, as it does for ingest. Threads never change the outputs.
     os.environ["RAYON_NUM_THREADS"] = str(processes)

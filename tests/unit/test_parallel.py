@@ -68,3 +68,13 @@ def _running(process: psutil.Process) -> bool:
         return process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_workers_are_capped_by_the_cores_here_with_a_line_but_not_on_a_cluster(capsys):
+    from tasks.data.parallel import cores, workers
+
+    assert workers(1024) == cores()
+    assert capsys.readouterr().out == f"data.workers: 1024 is more than the {cores()} cores here; using {cores()}\n"
+    assert workers(1024, units=1) == 1
+    assert workers(1024, local=False) == 1024  # a Ray cluster's cores are not this machine's
+    assert workers(1) == 1 and capsys.readouterr().out.count("data.workers") == 1
