@@ -208,6 +208,7 @@ def compare(
     output: Annotated[
         Path, typer.Option(help="the HTML report's file; an existing folder gets compare.html inside it")
     ] = Path(COMPARE_FILE),
+    force: Annotated[bool, typer.Option(help="replace --output even when it is not a report compare wrote")] = False,
 ):
     """Write the promotion report for any two models.
 
@@ -216,14 +217,31 @@ def compare(
     from tasks.promote import compare as compare_models
     from tasks.promote import text_path
 
-    params = load_params()
-    page, decision = compare_models(reference, candidate, params, text_path(params))
     if output.is_dir():  # a folder the user owns: write inside it, never in its place
         output = output / COMPARE_FILE
+    refuse_to_replace(output, force)
+    params = load_params()
+    page, decision = compare_models(reference, candidate, params, text_path(params))
     with atomic_output(output) as scratch:
         scratch.write_text(page, encoding="utf-8")
     verdict = "would be promoted" if decision["promoted"] else "would not be promoted"
     typer.echo(f"{output}: B {verdict} over A: {decision['reason']}")
+
+
+def refuse_to_replace(output: Path, force: bool) -> None:
+    """Stop before any work where --output names something of the user's: only a report compare wrote is replaced."""
+    from tasks.tracking.report import GENERATOR
+
+    if force or not (output.exists() or output.is_symlink()):
+        return
+    if output.is_file() and not output.is_symlink():
+        with output.open("rb") as existing:
+            if GENERATOR.encode() in existing.read(4096):
+                return
+    raise PipelineError(
+        f"compare --output {output}: exists and is not a report compare wrote; name a new file, or pass --force to "
+        "replace it"
+    )
 
 
 @command

@@ -168,8 +168,9 @@ def _chart(label: str, key: str, views: list[ModelView]) -> str:
     return f"<figure><figcaption>{_text(label)}</figcaption>{line_chart(series, label)}</figure>"
 
 
+GENERATOR = '<meta name="generator" content="gpt2-pipeline report">'  # marks a page this module wrote
 PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="gpt2-pipeline report"><title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif, "Noto Sans CJK SC"; margin: 2em; color: #222; max-width: 1200px; }}
 .decision {{ font-size: 1.3em; padding: .6em 1em; border-radius: 4px; }}

@@ -155,3 +155,30 @@ def test_dvc_s_hints_for_a_terminal_stay_out_of_the_flow_s_log():
     kept_lines = ["Running stage 'train':", "> python3 -m tasks.train", "train: 150 steps, loss 7.1 -> 3.2"]
     assert all(DVC_GIT_HINT.match(line) for line in hints)
     assert not any(DVC_GIT_HINT.match(line) for line in kept_lines)
+
+
+def test_compare_never_replaces_a_file_of_the_users(tmp_path, monkeypatch):
+    """`compare --output params.yaml` used to write HTML over params.yaml: a file that is not a report compare wrote
+    (also one named compare.html in the folder given) is refused before any work; a report it wrote is replaced."""
+    from flows.cli import refuse_to_replace
+    from tasks.plumbing.errors import PipelineError
+    from tasks.tracking.report import GENERATOR
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path, default_params())
+    before = (tmp_path / "params.yaml").read_text()
+    result = runner.invoke(app, ["compare", "models:/gpt2-lm/1", "models:/gpt2-lm/2", "--output", "params.yaml"])
+    assert (result.exit_code, result.stderr) == (
+        2,
+        "error: compare --output params.yaml: exists and is not a report compare wrote; name a new file, or pass "
+        "--force to replace it\n",
+    )
+    assert (tmp_path / "params.yaml").read_text() == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine/compare.html").write_text("<p>my own page</p>")
+    with pytest.raises(PipelineError, match=r"^compare --output mine/compare\.html: exists"):
+        refuse_to_replace(tmp_path.joinpath("mine/compare.html").relative_to(tmp_path), force=False)
+    refuse_to_replace(tmp_path / "mine/compare.html", force=True)
+    (tmp_path / "old.html").write_text(f"<!DOCTYPE html>\n<html><head>{GENERATOR}</head></html>")
+    refuse_to_replace(tmp_path / "old.html", force=False)  # a report it wrote: replaced, as a rerun expects
+    refuse_to_replace(tmp_path / "new.html", force=False)
