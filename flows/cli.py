@@ -148,9 +148,8 @@ def serve(
 def use_params(path: Path) -> None:
     """Validate another params file, then put it in place of params.yaml in one rename."""
     load_params(path)
-    text = path.read_bytes().decode("utf-8")
     with atomic_output(PARAMS_FILE) as tmp:
-        tmp.write_bytes(workspace.relocated(text, path, PARAMS_FILE).encode("utf-8"))
+        tmp.write_text(workspace.relocated(path.read_text(encoding="utf-8"), path, PARAMS_FILE), encoding="utf-8")
     typer.echo(f"params.yaml now holds {path}")
 
 

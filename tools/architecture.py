@@ -39,14 +39,19 @@ def charter(package: Path) -> str:
     return (ast.get_docstring(ast.parse((package / "__init__.py").read_text(encoding="utf-8"))) or "").strip()
 
 
+def layer_modules(layer: str) -> list[str]:
+    """The modules of one layer: siblings are joined by `|` (independent) or `:` (may import each other)."""
+    return [name.strip() for name in layer.replace(":", "|").split("|")]
+
+
 def layer_rows(layers: dict[str, Any]) -> list[str]:
     """A row per layer, top first: its modules, and what each may import (every layer below it)."""
     container = layers["containers"][0]
     rows = ["| layer | modules | may import |", "| --- | --- | --- |"]
     names = layers["layers"]
     for depth, layer in enumerate(names, start=1):
-        modules = ", ".join(f"`{container}.{name.strip()}`" for name in layer.replace(":", "|").split("|"))
-        below = ", ".join(f"`{container}.{name}`" for lower in names[depth:] for name in lower.split(" | "))
+        modules = ", ".join(f"`{container}.{name}`" for name in layer_modules(layer))
+        below = ", ".join(f"`{container}.{name}`" for lower in names[depth:] for name in layer_modules(lower))
         independent = " (not each other)" if "|" in layer else ""
         rows.append(f"| {depth} | {modules}{independent} | {below or 'the standard library and third parties'} |")
     return rows
@@ -60,8 +65,8 @@ def stage_rows() -> list[str]:
         reads = [dep for dep in stage.get("deps", []) if not dep.endswith(".py")]
         writes = [next(iter(out)) if isinstance(out, dict) else out for kind in ("outs", "metrics", "plots")
                   for out in stage.get(kind, [])]  # fmt: skip
-        shown = ", ".join(f"`{path}`" for path in reads)
-        rows.append(f"| `{name}` | `tasks/{name}.py` | {shown} | {', '.join(f'`{path}`' for path in writes)} |")
+        reads_shown, writes_shown = (", ".join(f"`{path}`" for path in paths) for paths in (reads, writes))
+        rows.append(f"| `{name}` | `tasks/{name}.py` | {reads_shown} | {writes_shown} |")
     return rows
 
 

@@ -23,10 +23,11 @@ def cores() -> int:
 def workers(setting: int, units: int | None = None, local: bool = True) -> int:
     """Processes to run: the setting, or every core for 0; never more than there are units of work, nor, on this
     machine, than it has cores (a line says so: data.workers 1024 would fork 1024 processes)."""
-    chosen = setting or cores()
-    if local and chosen > cores():
-        print(f"data.workers: {setting} is more than the {cores()} cores here; using {cores()}")
-        chosen = cores()
+    available = cores()
+    chosen = setting or available
+    if local and chosen > available:
+        print(f"data.workers: {setting} is more than the {available} cores here; using {available}")
+        chosen = available
     return max(1, min(chosen, units) if units is not None else chosen)
 
 

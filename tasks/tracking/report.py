@@ -101,7 +101,8 @@ def render(reference: ModelView | None, candidate: ModelView, decision: dict) ->
         _differences(views),
     ]
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return redact(PAGE.format(title=_text(title), body="\n".join(body), stamp=stamp))  # a model's address may hold one
+    page = PAGE.format(generator=GENERATOR, title=_text(title), body="\n".join(body), stamp=stamp)
+    return redact(page)  # a model's address may hold one
 
 
 def _text(value: object) -> str:
@@ -170,7 +171,7 @@ def _chart(label: str, key: str, views: list[ModelView]) -> str:
 
 GENERATOR = '<meta name="generator" content="gpt2-pipeline report">'  # marks a page this module wrote
 PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="gpt2-pipeline report"><title>{title}</title>
+<html lang="en"><head><meta charset="utf-8">{generator}<title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif, "Noto Sans CJK SC"; margin: 2em; color: #222; max-width: 1200px; }}
 .decision {{ font-size: 1.3em; padding: .6em 1em; border-radius: 4px; }}

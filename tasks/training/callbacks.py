@@ -92,16 +92,19 @@ class MlflowLogger(TrainerCallback):
         """Send the pending steps: by the sending thread, and with wait until MLflow holds every step sent so far.
 
         A batch goes out only after the one before it is in; a send that failed raises here, in the training."""
-        if self.sending is not None and (wait or self.pending):
-            sending, self.sending = self.sending, None
-            sending.result()
         if self.pending:
+            self._sent()
             self.sending = self.sender.submit(mlflow_runs.log_metric_steps, self.run_id, self.pending)
             self.pending = []
-        if wait and self.sending is not None:
-            sending, self.sending = self.sending, None
-            sending.result()
+        if wait:
+            self._sent()
         self.flushed_at = time.monotonic()
+
+    def _sent(self) -> None:
+        """Wait until the batch in flight is in MLflow (its error raised here)."""
+        sending, self.sending = self.sending, None
+        if sending is not None:
+            sending.result()
 
 
 class StopOnSignal(TrainerCallback):
