@@ -217,24 +217,100 @@ def test_postgres_init_gives_each_server_a_database_of_its_own(tmp_path):
         assert not connects("mlflow", "prefect") and not connects("prefect", "mlflow")
 
 
-def test_kubernetes_training_and_servers_take_connections_only_from_their_peers():
-    policies = {
-        doc["metadata"]["name"]: doc["spec"]
-        for doc in yaml.safe_load_all((INFRA / "k8s/network-policy.yaml").read_text())
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels and matchExpressions) selects a pod with these labels."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    tests = {
+        "In": lambda key, values: labels.get(key) in values,
+        "NotIn": lambda key, values: labels.get(key) not in values,
+        "Exists": lambda key, values: key in labels,
+        "DoesNotExist": lambda key, values: key not in labels,
     }
-    assert policies["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
+    return all(
+        tests[rule["operator"]](rule["key"], rule.get("values", [])) for rule in selector.get("matchExpressions", [])
+    )
+
+
+def admits(policies: list[dict], to: dict[str, str], source: dict[str, str], port: int) -> bool:
+    """Whether a pod labelled `to` takes a TCP connection on `port` from a pod labelled `source` in its namespace,
+    under these NetworkPolicies: isolated by every policy that selects it, admitted by any rule of those."""
+    chosen = [
+        p["spec"] for p in policies if "Ingress" in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], to)
+    ]
+    rules = [rule for spec in chosen for rule in spec.get("ingress", [])]
+    return not chosen or any(
+        (
+            "from" not in rule
+            or any("podSelector" in peer and selects(peer["podSelector"], source) for peer in rule["from"])
+        )
+        and ("ports" not in rule or any(entry.get("port") in (None, port) for entry in rule["ports"]))
+        for rule in rules
+    )
+
+
+def indexed_job_pods(job: dict) -> list[dict[str, str]]:
+    """The labels of an Indexed Job's pods: its template's and the Job controller's (job-name: the Job's name)."""
+    name, template = job["metadata"]["name"], job["spec"]["template"]["metadata"].get("labels", {})
+    return [
+        {**template, "job-name": name, "batch.kubernetes.io/job-name": name,
+         "batch.kubernetes.io/job-completion-index": str(index)}
+        for index in range(job["spec"]["completions"])
+    ]  # fmt: skip
+
+
+def trainjob_pods(trainjob: dict) -> list[dict[str, str]]:
+    """The labels of a TrainJob's node pods, by Kubeflow Trainer's and JobSet's rules.
+
+    Trainer builds a JobSet named as the TrainJob from the runtime (torch-distributed: one replicated job, `node`,
+    numNodes pods); the JobSet controller labels every child Job and pod with jobset.sigs.k8s.io/jobset-name and
+    replicatedjob-name, and names the child Job <jobset>-<replicated job>-<index>, which the Job controller puts in
+    each pod's job-name."""
+    name = trainjob["metadata"]["name"]
+    (node,) = trainjob["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    child = f"{name}-{node['name']}-0"
+    return [
+        {**node["template"]["spec"]["template"]["metadata"].get("labels", {}),
+         "jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": node["name"],
+         "jobset.sigs.k8s.io/job-index": "0", "job-name": child, "batch.kubernetes.io/job-name": child,
+         "batch.kubernetes.io/job-completion-index": str(index)}
+        for index in range(trainjob["spec"]["trainer"]["numNodes"])
+    ]  # fmt: skip
+
+
+RENDEZVOUS, NCCL = 29500, 43211  # c10d's port, and one of the ports NCCL picks for itself
+
+
+def test_kubernetes_training_and_servers_take_connections_only_from_their_peers():
+    """network-policy.yaml against the pods that the Indexed Job (train-multinode.yaml), the TrainJob (trainjob.yaml)
+    and the work pool (base-job-template.json) make: under the default deny, the nodes of each training reach each
+    other on any port, nobody else reaches them, and every pod that uses the servers reaches them on their ports."""
+    policies = list(yaml.safe_load_all((INFRA / "k8s/network-policy.yaml").read_text()))
+    by_name = {policy["metadata"]["name"]: policy["spec"] for policy in policies}
+    assert by_name["default-deny-ingress"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
     _, job = yaml.safe_load_all((INFRA / "k8s/train-multinode.yaml").read_text())
-    peers = policies["gpt2-train-peers"]
-    assert peers["podSelector"]["matchLabels"] == {"job-name": job["metadata"]["name"]}
-    assert peers["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"job-name": job["metadata"]["name"]}}}]}]
-    client = {"gpt2-pipeline/client": "true"}
-    assert job["spec"]["template"]["metadata"]["labels"] == client
+    trainjob = yaml.safe_load((INFRA / "k8s/trainjob.yaml").read_text())
     template = json.loads((INFRA / "k8s/base-job-template.json").read_text())
     pod = template["job_configuration"]["job_manifest"]["spec"]["template"]
-    assert pod["metadata"]["labels"] == client
-    for name, port in (("mlflow-clients", 5000), ("prefect-server-clients", 4200), ("minio-clients", 9000)):
-        (rule,) = policies[name]["ingress"]
-        assert {"podSelector": {"matchLabels": client}} in rule["from"] and rule["ports"][0]["port"] == port
+    flow_run = pod["metadata"]["labels"]
+    trainings = {"Indexed Job": indexed_job_pods(job), "TrainJob": trainjob_pods(trainjob)}
+    for kind, nodes in trainings.items():
+        assert len(nodes) == 2, kind
+        for to in nodes:
+            for source in nodes:
+                assert admits(policies, to, source, RENDEZVOUS) and admits(policies, to, source, NCCL), kind
+            assert not admits(policies, to, flow_run, RENDEZVOUS), f"{kind}: a flow run reaches a training node"
+            others = [node for other, pods in trainings.items() if other != kind for node in pods]
+            assert not any(admits(policies, to, other, RENDEZVOUS) for other in others), f"{kind}: the other one"
+    servers = {"mlflow": 5000, "prefect-server": 4200, "minio": 9000}
+    for name, port in servers.items():
+        server = {"app.kubernetes.io/name": name}
+        for source in (flow_run, *trainings["Indexed Job"], *trainings["TrainJob"]):
+            assert admits(policies, server, source, port) and not admits(policies, server, source, port + 1), name
+        assert not admits(policies, server, {"app": "else"}, port), name
+    assert flow_run == job["spec"]["template"]["metadata"]["labels"] == {"gpt2-pipeline/client": "true"}
+    assert admits(policies, {"app.kubernetes.io/name": "postgres"}, {"app.kubernetes.io/name": "mlflow"}, 5432)
+    assert not admits(policies, {"app.kubernetes.io/name": "postgres"}, flow_run, 5432)
     # /dev/shm is RAM: bounded in both templates.
     for volumes in (job["spec"]["template"]["spec"]["volumes"], pod["spec"]["volumes"]):
         (dshm,) = [v for v in volumes if v["name"] == "dshm"]
