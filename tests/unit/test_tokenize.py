@@ -209,20 +209,28 @@ def test_the_blocks_go_into_arrow_files_of_bounded_size_that_read_as_one(prepare
             assert read["many"][split][column] == read["one"][split][column], (split, column)
 
 
-def test_data_workers_is_a_budget_of_cores_for_the_tokenizers_threads_too(prepared, tmp_path, monkeypatch, capsys):
+# The stage in a process of its own, counting the threads its run leaves: the tokenizers library's thread pool
+# (rayon) is started by its first parallel call and sized then, once per process.
+THREADS_STARTED = (
+    "import os; from tasks import tokenize as stage; before = len(os.listdir('/proc/self/task')); stage.main(); "
+    "print('threads started:', len(os.listdir('/proc/self/task')) - before)"
+)
+
+
+def test_data_workers_is_a_budget_of_cores_for_the_tokenizers_threads_too(prepared, tmp_path):
     """data.workers: 1 is one core, as for ingest: the stage holds the tokenizers library's thread pool (rayon,
-    which BPE training and batch encoding use) to data.workers threads before it first runs."""
-    import yaml
+    which BPE training and batch encoding use) to data.workers threads, whatever RAYON_NUM_THREADS a shell exported:
+    the same threads with 8 exported as with 1, and fewer than 8."""
+    import subprocess
+    import sys
 
-    from tasks import tokenize as stage
-    from tools.project import ROOT
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("RAYON_NUM_THREADS", "8")  # what a shell may have exported; restored after the test
     shutil.copytree(prepared, tmp_path / "data/prepared")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    params["data"]["workers"] = 1
-    params["tokenizer"] |= {"vocab_size": 300, "block_size": 32}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
-    stage.main()
-    assert os.environ["RAYON_NUM_THREADS"] == "1" and "tokenize: vocabulary 300" in capsys.readouterr().out
+    (tmp_path / "params.yaml").write_text("data: {workers: 1}\ntokenizer: {vocab_size: 300, block_size: 32}\n")
+    started = {}
+    for exported in ("1", "8"):
+        env = {**os.environ, "RAYON_NUM_THREADS": exported}
+        run = subprocess.run([sys.executable, "-c", THREADS_STARTED], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, check=False)  # fmt: skip
+        assert run.returncode == 0 and "tokenize: vocabulary 300" in run.stdout, run.stderr[-2000:]
+        started[exported] = int(run.stdout.split("threads started:")[1])
+    assert started["8"] == started["1"] < 8, started
