@@ -3,6 +3,8 @@ with a padded vocabulary, ignored labels, gradient accumulation's divisor and bf
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -114,25 +116,42 @@ def test_the_gpu_kernels_on_the_cpu_fall_back_or_refuse_in_one_line(capsys):
         fp8_head(model_pair(VOCAB)[1], "cpu")
 
 
-def test_the_fp8_head_emulated_on_the_cpu_trains_the_tied_weight_and_saves_a_plain_gpt2(small_chunks, tmp_path):
-    """train.fp8_lm_head's path, with torchao emulating the FP8 matmuls: the loss near the reference's (FP8 rounds
-    the logits), gradients reaching the embedding it shares, and the trimmed model saved as a plain GPT-2.
+def test_cut_cross_entropy_on_the_cpu_trains_with_the_chunked_loss(capsys):
+    """train.loss_kernel: cut_cross_entropy on the CPU, through for_training as the train stage calls it: its
+    Triton kernel cannot run there, so the model trains with the chunked loss: transformers' loss and gradients."""
+    import copy
 
-    torchao is not in the dev install: once installed, transformers imports it with every Trainer and it logs
-    notices about its GPU libraries on each train run. With `pip install torchao` this runs on the CPU."""
-    pytest.importorskip("torchao", reason="train.fp8_lm_head's torchao: pip install torchao to run this on the CPU")
+    from tasks.training.model import for_training
+
+    reference, _ = model_pair(VOCAB)
+    model = copy.deepcopy(reference)
+    for_training(model, "cpu", loss_kernel="cut_cross_entropy")
+    assert "on the cpu the chunked loss is used" in capsys.readouterr().err
+    ids, labels = batch()
+    expected, expected_grads = loss_and_grads(reference, ids, labels)
+    got, grads = loss_and_grads(model, ids, labels)
+    assert got == pytest.approx(expected, rel=1e-5)
+    torch.testing.assert_close(grads["transformer.wte.weight"][:VOCAB], expected_grads["transformer.wte.weight"])
+
+
+def test_the_gpu_kernels_refuse_in_one_line_where_their_package_is_missing(monkeypatch):
+    """cut-cross-entropy on CUDA and the FP8 head (emulated: no CPU has FP8) without their packages (the kernels
+    extra; not in the dev install): one line saying what to install or to set, before the model is changed."""
+    from tasks.plumbing.errors import PipelineError
     from tasks.training.model import fp8_head
 
-    reference, padded = model_pair(384, through_head=True)
-    fp8_head(padded, "cpu", emulate=True)
-    assert type(padded.lm_head).__name__ == "Float8Linear" and padded.lm_head.weight is padded.transformer.wte.weight
-    ids, labels = batch()
-    expected, _ = loss_and_grads(reference, ids, labels)
-    got, grads = loss_and_grads(padded, ids, labels)
-    assert got != expected and got == pytest.approx(expected, rel=2e-2)
-    assert grads["transformer.wte.weight"][:VOCAB].abs().sum() > 0
-    padded.resize_token_embeddings(VOCAB)  # as the train stage saves it
-    padded.save_pretrained(tmp_path)
-    saved = GPT2LMHeadModel.from_pretrained(tmp_path)
-    assert type(saved.lm_head) is torch.nn.Linear and saved.lm_head.weight.shape == (VOCAB, 32)
-    torch.testing.assert_close(saved.transformer.wte.weight, padded.transformer.wte.weight)
+    for package in ("cut_cross_entropy", "torchao", "torchao.float8"):
+        monkeypatch.setitem(sys.modules, package, None)  # absent, wherever this runs
+    with pytest.raises(PipelineError) as refused:
+        chunked.resolve_kernel("cut_cross_entropy", "cuda")
+    assert str(refused.value) == (
+        "train.loss_kernel: cut_cross_entropy is not installed: pip install 'gpt2-pipeline[kernels]', "
+        "or set it to chunked"
+    )
+    model = model_pair(VOCAB)[1]
+    with pytest.raises(PipelineError) as refused:
+        fp8_head(model, "cpu", emulate=True)
+    assert str(refused.value) == (
+        "train.fp8_lm_head: torchao is not installed: pip install 'gpt2-pipeline[kernels]', or set it to false"
+    )
+    assert type(model.lm_head) is torch.nn.Linear
