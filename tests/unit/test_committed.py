@@ -4,6 +4,7 @@ its cache (metrics, plots) are in git, so a fresh clone is up to date and draws 
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 
 import yaml
@@ -43,3 +44,12 @@ def test_every_output_dvc_keeps_out_of_its_cache_is_committed():
                 if options and options.get("cache") is False and path not in tracked:
                     missing.append(f"{stage}: {path}")
     assert missing == [], "commit them (cache: false outputs live in git)"
+
+
+def test_the_test_durations_name_only_test_modules_that_exist():
+    """tests/durations.json orders the modules of the test run (tests/scheduler.py): a module renamed or removed
+    since the timings were measured is not left in it."""
+    durations = json.loads((ROOT / "tests/durations.json").read_text())
+    modules = {path.relative_to(ROOT).as_posix() for path in (ROOT / "tests").rglob("test_*.py")}
+    assert sorted(set(durations) - modules) == []
+    assert all(isinstance(seconds, int | float) and seconds >= 0 for seconds in durations.values())
