@@ -3,6 +3,7 @@ that builds strictly and draws in a browser, offline."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 import subprocess
@@ -126,3 +127,149 @@ def test_a_larger_corpus_run_on_one_worker_count_is_judged_by_its_memory_against
     result("data-scaling-10gb", 10000, {2: 1300}, None)
     assert [row[3] for row in bench_tables.data_summary(bench_tables.load("data-scaling-10gb")["figures"])] == [
         False, False]  # fmt: skip
+
+
+def repo_files() -> set[str]:
+    """The project's files as a clone has them (and new ones not yet committed), not what a run made here."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\n")  # fmt: skip
+    return {path for path in listed if path and (ROOT / path).exists()}
+
+
+def run_made() -> set[str]:
+    """Paths a run makes, which the docs may name though no clone has them: glob patterns."""
+    from tasks.plumbing import paths
+
+    outputs = [paths.PREPARED_DIR, paths.INGEST_STATS, paths.TOKENIZER_DIR, paths.TOKENIZED_DIR, paths.DATA_STATS,
+               paths.TOKENIZED_DIR / "manifest.json", paths.MODEL_DIR, paths.MODEL_DIR / paths.RUN_RECORD,
+               paths.CHECKPOINT_DIR.parent, paths.CHECKPOINT_DIR, paths.EVAL_METRICS, paths.SAMPLES_FILE,
+               paths.REGISTERED_FILE]  # fmt: skip
+    outputs += [paths.PREPARED_DIR / split / pattern for split in paths.SPLITS for pattern in ("", "*.jsonl")]
+    return {str(path) for path in outputs} | {
+        "models/.gpt2.tmp-*",  # a stage's output while it is written (tasks/plumbing/outputs.py)
+        ".runs/*",  # run workspaces and their locks (flows/workspace.py)
+        "mlartifacts",  # the local MLflow store's artifacts
+        ".dvc/cache",  # DVC's cache of the outputs
+        "infra/.env",  # the user's copy of infra/.env.example
+        "data/openwebtext",  # where the user puts params/gpt2-124m-openwebtext.yaml's corpus
+        "models/gpt2-chinese-like",  # what examples/bert_gpt2.py writes in docs/guides/chinese.md
+        "data/big.json", "data/big.jsonl", "data/deep.jsonl",  # a user's files in reliability.md's messages
+    }  # fmt: skip
+
+
+def mentioned(path: str) -> list[str]:
+    """The paths a mention names: {a,b} expanded, placeholders (<hash>, NNNNN, PID) as globs, no trailing slash."""
+    path = re.sub(r"<[^>]*>?|N{3,}|PID", "*", path.rstrip(".,:;)")).rstrip("/")
+    braces = re.search(r"\{([^}]*)\}", path)
+    if not braces:
+        return [path]
+    return [n for part in braces.group(1).split(",") for n in mentioned(path.replace(braces.group(0), part, 1))]
+
+
+def exists(path: str, files: set[str], made: set[str]) -> bool:
+    if any(fnmatch.fnmatchcase(path, pattern) for pattern in made):
+        return True
+    if "*" in path:
+        return any(fnmatch.fnmatchcase(file, path) or fnmatch.fnmatchcase(file, path + "/*") for file in files)
+    return path in files or any(file.startswith(path + "/") for file in files)
+
+
+def module_exists(dotted: str) -> bool:
+    """tasks.x.y names a module or package, or a name defined at the top of one (tasks.plumbing.redaction.redact)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        base = ROOT.joinpath(*parts[:cut])
+        source = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+        if source.is_file():
+            rest = parts[cut:]
+            return not rest or (
+                len(rest) == 1
+                and bool(re.search(rf"^(?:def|class) {rest[0]}\b|^{rest[0]}\b\s*[:=]", source.read_text(), re.M))
+            )
+    return False
+
+
+def docs_text() -> dict[str, str]:
+    """README.md, every docs page, and the comments of params.yaml and params/*.yaml."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    texts = {path.relative_to(ROOT).as_posix(): path.read_text() for path in pages}
+    for path in [ROOT / "params.yaml", *sorted((ROOT / "params").glob("*.yaml"))]:
+        comments = [line.split("#", 1)[1] for line in path.read_text().splitlines() if "#" in line]
+        texts[path.relative_to(ROOT).as_posix()] = "\n".join(comments)
+    return texts
+
+
+def test_every_path_and_module_the_docs_name_exists():
+    """A path under one of the project's folders (tasks/x/y.py, data/prepared/validation/) or a module
+    (python -m tasks.ingest) named in the README, the docs or the params files' comments is in a clone, or is one
+    that a run makes (run_made: the stages' outputs from tasks/plumbing/paths.py, and a few named one by one)."""
+    files, made = repo_files(), run_made()
+    roots = {file.split("/")[0] for file in files if "/" in file} | {path.split("/")[0] for path in made}
+    folders = "|".join(map(re.escape, sorted(roots)))
+    path_mention = re.compile(r"(?<![\w./:@~$<-])((?:" + folders + r")/[\w./{},*<>-]*)")
+    module_mention = re.compile(r"(?<![\w./-])((?:tasks|flows|tools|tests)(?:\.\w+)+)")
+    missing = []
+    for page, text in docs_text().items():
+        for mention in path_mention.findall(text):
+            missing += [f"{page}: {path}" for path in mentioned(mention) if not exists(path, files, made)]
+        missing += [f"{page}: {name}" for name in module_mention.findall(text) if not module_exists(name)]
+    assert not missing, "named but not in the project:\n" + "\n".join(sorted(set(missing)))
+
+
+def stage_table(page: str) -> dict[str, list[list[str]]]:
+    """A page's table of the stages: stage -> the names in backticks in its module, reads and writes columns."""
+    rows = re.findall(r"^\| `(\w+)` \|(.*?)\|(.*?)\|(.*?)\|$", (ROOT / page).read_text(), re.M)
+    return {stage: [re.findall(r"`([^`]+)`", cell) for cell in cells] for stage, *cells in rows}
+
+
+def test_the_stage_tables_say_what_dvc_yaml_says():
+    """The README's table of the stages and docs/pipeline.md's: each stage's module, the params it reads (a whole
+    section or its keys) and the outputs it writes are those of its stage in dvc.yaml."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+    def names(entries) -> set[str]:
+        return {name for entry in entries for name in ([entry] if isinstance(entry, str) else entry)}
+
+    def within(name: str, other: str) -> bool:
+        return name == other or name.startswith(other + ".") or name.startswith(other + "/")
+
+    for page in ("README.md", "docs/pipeline.md"):
+        table = stage_table(page)
+        assert list(table) == list(stages), page
+        for stage, (modules, reads, writes) in table.items():
+            spec = stages[stage]
+            assert modules[0] == spec["cmd"].split()[-1].replace(".", "/") + ".py", (page, stage)
+            assert set(modules) <= set(spec["deps"]), (page, stage)
+            params = names(spec["params"])
+            said = (page, stage, reads, sorted(params))
+            assert all(any(within(key, read) for read in reads) for key in params), said
+            assert all(any(within(key, read) for key in params) for read in reads), said
+            outs = names(spec.get("outs", []) + spec.get("metrics", []) + spec.get("plots", []))
+            written = [path for write in writes for path in mentioned(write)]
+            assert all(any(within(out, path) or within(path, out) for path in written) for out in outs), (page, stage)
+
+
+def test_the_contributing_layout_names_every_module():
+    """docs/contributing.md's layout names each module of tasks/ and its packages, flows/, tools/ and the tests'
+    helpers by its name."""
+    block = re.search(r"^# Layout\n\n```\n(.*?)```", (ROOT / "docs/contributing.md").read_text(), re.S | re.M)
+    entries: dict[str, str] = {}
+    folder = None
+    for line in block.group(1).splitlines():
+        top, inner = re.match(r"(\S+)/\s", line), re.match(r" {15}(\w+)/\s", line)
+        if top or inner:
+            folder = f"tasks/{inner.group(1)}" if inner else top.group(1)
+            entries[folder] = ""
+        if folder:
+            entries[folder] += line
+    files = repo_files()
+    for folder in ("tasks", "tasks/training", "tasks/data", "tasks/tracking", "tasks/plumbing", "flows", "tools",
+                   "tests"):  # fmt: skip
+        inside = {file[len(folder) + 1 :] for file in files if file.startswith(folder + "/")}
+        modules = {Path(name).stem for name in inside if "/" not in name and (name.endswith(".py") or "." not in name)}
+        if folder == "tests":
+            modules |= {name.split("/")[0] for name in inside if "/" in name}
+        words = set(re.findall(r"[\w-]+", entries.get(folder, "")))
+        assert sorted(modules - words - {"__init__"}) == [], folder
