@@ -302,6 +302,9 @@ def serve_model(
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="a request's body; past it 413")] = (
         SERVING.max_body_bytes
     ),
+    body_timeout: Annotated[float, typer.Option(min=0.001, help="seconds a request's body may take; past them 408")] = (
+        SERVING.body_timeout_seconds
+    ),
     max_prompts: Annotated[int, typer.Option(min=1, help="prompts in one request")] = SERVING.max_prompts,
     max_total_new_tokens: Annotated[int, typer.Option(min=1, help="prompts x max_new_tokens in one request")] = (
         SERVING.max_total_new_tokens
@@ -326,6 +329,7 @@ def serve_model(
         fail(f"--model {uri}: no such alias at {store.shown_uri()}; `gpt2-pipeline models` lists the versions")
     limits = Limits(
         max_body_bytes=max_body_bytes,
+        body_timeout_seconds=body_timeout,
         max_prompts=max_prompts,
         max_total_new_tokens=max_total_new_tokens,
         timeout_seconds=timeout,

@@ -2,10 +2,12 @@
 
 The model's own loader (tasks/tracking/serving.py) checks what needs the model: prompt lengths against its positions,
 settings in range, the time limit. This ASGI layer adds what only the server can do: a body past its size is
-refused (413) before it is read, JSON that is malformed or nested too deep and settings the model does not take
-are refused (400) before MLflow parses them, no more than max_concurrent requests generate at once and
-max_queue wait (503 past that), and an error's body is one message, never a stack trace nor the request echoed
-back. On shutdown, generations in progress stop at their next token.
+refused (413) before it is read, and one that has not all arrived within body_timeout_seconds gets 408; JSON that is
+malformed or nested too deep, settings the model does not take and settings of the wrong kind or out of range are
+refused (400) before MLflow parses them; no more than max_concurrent requests generate at once and max_queue wait
+(503 past that), and an error's body is one message, never a stack trace nor the request echoed back. Every line
+the server logs (uvicorn's, the access log, MLflow's) goes through the pipeline's redaction. On shutdown,
+generations in progress stop at their next token.
 
 uvicorn runs it (`gpt2-pipeline serve-model` execs `uvicorn --factory flows.model_server:create_app`), reading the
 model URI and the limits from SERVE_ENV.
@@ -16,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tasks.tracking.serving import LIMITS, Limits, RequestError, check_budget, out_of_range, prompts_of
+from tasks.plumbing.redaction import RedactedStream, redact_output
+from tasks.tracking.serving import LIMITS, Limits, RequestError, check_budget, check_settings, prompts_of
 
 SERVE_ENV = "GPT2_PIPELINE_SERVE"  # {"model_uri": ..., "limits": {...}}, set by serve-model for this process
 INVOCATIONS = "/invocations"
@@ -64,18 +68,17 @@ def parse_request(body: bytes, limits: Limits, settings: dict[str, Any]) -> None
         raise Refused(400, f"request body: JSON nested deeper than {limits.max_json_depth} levels")
     if not isinstance(request, dict) or "inputs" not in request or set(request) - {"inputs", "params"}:
         raise Refused(400, 'request body: must be {"inputs": [prompts], "params": {settings}} and nothing else')
-    params = request.get("params") or {}
+    params = request.get("params")
+    params = {} if params is None else params
     if not isinstance(params, dict):
-        raise Refused(400, "params: must be an object of generation settings")
+        raise Refused(400, 'params: must be an object of generation settings, as {"max_new_tokens": 20}')
     unknown = sorted(set(params) - set(settings))
     if unknown:
         raise Refused(400, f"params: this model does not take {', '.join(unknown)}; it takes {', '.join(settings)}")
     try:
-        problem = out_of_range(params)
-        if problem:
-            raise RequestError(problem)
+        check_settings(params)
         new_tokens = params.get("max_new_tokens", settings.get("max_new_tokens", LIMITS["max_new_tokens"][1]))
-        check_budget(prompts_of(request["inputs"]), int(new_tokens), limits)
+        check_budget(prompts_of(request["inputs"]), new_tokens, limits)
     except RequestError as exc:
         raise Refused(400, str(exc)) from None
 
@@ -84,8 +87,17 @@ def too_large(detail: str) -> Refused:
     return Refused(413, f"request body: {detail} (serve-model --max-body-bytes)", "REQUEST_LIMIT_EXCEEDED")
 
 
-async def read_body(receive: Receive, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes limit bytes."""
+async def read_body(receive: Receive, limit: int, seconds: float) -> bytes:
+    """The request body, refused as soon as it passes limit bytes (413) or seconds (408)."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await _read_within(receive, limit)
+    except TimeoutError:
+        message = f"request body: not all sent within {seconds:g} s (serve-model --body-timeout)"
+        raise Refused(408, message, "DEADLINE_EXCEEDED") from None
+
+
+async def _read_within(receive: Receive, limit: int) -> bytes:
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -142,7 +154,9 @@ class Guarded:
         try:
             await self._invoke(scope, receive, send)
         except Refused as refused:
-            await respond(send, refused.status, str(refused), refused.error_code)
+            # The rest of a body that timed out may still come: the connection closes rather than read it as a request.
+            close = [(b"connection", b"close")] if refused.status == 408 else []
+            await respond(send, refused.status, str(refused), refused.error_code, close)
         except asyncio.CancelledError:  # the server stopped before this request finished: no traceback for it
             with contextlib.suppress(Exception):
                 await respond(send, 503, "the server is stopping; retry on another", "TEMPORARILY_UNAVAILABLE")
@@ -153,7 +167,9 @@ class Guarded:
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             raise too_large(f"{int(declared):,} bytes, more than {self.limits.max_body_bytes:,}")
-        body = await read_body(receive, self.limits.max_body_bytes)
+        # A request reading its body counts among the admitted, so that bodies in memory are bounded too; a body that
+        # does not come in body_timeout_seconds is refused (408), and its turn goes to the next request.
+        body = await read_body(receive, self.limits.max_body_bytes, self.limits.body_timeout_seconds)
         parse_request(body, self.limits, self.settings)
         async with self.slots:
             await self.app(scope, self._replay(body), self._one_message_errors(send))
@@ -204,6 +220,7 @@ class Guarded:
 
 def create_app():
     """The app uvicorn serves: the model of SERVE_ENV loaded through its own loader, in MLflow's scoring server."""
+    redact_logs()  # before MLflow is imported, so that its handler writes to the redacted stderr too
     from mlflow.pyfunc import load_model, scoring_server
 
     served = json.loads(os.environ[SERVE_ENV])
@@ -214,3 +231,14 @@ def create_app():
     schema = model.metadata.get_params_schema()
     settings = {param.name: param.default for param in (schema.params if schema else [])}
     return Guarded(scoring_server.init(model), model._model_impl, limits, settings)
+
+
+def redact_logs() -> None:
+    """Every line this process prints or logs goes through redaction, also through the handlers uvicorn configured
+    before the app was created (they hold the streams they were given, not sys.stderr)."""
+    redact_output()
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):  # a placeholder logger has none
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler.stream, RedactedStream):
+                handler.setStream(RedactedStream(handler.stream))

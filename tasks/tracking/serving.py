@@ -11,21 +11,35 @@ pipeline: the served model must load without the project.
 
 from __future__ import annotations
 
+import json
 import math
+import numbers
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+# name: what a setting must be, as the JSON a caller sends: a whole number, any number, or true/false
+KINDS: dict[str, type] = {
+    "max_new_tokens": int,
+    "do_sample": bool,
+    "temperature": float,
+    "top_k": int,
+    "top_p": float,
+    "repetition_penalty": float,
+}
+KIND_WORDS = {int: "a whole number", float: "a number", bool: "true or false"}
 # name: (lowest, highest, whether lowest itself is allowed): what transformers' generate accepts, and a cap on a
-# request's length
+# request's length. Below 1e-6 a temperature or repetition penalty divides float32 logits into inf, and sampling
+# fails on them; top_k as params.yaml bounds it (the largest vocabulary).
 LIMITS: dict[str, tuple[float, float, bool]] = {
     "max_new_tokens": (1, 4096, True),
-    "temperature": (0, math.inf, False),
-    "top_k": (0, math.inf, True),
+    "temperature": (1e-6, math.inf, True),
+    "top_k": (0, 1 << 20, True),
     "top_p": (0, 1, False),
-    "repetition_penalty": (0, math.inf, False),
+    "repetition_penalty": (1e-6, math.inf, True),
 }
+SHOWN_CHARS = 40  # of a refused value, in its message
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,7 @@ class Limits:
     serve-model's options default to these; `docs/reliability.md` lists them."""
 
     max_body_bytes: int = 1 << 20  # a request's body; past it 413, before the body is read
+    body_timeout_seconds: float = 10.0  # a request's body must have arrived by then; past it 408
     max_prompts: int = 16  # prompts in one request
     max_total_new_tokens: int = 4096  # prompts x max_new_tokens in one request
     timeout_seconds: float = 30.0  # a generation stops here and the request gets 504
@@ -56,18 +71,55 @@ class RequestError(ValueError):
     """A request the served model refuses; its message is the one line the caller gets with HTTP 400."""
 
 
-def out_of_range(params: dict[str, Any] | None) -> str | None:
-    """The first setting that is not a finite number within LIMITS, described for the caller, or None."""
-    for name, value in (params or {}).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"params.{name}: must be a finite number (got {value})"
-        if name not in LIMITS or isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        low, high, low_allowed = LIMITS[name]
-        if value < low or value > high or (value == low and not low_allowed):
-            bounds = f"{'>=' if low_allowed else '>'} {low:g}" + (f" and <= {high:g}" if high < math.inf else "")
-            return f"params.{name}: must be {bounds} (got {value})"
+def setting_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one generation setting (its kind, not finite, out of LIMITS), for the caller, or None.
+
+    Settings not in KINDS are left to the model's signature."""
+    kind = KINDS.get(name)
+    if kind is None:
+        return None
+    if not of_kind(value, kind):
+        return f"params.{name}: must be {KIND_WORDS[kind]} (got {shown(value)})"
+    if kind is bool:
+        return None
+    if kind is float and not finite(value):
+        return f"params.{name}: must be a finite number (got {shown(value)})"
+    low, high, low_allowed = LIMITS[name]
+    if value < low or value > high or (value == low and not low_allowed):
+        bounds = f"{'>=' if low_allowed else '>'} {shown(low)}" + (f" and <= {shown(high)}" if high < math.inf else "")
+        return f"params.{name}: must be {bounds} (got {shown(value)})"
     return None
+
+
+def of_kind(value: Any, kind: type) -> bool:
+    """Kinds as JSON has them: true and false are no numbers, 4.9 and 5.0 no whole numbers."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, numbers.Integral if kind is int else numbers.Real)
+
+
+def check_settings(params: dict[str, Any] | None) -> None:
+    """Refuse (RequestError) the first setting of the wrong kind, not finite or out of range."""
+    for name, value in (params or {}).items():
+        problem = setting_problem(name, value)
+        if problem:
+            raise RequestError(problem)
+
+
+def finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past any float (10**400): as a double setting it would be inf
+        return False
+
+
+def shown(value: Any) -> str:
+    """A refused value as the caller sent it (JSON; numbers as Python prints them: inf, nan), cut short."""
+    try:
+        text = str(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else json.dumps(value)
+    except (TypeError, ValueError):  # not JSON, or an integer of more digits than Python prints
+        text = type(value).__name__
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 3] + "..."
 
 
 def prompts_of(inputs: Any) -> list[str]:
@@ -87,7 +139,8 @@ def prompts_of(inputs: Any) -> list[str]:
 
 
 def check_budget(prompts: list[str], max_new_tokens: int, limits: Limits) -> None:
-    """How many prompts, and how many new tokens in all, one request may ask for."""
+    """How many prompts, and how many new tokens in all, one request may ask for (RequestError past them)."""
+    check_settings({"max_new_tokens": max_new_tokens})
     if len(prompts) > limits.max_prompts:
         raise RequestError(f"inputs: {len(prompts)} prompts, more than the {limits.max_prompts} a request may hold")
     if len(prompts) * max_new_tokens > limits.max_total_new_tokens:
@@ -142,10 +195,8 @@ class CheckedGeneration:
         return result
 
     def check(self, prompts: list[str], params: dict[str, Any]) -> None:
-        problem = out_of_range(params)
-        if problem:
-            raise RequestError(problem)
-        new_tokens = int(params.get("max_new_tokens", LIMITS["max_new_tokens"][1]))
+        check_settings(params)
+        new_tokens = params.get("max_new_tokens", LIMITS["max_new_tokens"][1])
         check_budget(prompts, new_tokens, self.limits)
         room = self.positions - new_tokens
         for index, prompt in enumerate(prompts):

@@ -268,6 +268,9 @@ def test_fine_tune_from_a_local_save_pretrained_folder_beats_its_start(trained_p
 REFUSED = [
     ({"inputs": ["ROMEO:"], "params": {"top_p": 2.0}}, "params.top_p: must be > 0 and <= 1 (got 2.0)"),
     (b'{"inputs": ["a"], "params": {"temperature": 1e309}}', "params.temperature: must be a finite number (got inf)"),
+    ({"inputs": ["a"], "params": {"max_new_tokens": "abc"}}, "params.max_new_tokens: must be a whole number "
+     '(got "abc")'),
+    ({"inputs": ["a"], "params": {"max_new_tokens": True}}, "params.max_new_tokens: must be a whole number (got true)"),
     ({"inputs": ["a"], "params": {"num_beams": 4, "max_length": 3}}, "params: this model does not take max_length, "
      "num_beams; it takes max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty"),
     ({"inputs": [{"a": 1}, 5, None]}, "inputs[0]: must be a string (got dict)"),
@@ -281,13 +284,28 @@ REFUSED = [
     ({"dataframe_split": {"columns": ["x"], "data": [["a"]]}}, 'request body: must be {"inputs": [prompts]'),
 ]  # fmt: skip
 GROWTH_BOUND = 64 << 20  # what refused requests may add to the server's memory, all of them together
+# Short, so that the test waits little for a 408; longer than serve-model's 3 s of grace on SIGTERM, so that the
+# request still sending its body then is in progress when the server stops.
+BODY_TIMEOUT = 6
+SECRET = "Zq8vX2kP9wLm-served"  # in the server's environment under a secret's name, then in a request's path
+HEADERS_ONLY = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n{"  # and a body that never comes
+
+
+def answer(sock: socket.socket) -> bytes:
+    """All the server sends on a connection until it closes it."""
+    sock.settimeout(10 * BODY_TIMEOUT)  # a server that never answers fails the test instead of hanging it
+    received = b""
+    while chunk := sock.recv(4096):
+        received += chunk
+    return received
 
 
 def test_the_served_model_honours_its_settings_and_bounds_every_request(pipeline, tmp_path):
     """`gpt2-pipeline serve-model` on @champion: a request generates as many tokens as it asks for, as this process
     does with the same settings; every request past a limit gets one line (never a stack trace) without growing
-    the server's memory; a request past the concurrency limit gets 503; SIGTERM stops it within seconds, also
-    with a request in progress."""
+    the server's memory; a request past the concurrency limit gets 503; a body that does not come in time gets
+    408 and frees its turn; a secret of the environment is in none of the server's log lines; SIGTERM stops it
+    within seconds, also with a request in progress."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     store_client(pipeline).set_registered_model_alias("gpt2-lm", "champion", "1")
@@ -301,8 +319,11 @@ def test_the_served_model_honours_its_settings_and_bounds_every_request(pipeline
         "1",
         "--max-queue",
         "0",
+        "--body-timeout",
+        str(BODY_TIMEOUT),
     ]
     plain_shell = {**tool_env(), "PATH": "/usr/bin:/bin"}  # .venv/bin not on PATH: a user who did not activate it
+    plain_shell["SERVING_API_TOKEN"] = SECRET
     url = f"http://{LOOPBACK}:{port}/invocations"
     with process(command, tmp_path / "serve.log", plain_shell, cwd=pipeline) as server:
         wait_http(f"http://{LOOPBACK}:{port}/ping", server, tmp_path / "serve.log")
@@ -318,11 +339,18 @@ def test_the_served_model_honours_its_settings_and_bounds_every_request(pipeline
         oversized = [served(b'{"inputs": ["' + b"a" * (10 << 20) + b'"]}') for _ in range(3)]
         refused = [(served(body), expected) for body, expected in REFUSED]
         grown = memory.memory_info().rss - before
-        with socket.create_connection((LOOPBACK, port)) as slow:  # a request still sending its body holds the slot
-            slow.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n{")
+        not_found = httpx.get(f"http://{LOOPBACK}:{port}/{SECRET}", timeout=30)  # the access log names the path
+        with socket.create_connection((LOOPBACK, port)) as slow:  # a request still sending its body holds its turn
+            slow.sendall(HEADERS_ONLY)
             while served({"inputs": ["a"], "params": {"max_new_tokens": 1}}).status_code != 503:
                 pass  # until the server has read the slow request's headers
             busy = served({"inputs": ["a"], "params": {"max_new_tokens": 1}})
+            late = answer(slow)  # ... until --body-timeout, then 408 and the connection closed
+        after_late = served({"inputs": ["a"], "params": {"max_new_tokens": 1}})
+        with socket.create_connection((LOOPBACK, port)) as slow:
+            slow.sendall(HEADERS_ONLY)
+            while served({"inputs": ["a"], "params": {"max_new_tokens": 1}}).status_code != 503:
+                pass
             server.terminate()
             server.wait(timeout=30)  # stopped, not killed, though a request was in progress
             last_word = slow.recv(4096)
@@ -337,9 +365,16 @@ def test_the_served_model_honours_its_settings_and_bounds_every_request(pipeline
         assert set(response.json()) == {"error_code", "message"} and "Traceback" not in response.text
     assert grown < GROWTH_BOUND, f"the server grew {grown >> 20} MB answering refused requests"
     assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert late.startswith(b"HTTP/1.1 408 ") and json.loads(late.partition(b"\r\n\r\n")[2]) == {
+        "error_code": "DEADLINE_EXCEEDED",
+        "message": f"request body: not all sent within {BODY_TIMEOUT} s (serve-model --body-timeout)",
+    }
+    assert after_late.status_code == 200, after_late.text  # the turn it held went to the next request
     # uvicorn ends by re-raising the SIGTERM it handled: -15 after a clean stop (-9 had it been killed).
     assert server.returncode == -signal.SIGTERM and b"503 Service Unavailable" in last_word
-    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log
+    assert not_found.status_code == 404 and SECRET not in log and '"GET /*** HTTP/1.1" 404' in log, log[-3000:]
     tokenizer = AutoTokenizer.from_pretrained(pipeline / "models/gpt2")
     model = GPT2LMHeadModel.from_pretrained(pipeline / "models/gpt2")
     prompt = tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
@@ -362,6 +397,9 @@ def test_a_generation_past_its_time_limit_stops_and_says_so(pipeline):
         hurried.predict(["ROMEO:"], params=request)
     assert late.value.get_http_status_code() == 504
     assert len(stopping.predict(["ROMEO:"], params=request)[0]) > len("ROMEO:")
+    with pytest.raises(MlflowException, match=r"^params.max_new_tokens: must be a whole number \(got null\)$") as null:
+        stopping.predict(["ROMEO:"], params={"max_new_tokens": None})  # MLflow's own check lets null through
+    assert null.value.get_http_status_code() == 400
     stopping._model_impl.stop()  # what the server does on SIGTERM
     with pytest.raises(MlflowException, match="the server is stopping"):
         stopping.predict(["ROMEO:"], params=request)
