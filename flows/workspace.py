@@ -28,6 +28,7 @@ import yaml
 from tasks.plumbing.errors import PipelineError
 from tasks.plumbing.outputs import atomic_output
 from tasks.plumbing.params import PARAMS_FILE, apply_overrides, read_raw
+from tasks.plumbing.paths import DVC_YAML, data_deps
 from tasks.tracking import store
 from tasks.tracking.lineage import OVERRIDES_ENV
 
@@ -54,6 +55,7 @@ def prepare(project: Path, overrides: dict[str, Any]) -> Path:
     _git(workspace, "fetch", "--quiet", "--no-tags", str(project.resolve()), "HEAD")
     _git(workspace, "reset", "--quiet", "--hard", "FETCH_HEAD")
     _share_dvc_cache(project, workspace)
+    _link_corpora(project, workspace)
     if new:
         _check_out_committed_outputs(workspace)
     params["data"]["sources"] = [_source_for(workspace, project, source) for source in params["data"]["sources"]]
@@ -125,6 +127,36 @@ def _source_for(workspace: Path, project: Path, source: str) -> str:
         return source
     in_project = str(project.resolve() / source)
     return in_project if glob.glob(in_project, recursive=True) else source
+
+
+def _link_corpora(project: Path, workspace: Path) -> None:
+    """The project's corpora kept out of git, in the workspace's ingest dep folders as the project has them now.
+
+    Hard links (symbolic ones across devices): no copy of a large corpus, and the workspace's DVC sees a corpus
+    change as the project's does. Files git tracks come from the commit, as all tracked files do."""
+    tracked = set(_git(workspace, "ls-files", "-z").split("\0"))
+    for dep in data_deps("ingest", project / DVC_YAML):
+        theirs, ours = (
+            _untracked_files(project / dep, project, tracked),
+            _untracked_files(workspace / dep, workspace, tracked),
+        )
+        for stale in ours - theirs:
+            (workspace / stale).unlink()
+        for name in theirs:
+            source, target = project / name, workspace / name
+            if target.exists() and os.path.samefile(source, target):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            try:
+                os.link(source, target)
+            except OSError:
+                target.symlink_to(source.resolve())
+
+
+def _untracked_files(folder: Path, root: Path, tracked: set[str]) -> set[str]:
+    files = (path.relative_to(root).as_posix() for path in folder.rglob("*") if path.is_file() or path.is_symlink())
+    return {name for name in files if name not in tracked}
 
 
 def _share_dvc_cache(project: Path, workspace: Path) -> None:

@@ -11,11 +11,12 @@ import array
 import functools
 import hashlib
 import io
+import itertools
 import json
 import sys
 import tempfile
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,12 @@ import numpy as np
 
 from tasks.data.digests import DigestSet
 from tasks.data.parallel import cluster, ordered_map, workers
-from tasks.data.pieces import Piece, plan
-from tasks.data.sources import first_invalid_utf8, read_piece, record_text, record_turns, resolve_sources
+from tasks.data.pieces import Located, Piece, plan
+from tasks.data.sources import check_tracked, read_piece, record_text, record_turns, resolve_sources, utf8_errors
 from tasks.plumbing.errors import PipelineError
 from tasks.plumbing.outputs import atomic_output
 from tasks.plumbing.params import DataParams, load_params
-from tasks.plumbing.paths import PREPARED_DIR, SPLITS
+from tasks.plumbing.paths import DVC_YAML, PREPARED_DIR, SPLITS, data_deps
 from tasks.plumbing.stage import run_cli
 
 
@@ -55,24 +56,35 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
     """
     fields = [params.text_field] if isinstance(params.text_field, str) else list(params.text_field)
     sources = resolve_sources(params.sources, params.allow_outside_project)
-    units = plan(sources, params.shard_mb << 20)
+    read_records = functools.partial(_parsed, fields=fields, params=params)
+    units = plan(sources, params.shard_mb << 20, read_records, params.max_record_bytes)
     with atomic_output(out_dir) as tmp:
         for split in SPLITS:
             (tmp / split).mkdir(parents=True)
         prepare = functools.partial(_prepare_unit, fields=fields, params=params)
         on_cluster = cluster(params.executor, params.ray_address)
-        processes = workers(params.workers, len(units), local=on_cluster is None)
+        processes = workers(params.workers, local=on_cluster is None)
+        first = list(itertools.islice(units, processes))  # no more processes than units (a small corpus has one)
+        processes = min(processes, max(len(first), 1))
         # The digests' scratch folder is inside the new output: whatever stops the stage leaves nothing else.
         with tempfile.TemporaryDirectory(prefix=".digests-", dir=tmp) as scratch:
             merged = _Merge(Path(scratch))
-            with closing(ordered_map(prepare, enumerate(units), processes, on_cluster=on_cluster)) as prepared:
+            work = enumerate(itertools.chain(first, units))
+            with closing(ordered_map(prepare, work, processes, on_cluster=on_cluster)) as prepared:
                 for unit in prepared:
                     merged.add(unit, tmp)
         stats = {**merged.stats, "dropped": merged.dropped}
         _check_kept(stats, merged.texts, sources)
-        stats.update(sources=sources, shards=len(units))
+        stats.update(sources=sources, shards=merged.units)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return stats
+
+
+def _parsed(source: str, fields: list[str], params: DataParams) -> Iterator[Located]:
+    """A source's raw records as plan reads them (a .json list, a .csv file, an hf: dataset), its errors as the
+    workers give them."""
+    with utf8_errors(source):
+        yield from read_piece(Piece(source), fields, params)
 
 
 @dataclass
@@ -131,8 +143,10 @@ class _Merge:
         self.dropped = {"short": 0, "duplicate": 0}
         self.texts: dict[str, int] = {}
         self.seen = DigestSet(scratch)
+        self.units = 0
 
     def add(self, unit: Unit, out: Path) -> None:
+        self.units += 1
         self.dropped["short"] += unit.short
         self.dropped["duplicate"] += unit.duplicate
         for source, count in unit.texts.items():
@@ -185,7 +199,7 @@ def _normalized(pieces: list[Piece], fields: list[str], params: DataParams, text
     dialog = params.format == "dialog"
     for piece in pieces:
         count = 0
-        try:
+        with utf8_errors(piece.source):
             for where, raw in read_piece(piece, fields, params):
                 if dialog:
                     turns = [turn for turn in map(normalize, record_turns(raw, fields, where)) if turn]
@@ -194,20 +208,14 @@ def _normalized(pieces: list[Piece], fields: list[str], params: DataParams, text
                     record = {"text": normalize(record_text(raw, fields, where))}
                 count += bool(record["text"])
                 yield record
-        except UnicodeDecodeError:
-            # A compressed file's bytes on disk say nothing of where in its text the bad bytes are.
-            where = f"{piece.source}: not valid UTF-8 once decompressed"
-            if not piece.source.lower().endswith(".gz"):
-                line, offset = first_invalid_utf8(Path(piece.source))
-                where = f"{piece.source}:{line}: not valid UTF-8 (byte {offset} of the file)"
-            raise PipelineError(
-                f"{where}; convert it to UTF-8 (e.g. iconv -f <encoding> -t UTF-8) or remove the file from data.sources"
-            ) from None
         texts[piece.source] = texts.get(piece.source, 0) + count
 
 
 def main() -> None:
     params = load_params()
+    if DVC_YAML.is_file():  # run as a stage of this project (dvc repro, the flow), not on a folder of its own
+        sources = resolve_sources(params.data.sources, params.data.allow_outside_project)
+        check_tracked(sources, data_deps("ingest"))
     stats = ingest(params.data)
     print(
         f"ingest: {stats['train']['records']} train / {stats['validation']['records']} validation records "

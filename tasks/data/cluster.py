@@ -8,6 +8,7 @@ extra (pip install 'gpt2-pipeline[ray]'); nothing imports it unless data.executo
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -40,15 +41,17 @@ def ray_map(function: Callable, items: Iterable, cluster: str) -> Iterator:
     """
     ray = _connect(cluster)
     try:
-        rows = [{"item": item} for item in items]
-        if not rows:
-            return
-        dataset = ray.data.from_items(rows).map(_on_node(function, Path.cwd()), num_cpus=1)
-        for row in dataset.iter_rows():
-            kind, value = row["result"]
-            if kind == "error":
-                raise PipelineError(value)
-            yield value
+        # A window of items at a time, two for each of the cluster's cores: an item may carry a unit's text (a
+        # .gz file's, tasks/data/pieces.py), so all of them at once would be the corpus in this process.
+        window = 2 * max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        pending = iter(items)
+        while rows := [{"item": item} for item in itertools.islice(pending, window)]:
+            dataset = ray.data.from_items(rows).map(_on_node(function, Path.cwd()), num_cpus=1)
+            for row in dataset.iter_rows():
+                kind, value = row["result"]
+                if kind == "error":
+                    raise PipelineError(value)
+                yield value
     finally:
         ray.shutdown()
 

@@ -1,9 +1,16 @@
-"""Sources cut into pieces, so that one large file is read by several workers.
+"""Sources cut into pieces of about data.shard_mb, so that no file, however large or compressed, is held whole.
 
-A plain .txt or .jsonl file is cut at a record boundary (a blank line, a line end) into pieces of about
-data.shard_mb, and small files are packed together into units of that size; each unit becomes one shard per split.
-The units depend only on the files and data.shard_mb, never on how many workers read them. A piece is read as a
-stream of its own, counting lines from the file's start so that errors keep file:line.
+Every kind of source is read as a stream and cut at record boundaries into pieces of about shard_bytes of text
+(uncompressed), and small pieces are packed together into units of that size; each unit becomes one shard per
+split. The units depend only on the sources and shard_bytes, never on how many workers read them. How a piece
+reaches its worker depends on what can be read from the middle of a file:
+- a plain .txt or .jsonl file: a byte range, cut at a line end (a blank line for .txt), which the worker reads;
+- a Parquet file: a run of its row groups, sized by their uncompressed bytes, which the worker reads;
+- a .gz file: the decompressed text itself, cut from the stream at a line end (a gzip stream is only read from
+  its start);
+- a .json file's list, a .csv file and an `hf:` dataset: the records themselves, parsed from the stream.
+The plan is a generator: the parent holds the pieces in flight, never the rest of a source. A piece counts lines
+from the file's start, so that errors keep file:line.
 """
 
 from __future__ import annotations
@@ -11,21 +18,26 @@ from __future__ import annotations
 import gzip
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".json", ".csv", ".parquet")
-SPLITTABLE = (".txt", ".jsonl")  # read from any record boundary, so cut into pieces
+BYTE_RANGES = (".txt", ".jsonl")  # read from any record boundary: cut into byte ranges
+Located = tuple[str, Any]  # (where a record is: file:line, the raw record)
 
 
 @dataclass(frozen=True)
 class Piece:
-    """A source, or the byte range [start, end) of a plain .txt or .jsonl file whose first line is `line`."""
+    """A part of a source: a byte range [start, end) whose first line is `line` (plain .txt, .jsonl), row groups
+    [start, end) (Parquet), decompressed text `data` (a .gz file) or parsed `records`; all of it by default."""
 
     source: str
     start: int = 0
     end: int | None = None
     line: int = 1
+    data: bytes | None = None
+    records: tuple[Located, ...] | None = None
 
 
 def source_format(name: str) -> str | None:
@@ -34,32 +46,46 @@ def source_format(name: str) -> str | None:
     return next((suffix for suffix in TEXT_SUFFIXES if lower.endswith(suffix)), None)
 
 
-def plan(sources: list[str], shard_bytes: int) -> list[list[Piece]]:
-    """Units of work of about shard_bytes each: consecutive pieces of the sources, in order.
+def plan(
+    sources: list[str], shard_bytes: int, read_records: Callable[[str], Iterable[Located]], record_cap: int
+) -> Iterator[list[Piece]]:
+    """Units of work of about shard_bytes each: consecutive pieces of the sources, in order, made as they are asked
+    for.
 
-    Each unit becomes one shard per split, so the shards depend on the files and shard_bytes, never on how many
-    workers read them."""
-    units: list[list[Piece]] = []
+    read_records: a source's records as a stream (for .json, .csv and hf: sources); record_cap: the longest record
+    (data.max_record_bytes), so that a .gz piece ends within shard_bytes plus one record."""
     current: list[Piece] = []
     size = 0
     for source in sources:
-        for piece, length in _pieces(source, shard_bytes):
+        for piece, length in _pieces(source, shard_bytes, read_records, record_cap):
             if current and size + length > shard_bytes:
-                units.append(current)
+                yield current
                 current, size = [], 0
             current.append(piece)
             size += length
-    return [*units, current] if current else units
+    if current:
+        yield current
 
 
-def _pieces(source: str, target: int) -> Iterator[tuple[Piece, int]]:
-    if source.startswith("hf:") or source_format(source) not in SPLITTABLE:
-        yield Piece(source), 0 if source.startswith("hf:") else os.path.getsize(source)
-        return
+def _pieces(
+    source: str, target: int, read_records: Callable[[str], Iterable[Located]], cap: int
+) -> Iterator[tuple[Piece, int]]:
+    kind = "hf:" if source.startswith("hf:") else source_format(source)
+    if kind in BYTE_RANGES:
+        yield from _byte_ranges(source, target, paragraphs=kind == ".txt")
+    elif kind == ".parquet":
+        yield from _row_groups(source, target)
+    elif source.lower().endswith(".gz"):
+        yield from _decompressed(source, target, paragraphs=kind == ".txt.gz", cap=cap)
+    else:
+        yield from _record_batches(source, target, read_records(source))
+
+
+def _byte_ranges(source: str, target: int, paragraphs: bool) -> Iterator[tuple[Piece, int]]:
     size, start, line = os.path.getsize(source), 0, 1
     with open(source, "rb") as handle:
         while start < size:
-            cut, lines = _boundary(handle, start, start + target, paragraphs=source_format(source) == ".txt")
+            cut, lines = _boundary(handle, start, start + target, paragraphs)
             yield Piece(source, start, cut, line), cut - start
             start, line = cut, line + lines
 
@@ -91,6 +117,66 @@ def _finish_line(handle: io.BufferedReader) -> int:
     return 0
 
 
+def _decompressed(source: str, target: int, paragraphs: bool, cap: int) -> Iterator[tuple[Piece, int]]:
+    """A .gz file's text in pieces of about target bytes, decompressed as a stream and cut after a line end (for
+    .txt.gz a blank line, unless a paragraph runs on for cap bytes: its records are cut at MAX_RECORD_CHARS
+    anyway). A piece holds at most target plus cap bytes: a line longer than cap is data.max_record_bytes's
+    error, which the worker reports with its line."""
+    line = 1
+    with gzip.open(source, "rb") as handle:
+        while block := handle.read(target):
+            parts = [block]
+            if not block.endswith(b"\n"):
+                parts.append(handle.readline(cap + 1))
+            while paragraphs and parts[-1].endswith(b"\n") and (more := handle.readline(cap + 1)):
+                parts.append(more)
+                if not more.strip() or sum(map(len, parts)) - len(block) > cap:
+                    break
+            data = b"".join(parts)
+            yield Piece(source, line=line, data=data), len(data)
+            line += data.count(b"\n")
+
+
+def _row_groups(source: str, target: int) -> Iterator[tuple[Piece, int]]:
+    """Runs of consecutive row groups of about target bytes uncompressed, from the file's footer alone."""
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(source).metadata
+    start, size = 0, 0
+    for group in range(metadata.num_row_groups):
+        size += metadata.row_group(group).total_byte_size
+        if size >= target or group == metadata.num_row_groups - 1:
+            yield Piece(source, start, group + 1), size
+            start, size = group + 1, 0
+    if metadata.num_row_groups == 0:
+        yield Piece(source, 0, 0), 0
+
+
+def _record_batches(source: str, target: int, records: Iterable[Located]) -> Iterator[tuple[Piece, int]]:
+    """Parsed records in batches of about target bytes of text."""
+    batch: list[Located] = []
+    size, pieces = 0, 0
+    for located in records:
+        batch.append(located)
+        size += _text_bytes(located[1])
+        if size >= target:
+            yield Piece(source, records=tuple(batch)), size
+            batch, size, pieces = [], 0, pieces + 1
+    if batch or not pieces:  # a source without records still has its piece: ingest names it as empty
+        yield Piece(source, records=tuple(batch)), size
+
+
+def _text_bytes(value: Any) -> int:
+    """About how many bytes of text a parsed record holds (its strings' UTF-8, other values as printed)."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        return sum(map(_text_bytes, value.values()))
+    if isinstance(value, list | tuple):
+        return sum(map(_text_bytes, value))
+    return len(str(value))
+
+
 class _Range(io.RawIOBase):
     """The bytes [start, end) of a file, as a stream of their own."""
 
@@ -114,7 +200,11 @@ class _Range(io.RawIOBase):
 
 
 def open_piece(piece: Piece, text: bool) -> io.IOBase:
-    if piece.source.lower().endswith(".gz"):
-        return gzip.open(piece.source, "rt" if text else "rb", encoding="utf-8" if text else None)
-    binary = io.BufferedReader(_Range(piece.source, piece.start, piece.end), 1 << 20)
+    """A .txt or .jsonl piece (plain, or a .gz file's decompressed text) as a stream."""
+    if piece.data is not None:
+        binary: io.IOBase = io.BytesIO(piece.data)
+    elif piece.source.lower().endswith(".gz"):
+        binary = gzip.open(piece.source, "rb")
+    else:
+        binary = io.BufferedReader(_Range(piece.source, piece.start, piece.end), 1 << 20)
     return io.TextIOWrapper(binary, encoding="utf-8") if text else binary

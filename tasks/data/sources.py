@@ -12,14 +12,18 @@ import csv
 import glob
 import itertools
 import json
+import os
+import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from tasks.plumbing.errors import PipelineError, first_line
 from tasks.plumbing.outputs import inside_project, project_root
 from tasks.plumbing.params import DataParams
-from tasks.data.pieces import TEXT_SUFFIXES, Piece, open_piece, source_format
+from tasks.plumbing.paths import CORPORA_DIR
+from tasks.data.pieces import TEXT_SUFFIXES, Located, Piece, open_piece, source_format
 
 # A longer paragraph of a .txt file is cut into records of this many characters (an extra end-of-text token
 # every 64 Ki characters costs nothing; holding a 1 GB line without breaks in memory would).
@@ -57,9 +61,6 @@ def _field(record: dict, field: str, where: str) -> Any:
         have = ", ".join(sorted(map(str, record))) or "none"
         raise PipelineError(f"{where}: record has no field {field!r} (data.text_field); its fields are: {have}")
     return record[field]
-
-
-Located = tuple[str, Any]  # (where the record is: file:line, the raw record)
 
 
 def _read_txt(piece: Piece) -> Iterator[Located]:
@@ -105,23 +106,107 @@ def _read_jsonl(piece: Piece, limits: DataParams) -> Iterator[Located]:
                 raise PipelineError(f"{path}:{number}: {TOO_DEEP}") from None
 
 
-def _read_json(path: Path, limits: DataParams) -> Iterator[Located]:
-    """A list of records (or one record), read whole: up to data.max_json_bytes."""
-    size, cap = path.stat().st_size, limits.max_json_bytes
-    if size > cap:
-        raise PipelineError(
-            f"{path}: {size:,} bytes is over data.max_json_bytes ({cap:,}), and a .json file is read whole; "
-            "write it as JSONL (one record a line, streamed) or raise the limit"
+def _read_json(path: Path, cap: int) -> Iterator[Located]:
+    """A .json file's list of records item by item, as a stream (or the one record it holds): an item, or a file
+    that is not a list, up to cap bytes (data.max_record_bytes)."""
+    with path.open(encoding="utf-8") as handle:
+        stream = _JsonStream(handle, path, cap)
+        if stream.next_char() != "[":
+            yield f"{path}: record 0", stream.whole()
+            return
+        stream.take()
+        index = 0
+        while stream.next_char() != "]":
+            if index and stream.take() != ",":
+                raise stream.error("expected ',' or ']' after a record")
+            if not stream.next_char():
+                raise stream.error("the file ends inside its list")
+            yield f"{path}: record {index}", stream.value()
+            index += 1
+
+
+class _JsonStream:
+    """JSON text read a block at a time: the values of a list decoded one by one by the json module, the text
+    before the current value dropped, so that memory holds about one value, not the file."""
+
+    BLOCK = 1 << 20
+
+    def __init__(self, handle: TextIO, path: Path, cap: int) -> None:
+        self.handle, self.path, self.cap = handle, path, cap
+        self.text, self.position, self.line, self.ended = "", 0, 1, False
+
+    def next_char(self) -> str:
+        """The next character that is not whitespace ("" at the end), not consumed."""
+        while True:
+            self.position = _JSON_SPACE.match(self.text, self.position).end()
+            if self.position < len(self.text) or not self._more():
+                return self.text[self.position : self.position + 1]
+
+    def take(self) -> str:
+        char = self.next_char()
+        if not char:
+            raise self.error("the file ends inside its list")
+        self.position += 1
+        return char
+
+    def value(self) -> Any:
+        """The JSON value at the next character that is not whitespace, decoded whole."""
+        self.next_char()
+        while True:
+            try:
+                value, end = _JSON.raw_decode(self.text, self.position)
+            except json.JSONDecodeError as exc:
+                if self._more():  # the value may go on in the next block
+                    continue
+                raise self.error(exc.msg, exc.pos) from None
+            except RecursionError:
+                deeper = _line_deeper_than(self.text[self.position :], JSON_DEPTH)
+                raise PipelineError(f"{self.path}:{self._line() + deeper - 1}: {TOO_DEEP}") from None
+            if end < len(self.text) or not self._more():  # a number at the block's end may go on
+                if end - self.position > self.cap:
+                    raise self._too_large()
+                self.position = end
+                return value
+
+    def whole(self) -> Any:
+        """The one value of a file that is not a list, and nothing after it."""
+        while self._more():
+            pass
+        value = self.value()
+        if self.next_char():
+            raise self.error("extra data after the record")
+        return value
+
+    def _more(self) -> bool:
+        """Read another block (as large as what is buffered, so a long value is decoded a few times, not many);
+        False at the end. A value longer than cap is refused before it is read further."""
+        if len(self.text) - self.position > self.cap:
+            raise self._too_large()
+        if self.ended:
+            return False
+        if self.position > self.BLOCK:
+            self.line = self._line()
+            self.text, self.position = self.text[self.position :], 0
+        block = self.handle.read(max(self.BLOCK, len(self.text) - self.position))
+        self.ended = not block
+        self.text += block
+        return bool(block)
+
+    def _too_large(self) -> PipelineError:
+        return PipelineError(
+            f"{self.path}:{self._line()}: a record over {self.cap:,} bytes (data.max_record_bytes); split it into "
+            "several records or raise the limit"
         )
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PipelineError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    except RecursionError:
-        raise PipelineError(f"{path}:{_line_deeper_than(text, JSON_DEPTH)}: {TOO_DEEP}") from None
-    for index, record in enumerate(data if isinstance(data, list) else [data]):
-        yield f"{path}: record {index}", record
+
+    def _line(self, position: int | None = None) -> int:
+        return self.line + self.text.count("\n", 0, self.position if position is None else position)
+
+    def error(self, message: str, position: int | None = None) -> PipelineError:
+        return PipelineError(f"{self.path}:{self._line(position)}: not valid JSON ({message})")
+
+
+_JSON = json.JSONDecoder()
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
 JSON_DEPTH = 500  # nesting the error names; Python's JSON reader gives up somewhat deeper (its recursion limit)
@@ -158,14 +243,16 @@ def _read_csv(path: Path, columns: list[str]) -> Iterator[Located]:
             raise PipelineError(f"{path}:{reader.line_num + 1}: not readable as CSV ({exc}); fix the row") from None
 
 
-def _read_parquet(path: Path, columns: list[str]) -> Iterator[Located]:
+def _read_parquet(piece: Piece, columns: list[str]) -> Iterator[Located]:
+    """A Parquet file's records, a batch at a time: the piece's row groups, or all of them."""
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(path)
-    _require_columns(path, columns, parquet.schema_arrow.names)
-    for batch in parquet.iter_batches(columns=columns, batch_size=1024):
+    parquet = pq.ParquetFile(piece.source)
+    _require_columns(Path(piece.source), columns, parquet.schema_arrow.names)
+    groups = range(piece.start, piece.end) if piece.end is not None else None
+    for batch in parquet.iter_batches(columns=columns, batch_size=1024, row_groups=groups):
         for record in batch.to_pylist():
-            yield str(path), record
+            yield piece.source, record
 
 
 def _require_columns(path: Path, columns: list[str], have: list[str]) -> None:
@@ -233,6 +320,27 @@ def resolve_sources(sources: list[str], outside: bool = False) -> list[str]:
     return resolved
 
 
+def check_tracked(sources: list[str], data_deps: list[str]) -> None:
+    """Every source is a file or folder that ingest's DVC deps hold (data_deps: dvc.yaml's), so that `dvc repro`
+    reruns ingest when a corpus changes; a hub dataset, which DVC cannot see, gets a line saying how to reread it.
+
+    Paths are compared as written, not resolved: a run workspace links the project's corpora into its own."""
+    folders = [os.path.abspath(dep) for dep in data_deps]
+    for source in sources:
+        local = hub_local_path(source) if source.startswith("hf:") else Path(source)
+        if local is None:
+            print(f"ingest: {source} comes from the Hugging Face Hub, which dvc repro cannot watch; after it changes, "
+                  "run: dvc repro --force --single-item ingest")  # fmt: skip
+            continue
+        path = os.path.abspath(local)
+        if not any(path == folder or path.startswith(folder + os.sep) for folder in folders):
+            raise PipelineError(
+                f"data.sources: {source} is not in a folder that ingest's deps in dvc.yaml name "
+                f"({', '.join(data_deps)}), so dvc repro would not see it change; move it under "
+                f"{CORPORA_DIR}/, or add its folder to stages.ingest.deps in dvc.yaml"
+            )
+
+
 def hub_local_path(source: str) -> Path | None:
     """The local folder or file an `hf:` source names, or None for a hub id (`owner/name`).
 
@@ -251,17 +359,35 @@ def read_source(source: str, fields: list[str], limits: DataParams) -> Iterator[
 
 def read_piece(piece: Piece, fields: list[str], limits: DataParams) -> Iterator[Located]:
     """The raw records of one piece of a source (all of it unless cut by plan)."""
+    if piece.records is not None:
+        return iter(piece.records)
     if piece.source.startswith("hf:"):
         return _read_hub(piece.source, limits.hub_records)
     path = Path(piece.source)
     readers = {
         ".txt": lambda: _read_txt(piece),
         ".jsonl": lambda: _read_jsonl(piece, limits),
-        ".json": lambda: _read_json(path, limits),
+        ".json": lambda: _read_json(path, limits.max_record_bytes),
         ".csv": lambda: _read_csv(path, fields),
-        ".parquet": lambda: _read_parquet(path, fields),
+        ".parquet": lambda: _read_parquet(piece, fields),
     }
     return readers[source_format(piece.source).removesuffix(".gz")]()
+
+
+@contextmanager
+def utf8_errors(source: str) -> Iterator[None]:
+    """A source's bytes that are not UTF-8 as one error naming where (for a plain file, its line and byte)."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        # A compressed file's bytes on disk say nothing of where in its text the bad bytes are.
+        where = f"{source}: not valid UTF-8 once decompressed"
+        if not source.lower().endswith(".gz"):
+            line, offset = first_invalid_utf8(Path(source))
+            where = f"{source}:{line}: not valid UTF-8 (byte {offset} of the file)"
+        raise PipelineError(
+            f"{where}; convert it to UTF-8 (e.g. iconv -f <encoding> -t UTF-8) or remove the file from data.sources"
+        ) from None
 
 
 def first_invalid_utf8(path: Path) -> tuple[int, int]:

@@ -4,6 +4,7 @@ Inside the project, and atomically (a killed stage leaves the previous output or
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -62,6 +63,7 @@ def atomic_outputs(*dests: Path) -> Iterator[tuple[Path, ...]]:
     for dest, tmp in zip(dests, tmps, strict=True):
         dest.parent.mkdir(parents=True, exist_ok=True)
         _remove(tmp)
+        _remove_abandoned(dest)
     try:
         yield tmps
         raise_if_stopped()
@@ -96,6 +98,26 @@ def _swap_in(tmp: Path, dest: Path) -> None:
         _remove(old)
     else:
         tmp.replace(dest)
+
+
+def _remove_abandoned(dest: Path) -> None:
+    """What a writer of dest killed outright (SIGKILL, the stage's watchdog, a lost machine) left beside it: its
+    `.<name>.tmp-<pid>` (as large as the output) and `.<name>.old-<pid>`, once no process <pid> runs."""
+    for kind in ("tmp", "old"):
+        for left in dest.parent.glob(f".{glob.escape(dest.name)}.{kind}-*"):
+            pid = left.name.rpartition("-")[2]
+            if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+                _remove(left)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

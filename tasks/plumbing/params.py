@@ -54,6 +54,9 @@ MAX_VOCAB = 1 << 20
 MAX_STEPS = 100_000_000
 MAX_BATCH = 65_536
 MAX_NODES = 4096
+# Settings that change how fast a stage runs, never what it writes (its outputs are the same bytes for any): no
+# stage lists them among its DVC params, so changing one reruns nothing (tests/unit/test_dvc_yaml.py checks).
+SPEED_ONLY = ("data.workers", "data.executor", "data.ray_address")
 
 
 def short(value: Any) -> str:
@@ -86,8 +89,9 @@ class DataParams(Section):
     allow_outside_project: bool = Field(
         False, description="read sources (and promote.eval_path) outside the project; the files read are logged"
     )
-    max_record_bytes: int = Field(16 << 20, ge=1024, le=1 << 30, description="longest JSONL line (one record)")
-    max_json_bytes: int = Field(64 << 20, ge=1024, le=4 << 30, description="largest .json file, read whole")
+    max_record_bytes: int = Field(
+        16 << 20, ge=1024, le=1 << 30, description="longest record: a JSONL line, an item of a .json list"
+    )
     hub_records: int | None = Field(None, gt=0, description="records read from each hf: source; null: all")
     shard_mb: int = Field(
         64, ge=1, le=4096, description="input read as one unit, and so the size of each prepared shard, in MB"

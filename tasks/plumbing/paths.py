@@ -10,7 +10,11 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import yaml
+
+DVC_YAML = Path("dvc.yaml")
 # ingest
+CORPORA_DIR = Path("data/corpora")  # where a user's corpora go: one of ingest's deps in dvc.yaml
 PREPARED_DIR = Path("data/prepared")
 SPLITS = ("train", "validation")
 INGEST_STATS = PREPARED_DIR / "stats.json"
@@ -22,6 +26,24 @@ NUMBERS = re.compile(r"(\d+)")
 def in_number_order(paths: Iterable[Path]) -> list[Path]:
     """Paths sorted by the numbers in their names: shard 100000 after 99999, where string order puts it first."""
     return sorted(paths, key=lambda path: [int(part) if part.isdigit() else part for part in NUMBERS.split(path.name)])
+
+
+def data_deps(stage: str, dvc_yaml: Path = DVC_YAML) -> list[str]:
+    """The data a stage depends on in dvc.yaml: its deps that are not code."""
+    spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
+    return [dep for dep in spec["stages"][stage].get("deps", []) if not str(dep).endswith(".py")]
+
+
+def pipeline_outputs(dvc_yaml: Path = DVC_YAML) -> list[str]:
+    """Every path a stage writes (outs, metrics, plots in dvc.yaml): what `dvc repro` changes, not the user."""
+    spec = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))
+    entries = [
+        entry
+        for stage in spec["stages"].values()
+        for kind in ("outs", "metrics", "plots")
+        for entry in stage.get(kind, [])
+    ]
+    return [str(next(iter(entry))) if isinstance(entry, dict) else str(entry) for entry in entries]
 
 
 def prepared_shards(split: str, prepared: Path = PREPARED_DIR) -> list[Path]:

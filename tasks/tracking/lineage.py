@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from tasks.plumbing.params import params_hash
+from tasks.plumbing.paths import DVC_YAML, pipeline_outputs
 
 DVC_LOCK = Path("dvc.lock")
 FLOW_RUN_ENV = "GPT2_PIPELINE_PREFECT_FLOW_RUN_ID"  # set by the Prefect flow for the stages it runs
@@ -27,11 +28,14 @@ LINEAGE_OUTS = (
 
 
 def git_lineage() -> dict[str, str]:
-    """The git commit and whether tracked files differ from it (dvc.lock aside: dvc repro rewrites it)."""
+    """The git commit and whether the code, params or inputs differ from it: tracked files changed, apart from what
+    the pipeline itself writes (dvc.lock and the stages' outputs, whose hashes the lineage carries)."""
+    written = pipeline_outputs() if DVC_YAML.is_file() else []
+    outputs = [f":(exclude,top){path}" for path in (str(DVC_LOCK), *written)]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", *outputs],
             capture_output=True,
             text=True,
             check=True,

@@ -56,6 +56,17 @@ def test_a_failed_stage_closes_its_run_as_failed(project):
     assert store_client(project).get_run(model_run).info.status == "FINISHED"
 
 
+def test_a_corpus_change_reruns_ingest_and_a_speed_setting_reruns_nothing(project):
+    """A file added under data/corpora (a corpus outside data/samples) changes ingest's deps; data.workers,
+    executor and ray_address change only how fast the shards are made, so no stage is out of date."""
+    params = tiny_params()
+    write_params(project, merge(params, {"data": {"workers": 1, "executor": "local", "ray_address": "host:1"}}))
+    assert json.loads(dvc(project, "status", "--json").stdout or "{}") == {}
+    write_params(project, params)
+    (project / "data/corpora/new.txt").write_text("a new corpus\n")
+    assert changed_stages(project) == {"ingest"}
+
+
 def test_an_edit_to_the_registry_helpers_reruns_only_register(project):
     before = registered(project)
     with (project / "tasks/tracking/registry.py").open("a") as handle:

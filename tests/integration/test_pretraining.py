@@ -18,7 +18,7 @@ from tools.corpora import MB, write_unique_corpus
 pytestmark = pytest.mark.slow
 
 SCALED_DOWN = {
-    "data": {"sources": ["data/web/*.jsonl.gz"], "shard_mb": 1, "validation_fraction": 0.02, "workers": 2},
+    "data": {"sources": ["data/corpora/web/*.jsonl.gz"], "shard_mb": 1, "validation_fraction": 0.02, "workers": 2},
     "tokenizer": {"block_size": 64},
     "model": {"config": {"n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}},
     "train": {"max_steps": 4, "batch_size": 4, "grad_accum": 2, "warmup_steps": 1, "logging_steps": 1,
@@ -33,9 +33,9 @@ def test_the_gpt2_124m_recipe_scaled_down_trains_through_the_same_stages(tmp_pat
     recipe = yaml.safe_load((project / "params/gpt2-124m-openwebtext.yaml").read_text())
     assert load_params(project / "params/gpt2-124m-openwebtext.yaml").model.config.n_embd == 768
     write_unique_corpus(tmp_path / "plain", 3 * MB, file_size=MB)
-    (project / "data/web").mkdir(parents=True)
+    (project / "data/corpora/web").mkdir(parents=True)
     for plain in sorted((tmp_path / "plain").glob("*.jsonl")):
-        with plain.open("rb") as source, gzip.open(project / "data/web" / f"{plain.name}.gz", "wb") as packed:
+        with plain.open("rb") as source, gzip.open(project / "data/corpora/web" / f"{plain.name}.gz", "wb") as packed:
             shutil.copyfileobj(source, packed)
     write_params(project, merge(recipe, SCALED_DOWN))
     run([str(BIN / "dvc"), "repro", "train"], project)

@@ -126,8 +126,8 @@ def untouched(folder: Path):
 
 def test_sigterm_during_tokenize_keeps_the_old_outputs_and_a_rerun_finishes(stoppable):
     # A corpus big enough (8 MB) that tokenizing it takes seconds: the SIGTERM lands while it works.
-    write_corpus(stoppable / "bad/corpus.jsonl", 8 * MB)
-    write_params(stoppable, merge(tiny_params(), {"data": {"sources": ["bad/corpus.jsonl"]}}))
+    write_corpus(stoppable / "data/corpora/bad/corpus.jsonl", 8 * MB)
+    write_params(stoppable, merge(tiny_params(), {"data": {"sources": ["data/corpora/bad/corpus.jsonl"]}}))
     run([str(BIN / "dvc"), "repro", "ingest"], stoppable)
     before, data, kept = digest(stoppable), stoppable / "data", untouched(stoppable / "data/tokenized")
 

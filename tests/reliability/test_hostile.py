@@ -255,7 +255,7 @@ BAD_FILES = {
     "a 100 MB single-line JSON file": (
         "big.json",
         lambda handle: handle.write(b'[{"text": "' + b"x" * HUNDRED_MB + b'"}]'),
-        r"^error: data/big\.json: 104,857,614 bytes is over data\.max_json_bytes \(67,108,864\), and a \.json file",
+        r"^error: data/big\.json:1: a record over 16,777,216 bytes \(data\.max_record_bytes\); split it",
     ),
     "JSONL nested 200,000 deep": (
         "deep.jsonl",

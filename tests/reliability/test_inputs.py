@@ -14,39 +14,56 @@ pytestmark = pytest.mark.slow
 
 # name: (files to write under the project, params overrides, the error line it must give)
 BAD_DATA = {
-    "missing source": ({}, ["bad/missing.txt"], r"data\.sources\[0\]: 'bad/missing\.txt' does not exist"),
-    "glob matching nothing": ({}, ["bad/*.nothing"], r"data\.sources\[0\]: 'bad/\*\.nothing' matches no files"),
-    "empty file": ({"bad/empty.txt": b""}, ["bad/empty.txt"], r"no text in bad/empty\.txt \(empty, or only"),
-    "whitespace only": ({"bad/ws.txt": b"  \n\n\t \n"}, ["bad/ws.txt"], r"no text in bad/ws\.txt"),
+    "missing source": (
+        {},
+        ["data/corpora/bad/missing.txt"],
+        r"data\.sources\[0\]: 'data/corpora/bad/missing\.txt' does not exist",
+    ),
+    "glob matching nothing": (
+        {},
+        ["data/corpora/bad/*.nothing"],
+        r"data\.sources\[0\]: 'data/corpora/bad/\*\.nothing' matches no files",
+    ),
+    "empty file": (
+        {"data/corpora/bad/empty.txt": b""},
+        ["data/corpora/bad/empty.txt"],
+        r"no text in data/corpora/bad/empty\.txt \(empty, or only",
+    ),
+    "whitespace only": (
+        {"data/corpora/bad/ws.txt": b"  \n\n\t \n"},
+        ["data/corpora/bad/ws.txt"],
+        r"no text in data/corpora/bad/ws\.txt",
+    ),
     "binary file": (
-        {"bad/image.txt": bytes([0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A, 0xFF, 0x00] * 50)},
-        ["bad/image.txt"],
-        r"bad/image\.txt:1: not valid UTF-8 \(byte 0 of the file\); convert it to UTF-8",
+        {"data/corpora/bad/image.txt": bytes([0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A, 0xFF, 0x00] * 50)},
+        ["data/corpora/bad/image.txt"],
+        r"data/corpora/bad/image\.txt:1: not valid UTF-8 \(byte 0 of the file\); convert it to UTF-8",
     ),
     "invalid UTF-8": (
-        {"bad/latin1.txt": "Some text.\n\nCafé au lait\n".encode("latin-1")},
-        ["bad/latin1.txt"],
-        r"bad/latin1\.txt:3: not valid UTF-8 \(byte 15 of the file\)",
+        {"data/corpora/bad/latin1.txt": "Some text.\n\nCafé au lait\n".encode("latin-1")},
+        ["data/corpora/bad/latin1.txt"],
+        r"data/corpora/bad/latin1\.txt:3: not valid UTF-8 \(byte 15 of the file\)",
     ),
     "malformed JSONL line": (
-        {"bad/records.jsonl": b'{"text": "one"}\n{"text": "two"\n{"text": "three"}\n'},
-        ["bad/records.jsonl"],
-        r"bad/records\.jsonl:2: not valid JSON \(.+\); fix or remove the line",
+        {"data/corpora/bad/records.jsonl": b'{"text": "one"}\n{"text": "two"\n{"text": "three"}\n'},
+        ["data/corpora/bad/records.jsonl"],
+        r"data/corpora/bad/records\.jsonl:2: not valid JSON \(.+\); fix or remove the line",
     ),
     "JSON without the text field": (
-        {"bad/records.json": json.dumps([{"text": "a"}, {"body": "b"}]).encode()},
-        ["bad/records.json"],
-        r"bad/records\.json: record 1: record has no field 'text' \(data\.text_field\); its fields are: body",
+        {"data/corpora/bad/records.json": json.dumps([{"text": "a"}, {"body": "b"}]).encode()},
+        ["data/corpora/bad/records.json"],
+        r"data/corpora/bad/records\.json: record 1: record has no field 'text' \(data\.text_field\); its fields are: "
+        r"body",
     ),
     "CSV without the column": (
-        {"bad/table.csv": b"id,body\n1,hello\n"},
-        ["bad/table.csv"],
-        r"bad/table\.csv: no column 'text' \(data\.text_field\); columns are: id, body",
+        {"data/corpora/bad/table.csv": b"id,body\n1,hello\n"},
+        ["data/corpora/bad/table.csv"],
+        r"data/corpora/bad/table\.csv: no column 'text' \(data\.text_field\); columns are: id, body",
     ),
     "unsupported file type": (
-        {"bad/book.pdf": b"%PDF-1.7"},
-        ["bad/book.pdf"],
-        r"data\.sources\[0\]: 'bad/book\.pdf' has an unsupported type; use \.csv, \.json, \.jsonl",
+        {"data/corpora/bad/book.pdf": b"%PDF-1.7"},
+        ["data/corpora/bad/book.pdf"],
+        r"data\.sources\[0\]: 'data/corpora/bad/book\.pdf' has an unsupported type; use \.csv, \.json, \.jsonl",
     ),
 }
 
@@ -89,7 +106,7 @@ BAD_PARAMS = {
         r"tokenizer\.vocab_size: 100 is too small for byte-level BPE; it needs at least 258",
     ),
     "corpus smaller than one block": (
-        {"data": {"sources": ["bad/tiny.txt"], "validation_fraction": 0.5, "seed": 3}},
+        {"data": {"sources": ["data/corpora/bad/tiny.txt"], "validation_fraction": 0.5, "seed": 3}},
         r"data/prepared/(train|validation): fewer tokens than one block \(tokenizer\.block_size=64",
     ),
     "empty validation split": (
@@ -124,8 +141,8 @@ REFUSED_BY = {
 @pytest.mark.parametrize("case", list(BAD_PARAMS))
 def test_bad_params_are_one_line_and_lose_nothing(trained, case):
     overrides, message = BAD_PARAMS[case]
-    (trained.project / "bad").mkdir(exist_ok=True)
-    (trained.project / "bad/tiny.txt").write_text("Too short for a block.\n\nAnother line.\n")
+    (trained.project / "data/corpora/bad").mkdir(exist_ok=True)
+    (trained.project / "data/corpora/bad/tiny.txt").write_text("Too short for a block.\n\nAnother line.\n")
     result = refuse(trained, case, REFUSED_BY.get(case, "ingest"), overrides)
     # Stages before the failing one that succeed are recorded by DVC: the tiny corpus passes ingest, and with a
     # models:/ URI tokenize (which reads model.*) reruns before train refuses the URI.
@@ -135,14 +152,14 @@ def test_bad_params_are_one_line_and_lose_nothing(trained, case):
 
 def test_a_single_1gb_line_is_streamed_in_bounded_memory(trained):
     """1 GiB without a line break: ingest cuts it into records and never holds the whole line."""
-    huge = trained.project / "bad/one-line.txt"
+    huge = trained.project / "data/corpora/bad/one-line.txt"
     huge.parent.mkdir(exist_ok=True)
     sentence = "To be, or not to be, that is the question; whether 'tis nobler in the mind to suffer. "
     with huge.open("w") as handle:
         for number in range((1 << 30) // (len(sentence) * 1000) + 1):
             handle.write(f"{number} " + sentence * 1000)  # the number keeps records from all being duplicates
     assert huge.stat().st_size >= 1 << 30 and b"\n" not in huge.read_bytes()[: 1 << 20]
-    write_params(trained.project, merge(trained.params, {"data": {"sources": ["bad/one-line.txt"]}}))
+    write_params(trained.project, merge(trained.params, {"data": {"sources": ["data/corpora/bad/one-line.txt"]}}))
     # A fresh interpreter whose only child is the stage, so its peak RSS is the stage's own.
     measure = (
         "import resource, subprocess, sys; subprocess.run([sys.executable, '-m', 'tasks.ingest'], check=True); "

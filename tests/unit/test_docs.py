@@ -151,7 +151,7 @@ def run_made() -> set[str]:
         "mlartifacts",  # the local MLflow store's artifacts
         ".dvc/cache",  # DVC's cache of the outputs
         "infra/.env",  # the user's copy of infra/.env.example
-        "data/openwebtext",  # where the user puts params/gpt2-124m-openwebtext.yaml's corpus
+        "data/corpora/openwebtext",  # where the user puts params/gpt2-124m-openwebtext.yaml's corpus
         "models/gpt2-chinese-like",  # what examples/bert_gpt2.py writes in docs/guides/chinese.md
         "data/big.json", "data/big.jsonl", "data/deep.jsonl",  # a user's files in reliability.md's messages
     }  # fmt: skip

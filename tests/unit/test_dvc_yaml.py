@@ -93,3 +93,13 @@ def test_the_flow_takes_its_stages_from_dvc_yaml(tmp_path):
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     with pytest.raises(PipelineError, match=r"form a cycle"):
         stages(tmp_path)
+
+
+def test_ingest_reads_every_data_key_but_those_that_change_only_speed():
+    """Changing data.workers (or the executor) must rerun nothing: no stage lists them; every other data key
+    decides the shards, so ingest lists it."""
+    from tasks.plumbing.params import SPEED_ONLY, DataParams
+
+    listed = {stage: set(spec.get("params", [])) for stage, spec in dvc_stages().items()}
+    assert all(not keys & set(SPEED_ONLY) and "data" not in keys for keys in listed.values()), listed
+    assert listed["ingest"] == {f"data.{key}" for key in DataParams.model_fields} - set(SPEED_ONLY)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 
 import pytest
 
@@ -214,8 +216,8 @@ def test_a_hub_source_that_is_a_local_path_is_confined_as_a_file_is(tmp_path, mo
 
 
 def test_shards_are_the_same_bytes_for_any_number_of_workers_and_as_one_pass_reads_the_sources(tmp_path):
-    """Large .txt and .jsonl files are cut into pieces at record boundaries, several files share a unit, a
-    .jsonl.gz is read whole; duplicates across units go (the first kept), and 1, 2 or 3 workers write the same."""
+    """Large .txt and .jsonl files are cut into pieces at record boundaries, several small files share a unit;
+    duplicates across units go (the first kept), and 1, 2 or 3 workers write the same."""
     import gzip
 
     paragraphs = [f"paragraph {i} " + "word " * (i % 37) + ("\nsecond line" if i % 3 else "") for i in range(30000)]
@@ -244,15 +246,104 @@ def test_shards_are_the_same_bytes_for_any_number_of_workers_and_as_one_pass_rea
 
 
 def test_a_piece_starts_at_a_record_and_counts_lines_from_the_file(tmp_path):
-    from tasks.data.pieces import plan
+    import gzip
+
     from tasks.data.sources import read_piece
 
-    source = tmp_path / "lines.jsonl"
-    source.write_text("".join(json.dumps({"text": "x" * 100 + str(i)}) + "\n" for i in range(30000)))
-    units = plan([str(source)], 1 << 20)
-    assert len(units) == 4 and all(len(unit) == 1 for unit in units)
-    located = [where for unit in units for where, _ in read_piece(unit[0], ["text"], DataParams(sources=["x"]))]
-    assert located == [f"{source}:{n}" for n in range(1, 30001)]
+    lines = "".join(json.dumps({"text": "x" * 100 + str(i)}) + "\n" for i in range(30000))
+    (tmp_path / "lines.jsonl").write_text(lines)
+    with gzip.open(tmp_path / "lines.jsonl.gz", "wt") as handle:  # a stream: cut as it is decompressed
+        handle.write(lines)
+    for source in (tmp_path / "lines.jsonl", tmp_path / "lines.jsonl.gz"):
+        units = planned([source], 1 << 20)
+        assert len(units) == 4 and all(len(unit) == 1 for unit in units)
+        located = [where for unit in units for where, _ in read_piece(unit[0], ["text"], DataParams(sources=["x"]))]
+        assert located == [f"{source}:{n}" for n in range(1, 30001)]
+
+
+def planned(sources, target: int, **limits) -> list:
+    """plan's units, read to the end."""
+    from tasks.data.pieces import plan
+
+    limited = DataParams(sources=["x"], **limits)
+    read = functools.partial(read_source, fields=["text"], limits=limited)
+    return list(plan([str(s) for s in sources], target, read, limited.max_record_bytes))
+
+
+def test_every_kind_of_source_is_cut_into_units_of_about_shard_mb_of_text(tmp_path):
+    """A .jsonl.gz and a .txt.gz by their decompressed text, a .json list and a .csv by their records, a .parquet
+    by its row groups, an hf: dataset by its records: units of about shard_mb (1 MiB here) uncompressed, each
+    record in exactly one; and the shards are the same bytes for 1 and 2 workers, in the records' order."""
+    import csv
+    import gzip
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = {kind: [f"{kind} record {i}" + " word" * (i % 50) for i in range(12000)] for kind in KINDS}
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", compresslevel=1) as handle:
+        handle.writelines(json.dumps({"text": t}) + "\n" for t in texts["jsonl.gz"])
+    with gzip.open(tmp_path / "b.txt.gz", "wt", compresslevel=1) as handle:
+        handle.write("\n\n".join(texts["txt.gz"]) + "\n")
+    (tmp_path / "c.json").write_text(json.dumps([{"text": t} for t in texts["json"]], indent=1))
+    with (tmp_path / "d.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([["text"], *([t] for t in texts["csv"])])
+    pq.write_table(pa.table({"text": texts["parquet"]}), tmp_path / "e.parquet", row_group_size=1000)
+    datasets.Dataset.from_dict({"text": texts["hf"]}).to_json(tmp_path / "hub" / "train.jsonl")
+    sources = ["a.jsonl.gz", "b.txt.gz", "c.json", "d.csv", "e.parquet", "hf:./hub"]
+    units = planned(sources, 1 << 20)
+    for kind, source in zip(KINDS, sources, strict=True):
+        sizes = [sum(len(t.encode()) for t in unit_texts(unit, source)) for unit in units]
+        sizes = [size for size in sizes if size]
+        assert len(sizes) >= 2, (source, sizes)  # each is about 2.6 MB of text
+        assert max(sizes) < 1.2 * (1 << 20), (source, sizes)
+        read = [t for unit in units for t in unit_texts(unit, source)]
+        assert [t.strip() for t in read] == texts[kind], source
+    runs = []
+    for count in (1, 2):
+        ingest(params(sources, shard_mb=1, workers=count), tmp_path / f"out-{count}")
+        files = sorted(p for p in (tmp_path / f"out-{count}").rglob("*.jsonl"))
+        runs.append({p.relative_to(tmp_path / f"out-{count}"): p.read_bytes() for p in files})
+    assert runs[0] == runs[1] and len(runs[0]) == 2 * len(units)
+    every = [t.strip() for kind in KINDS for t in texts[kind]]
+    train = read_split(tmp_path / "out-1", "train")
+    in_train = set(train)
+    assert [t for t in every if t in in_train] == train
+
+
+KINDS = ("jsonl.gz", "txt.gz", "json", "csv", "parquet", "hf")
+
+
+def unit_texts(unit, source: str) -> list[str]:
+    from tasks.data.sources import read_piece
+
+    fields, limits = ["text"], DataParams(sources=["x"])
+    return [record_text(raw, fields, where) for piece in unit if piece.source == source
+            for where, raw in read_piece(piece, fields, limits)]  # fmt: skip
+
+
+def test_a_json_list_is_read_item_by_item_with_its_errors_lines(tmp_path):
+    """A .json list streams: an item over data.max_record_bytes, bad JSON, a list left open or nested too deep
+    is named with its line; a file holding one record is that record."""
+    source = tmp_path / "a.json"
+    source.write_text('[\n{"text": "one"},\n\n {"text": 22}  ,{"text": "three"}\n]\n')
+    assert [(w, r["text"]) for w, r in read_source(str(source), ["text"], DataParams(sources=["x"]))] == [
+        (f"{source}: record 0", "one"), (f"{source}: record 1", 22), (f"{source}: record 2", "three")
+    ]  # fmt: skip
+    source.write_text('{"text": "alone"}\n')
+    assert [r for _, r in read_source(str(source), ["text"], DataParams(sources=["x"]))] == [{"text": "alone"}]
+    cases = {
+        '[{"text": "a"},\n{"text": "b"}\n{"text": "c"}]': r":3: not valid JSON \(expected ',' or ']' after a record\)",
+        '[{"text": "a"},\n{"text": "b",}]': r":2: not valid JSON \(Expecting property name",
+        '[{"text": "a"},\n': r":2: not valid JSON \(the file ends inside its list\)",
+        '[\n\n{"text": "' + "x" * 5000 + '"}]': r":3: a record over 1,024 bytes \(data\.max_record_bytes\)",
+        '{"text": "a"} {"text": "b"}': r":1: not valid JSON \(extra data after the record\)",
+    }
+    for text, message in cases.items():
+        source.write_text(text)
+        with pytest.raises(PipelineError, match=r"^" + re.escape(str(source)) + message):
+            list(read_source(str(source), ["text"], DataParams(sources=["x"], max_record_bytes=1024)))
 
 
 def test_a_gzipped_source_is_read_as_its_text_and_bad_bytes_in_it_are_named(tmp_path):
@@ -298,3 +389,24 @@ def test_shards_past_99999_are_read_in_number_order(tmp_path):
     for index in (9, 10001, 99999, 100000, 100001):
         (split / f"{index:05d}.jsonl").write_text("")
     assert [path.stem for path in prepared_shards("train", tmp_path)] == ["00009", "10001", "99999", "100000", "100001"]
+
+
+def test_a_source_outside_ingest_data_deps_is_refused_and_a_hub_one_is_named(tmp_path, capsys):
+    """dvc repro sees a corpus change only inside ingest's data deps (dvc.yaml): a source elsewhere would leave
+    ingest "up to date" on stale data, so the stage refuses it; a hub dataset gets a line on how to reread it."""
+    from tasks.data.sources import check_tracked
+
+    deps = ["data/samples", "data/corpora"]
+    check_tracked(["data/corpora/web/a.jsonl.gz", "data/samples/x.txt", "hf:./data/corpora/hub"], deps)
+    with pytest.raises(PipelineError) as refused:
+        check_tracked(["data/corpora/a.txt", "data/mine/b.txt"], deps)
+    assert str(refused.value) == (
+        "data.sources: data/mine/b.txt is not in a folder that ingest's deps in dvc.yaml name (data/samples, "
+        "data/corpora), so dvc repro would not see it change; move it under data/corpora/, or add its folder to "
+        "stages.ingest.deps in dvc.yaml"
+    )
+    with pytest.raises(PipelineError, match=r"^data\.sources: data/corpora-old/a\.txt is not in a folder"):
+        check_tracked(["data/corpora-old/a.txt"], deps)  # a sibling whose name starts alike is not inside
+    capsys.readouterr()
+    check_tracked(["hf:stas/openwebtext-10k"], deps)
+    assert "hf:stas/openwebtext-10k comes from the Hugging Face Hub" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -170,3 +171,16 @@ def test_the_suite_is_offline_by_construction(loopback_only):
         server.bind(("127.0.0.1", 0))
         server.listen()
         socket.create_connection(server.getsockname(), timeout=1).close()  # the loopback stays open
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write(tmp_path):
+    """A stage killed outright (SIGKILL) leaves `.<name>.tmp-<pid>` as large as the output: the next write of that
+    output removes it, and the `.old-` of a swap, once their process is gone; a live writer's is kept."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(gone.stdout), os.getppid()
+    for left in (f".prepared.tmp-{dead}", f".prepared.old-{dead}", f".prepared.tmp-{alive}", f".other.tmp-{dead}"):
+        (tmp_path / left / "train").mkdir(parents=True)
+    with atomic_output(tmp_path / "prepared") as tmp:
+        tmp.mkdir()
+        (tmp / "stats.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.tmp-{dead}", f".prepared.tmp-{alive}", "prepared"]

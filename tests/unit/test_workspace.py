@@ -39,6 +39,32 @@ def test_overrides_go_to_a_workspace_and_leave_the_project_params_alone(project)
     assert workspace.prepare(project, dict(reversed(overrides.items()))) == folder  # key order does not matter
 
 
+def test_a_workspace_reads_the_project_corpora_as_they_are_now(project):
+    """Corpora kept out of git under ingest's dep folders appear in the workspace's own (hard links), so its
+    `dvc repro` sees them change: edited in place, replaced, added or removed in the project."""
+    corpora = project / "data/corpora"
+    (corpora / "web").mkdir(parents=True, exist_ok=True)
+    (corpora / "web/a.jsonl").write_text('{"text": "first"}\n')
+    (corpora / "old.txt").write_text("removed later\n")
+    folder = workspace.prepare(project, {"train.seed": 11})
+    mirrored = folder / "data/corpora"
+    assert (mirrored / "web/a.jsonl").stat().st_ino == (corpora / "web/a.jsonl").stat().st_ino
+    assert (mirrored / "README.md").stat().st_ino != (corpora / "README.md").stat().st_ino  # tracked: from git
+    with (corpora / "web/a.jsonl").open("a") as handle:
+        handle.write('{"text": "appended in place"}\n')
+    assert "appended in place" in (mirrored / "web/a.jsonl").read_text()
+    (corpora / "old.txt").unlink()
+    (corpora / "web/b.jsonl").write_text('{"text": "new"}\n')
+    (corpora / "web/a.jsonl").unlink()
+    (corpora / "web/a.jsonl").write_text('{"text": "replaced"}\n')
+    workspace.prepare(project, {"train.seed": 11})
+    assert sorted(p.relative_to(mirrored).as_posix() for p in mirrored.rglob("*") if p.is_file()) == [
+        "README.md", "web/a.jsonl", "web/b.jsonl"
+    ]  # fmt: skip
+    assert (mirrored / "web/a.jsonl").read_text() == '{"text": "replaced"}\n'
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], folder).stdout.split() == ["M", "params.yaml"]
+
+
 def test_a_workspace_follows_the_project_to_its_new_commit(project):
     folder = workspace.prepare(project, {"train.seed": 5})
     (project / "NOTES.md").write_text("new\n")
