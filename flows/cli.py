@@ -91,8 +91,8 @@ def run(
     params: Annotated[
         Path | None,
         typer.Option(
-            help="A params file to use instead of params.yaml (copied over it, "
-            "so that dvc.lock records it; `git checkout params.yaml` restores)"
+            help="A params file to use instead of params.yaml (copied over it, so that dvc.lock records it; "
+            "refused while params.yaml holds edits kept nowhere else; `git checkout params.yaml` restores)"
         ),
     ] = None,
     set_: Annotated[
@@ -146,8 +146,16 @@ def serve(
 
 
 def use_params(path: Path) -> None:
-    """Validate another params file, then put it in place of params.yaml in one rename."""
+    """Validate another params file, then put it in place of params.yaml in one rename.
+
+    Refused while params.yaml holds edits kept nowhere else (neither committed nor a file in params/): the copy
+    would lose them, and `git checkout params.yaml` brings back the commit, not the edits."""
     load_params(path)
+    if PARAMS_FILE.exists() and workspace.edits_only_here(PARAMS_FILE):
+        fail(
+            f"{PARAMS_FILE}: holds edits that are neither committed nor in params/, which --params {path} would "
+            "replace; commit them, or save them as a file in params/, then rerun"
+        )
     with atomic_output(PARAMS_FILE) as tmp:
         tmp.write_text(workspace.relocated(path.read_text(encoding="utf-8"), path, PARAMS_FILE), encoding="utf-8")
     typer.echo(f"params.yaml now holds {path}")

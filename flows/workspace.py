@@ -110,6 +110,20 @@ def claimed(project: Path, overrides: dict[str, Any]) -> Iterator[Path]:
         yield prepare(project, overrides)
 
 
+def edits_only_here(params_file: Path) -> bool:
+    """Whether params_file holds text found nowhere else: not what the commit has, nor any params/ file as
+    `run --params` would have written it (a recipe put in place earlier is not an edit)."""
+    current = params_file.read_text(encoding="utf-8")
+    folder = params_file.parent
+    shown = subprocess.run(
+        ["git", "show", f"HEAD:./{params_file.name}"], cwd=folder, capture_output=True, text=True, check=False
+    )
+    if shown.returncode == 0 and shown.stdout == current:
+        return False
+    recipes = sorted((folder / "params").glob("*.yaml"))
+    return all(relocated(r.read_text(encoding="utf-8"), r, params_file) != current for r in recipes)
+
+
 def uncommitted(project: Path) -> list[str]:
     """Tracked files changed since HEAD, which a run workspace does not see.
 

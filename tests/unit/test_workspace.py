@@ -98,6 +98,23 @@ def test_params_written_elsewhere_keep_a_schema_comment_that_names_the_schema(tm
     assert named_schema(workspace.prepare(project, {"train.seed": 3}) / "params.yaml") == schema
 
 
+def test_run_params_never_replaces_edits_kept_nowhere_else(tmp_path, monkeypatch):
+    """`run --params FILE` over a params.yaml with uncommitted edits would lose them: refused, params.yaml kept.
+    Committed, or a recipe that --params put there earlier, it is replaced."""
+    project = copy_project(tmp_path)
+    monkeypatch.chdir(project)
+    edited = (project / "params.yaml").read_text().replace("max_steps: 1000", "max_steps: 1234")
+    assert "max_steps: 1234" in edited
+    (project / "params.yaml").write_text(edited)
+    with pytest.raises(PipelineError, match=r"^params\.yaml: holds edits that are neither committed nor in params/"):
+        use_params(Path("params/tang-poetry.yaml"))
+    assert (project / "params.yaml").read_text() == edited
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "my recipe"], project)
+    use_params(Path("params/tang-poetry.yaml"))  # committed: nothing is lost
+    use_params(Path("params/tang-poetry-uer.yaml"))  # params.yaml holds a recipe that is still in params/
+    assert "uer" in (project / "params.yaml").read_text()
+
+
 def test_bad_overrides_fail_before_any_workspace_exists(tmp_path):
     project = copy_project(tmp_path)
     for start in (workspace.prepare, lambda *args: workspace.claimed(*args).__enter__()):
