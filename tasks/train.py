@@ -276,10 +276,19 @@ def finish(run_id: str, metrics: dict[str, Any]) -> None:
     )
 
 
+def check_memory(params: Params, device: str, available: int | None = None) -> None:
+    """Refuse a model that cannot train in the device's memory (or `available` bytes), counted at the precision the
+    run will compute in."""
+    dims = memory.shape(params)
+    if dims is not None:
+        precision, _ = resolve_precision(params.train.precision, device, dims["n_embd"])
+        memory.check_fits(params, device, available, precision)
+
+
 def main() -> None:
     params = load_params()
     device = resolve_device(params.train.device)
-    memory.check_fits(params, device, fp32=device == "cpu")  # before a run, a checkpoint or a model exists
+    check_memory(params, device)  # before a run, a checkpoint or a model exists
     me = launch.role(params.train, os.environ)
     if me is Role.NODE_LAUNCHER:
         launch.train_on_nodes(params)

@@ -3,10 +3,13 @@
 A model that cannot fit the machine (or the GPU) is refused with the estimate and how to shrink it, instead of
 hanging in allocation.
 
-The estimate is deliberately plain: fp32 weights, gradients and AdamW's two moments (16 bytes a parameter),
-activations at the micro-batch (about 34 bytes per token, layer and width in 16-bit with fused attention, as in
-Korthikanti et al., "Reducing Activation Recomputation"; twice that in fp32; a layer's input only with gradient
-checkpointing) and the logits with their gradient. It refuses only a model that exceeds the whole memory.
+The estimate counts fp32 weights, gradients and AdamW's two moments (16 bytes a parameter), what autograd keeps of
+each layer at the micro-batch (counted tensor by tensor from transformers' GPT-2, at the byte size of the precision
+the run computes in: 4 in fp32, 2 under bf16 or fp16 autocast; a layer's input only with gradient checkpointing), and
+what the loss path creates: the whole fp32 logits and their gradient when an FP8 head computes them whole, one
+chunk's worth with the chunked loss, none with cut-cross-entropy's kernel (only its own buffers). Dropout's masks
+are left out (the recipes pretrain without dropout); torch.compile only lowers the count. It refuses only a model
+that exceeds the whole memory.
 """
 
 from __future__ import annotations
@@ -18,12 +21,26 @@ from pathlib import Path
 
 from tasks.plumbing.errors import PipelineError
 from tasks.plumbing.params import GPT2_DEFAULT_POSITIONS, Params
+from tasks.training.loss import chunk_tokens
+from tasks.training.model import padded_vocab
 
 # GPT2Config's defaults, for the keys model.config leaves out (GPT-2 124M).
-GPT2_DEFAULTS = {"n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": GPT2_DEFAULT_POSITIONS}
+GPT2_DEFAULTS = {
+    "n_layer": 12, "n_head": 12, "n_embd": 768, "n_positions": GPT2_DEFAULT_POSITIONS, "activation_function": "gelu_new"
+}  # fmt: skip
 GPT2_VOCAB = 50_257
 STATE_BYTES = 16  # per parameter: fp32 weight, gradient, AdamW's exp_avg and exp_avg_sq
-ACTIVATION_BYTES = 34  # per token, layer and unit of width, 16-bit
+PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # what an activation takes: autocast computes in 16 bits
+# What autograd keeps of one GPT2Block (sdpa attention) per token, in tensors of the width, as
+# torch.autograd.graph.saved_tensors_hooks counts them: the two layer norms' inputs, from the residual stream, which
+# stays fp32 under autocast; in the compute dtype the layer norms' outputs (the projections' inputs), and attention's
+# q, k, v (the qkv projection's output), its contiguous copies of k and v, its output and the copy c_proj takes.
+RESIDUAL_SAVED = 2
+COMPUTE_SAVED = 2 + 7
+# Tensors of the MLP's width it keeps: the up-projection's output and the activation's (the down-projection's
+# input), and the intermediates of an activation transformers composes of several ops (one op keeps none).
+MLP_SAVED = 2
+ACTIVATION_SAVED = {"gelu_new": 3, "gelu_accurate": 3, "gelu_fast": 6, "quick_gelu": 1}
 GB = 1e9
 
 
@@ -31,18 +48,19 @@ GB = 1e9
 class Estimate:
     parameters: int
     state: int  # bytes: weights, gradients, optimizer state
-    activations: int  # bytes: the layers' activations and the logits at one micro-batch
+    activations: int  # bytes: what autograd keeps of the layers at one micro-batch
+    loss: int  # bytes: the logits and buffers the loss path creates
 
     @property
     def total(self) -> int:
-        return self.state + self.activations
+        return self.state + self.activations + self.loss
 
 
 def shape(params: Params) -> dict[str, int] | None:
     """The model shape the training will build, or None where only loading the model would tell.
 
-    n_layer, n_embd, n_positions, n_inner and vocab_size the training will build, or None where only loading the
-    model would tell (a hub id)."""
+    n_layer, n_embd, n_positions, n_inner, vocab_size and mlp_saved (the MLP's tensors autograd keeps) the training
+    will build, or None where only loading the model would tell (a hub id)."""
     if params.model.init == "scratch":
         config = {**GPT2_DEFAULTS, **params.model.gpt2_config()}
         vocab = params.tokenizer.vocab_size if params.tokenizer.kind != "pretrained" else GPT2_VOCAB
@@ -59,22 +77,41 @@ def shape(params: Params) -> dict[str, int] | None:
         "n_positions": config["n_positions"],
         "n_inner": config.get("n_inner") or 4 * width,
         "vocab_size": vocab,
+        "mlp_saved": MLP_SAVED + ACTIVATION_SAVED.get(config["activation_function"], 0),
     }
 
 
-def estimate(params: Params, dims: dict[str, int], fp32: bool) -> Estimate:
-    """The bytes one training process needs for a model of dims at train.batch_size x tokenizer.block_size."""
+def loss_bytes(params: Params, dims: dict[str, int], tokens: int, compute: int, device: str) -> int:
+    """The bytes the loss path (tasks/training/loss.py) creates at `tokens` tokens, computing in `compute` bytes."""
+    width, vocab, rows = dims["n_embd"], dims["vocab_size"], padded_vocab(dims["vocab_size"])
+    if params.train.fp8_lm_head:  # the head's whole logits, in fp32, and their gradient
+        return tokens * vocab * 4 * 2
+    if params.train.loss_kernel == "cut_cross_entropy" and device == "cuda":  # elsewhere resolve_kernel chunks
+        # the logits stay on chip: the hidden states and the weight in the compute dtype, their gradients, and a
+        # log-sum-exp a token
+        return (tokens + vocab) * width * compute * 2 + tokens * 4
+    cast = compute if compute < 4 else 0  # 16-bit copies beside the fp32 ones
+    chunk = min(tokens, chunk_tokens(rows))
+    # one chunk's fp32 logits and their gradient; the hidden states' gradient (fp32), the weight's gradient and one
+    # chunk's share of it in fp32
+    return chunk * rows * (8 + cast) + tokens * width * 4 + rows * width * (8 + 2 * cast)
+
+
+def estimate(params: Params, dims: dict[str, int], precision: str = "fp32", device: str = "cpu") -> Estimate:
+    """The bytes one training process needs for a model of dims at train.batch_size x tokenizer.block_size.
+
+    precision: the one the run computes in (fp32, bf16 or fp16), on `device`."""
     layers, width, inner, vocab = dims["n_layer"], dims["n_embd"], dims["n_inner"], dims["vocab_size"]
     per_layer = 4 * width * width + 2 * width * inner + 9 * width + inner  # attention, MLP, biases, two norms
     count = layers * per_layer + (vocab + dims["n_positions"]) * width + 2 * width
     tokens = params.train.batch_size * params.tokenizer.block_size
-    scale = 2 if fp32 else 1
-    if params.train.gradient_checkpointing:
-        layer_bytes = tokens * width * (2 * layers + ACTIVATION_BYTES)  # each layer's input, one layer in full
-    else:
-        layer_bytes = tokens * width * ACTIVATION_BYTES * layers
-    logits = tokens * vocab * 4 * 2  # fp32 logits and their gradient
-    return Estimate(count, count * STATE_BYTES, layer_bytes * scale + logits)
+    compute = PRECISION_BYTES[precision]
+    layer = RESIDUAL_SAVED * width * 4 + (COMPUTE_SAVED * width + dims["mlp_saved"] * inner) * compute
+    # with checkpointing each layer's input (the fp32 residual stream) and one layer in full
+    kept = layers * width * 4 + layer if params.train.gradient_checkpointing else layers * layer
+    weights_cast = count * compute if compute < 4 else 0  # autocast's 16-bit copies of the weights, kept for backward
+    activations = tokens * (kept + width * 4) + weights_cast  # and the final layer norm's input
+    return Estimate(count, count * STATE_BYTES, activations, loss_bytes(params, dims, tokens, compute, device))
 
 
 def machine_bytes(device: str) -> int:
@@ -86,23 +123,25 @@ def machine_bytes(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_fits(params: Params, device: str, available: int | None = None, fp32: bool = True) -> Estimate | None:
+def check_fits(params: Params, device: str, available: int | None = None, precision: str = "fp32") -> Estimate | None:
     """Refuse a training that needs more memory than there is.
 
-    Refuse (exit 2, before any work) a training that needs more memory than `available` (default: the device's),
-    naming the estimate and what shrinks it; train.check_memory: false skips the check."""
+    Refuse (exit 2, before any work) a training that needs more memory than `available` (default: the device's) in
+    `precision` (the one the run computes in), naming the estimate and what shrinks it; train.check_memory: false
+    skips the check."""
     dims = shape(params)
     if dims is None or not params.train.check_memory:
         return None
-    needed = estimate(params, dims, fp32)
+    needed = estimate(params, dims, precision, device)
     available = machine_bytes(device) if available is None else available
     if needed.total > available:
         where = "the GPU" if device == "cuda" else "this machine"
         raise PipelineError(
             f"model.config: training needs about {needed.total / GB:.1f} GB ({needed.parameters / 1e9:.2f} B "
             f"parameters: {needed.state / GB:.1f} GB of weights, gradients and AdamW state; "
-            f"{needed.activations / GB:.1f} GB of activations at train.batch_size {params.train.batch_size} x "
-            f"tokenizer.block_size {params.tokenizer.block_size}), more than the {available / GB:.1f} GB {where} "
+            f"{needed.activations / GB:.1f} GB of activations in {precision} and {needed.loss / GB:.1f} GB for the "
+            f"loss at train.batch_size {params.train.batch_size} x tokenizer.block_size "
+            f"{params.tokenizer.block_size}), more than the {available / GB:.1f} GB {where} "
             "has; lower model.config.n_layer or n_embd, or train.batch_size (raise train.grad_accum to keep the "
             "batch), or set train.gradient_checkpointing: true; train.check_memory: false trains anyway"
         )
