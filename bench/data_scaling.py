@@ -34,6 +34,7 @@ from tools.corpora import MB, write_corpus, write_unique_corpus
 from tools.project import BIN, copy_project, tool_env
 
 OUTPUTS = ("data/prepared", "data/tokenized")
+CORPUS = Path("data/corpora/bench")  # under ingest's data deps, as a user's corpus is
 
 
 def folder_digest(folder: Path) -> str:
@@ -52,7 +53,7 @@ def disk_mb(folder: Path) -> float:
 
 def set_params(project: Path, workers: int, tokenizer: Path) -> None:
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["data"].update(sources=["data/corpus/*.jsonl"], workers=workers)
+    params["data"].update(sources=[f"{CORPUS}/*.jsonl"], workers=workers)
     params["tokenizer"]["kind"] = "pretrained"
     params["model"].update(init="pretrained", name_or_path=str(tokenizer))
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -79,8 +80,8 @@ def timed(args: list[str], project: Path) -> float:
 
 
 def measure(project: Path, size_mb: int, counts: list[int], tokenizer: Path) -> dict:
-    text = write_unique_corpus(project / "data/corpus", size_mb * MB, seed=size_mb)
-    row: dict = {"size_mb": size_mb, "text_mb": text / MB, "input_mb": disk_mb(project / "data/corpus"), "runs": {}}
+    text = write_unique_corpus(project / CORPUS, size_mb * MB, seed=size_mb)
+    row: dict = {"size_mb": size_mb, "text_mb": text / MB, "input_mb": disk_mb(project / CORPUS), "runs": {}}
     digests = set()
     for workers in counts:
         set_params(project, workers, tokenizer)
@@ -107,7 +108,7 @@ def measure(project: Path, size_mb: int, counts: list[int], tokenizer: Path) -> 
         f"{row['dvc_status_s']:.1f} s, no-op dvc repro {row['dvc_repro_noop_s']:.1f} s",
         flush=True,
     )
-    for output in ("data/corpus", *OUTPUTS, ".dvc/cache"):
+    for output in (str(CORPUS), *OUTPUTS, ".dvc/cache"):
         shutil.rmtree(project / output, ignore_errors=True)
     return row
 

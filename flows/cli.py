@@ -151,13 +151,14 @@ def use_params(path: Path) -> None:
     Refused while params.yaml holds edits kept nowhere else (neither committed nor a file in params/): the copy
     would lose them, and `git checkout params.yaml` brings back the commit, not the edits."""
     load_params(path)
-    if PARAMS_FILE.exists() and workspace.edits_only_here(PARAMS_FILE):
+    text = workspace.relocated(path.read_text(encoding="utf-8"), path, PARAMS_FILE)
+    if PARAMS_FILE.exists() and workspace.edits_only_here(PARAMS_FILE, text):
         fail(
             f"{PARAMS_FILE}: holds edits that are neither committed nor in params/, which --params {path} would "
             "replace; commit them, or save them as a file in params/, then rerun"
         )
     with atomic_output(PARAMS_FILE) as tmp:
-        tmp.write_text(workspace.relocated(path.read_text(encoding="utf-8"), path, PARAMS_FILE), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     typer.echo(f"params.yaml now holds {path}")
 
 

@@ -110,13 +110,22 @@ def claimed(project: Path, overrides: dict[str, Any]) -> Iterator[Path]:
         yield prepare(project, overrides)
 
 
-def edits_only_here(params_file: Path) -> bool:
-    """Whether params_file holds text found nowhere else: not what the commit has, nor any params/ file as
-    `run --params` would have written it (a recipe put in place earlier is not an edit)."""
+def edits_only_here(params_file: Path, replacement: str) -> bool:
+    """Whether params_file holds text found nowhere else, which writing `replacement` over it would lose: not the
+    replacement itself, nor what the commit has, nor any params/ file as `run --params` writes it (a recipe put
+    in place earlier is not an edit)."""
     current = params_file.read_text(encoding="utf-8")
+    if current == replacement:
+        return False
     folder = params_file.parent
     shown = subprocess.run(
-        ["git", "show", f"HEAD:./{params_file.name}"], cwd=folder, capture_output=True, text=True, check=False
+        ["git", "show", f"HEAD:./{params_file.name}"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        check=False,
     )
     if shown.returncode == 0 and shown.stdout == current:
         return False
@@ -150,6 +159,8 @@ def _link_corpora(project: Path, workspace: Path) -> None:
     change as the project's does. Files git tracks come from the commit, as all tracked files do."""
     tracked = set(_git(workspace, "ls-files", "-z").split("\0"))
     for dep in data_deps("ingest", project / DVC_YAML):
+        if Path(dep).is_absolute() or not (project / dep).is_dir():  # read where it is, or tracked as a file
+            continue
         theirs, ours = (
             _untracked_files(project / dep, project, tracked),
             _untracked_files(workspace / dep, workspace, tracked),

@@ -70,6 +70,7 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix=".digests-", dir=tmp) as scratch:
             merged = _Merge(Path(scratch))
             work = enumerate(itertools.chain(first, units))
+            del first  # the chain holds them until they are handed out, not for the whole run
             with closing(ordered_map(prepare, work, processes, on_cluster=on_cluster)) as prepared:
                 for unit in prepared:
                     merged.add(unit, tmp)

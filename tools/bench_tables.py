@@ -241,6 +241,38 @@ def _memory_against_smaller(row: dict, runs: dict) -> list:
     return out
 
 
+def compressed_table(rows: list) -> Table:
+    head = ["text", "as", "input on disk", "ingest (2 workers)", "ingest peak private memory",
+            "bare gzip + json.loads", "bare peak memory"]  # fmt: skip
+    body = [
+        [
+            f"{r['text_mb']:,.0f} MB",
+            f"{r['layout']} ({r['files']:,})",
+            f"{r['input_mb']:,.0f} MB",
+            f"{r['ingest']['seconds']:.1f} s ({r['text_mb'] / r['ingest']['seconds']:.1f} MB/s)",
+            f"{r['ingest']['peak_private_mb']:,.0f} MB",
+            f"{r['bare']['seconds']:.1f} s ({r['text_mb'] / r['bare']['seconds']:.1f} MB/s)",
+            f"{r['bare']['peak_private_mb']:,.0f} MB",
+        ]
+        for r in rows
+    ]
+    return head, body
+
+
+def compressed_summary(rows: list) -> list:
+    """Flat memory: the largest corpus's ingest peak at most 1.5 times the smallest's, for each layout."""
+    out = []
+    for layout in dict.fromkeys(r["layout"] for r in rows):
+        same = sorted((r for r in rows if r["layout"] == layout), key=lambda r: r["text_mb"])
+        small, large = same[0], same[-1]
+        if large is small:
+            continue
+        ratio = large["ingest"]["peak_private_mb"] / small["ingest"]["peak_private_mb"]
+        out.append((f"ingest's peak memory on .jsonl.gz as {layout}, {large['text_mb']:,.0f} MB against "
+                    f"{small['text_mb']:,.0f} MB", "≤ 1.5 ×", x(ratio), ratio <= 1.5))  # fmt: skip
+    return out
+
+
 GPT2_124M = "--layers 12 --width 768 --heads 12 --block 1024 --vocab 50257"
 CASES = {
     "train-cpu": Case("python bench/train_throughput.py --save train-cpu", "cpu", train_table, train_summary),
@@ -260,6 +292,12 @@ CASES = {
         "cpu",
         data_both,
         data_summary,
+    ),
+    "ingest-compressed": Case(
+        "python bench/ingest_compressed.py --sizes-mb 300,3000 --save ingest-compressed",
+        "cpu",
+        compressed_table,
+        compressed_summary,
     ),
     "train-gpu-124m": Case(
         f"python bench/train_throughput.py {GPT2_124M} --batch 32 --precision bf16 --compile --device cuda "

@@ -75,7 +75,7 @@ def _pieces(
         yield from _byte_ranges(source, target, paragraphs=kind == ".txt")
     elif kind == ".parquet":
         yield from _row_groups(source, target)
-    elif source.lower().endswith(".gz"):
+    elif kind in (".txt.gz", ".jsonl.gz"):
         yield from _decompressed(source, target, paragraphs=kind == ".txt.gz", cap=cap)
     else:
         yield from _record_batches(source, target, read_records(source))
@@ -122,19 +122,34 @@ def _decompressed(source: str, target: int, paragraphs: bool, cap: int) -> Itera
     .txt.gz a blank line, unless a paragraph runs on for cap bytes: its records are cut at MAX_RECORD_CHARS
     anyway). A piece holds at most target plus cap bytes: a line longer than cap is data.max_record_bytes's
     error, which the worker reports with its line."""
-    line = 1
+    line, carried = 1, b""
     with gzip.open(source, "rb") as handle:
-        while block := handle.read(target):
-            parts = [block]
+        while block := carried + handle.read(target):
+            parts, extra = [block], 0
             if not block.endswith(b"\n"):
                 parts.append(handle.readline(cap + 1))
             while paragraphs and parts[-1].endswith(b"\n") and (more := handle.readline(cap + 1)):
                 parts.append(more)
-                if not more.strip() or sum(map(len, parts)) - len(block) > cap:
+                extra += len(more)
+                if not more.strip() or extra > cap:
                     break
             data = b"".join(parts)
+            data, carried = _whole_characters(data)
             yield Piece(source, line=line, data=data), len(data)
             line += data.count(b"\n")
+
+
+def _whole_characters(data: bytes) -> tuple[bytes, bytes]:
+    """data cut before a UTF-8 character it ends inside (a line longer than cap stops anywhere), and the cut
+    bytes, which begin the next piece."""
+    if data.endswith(b"\n"):
+        return data, b""
+    start = len(data) - 1
+    while start > len(data) - 4 and start > 0 and data[start] & 0xC0 == 0x80:  # continuation bytes
+        start -= 1
+    lead = data[start] if data else 0
+    needs = 2 if lead & 0xE0 == 0xC0 else 3 if lead & 0xF0 == 0xE0 else 4 if lead & 0xF8 == 0xF0 else 1
+    return (data[:start], data[start:]) if len(data) - start < needs else (data, b"")
 
 
 def _row_groups(source: str, target: int) -> Iterator[tuple[Piece, int]]:

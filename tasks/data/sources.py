@@ -123,6 +123,9 @@ def _read_json(path: Path, cap: int) -> Iterator[Located]:
                 raise stream.error("the file ends inside its list")
             yield f"{path}: record {index}", stream.value()
             index += 1
+        stream.take()
+        if stream.next_char():
+            raise stream.error("extra data after the list")
 
 
 class _JsonStream:
@@ -156,7 +159,9 @@ class _JsonStream:
             try:
                 value, end = _JSON.raw_decode(self.text, self.position)
             except json.JSONDecodeError as exc:
-                if self._more():  # the value may go on in the next block
+                # At the text's end the value may go on in the next block; before it, the JSON is bad.
+                cut_short = exc.pos >= len(self.text) - 8 or exc.msg.startswith("Unterminated")
+                if cut_short and self._more():
                     continue
                 raise self.error(exc.msg, exc.pos) from None
             except RecursionError:

@@ -31,11 +31,11 @@ def git_lineage() -> dict[str, str]:
     """The git commit and whether the code, params or inputs differ from it: tracked files changed, apart from what
     the pipeline itself writes (dvc.lock and the stages' outputs, whose hashes the lineage carries)."""
     written = pipeline_outputs() if DVC_YAML.is_file() else []
-    outputs = [f":(exclude,top){path}" for path in (str(DVC_LOCK), *written)]
+    outputs = [f":(exclude){path}" for path in (str(DVC_LOCK), *written)]  # relative to the project's folder
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", *outputs],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *outputs],
             capture_output=True,
             text=True,
             check=True,

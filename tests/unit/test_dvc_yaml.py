@@ -103,3 +103,15 @@ def test_ingest_reads_every_data_key_but_those_that_change_only_speed():
     listed = {stage: set(spec.get("params", [])) for stage, spec in dvc_stages().items()}
     assert all(not keys & set(SPEED_ONLY) and "data" not in keys for keys in listed.values()), listed
     assert listed["ingest"] == {f"data.{key}" for key in DataParams.model_fields} - set(SPEED_ONLY)
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "params").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_recipe_holds_every_key_a_stage_lists(recipe):
+    """DVC stops a stage whose listed params key is missing from params.yaml: `run --params` a recipe would fail."""
+    params = yaml.safe_load(recipe.read_text())
+    for stage, spec in dvc_stages().items():
+        for key in spec.get("params", []):
+            value = params
+            for part in key.split("."):
+                assert isinstance(value, dict) and part in value, f"{recipe.name} lacks {key} ({stage} lists it)"
+                value = value[part]

@@ -339,6 +339,8 @@ def test_a_json_list_is_read_item_by_item_with_its_errors_lines(tmp_path):
         '[{"text": "a"},\n': r":2: not valid JSON \(the file ends inside its list\)",
         '[\n\n{"text": "' + "x" * 5000 + '"}]': r":3: a record over 1,024 bytes \(data\.max_record_bytes\)",
         '{"text": "a"} {"text": "b"}': r":1: not valid JSON \(extra data after the record\)",
+        '[{"text": "a"}]\n[{"text": "b"}]': r":2: not valid JSON \(extra data after the list\)",
+        '[{"text": tru},\n' + '{"text": "long enough"},\n' * 200 + "]": r":1: not valid JSON \(Expecting value\)",
     }
     for text, message in cases.items():
         source.write_text(text)
@@ -410,3 +412,20 @@ def test_a_source_outside_ingest_data_deps_is_refused_and_a_hub_one_is_named(tmp
     capsys.readouterr()
     check_tracked(["hf:stas/openwebtext-10k"], deps)
     assert "hf:stas/openwebtext-10k comes from the Hugging Face Hub" in capsys.readouterr().out
+
+
+def test_a_gzipped_text_without_blank_lines_or_with_long_lines_reads_as_the_plain_file(tmp_path):
+    """A .txt.gz is cut at paragraph ends when it has them, else after data.max_record_bytes more, and a line
+    longer than that is cut between whole characters: the same records as the same text uncompressed."""
+    import gzip
+
+    text = "".join(f"sentence {i} 诗\n" for i in range(20000)) + "\n" + "é" * 3000 + "\n\n" + "last\n"
+    (tmp_path / "plain.txt").write_text(text)
+    with gzip.open(tmp_path / "packed.txt.gz", "wt") as handle:
+        handle.write(text)
+    expected = [t for _, t in read_source(str(tmp_path / "plain.txt"), ["text"], DataParams(sources=["x"]))]
+    units = planned([tmp_path / "packed.txt.gz"], 4096, max_record_bytes=1024)
+    assert len(units) > 50
+    assert "".join(text for unit in units for text in unit_texts(unit, str(tmp_path / "packed.txt.gz"))) == "".join(
+        expected
+    )
