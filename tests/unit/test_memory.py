@@ -72,11 +72,13 @@ def test_fp32_on_a_gpu_counts_activations_at_4_bytes():
 
 # A few steps of a small GPT-2 as the train stage builds it (the chunked loss, AdamW, autocast for bf16) in a process
 # of its own, so that its peak resident memory is the training's. What is measured is that peak less the resident
-# memory before the model existed and less the library code torch pages in as it runs its kernels (file-backed, not
-# training memory). glibc keeps freed blocks in its heap and raises its mmap threshold as large blocks are freed; a
-# fixed threshold returns each freed tensor's pages at once, so resident memory follows the tensors alive.
+# memory before the model existed (the peak is reset there: Linux carries a process's ru_maxrss over exec from the
+# process that forked it, a test worker of any size, and importing can peak higher than training) and less the library
+# code torch pages in as it runs its kernels (file-backed, not training memory). glibc keeps freed blocks in its heap
+# and raises its mmap threshold as large blocks are freed; a fixed threshold returns each freed tensor's pages at
+# once, so resident memory follows the tensors alive.
 MEASURE = """
-import json, resource, sys
+import json, sys
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from tasks.plumbing.params import parse_params
@@ -88,6 +90,8 @@ def resident(field):
 
 params, precision = parse_params(json.loads(sys.argv[1])), sys.argv[2]
 torch.manual_seed(0)
+with open("/proc/self/clear_refs", "w") as clear:  # the peak so far (the imports') is not the training's
+    clear.write("5")
 before, code = resident("VmRSS"), resident("RssFile")
 vocab = params.tokenizer.vocab_size
 model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, attn_implementation="sdpa", **config_overrides(params.model)))
@@ -100,7 +104,7 @@ for _ in range(3):
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = resident("VmHWM")
 print(json.dumps({"peak": peak - before - (resident("RssFile") - code)}))
 """
 
