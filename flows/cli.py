@@ -135,6 +135,34 @@ def _is_champion(folder: Path) -> bool:
 
 
 @command
+def sweep(
+    trials: Annotated[
+        int | None,
+        typer.Option(min=1, help="trials the study holds when done, all workers together; default sweep.trials"),
+    ] = None,
+    timeout_minutes: Annotated[
+        float | None, typer.Option(min=0.001, help="start no trial after this long; default sweep.timeout_minutes")
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="continue the study sweep.study names, its finished trials kept (after a kill; a worker joining)"
+        ),
+    ] = False,
+    register_best: Annotated[
+        bool, typer.Option(help="then run the pipeline with the best trial's params, registering its model")
+    ] = False,
+):
+    """Search params.yaml's sweep.space with Optuna: each trial a DVC experiment (train and evaluate), pruned early
+    when it trails; one MLflow run for the study with a child run per trial; prints the trials and the best params."""
+    from flows.sweep import sweep as sweep_flow
+
+    load_params()  # a bad sweep section: one line before anything runs
+    server.start_local()
+    sweep_flow(trials=trials, timeout_minutes=timeout_minutes, resume=resume, register_best=register_best)
+
+
+@command
 def serve(
     prefect_file: Annotated[Path, typer.Option(help="the deployments to serve")] = Path("prefect.yaml"),
 ):

@@ -36,7 +36,7 @@ from tasks.plumbing.stage import run_cli
 from tasks.tracking import mlflow_runs
 from tasks.tracking.charts import COLORS, line_chart
 from tasks.tracking.loading import resolve_device
-from tasks.training import checkpoints, launch, memory, throughput
+from tasks.training import checkpoints, launch, memory, pruning, throughput
 from tasks.training.callbacks import MlflowLogger, StopOnSignal, kept
 from tasks.training.launch import Role
 from tasks.training.model import build_model, for_training
@@ -177,6 +177,9 @@ def train(
     callbacks = [stop, logger]  # the logger sees the stop's checkpoint request and flushes before it
     if params.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.train.early_stopping_patience))
+    reporter = pruning.trial_reporter()  # a sweep trial: its validation losses go to the study, which may prune it
+    if reporter is not None:
+        callbacks.append(reporter)
     trainer = Trainer(
         model=model,
         args=args,

@@ -92,7 +92,7 @@ COMMENT_COLUMN = 30  # where the comments start, as far as the key and value lea
 def flow_value(value: Any) -> str:
     """A value as one line of YAML (flow style: a list stays on its key's line)."""
     return (
-        yaml.safe_dump(value, default_flow_style=True, width=1 << 20, allow_unicode=True)
+        yaml.safe_dump(value, default_flow_style=True, width=1 << 20, allow_unicode=True, sort_keys=False)
         .removesuffix("\n...\n")
         .strip()
     )
@@ -110,6 +110,10 @@ def section_lines(section: BaseModel, depth: int) -> list[str]:
         if isinstance(value, BaseModel):
             lines.append(commented(f"{indent}{name}:", field.description))
             lines += section_lines(value, depth + 1)
+        elif isinstance(value, dict) and value and all(isinstance(item, BaseModel) for item in value.values()):
+            lines.append(commented(f"{indent}{name}:", field.description))  # sweep.space: a key's settings a line
+            for key, item in value.items():
+                lines.append(f"{indent}  {key}: {flow_value(item.model_dump(exclude_defaults=True))}")
         else:
             lines.append(commented(f"{indent}{name}: {flow_value(value)}", field.description))
     return lines

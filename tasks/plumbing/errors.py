@@ -20,11 +20,13 @@ DEBUG_ENV = "GPT2_PIPELINE_DEBUG"
 # anticipated (retrying may help), bad params or data (the same input fails the same way), a promotion that kept
 # the champion (nothing failed, nothing to retry: a scheduler or CI tells it from both), a node of a multi-node
 # training whose part is done while another node holds the outputs (DVC must not record this node's old ones),
+# a sweep trial's training stopped early by the pruner (nothing failed, nothing to retry, no model),
 # and a stop by a signal, 128 + its number as shells report it.
 FAULT_EXIT = 1
 BAD_INPUT_EXIT = 2
 NOT_PROMOTED_EXIT = 3
 OUTPUTS_ELSEWHERE_EXIT = 4
+PRUNED_EXIT = 5
 
 
 def interrupted_exit(signum: int) -> int:
@@ -35,6 +37,12 @@ class PipelineError(Exception):
     """A problem the user can fix; its message is the one line they see."""
 
     exit_status = BAD_INPUT_EXIT
+
+
+class TrialPruned(PipelineError):
+    """The sweep's pruner stopped this trial's training: its validation loss trailed the other trials' at a step."""
+
+    exit_status = PRUNED_EXIT
 
 
 class Stopped(BaseException):

@@ -25,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -314,6 +315,97 @@ class MlflowParams(Section):
         return _printable_name(value, MAX_EXPERIMENT_NAME)
 
 
+# The params a sweep trial may change: what makes the model it trains and evaluates.
+SWEEPABLE_SECTIONS = ("data", "tokenizer", "model", "train")
+# metrics/eval.json's figures a sweep may optimize (tasks/evaluate.py writes them).
+OBJECTIVES = ("bits_per_byte", "bits_per_char", "perplexity", "eval_loss")
+MAX_TRIALS = 100_000
+TRIAL_CONTEXT = "sweep_trial"
+Scalar = str | int | float | bool | None
+
+
+class Distribution(Section):
+    """How a sweep samples one params key: Optuna's float (uniform or log), int (with a step) or categorical."""
+
+    type: Literal["float", "int", "categorical"] = Field(description="float, int or categorical")
+    low: int | float | None = Field(None, description="float and int: the smallest value")
+    high: int | float | None = Field(None, description="float and int: the largest value")
+    log: bool = Field(False, description="float and int: sample on a log scale (learning rates)")
+    step: int | float | None = Field(None, gt=0, description="float and int: values low, low + step, ...")
+    choices: list[Scalar] | None = Field(None, min_length=1, description="categorical: the values to try")
+
+    @model_validator(mode="after")
+    def a_range(self) -> Distribution:
+        if self.type == "categorical":
+            if self.choices is None or self.low is not None or self.high is not None:
+                raise ValueError("categorical takes choices (a list of values), not low and high")
+            if len({repr(choice) for choice in self.choices}) < len(self.choices):
+                raise ValueError(f"choices repeat a value ({short(self.choices)})")
+            return self
+        if self.choices is not None or self.low is None or self.high is None:
+            raise ValueError(f"{self.type} takes low and high, not choices")
+        if self.type == "int" and not all(isinstance(v, int) for v in (self.low, self.high, self.step or 1)):
+            raise ValueError(f"int takes whole numbers for low, high and step (got {self.low}, {self.high})")
+        if not self.low < self.high:
+            raise ValueError(f"low must be below high, an empty range otherwise (got {self.low} and {self.high})")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log needs low > 0 and no step")
+        return self
+
+    def values(self) -> list[Scalar]:
+        """The values that bound this distribution: each must be a value its key accepts."""
+        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
+
+
+def _default_space() -> dict[str, Distribution]:
+    """The optimizer's settings: a search that fits any recipe (a model's shape belongs to a recipe's own space)."""
+    return {
+        "train.learning_rate": Distribution(type="float", low=5e-4, high=1e-2, log=True),
+        "train.warmup_steps": Distribution(type="int", low=0, high=200, step=50),
+        "train.weight_decay": Distribution(type="float", low=0.0, high=0.1),
+    }
+
+
+class SweepParams(Section):
+    study: str = Field("sweep", min_length=1, description="the Optuna study's name in its storage")
+    storage: str | None = Field(
+        None, description="null: sweeps.db (SQLite) in the project; postgresql://... for workers on many machines"
+    )
+    space: dict[str, Distribution] = Field(
+        default_factory=_default_space, description="params key (data, tokenizer, model, train) -> distribution"
+    )
+    objective: Literal[OBJECTIVES] = Field("bits_per_byte", description="the metrics/eval.json figure to optimize")
+    direction: Literal["minimize", "maximize"] = Field("minimize", description="lower or higher is better")
+    trials: int = Field(20, gt=0, le=MAX_TRIALS, description="trials the study holds when done, all workers together")
+    timeout_minutes: float | None = Field(None, gt=0, description="no new trial after this long; null: no limit")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna's sampler")
+    seed: int | None = Field(0, description="seeds the sampler; null: a different sequence each time")
+    pruner: Literal["median", "successive_halving", "hyperband", "none"] = Field(
+        "median", description="stops a trial whose validation loss trails the others at the same step"
+    )
+    startup_trials: int = Field(2, ge=0, le=MAX_TRIALS, description="trials that finish before any is pruned")
+
+    @field_validator("study")
+    @classmethod
+    def study_name(cls, value: str) -> str:
+        # the study's trials are DVC experiments named <study>-<number>: a git ref name
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}", value):
+            raise ValueError("must be letters, digits, '-' or '_' (at most 100), as lr-search")
+        return value
+
+    @field_validator("space")
+    @classmethod
+    def some_keys(cls, value: dict[str, Distribution]) -> dict[str, Distribution]:
+        if not value:
+            raise ValueError("must name at least one params key to search")
+        for key in value:
+            if key.split(".")[0] not in SWEEPABLE_SECTIONS:
+                raise ValueError(
+                    f"{key}: a trial searches what makes its model, keys of {', '.join(SWEEPABLE_SECTIONS)}"
+                )
+        return value
+
+
 with warnings.catch_warnings():
     # `register` is a stage name (and params section) that pydantic notes also names ABCMeta.register.
     warnings.filterwarnings("ignore", message='Field name "register"')
@@ -329,9 +421,12 @@ with warnings.catch_warnings():
         register: RegisterParams = Field(default_factory=RegisterParams, description="register: the MLflow model")
         promote: PromoteParams = Field(default_factory=PromoteParams, description="promote: @champion's bar")
         mlflow: MlflowParams = Field(default_factory=MlflowParams, description="where the runs are recorded")
+        sweep: SweepParams = Field(
+            default_factory=SweepParams, description="gpt2-pipeline sweep: an Optuna study over params keys"
+        )
 
         @model_validator(mode="after")
-        def consistent(self) -> Params:
+        def consistent(self, info: ValidationInfo) -> Params:
             cfg = self.model.gpt2_config()
             if self.model.init == "scratch":
                 positions = cfg["n_positions"]
@@ -369,7 +464,37 @@ with warnings.catch_warnings():
                     f"tokenizer.vocab_size: {self.tokenizer.vocab_size} is too small for byte-level BPE; "
                     f"it needs at least {BYTE_ALPHABET + 2} (256 bytes, {EOS} and {SEP})"
                 )
+            if not (info.context or {}).get(TRIAL_CONTEXT):  # a trial's values, checked without a search of its own
+                _check_space(self)
             return self
+
+
+def _check_space(params: Params) -> None:
+    """Every key sweep.space names is a key of the pipeline, and each bound or choice a value it accepts."""
+    for key, distribution in params.sweep.space.items():
+        *parents, leaf = key.split(".")
+        section: Any = params
+        for part in parents:
+            section = getattr(section, part, None) if part in type(section).model_fields else None
+            if not isinstance(section, Section):
+                break
+        if (
+            not isinstance(section, Section)
+            or leaf not in type(section).model_fields
+            or isinstance(getattr(section, leaf), Section)
+        ):
+            raise ValueError(f"sweep.space.{key}: not a params key; check its spelling against params.yaml")
+        for value in distribution.values():
+            trial = params.model_dump(exclude={"sweep"})
+            target = trial
+            for part in parents:
+                target = target.setdefault(part, {})
+            target[leaf] = value
+            try:
+                Params.model_validate(trial, context={TRIAL_CONTEXT: True})
+            except ValidationError as exc:
+                reason = _describe(exc.errors()[0])
+                raise ValueError(f"sweep.space.{key}: {short(value)} is not a value it takes ({reason})") from None
 
 
 class _AnchorRefused(Exception):

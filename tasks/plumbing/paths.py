@@ -68,6 +68,7 @@ EVAL_METRICS = Path("metrics/eval.json")
 SAMPLES_FILE = Path("reports/samples.json")
 # register
 REGISTERED_FILE = Path("registered.json")
+SWEEP_DB = Path("sweeps.db")  # gpt2-pipeline sweep's studies (SQLite) unless sweep.storage names a database
 # A registered version's files (MLflow's transformers layout, tasks/tracking/flavor.py): the model, then its tokenizer
 MLFLOW_MODEL_SUBDIR = "model"
 MLFLOW_TOKENIZER_SUBDIR = "components/tokenizer"

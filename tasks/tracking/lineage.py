@@ -5,6 +5,7 @@ Tagged on the training run (train) and on every registered version (register).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -17,6 +18,10 @@ from tasks.plumbing.paths import DVC_YAML, pipeline_outputs
 DVC_LOCK = Path("dvc.lock")
 FLOW_RUN_ENV = "GPT2_PIPELINE_PREFECT_FLOW_RUN_ID"  # set by the Prefect flow for the stages it runs
 OVERRIDES_ENV = "GPT2_PIPELINE_OVERRIDES"  # JSON of the dotted-key overrides a run workspace applied
+# Set by `gpt2-pipeline sweep` for a trial's stages: JSON of the study (name, storage), the trial (number, id) and the
+# study's MLflow run, which the training run is a child of. Only lineage and pruning read it: a trial that completes
+# writes what `dvc exp run` with its params writes.
+SWEEP_TRIAL_ENV = "GPT2_PIPELINE_SWEEP_TRIAL"
 # Set by `dvc exp run` (plain, --temp, --queue, --run-all) for the stages of an experiment.
 DVC_EXPERIMENT_ENV = {"dvc_exp_name": "DVC_EXP_NAME", "dvc_exp_baseline_rev": "DVC_EXP_BASELINE_REV"}
 # Outputs whose dvc.lock hashes identify a model's data: (stage, path, tag name).
@@ -66,7 +71,22 @@ def run_context() -> dict[str, str]:
     tags = {tag: os.environ[name] for tag, name in DVC_EXPERIMENT_ENV.items() if os.environ.get(name)}
     if os.environ.get(FLOW_RUN_ENV):
         tags["prefect_flow_run_id"] = os.environ[FLOW_RUN_ENV]
+    trial = sweep_trial()
+    if trial:
+        tags.update(
+            {
+                "mlflow.parentRunId": trial["parent_run_id"],
+                "sweep_study": trial["study"],
+                "sweep_trial": str(trial["number"]),
+            }
+        )
     return tags
+
+
+def sweep_trial() -> dict | None:
+    """The sweep trial this stage runs for (SWEEP_TRIAL_ENV), or None."""
+    text = os.environ.get(SWEEP_TRIAL_ENV)
+    return json.loads(text) if text else None
 
 
 def run_tags() -> dict[str, str]:

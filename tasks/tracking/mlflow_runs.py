@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.plumbing.errors import Stopped
+from tasks.plumbing.errors import Stopped, TrialPruned
 from tasks.plumbing.outputs import write_json
 from tasks.plumbing.params import Params, flatten
 from tasks.plumbing.paths import RUN_RECORD
@@ -52,12 +52,18 @@ def create_run(params: Params, tags: dict[str, str] | None = None) -> str:
     run = mlflow_client.create_run(
         experiment_id(params.mlflow.experiment),
         tags={key: redact(str(value)) for key, value in {**lineage.run_tags(), **(tags or {})}.items()},
-        run_name=time.strftime("train-%Y%m%d-%H%M%S"),
+        run_name=run_name(),
     )
     logged = {key: value for key, value in flatten(params).items() if key.split(".")[0] in MODEL_SECTIONS}
     logged["overrides"] = lineage.overrides()
     _log_params(run.info.run_id, logged)
     return run.info.run_id
+
+
+def run_name() -> str:
+    """A sweep trial's run is named as its DVC experiment (<study>-<number>), any other by its start."""
+    trial = lineage.sweep_trial()
+    return f"{trial['study']}-{trial['number']}" if trial else time.strftime("train-%Y%m%d-%H%M%S")
 
 
 def _log_params(run_id: str, params: dict[str, object]) -> None:
@@ -136,14 +142,15 @@ def model_run(params: Params, model_dir: Path) -> str:
 
 @contextlib.contextmanager
 def active(run_id: str) -> Iterator[str]:
-    """The run is RUNNING while the block runs, then FINISHED, FAILED, or KILLED when the stage was stopped."""
+    """The run is RUNNING while the block runs, then FINISHED, FAILED, or KILLED when the stage was stopped (a signal,
+    or a sweep's pruner)."""
     mlflow_client = store.client()
     mlflow_client.update_run(run_id, status="RUNNING")
     status = "FAILED"
     try:
         yield run_id
         status = "FINISHED"
-    except (Stopped, KeyboardInterrupt):
+    except (Stopped, KeyboardInterrupt, TrialPruned):
         status = "KILLED"
         raise
     finally:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import yaml
 
@@ -166,9 +168,10 @@ def test_a_params_file_over_the_limit_is_refused_before_it_is_read(tmp_path):
 
 
 def leaves(tree: dict, prefix: str = ""):
-    """The dotted keys of a params tree's values (a mapping's keys are walked into, model.config's too)."""
+    """The dotted keys of a params tree's values (a mapping's keys are walked into, model.config's too; sweep.space
+    is one value: its keys are params keys, dots and all)."""
     for key, value in tree.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and f"{prefix}{key}" != "sweep.space":
             yield from leaves(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}"
@@ -236,18 +239,20 @@ def test_params_yaml_sets_every_key_the_model_accepts_at_its_default():
     from tasks.plumbing.params import Params
 
     def keys(value: dict, prefix: str = "") -> dict:
-        flat = {}
-        for key, inner in value.items():
-            flat.update(keys(inner, f"{prefix}{key}.") if isinstance(inner, dict) else {f"{prefix}{key}": inner})
-        return flat
+        return {key: value_at(value, key) for key in leaves(value, prefix)}
+
+    def value_at(tree: dict, key: str):
+        return tree["sweep"]["space"] if key == "sweep.space" else functools.reduce(dict.get, key.split("."), tree)
 
     def model_keys(model, prefix: str = "") -> dict:
         flat = {}
         for name in type(model).model_fields:
             inner = getattr(model, name)
-            flat.update(
-                model_keys(inner, f"{prefix}{name}.") if hasattr(inner, "model_fields") else {prefix + name: inner}
-            )
+            if hasattr(inner, "model_fields"):
+                flat.update(model_keys(inner, f"{prefix}{name}."))
+            else:  # sweep.space: its distributions as params.yaml writes them
+                shown = {k: v.model_dump(exclude_defaults=True) for k, v in inner.items()} if name == "space" else inner
+                flat[prefix + name] = shown
         return flat
 
     shipped = keys(default_params())
