@@ -1,12 +1,13 @@
 """LoRA (train.method: lora) against full fine-tuning: peak memory, time per step and the loss after the same steps.
 
 A config-initialized GPT-2 of gpt2-medium's shape (24 layers, 1024 wide, 16 heads, vocabulary 50,257) trains on the
-same blocks of the bundled Shakespeare (a byte-level BPE of that vocabulary trained on it) for the same steps through
-the train stage's path (its model, loss, LoRA wrapping, Trainer arguments), once with every weight training and once
-with the adapters alone, each in a child process of its own whose peak RSS (sampled) is that method's. Time per step:
-the median over the steps after --warmup; the loss: the validation loss after the last step, on blocks neither saw.
-The memory check's estimate (tasks/training/memory.py) is shown beside each peak. The weights are random: LoRA is made
-for pretrained ones, and its loss here shows how little adapters on a frozen random model learn.
+same blocks of the bundled Shakespeare (a byte-level BPE of up to that vocabulary trained on it) for the same steps
+through the train stage's path (its model, loss, LoRA wrapping, Trainer arguments), once with every weight training
+and once with the adapters alone, each in a child process of its own: its peak RSS (the kernel's VmHWM: sampling RSS
+can miss a step's brief peak) is that method's. Time per step: the median over the steps after --warmup; the loss:
+the validation loss after the last step, on blocks neither saw. The memory check's estimate
+(tasks/training/memory.py) is shown beside each peak. The weights are random: LoRA is made for pretrained ones, and
+its loss here shows how little adapters on a frozen random model learn.
 Run: python bench/lora.py [--layers 24 --width 1024 --heads 16 --block 128 --batch 4 --steps 8 --warmup 2]
 """
 
@@ -130,6 +131,7 @@ def child(args, method: str, work: Path) -> None:
         "precision": precision,
         "parameters": parameters,
         "trainable_parameters": lora.trainable_parameters(model) if method == "lora" else parameters,
+        "peak_rss_mb": resident("VmHWM") / 1e6,  # exact, where sampling RSS can miss a step's brief peak
         "training_mb": (resident("VmHWM") - before) / 1e6,
         "step_s": statistics.median(times.seconds[args.warmup :]),
         "first_loss": losses[0],
@@ -165,15 +167,15 @@ def main() -> None:
         work = Path(scratch)
         make_blocks(args, work)
         for method in METHODS:
-            run = run_measured([__file__, "_child", method, str(work), *settings], cwd=ROOT)
+            run = run_measured([__file__, "_child", method, str(work), *settings], cwd=ROOT)  # its output, its failure
             figures = json.loads([line for line in run.output.splitlines() if line.startswith("{")][-1])
             params = params_for(args, method)
             expected = estimate(params, shape(params), figures["precision"], figures["device"])
-            runs[method] = {**figures, "peak_rss_mb": run.peak_rss / MB, "estimate_mb": expected.total / MB}
+            runs[method] = {**figures, "estimate_mb": expected.total / MB}
             print(
                 f"{method}: {figures['trainable_parameters']:,} of {figures['parameters']:,} parameters train; peak "
-                f"RSS {run.peak_rss / MB:,.0f} MB, of it {figures['training_mb']:,.0f} MB above the process before the "
-                f"model (the memory check estimates {expected.total / MB:,.0f} MB), "
+                f"RSS {figures['peak_rss_mb']:,.0f} MB, of it {figures['training_mb']:,.0f} MB above the process "
+                f"before the model (the memory check estimates {expected.total / MB:,.0f} MB), "
                 f"{figures['step_s']:.2f} s a step, loss {figures['first_loss']:.3f} at step 1, validation loss "
                 f"{figures['eval_loss']:.3f} after {args.warmup + args.steps} steps ({figures['device']} "
                 f"{figures['precision']})",
