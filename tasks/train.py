@@ -3,6 +3,7 @@
 Writes models/gpt2/ (save_pretrained: safetensors, config, generation config, tokenizer, and mlflow_run.json: the
 model's MLflow run), metrics/train.json and plots/ (the loss curves). Creates the model's MLflow run
 (tasks/tracking/mlflow_runs.py) and logs to it the params, the ingest/tokenize figures and the curve as train/*.
+Every weight trains (train.method: full), or LoRA adapters merged into the weights at the end (tasks/training/lora.py).
 Run: python -m tasks.train
 """
 
@@ -36,13 +37,16 @@ from tasks.plumbing.stage import run_cli
 from tasks.tracking import mlflow_runs
 from tasks.tracking.charts import COLORS, line_chart
 from tasks.tracking.loading import resolve_device
-from tasks.training import checkpoints, launch, memory, pruning, throughput
+from tasks.training import checkpoints, launch, lora, memory, pruning, throughput
 from tasks.training.callbacks import MlflowLogger, StopOnSignal, kept
 from tasks.training.launch import Role
 from tasks.training.model import build_model, for_training
 
 # What a run is rather than how it went: one value each, so run tags (MLflow draws a metric as a chart).
-RUN_FACTS = ("steps", "tokens_seen", "seconds", "parameters", "processes", "device", "precision", "mfu_peak")
+RUN_FACTS = (
+    "steps", "tokens_seen", "seconds", "parameters", "trainable_parameters", "processes", "device", "precision",
+    "mfu_peak",
+)  # fmt: skip
 
 # On the CPU, bf16 autocast pays only where the CPU computes bf16 natively (AMX or AVX512_BF16; elsewhere it is
 # emulated, ~36x slower) and the matmuls are wide enough to outweigh the casts around them. Measured through the
@@ -170,6 +174,9 @@ def train(
     model = build_model(params.model, tokenizer, params.tokenizer.block_size, framing_name)
     for_training(model, device, params.train.loss_kernel, params.train.fp8_lm_head)
     precision, why = resolve_precision(params.train.precision, device, model.config.n_embd)
+    if params.train.method == "lora":
+        model = lora.wrap(model, params.train.lora, scratch=params.model.init == "scratch")
+    adapters = lora.trainable_parameters(model) if params.train.method == "lora" else None
     args = training_arguments(params.train, device, precision, checkpoint_dir)
     tokens_per_step = params.train.batch_size * params.train.grad_accum * params.tokenizer.block_size * args.world_size
     meter = throughput.Meter(model, tokens_per_step, params.tokenizer.block_size, args.world_size, device, precision)
@@ -190,9 +197,10 @@ def train(
     )
     trainer.remove_callback(PrinterCallback)  # MlflowLogger prints one readable line per logging step
     if args.process_index == 0:
+        trains = f" ({adapters:,} of them in LoRA adapters, the rest frozen)" if adapters is not None else ""
         print(
-            f"train: {model.num_parameters():,} parameters on {device} ({precision}) x {args.world_size} process(es), "
-            f"{len(blocks['train'])} blocks of {params.tokenizer.block_size}"
+            f"train: {model.num_parameters():,} parameters{trains} on {device} ({precision}) x {args.world_size} "
+            f"process(es), {len(blocks['train'])} blocks of {params.tokenizer.block_size}"
             + (f", resuming from {resume_from}" if resume_from else "")
             + f"\ntrain: precision {precision} ({why})"
         )
@@ -219,7 +227,9 @@ def train(
         raise PipelineError("train: the loss is not finite; lower train.learning_rate or check the data")
     if not trainer.is_world_process_zero():
         return {}
-    _save(trainer.model, tokenizer, model_dir, run_id)
+    # LoRA: the adapter alone to the run, then merged, so that what is saved and registered is a plain GPT-2
+    trained = lora.merge(trainer.model, run_id) if params.train.method == "lora" else trainer.model
+    _save(trained, tokenizer, model_dir, run_id)
     evals = [(entry["step"], entry["eval_loss"]) for entry in trainer.state.log_history if "eval_loss" in entry]
     write_plots(curve, evals, plots_dir)
     checkpoints.clear(checkpoint_dir)  # finished: the next run, with whatever params, starts afresh
@@ -234,7 +244,8 @@ def train(
         "mfu": meter.mean_mfu(),
         "mfu_peak": meter.peak_source,
         "seconds": seconds,
-        "parameters": model.num_parameters(),
+        "parameters": trained.num_parameters(),
+        "trainable_parameters": trained.num_parameters() if adapters is None else adapters,
         "processes": args.world_size,
         "device": device,
         "precision": precision,

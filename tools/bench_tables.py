@@ -273,6 +273,45 @@ def compressed_summary(rows: list) -> list:
     return out
 
 
+def lora_table(f: dict) -> Table:
+    """One row a method; the model and the run head the first column."""
+    methods, adapters = f["methods"], f["lora"]
+    full = methods["full"]
+    model = (
+        f"{f['layers']} × {f['width']}, {full['parameters'] / 1e6:,.1f} M parameters, vocabulary {f['vocab']:,}; "
+        f"block {f['block']}, batch {f['batch']}, {full['device']} {full['precision']}"
+    )
+    names = {
+        "full": "full fine-tuning",
+        "lora": f"LoRA: rank {adapters['rank']}, alpha {adapters['alpha']:g}, dropout {adapters['dropout']:g} on "
+        f"{', '.join(adapters['target_modules'])}",
+    }
+    head = [model, "trainable parameters", "peak RSS (of it training)", "memory check's estimate", "time per step",
+            "training loss at step 1", f"validation loss after {f['warmup'] + f['steps']} steps"]  # fmt: skip
+    rows = [
+        [
+            names[method],
+            f"{m['trainable_parameters']:,}",
+            f"{m['peak_rss_mb']:,.0f} MB ({m['training_mb']:,.0f} MB)",
+            f"{m['estimate_mb']:,.0f} MB",
+            f"{m['step_s']:.2f} s",
+            f"{m['first_loss']:.3f}",
+            f"{m['eval_loss']:.3f}",
+        ]
+        for method, m in methods.items()
+    ]
+    return head, rows
+
+
+def lora_summary(f: dict) -> list:
+    # Frozen weights keep 4 of the 16 bytes a trained one does; their weights' gradients are 2 of the 6 FLOPs.
+    memory, time = f["memory_ratio"], f["time_ratio"]
+    return [
+        ("LoRA's peak memory against full fine-tuning, gpt2-medium's shape", "≤ 0.5 ×", x(memory), memory <= 0.5),
+        ("LoRA's time per step against full fine-tuning, gpt2-medium's shape", "≤ 0.8 ×", x(time), time <= 0.8),
+    ]
+
+
 GPT2_124M = "--layers 12 --width 768 --heads 12 --block 1024 --vocab 50257"
 CASES = {
     "train-cpu": Case("python bench/train_throughput.py --save train-cpu", "cpu", train_table, train_summary),
@@ -299,6 +338,7 @@ CASES = {
         compressed_table,
         compressed_summary,
     ),
+    "lora": Case("python bench/lora.py --save lora", "cpu", lora_table, lora_summary),
     "train-gpu-124m": Case(
         f"python bench/train_throughput.py {GPT2_124M} --batch 32 --precision bf16 --compile --device cuda "
         "--save train-gpu-124m",

@@ -195,7 +195,40 @@ class ModelParams(Section):
         return self.config.overrides(scratch=self.init == "scratch")
 
 
+# GPT-2's Conv1D layers that LoRA can adapt: attention's qkv (c_attn) and output (c_proj, a name the MLP's output
+# shares), the MLP's input (c_fc). Not lm_head: the training loss reads its weight directly (tasks/training/loss.py).
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+
+
+class LoraParams(Section):
+    """train.lora: peft's low-rank adapters, for train.method: lora."""
+
+    rank: int = Field(8, gt=0, le=MAX_WIDTH, description="the rank r of each adapter (two matrices of r x width)")
+    alpha: float = Field(16.0, gt=0, description="the adapters' update is scaled by alpha / rank")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[Literal[LORA_TARGETS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(LORA_TARGETS),
+        min_length=1,
+        description="GPT-2's layers that get adapters (c_proj: attention's output and the MLP's)",
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def gpt2_layers(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            unknown = [name for name in value if name not in LORA_TARGETS]
+            if unknown:
+                raise ValueError(f"{short(unknown[0])} is not a GPT-2 layer LoRA adapts; use {', '.join(LORA_TARGETS)}")
+            if len(set(value)) < len(value):
+                raise ValueError("names a layer twice")
+        return value
+
+
 class TrainParams(Section):
+    method: Literal["full", "lora"] = Field(
+        "full",
+        description="full: every weight trains; lora: adapters (train.lora) on frozen weights, merged at the end",
+    )
     max_steps: int = Field(1000, le=MAX_STEPS, description="optimizer steps; -1 trains for `epochs` instead")
     epochs: float = Field(1.0, gt=0, description="passes over the data when max_steps is -1")
     batch_size: int = Field(16, gt=0, le=MAX_BATCH, description="sequences a step, per process")
@@ -237,6 +270,7 @@ class TrainParams(Section):
     check_memory: bool = Field(
         True, description="refuse a model whose estimated training memory exceeds the machine's (or the GPU's)"
     )
+    lora: LoraParams = Field(default_factory=LoraParams, description="the adapters of train.method: lora")
 
     @field_validator("rendezvous")
     @classmethod

@@ -192,6 +192,11 @@ def set_tags(run_id: str, tags: dict[str, object]) -> None:
     store.client().log_batch(run_id, tags=[RunTag(key, redact(str(value))) for key, value in tags.items()])
 
 
+def log_artifacts(run_id: str, folder: Path, artifact_path: str) -> None:
+    """The files of folder as the run's artifacts under artifact_path."""
+    store.client().log_artifacts(run_id, str(folder), artifact_path)
+
+
 def log_metric_steps(run_id: str, entries: list[tuple[int, int, dict[str, float]]]) -> None:
     """Log metric entries gathered over several steps.
 

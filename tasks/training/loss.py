@@ -41,14 +41,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum over valid targets of -log softmax(hidden @ weight.T)[target] / divisor, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, vocab_size: int, divisor, chunk: int, wants_grad: bool):
+    def forward(
+        ctx, hidden, weight, targets, vocab_size: int, divisor, chunk: int, wants_grad: bool, weight_grad: bool
+    ):
         device_type = hidden.device.type
         compute = _compute_dtype(device_type, hidden.dtype)
         with torch.autocast(device_type, enabled=False), torch.no_grad():
             w = weight.to(compute)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_hidden = torch.empty_like(hidden) if wants_grad else None
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_grad else None
+            # a frozen weight (LoRA's, which leaves the embeddings as they are) needs no gradient
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight_grad else None
             for start in range(0, hidden.shape[0], chunk):
                 h, t = hidden[start : start + chunk].to(compute), targets[start : start + chunk]
                 logits = (h @ w.T).float()
@@ -64,7 +67,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad.mul_((valid / divisor)[:, None])
                     grad = grad.to(compute)
                     grad_hidden[start : start + chunk] = (grad @ w).to(hidden.dtype)
-                    grad_weight += (grad.T @ h).float()
+                    if weight_grad:
+                        grad_weight += (grad.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total / divisor
@@ -72,7 +76,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None, None, None, None
+        grad_weight = None if grad_weight is None else (grad_weight * grad_output).to(ctx.weight_dtype)
+        return grad_hidden * grad_output, grad_weight, None, None, None, None, None, None
 
 
 def causal_targets(labels: torch.Tensor, num_items_in_batch, device) -> tuple[torch.Tensor, Any]:
@@ -97,8 +102,9 @@ def linear_cross_entropy(
     targets, divisor = causal_targets(labels, num_items_in_batch, flat.device)
     # Inside the Function grad mode is off: whether backward will come is decided here.
     wants_grad = torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad)
+    weight_grad = torch.is_grad_enabled() and weight.requires_grad
     chunk = chunk_tokens(weight.shape[0])
-    return _LinearCrossEntropy.apply(flat, weight, targets, vocab_size, divisor, chunk, wants_grad)
+    return _LinearCrossEntropy.apply(flat, weight, targets, vocab_size, divisor, chunk, wants_grad, weight_grad)
 
 
 def fused_cross_entropy(

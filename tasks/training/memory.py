@@ -3,13 +3,14 @@
 A model that cannot fit the machine (or the GPU) is refused with the estimate and how to shrink it, instead of
 hanging in allocation.
 
-The estimate counts fp32 weights, gradients and AdamW's two moments (16 bytes a parameter), what autograd keeps of
+The estimate counts fp32 weights, gradients and AdamW's two moments (16 bytes a parameter; with train.method lora
+only the adapters train, and a frozen parameter is its fp32 weight alone, 4 bytes), what autograd keeps of
 each layer at the micro-batch (counted tensor by tensor from transformers' GPT-2, at the byte size of the precision
 the run computes in: 4 in fp32, 2 under bf16 or fp16 autocast; a layer's input only with gradient checkpointing), and
 what the loss path creates: the whole fp32 logits and their gradient when an FP8 head computes them whole, one
 chunk's worth with the chunked loss, none with cut-cross-entropy's kernel (only its own buffers). Dropout's masks
-are left out (the recipes pretrain without dropout); torch.compile only lowers the count. It refuses only a model
-that exceeds the whole memory.
+are left out (the recipes pretrain without dropout), but for LoRA's, on the adapters' inputs; torch.compile only
+lowers the count. It refuses only a model that exceeds the whole memory.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ GPT2_DEFAULTS = {
 }  # fmt: skip
 GPT2_VOCAB = 50_257
 STATE_BYTES = 16  # per parameter: fp32 weight, gradient, AdamW's exp_avg and exp_avg_sq
+WEIGHT_BYTES = 4  # per frozen parameter (LoRA's): the fp32 weight alone
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # what an activation takes: autocast computes in 16 bits
 # What autograd keeps of one GPT2Block (sdpa attention) per token, in tensors of the width, as
 # torch.autograd.graph.saved_tensors_hooks counts them: the two layer norms' inputs, from the residual stream, which
@@ -93,8 +95,21 @@ def loss_bytes(params: Params, dims: dict[str, int], tokens: int, compute: int, 
     cast = compute if compute < 4 else 0  # 16-bit copies beside the fp32 ones
     chunk = min(tokens, chunk_tokens(rows))
     # one chunk's fp32 logits and their gradient; the hidden states' gradient (fp32), the weight's gradient and one
-    # chunk's share of it in fp32
-    return chunk * rows * (8 + cast) + tokens * width * 4 + rows * width * (8 + 2 * cast)
+    # chunk's share of it in fp32 (none for LoRA's frozen embeddings, only the weight's cast)
+    weight = rows * width * (8 + 2 * cast) if params.train.method == "full" else rows * width * cast
+    return chunk * rows * (8 + cast) + tokens * width * 4 + weight
+
+
+def adapted_layers(params: Params, dims: dict[str, int]) -> list[tuple[int, int]]:
+    """(inputs, outputs) of each layer of a block that train.lora adapts (c_proj: attention's output and the MLP's)."""
+    width, inner = dims["n_embd"], dims["n_inner"]
+    layers = {"c_attn": [(width, 3 * width)], "c_proj": [(width, width), (inner, width)], "c_fc": [(width, inner)]}
+    return [shape for name in params.train.lora.target_modules for shape in layers[name]]
+
+
+def lora_parameters(params: Params, dims: dict[str, int]) -> int:
+    """The adapters' parameters: rank x (inputs + outputs) of each adapted layer, in every block."""
+    return dims["n_layer"] * params.train.lora.rank * sum(sum(shape) for shape in adapted_layers(params, dims))
 
 
 def estimate(params: Params, dims: dict[str, int], precision: str = "fp32", device: str = "cpu") -> Estimate:
@@ -107,11 +122,22 @@ def estimate(params: Params, dims: dict[str, int], precision: str = "fp32", devi
     tokens = params.train.batch_size * params.tokenizer.block_size
     compute = PRECISION_BYTES[precision]
     layer = RESIDUAL_SAVED * width * 4 + (COMPUTE_SAVED * width + dims["mlp_saved"] * inner) * compute
+    trainable = count
+    if params.train.method == "lora":
+        # A frozen layer keeps no input for its weight's gradient, but its adapter keeps it instead (counted above);
+        # beside it each adapter's rank-wide middle and, with dropout, the masks of its fp32 input: a byte an input
+        # on CUDA, whose fused dropout keeps booleans, 4 on the CPU, whose dropout multiplies by an fp32 mask.
+        adapted = adapted_layers(params, dims)
+        mask = (1 if device == "cuda" else 4) if params.train.lora.dropout else 0
+        layer += len(adapted) * params.train.lora.rank * compute + sum(inputs for inputs, _ in adapted) * mask
+        trainable = lora_parameters(params, dims)
+        count += trainable
     # with checkpointing each layer's input (the fp32 residual stream) and one layer in full
     kept = layers * width * 4 + layer if params.train.gradient_checkpointing else layers * layer
     weights_cast = count * compute if compute < 4 else 0  # autocast's 16-bit copies of the weights, kept for backward
     activations = tokens * (kept + width * 4) + weights_cast  # and the final layer norm's input
-    return Estimate(count, count * STATE_BYTES, activations, loss_bytes(params, dims, tokens, compute, device))
+    state = count * WEIGHT_BYTES + trainable * (STATE_BYTES - WEIGHT_BYTES)
+    return Estimate(count, state, activations, loss_bytes(params, dims, tokens, compute, device))
 
 
 def machine_bytes(device: str) -> int:
@@ -143,6 +169,8 @@ def check_fits(params: Params, device: str, available: int | None = None, precis
             f"loss at train.batch_size {params.train.batch_size} x tokenizer.block_size "
             f"{params.tokenizer.block_size}), more than the {available / GB:.1f} GB {where} "
             "has; lower model.config.n_layer or n_embd, or train.batch_size (raise train.grad_accum to keep the "
-            "batch), or set train.gradient_checkpointing: true; train.check_memory: false trains anyway"
+            "batch), or set train.gradient_checkpointing: true"
+            + (" or train.method: lora (adapters on frozen weights)" if params.train.method == "full" else "")
+            + "; train.check_memory: false trains anyway"
         )
     return needed

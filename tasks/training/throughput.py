@@ -1,9 +1,11 @@
 """Training throughput and model FLOPs utilization (MFU), as nanoGPT computes them.
 
 FLOPs per token = 6N + 12·L·H·Q·T (N parameters without the position embeddings, L layers, H heads, Q head
-size, T block size). The peak comes from a table of GPUs; for a CPU it is an upper bound from its threads, clock
-and vector units (a measured matmul would be slower whenever other work shares the cores, and MFU would then
-read above 100%), or a matmul measured on it when that is faster; an unlisted GPU has a matmul measured once.
+size, T block size); of the 6N, the weights' gradients are 2N, taken only for the weights that train (with LoRA:
+4N + 2 a trainable parameter). The peak comes from a table of GPUs; for a CPU it is an upper bound from its
+threads, clock and vector units (a measured matmul would be slower whenever other work shares the cores, and MFU
+would then read above 100%), or a matmul measured on it when that is faster; an unlisted GPU has a matmul measured
+once.
 """
 
 from __future__ import annotations
@@ -31,15 +33,22 @@ PEAK_TFLOPS = (
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def flops_per_token(config, parameters: int, block_size: int) -> float:
-    """Training FLOPs per token: forward and backward through the weights (6N) and through attention."""
+def flops_per_token(config, parameters: int, block_size: int, trainable: int | None = None) -> float:
+    """Training FLOPs per token: forward and backward through the weights and through attention.
+
+    Forward and the gradients of the activations through every weight (4N), the gradients of the trainable weights
+    (2 each; trainable None: all N train, 6N in all)."""
     head_size = config.n_embd // config.n_head
-    return 6 * parameters + 12 * config.n_layer * config.n_head * head_size * block_size
+    trainable = parameters if trainable is None else trainable
+    return 4 * parameters + 2 * trainable + 12 * config.n_layer * config.n_head * head_size * block_size
 
 
-def counted_parameters(model) -> int:
-    """All parameters but the position embeddings (the token embeddings are the tied output layer's)."""
-    return model.num_parameters() - model.transformer.wpe.weight.numel()
+def counted_parameters(model, trainable: bool = False) -> int:
+    """All parameters (or those that train) but the position embeddings (the token embeddings are the tied output
+    layer's)."""
+    position = model.transformer.wpe.weight
+    skipped = position.numel() if position.requires_grad or not trainable else 0
+    return model.num_parameters(only_trainable=trainable) - skipped
 
 
 def table_peak(device_name: str, precision: str, tf32: bool) -> float | None:
@@ -150,7 +159,9 @@ class Meter:
 
     def __init__(self, model, tokens_per_step: int, block_size: int, world_size: int, device: str, precision: str):
         self.tokens_per_step = tokens_per_step
-        self.flops_per_token = flops_per_token(model.config, counted_parameters(model), block_size)
+        self.flops_per_token = flops_per_token(
+            model.config, counted_parameters(model), block_size, counted_parameters(model, trainable=True)
+        )
         peak, self.peak_source = peak_flops(device, precision)
         self.peak = peak * world_size
         self.busy = self.total_busy = 0.0

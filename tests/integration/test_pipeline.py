@@ -264,6 +264,64 @@ def test_fine_tune_from_a_local_save_pretrained_folder_beats_its_start(trained_p
     assert json.loads((trained_project / "metrics/eval.json").read_text())["perplexity"] < start
 
 
+ADAPTED = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
+def test_a_lora_fine_tune_registers_a_plain_gpt2_that_serves(trained_project, tmp_path):
+    """train.method: lora on the trained model as a pretrained base: the saved and registered model is a plain
+    GPT2LMHeadModel folder whose weights are the base's but in the layers the adapters were merged into, better than
+    its start; the adapter alone is in the model's run, and serve-model serves the new version."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = trained_project / "base/gpt2-shakespeare"
+    shutil.copytree(trained_project / "models/gpt2", base)
+    start = json.loads((trained_project / "metrics/eval.json").read_text())["perplexity"]
+    steps = {"max_steps": 40, "warmup_steps": 0, "learning_rate": 2.0e-3, "eval_steps": 20, "checkpoint_every": 40}
+    write_params(
+        trained_project,
+        merge(
+            tiny_params(),
+            {
+                "tokenizer": {"kind": "pretrained"},
+                "model": {"init": "pretrained", "name_or_path": "base/gpt2-shakespeare", "config": {}},
+                "train": {"method": "lora", **steps},
+            },
+        ),
+    )
+    output = run([str(BIN / "dvc"), "repro"], trained_project).stdout
+    assert "Running stage 'train'" in output and "Running stage 'register'" in output
+    trained = trained_project / "models/gpt2"
+    assert sorted(path.name for path in trained.glob("adapter*")) == []
+    before, after = load_file(base / "model.safetensors"), load_file(trained / "model.safetensors")
+    assert before.keys() == after.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed == {f"transformer.h.{layer}{suffix}" for layer in range(2) for suffix in ADAPTED}
+    assert json.loads((trained_project / "metrics/eval.json").read_text())["perplexity"] < start
+    metrics = json.loads((trained_project / "metrics/train.json").read_text())
+    assert metrics["trainable_parameters"] == 2 * 8 * 1024
+
+    registered = json.loads((trained_project / "registered.json").read_text())
+    assert registered["version"] == "2"
+    client = store_client(trained_project)
+    run_info = client.get_run(registered["run_id"])
+    assert (
+        run_info.data.tags["train/trainable_parameters"] == "16384" and run_info.data.params["train.method"] == "lora"
+    )
+    adapter = {artifact.path for artifact in client.list_artifacts(registered["run_id"], "adapter")}
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= adapter
+
+    port = free_port()
+    command = [str(BIN / "gpt2-pipeline"), "serve-model", "--model", registered["model_uri"], "--port", str(port)]
+    with process(command, tmp_path / "serve.log", tool_env(), cwd=trained_project) as server:
+        wait_http(f"http://{LOOPBACK}:{port}/ping", server, tmp_path / "serve.log")
+        body = {"inputs": ["ROMEO:"], "params": {"do_sample": False, "max_new_tokens": 8}}
+        answered = httpx.post(f"http://{LOOPBACK}:{port}/invocations", json=body, timeout=120)
+    assert answered.status_code == 200, answered.text
+    [text] = answered.json()["predictions"]
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+
+
 # What a caller may send wrong, and the one line the served model answers each with (HTTP 400).
 REFUSED = [
     ({"inputs": ["ROMEO:"], "params": {"top_p": 2.0}}, "params.top_p: must be > 0 and <= 1 (got 2.0)"),

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import threading
+from pathlib import Path
 
 import datasets
 import pytest
@@ -227,3 +228,81 @@ def test_metrics_go_to_mlflow_in_batches_and_before_each_checkpoint(tokenized, t
     for checkpoint in (20, 40):  # step 20 went out before checkpoint-20 was written
         sent_with = [on_disk for sent, on_disk in requests if checkpoint in sent]
         assert sent_with and checkpoint not in sent_with[0], requests
+
+
+LORA = {"method": "lora", "max_steps": 40, "eval_steps": 20, "checkpoint_every": 20, "logging_steps": 10}
+ADAPTED = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
+def test_lora_saves_a_plain_gpt2_changed_only_where_its_adapters_were_merged(tokenized, tmp_path, mlflow_run):
+    """train.method: lora trains the adapters alone and saves a plain GPT2LMHeadModel folder: no peft file or key,
+    the initial weights but in the adapted layers, and the same logits as the initial model with the adapter the run
+    holds (so merging changed nothing the adapter computes)."""
+    from mlflow.artifacts import download_artifacts
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import set_seed
+
+    from tasks.training.memory import lora_parameters, shape
+
+    params = parse_params(merge(tiny_params(), {"train": LORA}))
+    metrics = train_here(params, mlflow_run, tokenized, tmp_path)
+    assert metrics["train_loss"] < metrics["train_loss_first"]  # slowly: the frozen weights are random ones
+    assert metrics["trainable_parameters"] == lora_parameters(params, shape(params)) == 2 * 8 * 1024
+    saved_dir = tmp_path / "model"
+    assert not list(saved_dir.glob("adapter*"))
+    assert not [key for key in load_file(saved_dir / "model.safetensors") if "lora" in key or "base_layer" in key]
+    saved = GPT2LMHeadModel.from_pretrained(saved_dir).eval()
+    assert type(saved) is GPT2LMHeadModel and saved.num_parameters() == metrics["parameters"]
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenized / "tokenizer"))
+    set_seed(params.train.seed)  # as train does before it builds the model
+    initial = build_model(params.model, tokenizer, params.tokenizer.block_size).eval()
+    start, end = initial.state_dict(), saved.state_dict()
+    assert start.keys() == end.keys()
+    changed = {name for name in start if not torch.equal(start[name], end[name])}
+    assert changed == {f"transformer.h.{layer}{suffix}" for layer in range(2) for suffix in ADAPTED}
+
+    adapter = download_artifacts(run_id=mlflow_run, artifact_path="adapter", dst_path=str(tmp_path / "adapter"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in Path(adapter).iterdir()}
+    ids = torch.randint(0, TOKENIZER_SIZE, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(initial, adapter).eval()(input_ids=ids).logits
+        torch.testing.assert_close(saved(input_ids=ids).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_a_stopped_lora_training_resumes_from_its_adapter_checkpoint(tokenized, tmp_path, mlflow_run, monkeypatch):
+    """SIGTERM at step 15: the checkpoint holds the adapter and its optimizer state (no frozen weight), and the
+    resumed training ends where an uninterrupted one does."""
+    import signal
+
+    from tasks.plumbing.errors import Stopped
+    from tasks.training import checkpoints
+
+    params = parse_params(merge(tiny_params(), {"train": LORA}))
+    whole = train_here(params, mlflow_run, tokenized, tmp_path / "whole")
+    began = MlflowLogger.on_step_begin
+
+    def stop_at_15(self, args, state, control, **kwargs):
+        if state.global_step == 14:  # the 15th step begins
+            signal.raise_signal(signal.SIGTERM)
+        return began(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(MlflowLogger, "on_step_begin", stop_at_15)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(Stopped, match="at step 15"):
+        train_here(params, mlflow_run, tokenized, stopped)
+    monkeypatch.setattr(MlflowLogger, "on_step_begin", began)
+    checkpoint = checkpoints.last_checkpoint(stopped / "checkpoints")
+    assert checkpoint.endswith("checkpoint-15")
+    assert (
+        not (Path(checkpoint) / "model.safetensors").exists()
+        and (Path(checkpoint) / "adapter_model.safetensors").exists()
+    )
+    resumed = train(params, mlflow_run, tokenized / "tokenizer", tokenized / "tokenized", stopped / "model",
+                    stopped / "plots", stopped / "checkpoints", resume_from=checkpoint)  # fmt: skip
+    assert resumed["steps"] == 40
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-3)
+    ends = [GPT2LMHeadModel.from_pretrained(folder / "model").state_dict() for folder in (tmp_path / "whole", stopped)]
+    for name, tensor in ends[0].items():
+        torch.testing.assert_close(ends[1][name], tensor, rtol=1e-4, atol=1e-5, msg=name)

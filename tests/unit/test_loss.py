@@ -81,6 +81,24 @@ def test_bf16_autocast_matches_the_reference_loss_to_1e_3(small_chunks):
     assert torch.nn.functional.cosine_similarity(ours, theirs, 0) > 0.99
 
 
+def test_a_frozen_output_weight_gets_no_gradient_buffer_and_the_layers_below_theirs(small_chunks):
+    """LoRA freezes the token embeddings, which the output layer shares: the loss keeps no fp32 gradient of that
+    weight (vocabulary x width), and the gradients of everything below it are as before."""
+    reference, padded = model_pair(384)
+    ids, labels = batch()
+    _, expected = loss_and_grads(reference, ids, labels)
+    head = padded.transformer.wte.weight
+    assert padded(input_ids=ids, labels=labels).loss.grad_fn.saved_tensors[1].shape == head.shape
+    head.requires_grad_(False)
+    loss = padded(input_ids=ids, labels=labels).loss
+    assert loss.grad_fn.saved_tensors[1] is None
+    loss.backward()
+    assert head.grad is None
+    for name, parameter in padded.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_without_labels_the_model_is_unchanged():
     reference, padded = model_pair(VOCAB)
     ids, _ = batch()

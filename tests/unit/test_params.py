@@ -75,6 +75,18 @@ def test_wrong_type_is_named_with_the_value():
         ({"register": {"model_name": "gpt2 "}}, "params.yaml: register.model_name: must not start or end with spaces"),
         ({"mlflow": {"experiment": "a\tb"}}, "params.yaml: mlflow.experiment: must not start or end with spaces nor"),
         ({"mlflow": {"experiment": "e" * 501}}, "params.yaml: mlflow.experiment: must be at most 500 characters"),
+        ({"train": {"method": "qlora"}}, "params.yaml: train.method: input should be 'full' or 'lora' (got 'qlora')"),
+        (
+            {"train": {"lora": {"target_modules": ["c_attn", "q_proj"]}}},
+            "params.yaml: train.lora.target_modules: 'q_proj' is not a GPT-2 layer LoRA adapts; use c_attn, c_proj, "
+            "c_fc (got ['c_attn', 'q_proj'])",
+        ),
+        ({"train": {"lora": {"target_modules": ["c_fc", "c_fc"]}}}, "params.yaml: train.lora.target_modules: names a"),
+        ({"train": {"lora": {"target_modules": []}}}, "params.yaml: train.lora.target_modules: list should have at"),
+        ({"train": {"lora": {"rank": 0}}}, "params.yaml: train.lora.rank: input should be greater than 0 (got 0)"),
+        ({"train": {"lora": {"alpha": 0}}}, "params.yaml: train.lora.alpha: input should be greater than 0 (got 0)"),
+        ({"train": {"lora": {"dropout": 1}}}, "params.yaml: train.lora.dropout: input should be less than 1 (got 1)"),
+        ({"train": {"lora": {"ranks": 8}}}, "params.yaml: train.lora.ranks: unknown key; check its spelling"),
     ],
 )
 def test_impossible_values_are_refused(overrides, expected):
