@@ -52,11 +52,11 @@ def test_a_dead_workers_trial_is_failed_and_its_params_run_again_once(storage):
 
 
 def test_a_study_that_exists_is_continued_only_with_resume(storage):
-    url, opened = storage
+    _, opened = storage
     sweep.open_study(settings(), opened, resume=False)
-    with pytest.raises(PipelineError, match="already in .*pass --resume"):
+    with pytest.raises(PipelineError, match=r"already in .*pass --resume"):
         sweep.open_study(settings(), opened, resume=False)
-    with pytest.raises(PipelineError, match="sweep.direction: maximize"):
+    with pytest.raises(PipelineError, match=r"sweep\.direction: maximize"):
         sweep.open_study(settings(direction="maximize"), opened, resume=True)
 
 
