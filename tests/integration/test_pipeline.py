@@ -233,29 +233,25 @@ def test_a_registered_model_is_where_a_training_can_start(pipeline, monkeypatch)
         build_model(missing, tokenizer, 64)
 
 
+def fine_tune_the_trained_model(project, train: dict):
+    """Save the project's trained model as a folder of its own (as a user brings one) and set the params to
+    fine-tune it with these train settings; its folder and its validation perplexity."""
+    base = project / "base/gpt2-shakespeare"
+    shutil.copytree(project / "models/gpt2", base)
+    start = json.loads((project / "metrics/eval.json").read_text())["perplexity"]
+    pretrained = {"init": "pretrained", "name_or_path": "base/gpt2-shakespeare", "config": {}}
+    write_params(project, merge(tiny_params(), {"tokenizer": {"kind": "pretrained"}, "model": pretrained,
+                                                "train": train}))  # fmt: skip
+    return base, start
+
+
 def test_fine_tune_from_a_local_save_pretrained_folder_beats_its_start(trained_project):
     """The trained model saved as a folder of its own (as a user brings one), fine-tuned further: it starts from
     those weights and ends with a lower validation perplexity than the folder's model had."""
-    base = trained_project / "base/gpt2-shakespeare"
-    shutil.copytree(trained_project / "models/gpt2", base)
-    start = json.loads((trained_project / "metrics/eval.json").read_text())["perplexity"]
     start_loss = json.loads((trained_project / "metrics/train.json").read_text())["train_loss"]
-    write_params(
+    _, start = fine_tune_the_trained_model(
         trained_project,
-        merge(
-            tiny_params(),
-            {
-                "tokenizer": {"kind": "pretrained"},
-                "model": {"init": "pretrained", "name_or_path": "base/gpt2-shakespeare", "config": {}},
-                "train": {
-                    "max_steps": 60,
-                    "warmup_steps": 0,
-                    "learning_rate": 1.0e-3,
-                    "eval_steps": 30,
-                    "checkpoint_every": 60,
-                },
-            },
-        ),
+        {"max_steps": 60, "warmup_steps": 0, "learning_rate": 1.0e-3, "eval_steps": 30, "checkpoint_every": 60},
     )
     output = run([str(BIN / "dvc"), "repro", "evaluate"], trained_project).stdout
     assert "Running stage 'train'" in output
@@ -274,21 +270,8 @@ def test_a_lora_fine_tune_registers_a_plain_gpt2_that_serves(trained_project, tm
     import torch
     from safetensors.torch import load_file
 
-    base = trained_project / "base/gpt2-shakespeare"
-    shutil.copytree(trained_project / "models/gpt2", base)
-    start = json.loads((trained_project / "metrics/eval.json").read_text())["perplexity"]
     steps = {"max_steps": 40, "warmup_steps": 0, "learning_rate": 2.0e-3, "eval_steps": 20, "checkpoint_every": 40}
-    write_params(
-        trained_project,
-        merge(
-            tiny_params(),
-            {
-                "tokenizer": {"kind": "pretrained"},
-                "model": {"init": "pretrained", "name_or_path": "base/gpt2-shakespeare", "config": {}},
-                "train": {"method": "lora", **steps},
-            },
-        ),
-    )
+    base, start = fine_tune_the_trained_model(trained_project, {"method": "lora", **steps})
     output = run([str(BIN / "dvc"), "repro"], trained_project).stdout
     assert "Running stage 'train'" in output and "Running stage 'register'" in output
     trained = trained_project / "models/gpt2"

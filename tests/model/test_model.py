@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 import threading
 from pathlib import Path
@@ -263,7 +264,12 @@ def test_lora_saves_a_plain_gpt2_changed_only_where_its_adapters_were_merged(tok
     changed = {name for name in start if not torch.equal(start[name], end[name])}
     assert changed == {f"transformer.h.{layer}{suffix}" for layer in range(2) for suffix in ADAPTED}
 
-    adapter = download_artifacts(run_id=mlflow_run, artifact_path="adapter", dst_path=str(tmp_path / "adapter"))
+    adapter = download_artifacts(
+        run_id=mlflow_run,
+        artifact_path="adapter",
+        dst_path=str(tmp_path / "adapter"),
+        tracking_uri=os.environ["MLFLOW_TRACKING_URI"],  # not MLflow's process-wide URI, which another test may set
+    )
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in Path(adapter).iterdir()}
     ids = torch.randint(0, TOKENIZER_SIZE, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
