@@ -58,7 +58,8 @@ def prepare(project: Path, overrides: dict[str, Any]) -> Path:
     _link_corpora(project, workspace)
     if new:
         _check_out_committed_outputs(workspace)
-    params["data"]["sources"] = [_source_for(workspace, project, source) for source in params["data"]["sources"]]
+    for key in ("sources", "validation_sources"):
+        params["data"][key] = [_source_for(workspace, project, source) for source in params["data"].get(key, [])]
     with atomic_output(workspace / PARAMS_FILE) as tmp:
         comment = schema_comment(project_text, project / PARAMS_FILE, workspace / PARAMS_FILE)
         tmp.write_text(comment + yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")

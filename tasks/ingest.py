@@ -55,13 +55,13 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
     order as this process writes the shards, so they are the same bytes whatever ran them and on how many cores.
     """
     fields = [params.text_field] if isinstance(params.text_field, str) else list(params.text_field)
-    sources = resolve_sources(params.sources, params.allow_outside_project)
+    sources, held_out = split_sources(params)
     read_records = functools.partial(_parsed, fields=fields, params=params)
-    units = plan(sources, params.shard_mb << 20, read_records, params.max_record_bytes)
+    units = plan(sources + held_out, params.shard_mb << 20, read_records, params.max_record_bytes)
     with atomic_output(out_dir) as tmp:
         for split in SPLITS:
             (tmp / split).mkdir(parents=True)
-        prepare = functools.partial(_prepare_unit, fields=fields, params=params)
+        prepare = functools.partial(_prepare_unit, fields=fields, params=params, held_out=frozenset(held_out))
         on_cluster = cluster(params.executor, params.ray_address)
         processes = workers(params.workers, local=on_cluster is None)
         first = list(itertools.islice(units, processes))  # no more processes than units (a small corpus has one)
@@ -75,10 +75,26 @@ def ingest(params: DataParams, out_dir: Path = PREPARED_DIR) -> dict[str, Any]:
                 for unit in prepared:
                     merged.add(unit, tmp)
         stats = {**merged.stats, "dropped": merged.dropped}
-        _check_kept(stats, merged.texts, sources)
-        stats.update(sources=sources, shards=merged.units)
+        _check_kept(stats, merged.texts, sources + held_out)
+        stats.update(sources=sources, validation_sources=held_out, shards=merged.units)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return stats
+
+
+def split_sources(params: DataParams) -> tuple[list[str], list[str]]:
+    """data.sources and data.validation_sources resolved; a file both name is refused (its records would be on
+    both sides)."""
+    sources = resolve_sources(params.sources, params.allow_outside_project)
+    if not params.validation_sources:
+        return sources, []
+    held_out = resolve_sources(params.validation_sources, params.allow_outside_project)
+    both = sorted(set(sources) & set(held_out))
+    if both:
+        raise PipelineError(
+            f"data.validation_sources: {both[0]} is also in data.sources; a file is trained on or held out, "
+            "not both: name it in one of them"
+        )
+    return sources, held_out
 
 
 def _parsed(source: str, fields: list[str], params: DataParams) -> Iterator[Located]:
@@ -107,12 +123,16 @@ class Unit:
     shards: dict[str, bytes] = field(default_factory=dict)  # each split's JSON lines
 
 
-def _prepare_unit(indexed: tuple[int, list[Piece]], fields: list[str], params: DataParams) -> Unit:
+def _prepare_unit(
+    indexed: tuple[int, list[Piece]], fields: list[str], params: DataParams, held_out: frozenset[str] = frozenset()
+) -> Unit:
+    """One unit's records normalized, deduplicated within it and split: a record of a held-out source is
+    validation, any other train; without held-out sources a seeded hash of its text decides."""
     index, pieces = indexed
     unit = Unit(index)
     seen: set[bytes] = set()  # 16-byte digests: memory grows with unique records, not with their text
     shards = [io.BytesIO() for _ in SPLITS]
-    for record in _normalized(pieces, fields, params, unit.texts):
+    for source, record in _normalized(pieces, fields, params, unit.texts):
         text = record["text"]
         if len(text) < params.min_chars:
             unit.short += 1
@@ -123,7 +143,8 @@ def _prepare_unit(indexed: tuple[int, list[Piece]], fields: list[str], params: D
             unit.duplicate += 1
             continue
         seen.add(digest)
-        validation = in_validation(text, params.validation_fraction, params.seed)
+        held = source in held_out if held_out else in_validation(text, params.validation_fraction, params.seed)
+        validation = int(held)
         shards[validation].write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
         unit.digests += digest
         unit.splits.append(validation)
@@ -190,11 +211,13 @@ def _check_kept(stats: dict[str, Any], texts: dict[str, int], sources: list[str]
         if stats[split]["records"] == 0:
             raise PipelineError(
                 f"data.sources: the {split} split is empty ({kept} records kept in all); "
-                "add text, lower data.min_chars or change data.validation_fraction"
+                "add text, lower data.min_chars or change data.validation_fraction (or data.validation_sources)"
             )
 
 
-def _normalized(pieces: list[Piece], fields: list[str], params: DataParams, texts: dict[str, int]) -> Iterable[dict]:
+def _normalized(
+    pieces: list[Piece], fields: list[str], params: DataParams, texts: dict[str, int]
+) -> Iterable[tuple[str, dict]]:
     """Prepared records: {"text"}, or for dialogues {"text", "turns"} with the turns also joined by newlines.
     Counts the records with text of each source into `texts`."""
     dialog = params.format == "dialog"
@@ -208,15 +231,15 @@ def _normalized(pieces: list[Piece], fields: list[str], params: DataParams, text
                 else:
                     record = {"text": normalize(record_text(raw, fields, where))}
                 count += bool(record["text"])
-                yield record
+                yield piece.source, record
         texts[piece.source] = texts.get(piece.source, 0) + count
 
 
 def main() -> None:
     params = load_params()
     if DVC_YAML.is_file():  # run as a stage of this project (dvc repro, the flow), not on a folder of its own
-        sources = resolve_sources(params.data.sources, params.data.allow_outside_project)
-        check_tracked(sources, data_deps("ingest"))
+        sources, held_out = split_sources(params.data)
+        check_tracked(sources + held_out, data_deps("ingest"))
     stats = ingest(params.data)
     print(
         f"ingest: {stats['train']['records']} train / {stats['validation']['records']} validation records "

@@ -58,3 +58,17 @@ def write_unique_corpus(folder: Path, size: int, file_size: int = 64 * MB, seed:
                 written, in_file = written + count, in_file + count
         part += 1
     return written
+
+
+def held_out_tail(source: Path, folder: Path, fraction: float = 0.1) -> tuple[Path, Path]:
+    """`source` cut in two at the paragraph break nearest (1 - fraction) of its characters: folder/train.txt and
+    folder/validation.txt, for data.sources and data.validation_sources (nanoGPT holds out Shakespeare's last 10%
+    this way). Returns the two paths; files already holding those texts are left as they are."""
+    text = source.read_text(encoding="utf-8")
+    cut = text.rfind("\n\n", 0, round(len(text) * (1 - fraction))) + 2
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "train.txt", folder / "validation.txt"
+    for path, part in zip(paths, (text[:cut], text[cut:]), strict=True):
+        if not path.is_file() or path.read_text(encoding="utf-8") != part:
+            path.write_text(part, encoding="utf-8")
+    return paths

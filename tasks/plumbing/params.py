@@ -83,7 +83,13 @@ class DataParams(Section):
     text_field: str | list[str] = Field(
         "text", description="record field(s) holding the text (JSON, CSV, Parquet); several are joined by lines"
     )
-    validation_fraction: float = Field(0.1, gt=0, lt=1, description="share of records held out for validation")
+    validation_sources: list[str] = Field(
+        default_factory=list,
+        description="files held out whole for validation (run_clm's validation_file); []: a share of data.sources",
+    )
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of records held out for validation (without validation_sources)"
+    )
     seed: int = Field(0, description="seeds the split: a record's side depends only on its text and this")
     min_chars: int = Field(1, ge=0, description="records shorter than this (after normalizing) are dropped")
     format: Literal["text", "dialog"] = Field("text", description="dialog: each record is a list of turns")

@@ -429,3 +429,26 @@ def test_a_gzipped_text_without_blank_lines_or_with_long_lines_reads_as_the_plai
     assert "".join(text for unit in units for text in unit_texts(unit, str(tmp_path / "packed.txt.gz"))) == "".join(
         expected
     )
+
+
+def test_validation_sources_are_held_out_whole(tmp_path):
+    """run_clm's validation_file: every record of a held-out file is validation and no other record is, whatever
+    validation_fraction says; a record both sides hold stays where it first came (train), so none leaks."""
+    (tmp_path / "train.txt").write_text("".join(f"train paragraph {i}\n\n" for i in range(50)) + "shared\n")
+    (tmp_path / "held.txt").write_text("".join(f"held out paragraph {i}\n\n" for i in range(7)) + "shared\n")
+    stats = ingest(
+        params([tmp_path / "train.txt"], validation_sources=[str(tmp_path / "held.txt")], validation_fraction=0.5),
+        tmp_path / "out",
+    )
+    assert read_split(tmp_path / "out", "validation") == [f"held out paragraph {i}" for i in range(7)]
+    assert read_split(tmp_path / "out", "train") == [f"train paragraph {i}" for i in range(50)] + ["shared"]
+    assert stats["validation_sources"] == [str(tmp_path / "held.txt")]
+    assert stats["dropped"]["duplicate"] == 1
+
+
+def test_a_file_both_trained_on_and_held_out_is_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("some text\n")
+    both = params([tmp_path / "*.txt"], validation_sources=[str(tmp_path / "a.txt")])
+    with pytest.raises(PipelineError, match=r"^data.validation_sources: .*a.txt is also in data.sources"):
+        ingest(both, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
