@@ -214,8 +214,13 @@ def _stand_in_run(params: Params, study: str, number: int, parent: str, override
 
 def _study_run(study, params: Params, url: str) -> str:
     """The study's MLflow run (the parent of its trials' runs): made with the study, reopened by a resume."""
+    with study_tools.budget_lock(url, study.study_name):  # workers starting together make one run, not one each
+        return _study_run_locked(study, params, url)
+
+
+def _study_run_locked(study, params: Params, url: str) -> str:
     client = store.client()
-    recorded = study.user_attrs.get("mlflow_run_id")
+    recorded = study.user_attrs.get("mlflow_run_id")  # read from the storage: another worker's, when it was first
     if recorded and _exists(recorded):
         client.update_run(recorded, status="RUNNING")
         return recorded

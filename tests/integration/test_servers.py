@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import re
+import signal
 import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+import yaml
 
-from tests.helpers import BIN, mlflow_on, run, tool_env, trained_copy
+from tests.helpers import BIN, commit, mlflow_on, run, tool_env, trained_copy
 from tests.servers import (
     LOOPBACK,
+    PG_PASSWORD,
     free_port,
     mlflow_server,
     postgres,
@@ -35,6 +40,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.servers]
 POOL = "gpt2-local"
 PREFECT_AUTH = "admin:test-only-prefect-auth"
 TINY_MODEL = {"model.config.n_layer": 1, "train.max_steps": 30}  # the override each deployment run passes
+# The study both sweep workers share: three trials of a 30-step training, none pruned (the pruner waits for three
+# finished trials), the storage's password from PGPASSWORD rather than the file.
+SWEEP = {
+    "study": "shared",
+    "trials": 3,
+    "startup_trials": 3,
+    "space": {"train.learning_rate": {"type": "float", "low": 1.0e-3, "high": 1.0e-2, "log": True}},
+}
 
 
 class Stack:
@@ -120,9 +133,10 @@ def stack(golden, tmp_path_factory):
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "PREFECT_API_AUTH_STRING": PREFECT_AUTH,  # every client: the CLI, deploy, the worker, the flows
+        "PGPASSWORD": PG_PASSWORD,  # the sweep's storage URI names no password
     }
     ours = {p.pid for p in psutil.Process().children(recursive=True)}  # e.g. the session's Prefect server
-    with postgres(("mlflow", "prefect")) as databases:
+    with postgres(("mlflow", "prefect", "optuna")) as databases:
         backend = databases["mlflow"].replace("postgresql://", "postgresql+psycopg2://")
         prefect_env = {
             **env,
@@ -140,6 +154,7 @@ def stack(golden, tmp_path_factory):
             wait_http(f"{env['PREFECT_API_URL']}/health", prefect_server, base / "prefect.log")
             stack = Stack(project, env["MLFLOW_TRACKING_URI"], env["PREFECT_API_URL"], env)
             stack.golden = golden  # for a second host's copy of the project
+            stack.optuna_url = databases["optuna"].replace(f":{PG_PASSWORD}@", "@")
             stack.cli(str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "process")
             stack.cli(str(BIN / "prefect"), "--no-prompt", "deploy", "--all")
             worker_cmd = [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"]
@@ -186,6 +201,8 @@ def a_day_of_work(stack: Stack, worker) -> None:
     seen["versions"] = [stack.version_of(r["id"]) for r in runs]
     seen["promoting version"] = stack.version_of(ids[0])
 
+    sweep_on_two_hosts(stack)
+
     # Serving and a work pool are two ways to run the same deployments; switch from one to the other.
     stop_group(worker)
     for name in ("training-pipeline/nightly", "promote-model/on-demand"):
@@ -200,6 +217,42 @@ def a_day_of_work(stack: Stack, worker) -> None:
         promoted = stack.trigger("promote-model/on-demand", {"workdir": "."})
         seen["served promotion"] = stack.wait_completed(promoted, timeout=180)
     seen["serve log"], seen["aliases after serve"] = log.read_text(), stack.aliases()
+
+
+def sweep_on_two_hosts(stack: Stack) -> None:
+    """One study in PostgreSQL, two workers: the sweep deployment on the work pool (this project) and `gpt2-pipeline
+    sweep --resume` on host c, killed with SIGKILL once its first trial runs and started again with --resume."""
+    seen = stack.outcomes
+    host_c = trained_copy(stack.golden, stack.project.parent / "host-c")
+    for host in (stack.project, host_c):
+        params = yaml.safe_load((host / "params.yaml").read_text())
+        params["sweep"].update(SWEEP, storage=stack.optuna_url)
+        params["train"].update(max_steps=30, eval_steps=10)
+        (host / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        commit(host, "sweep settings")
+    flow_run = stack.trigger("sweep/worker", {})
+    command, log = [str(BIN / "gpt2-pipeline"), "sweep", "--resume"], host_c / "sweep.log"
+    with process(command, log, stack.env, cwd=host_c) as worker:
+        deadline = time.monotonic() + 600
+        while not re.search(r"^trial \d+: (?!\{)", log.read_text(), re.M):  # a line of its trial's dvc exp run
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+    seen["sweep killed log"] = log.read_text()
+    seen["sweep resumed"] = run(command, host_c, env=stack.env, check=False)
+    seen["sweep flow run"] = stack.wait_completed(flow_run, timeout=1200)
+    import optuna
+
+    study = optuna.load_study(study_name=SWEEP["study"], storage=stack.optuna_url)
+    seen["sweep trials"] = [(t.number, t.state.name, t.params, t.user_attrs.get("retry_of")) for t in study.trials]
+    seen["sweep parent"] = study.user_attrs["mlflow_run_id"]
+    seen["sweep runs"] = stack.mlflow().search_runs(
+        [stack.mlflow().get_experiment_by_name("gpt2-pipeline").experiment_id], "tags.sweep_study = 'shared'"
+    )
+    seen["sweep experiments"] = [
+        run([str(BIN / "dvc"), "exp", "ls", "--name-only"], h).stdout.split() for h in (stack.project, host_c)
+    ]
 
 
 def next_three_am(after: datetime.datetime, count: int) -> list[datetime.datetime]:
@@ -320,3 +373,32 @@ def test_a_card_over_the_registry_limit_is_cut_to_fit_postgresql(stack):
     assert len(card) > MAX_DESCRIPTION >= len(stored) and stored == within_limit(card) and stored.endswith(CUT_NOTE)
     client.update_registered_model("long-card", description=within_limit(f"@champion is version 1.\n\n{card}"))
     assert client.get_registered_model("long-card").description.endswith(CUT_NOTE)
+
+
+def test_two_sweep_workers_share_one_postgresql_study_through_a_kill(stack):
+    """Two workers (the sweep deployment, and the CLI on another host killed with SIGKILL mid-trial, then resumed)
+    fill one PostgreSQL study with exactly sweep.trials finished trials: distinct, none lost or run twice; the
+    killed trial failed in Optuna and MLflow and run again once with its params; one parent run over all."""
+    seen = stack.outcomes
+    assert seen["sweep resumed"].returncode == 0, seen["sweep resumed"].stdout[-3000:] + seen["sweep resumed"].stderr
+    trials = seen["sweep trials"]
+    assert sorted(state for _, state, _, _ in trials) == ["COMPLETE"] * 3 + ["FAIL"]
+    (failed,) = [t for t in trials if t[1] == "FAIL"]
+    (retry,) = [t for t in trials if t[3] is not None]
+    assert retry[3] == failed[0] and retry[2] == failed[2] and retry[1] == "COMPLETE"
+    runs = seen["sweep runs"]
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.run_id for p in parents] == [seen["sweep parent"]] and parents[0].info.status == "FINISHED"
+    children = {}
+    for r in runs:
+        if r.data.tags.get("mlflow.parentRunId") == seen["sweep parent"]:
+            children.setdefault(int(r.data.tags["sweep_trial"]), []).append(r)
+    finished = {number for number, state, _, _ in trials if state == "COMPLETE"}
+    assert finished <= set(children) and len(children[failed[0]]) >= 1
+    for number, made in children.items():
+        statuses = {(r.info.status, r.data.tags.get("sweep_state")) for r in made}
+        assert statuses == ({("FINISHED", "complete")} if number in finished else {("FAILED", "failed")}), number
+    # Every finished trial is a DVC experiment on the host that ran it; the killed one left none.
+    experiments = [name for names in seen["sweep experiments"] for name in names]
+    assert sorted(experiments) == sorted(f"shared-{n}" for n in finished)
+    assert PG_PASSWORD not in seen["sweep killed log"] + seen["sweep resumed"].stdout

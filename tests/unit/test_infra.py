@@ -10,12 +10,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 from flows.deployments import load_deployments, runner_deployments
+from tasks.plumbing.params import parse_params
 from tests.helpers import ROOT
 
 INFRA = ROOT / "infra"
@@ -315,6 +317,40 @@ def test_kubernetes_training_and_servers_take_connections_only_from_their_peers(
     for volumes in (job["spec"]["template"]["spec"]["volumes"], pod["spec"]["volumes"]):
         (dshm,) = [v for v in volumes if v["name"] == "dshm"]
         assert dshm["emptyDir"]["medium"] == "Memory" and dshm["emptyDir"]["sizeLimit"] == "16Gi"
+
+
+def test_sweep_workers_reach_the_study_database_and_run_the_shared_study():
+    """sweep-workers.yaml's pods (an Indexed Job) reach PostgreSQL, MLflow and MinIO and nothing reaches them; each
+    one joins the study (--resume) with sweep.storage from the Job's env, and its script parses."""
+    policies = list(yaml.safe_load_all((INFRA / "k8s/network-policy.yaml").read_text()))
+    job = yaml.safe_load((INFRA / "k8s/sweep-workers.yaml").read_text())
+    workers = indexed_job_pods(job)
+    assert len(workers) == job["spec"]["parallelism"] == 4
+    for worker in workers:
+        for server, port in {"postgres": 5432, "mlflow": 5000, "minio": 9000}.items():
+            assert admits(policies, {"app.kubernetes.io/name": server}, worker, port), server
+        assert not any(admits(policies, worker, other, 29500) for other in workers if other != worker)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["SWEEP_STORAGE"].startswith("postgresql://") and "@" in env["SWEEP_STORAGE"]
+    assert ":" not in env["SWEEP_STORAGE"].split("//")[1].split("@")[0]  # no password in the URI: PGPASSWORD
+    script = container["args"][0]
+    assert re.search(r"^exec gpt2-pipeline sweep --resume$", script, re.M) and '"$SWEEP_STORAGE"' in script
+    subprocess.run(["sh", "-n", "-c", script], check=True)
+    program = re.search(r"python -c '([^']+)'", script).group(1)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    folder = Path(tempfile.mkdtemp())
+    try:
+        (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        subprocess.run([sys.executable, "-c", program, env["SWEEP_STORAGE"]], cwd=folder, check=True)
+        written = parse_params(yaml.safe_load((folder / "params.yaml").read_text()))
+    finally:
+        shutil.rmtree(folder)
+    assert (
+        written.sweep.storage == env["SWEEP_STORAGE"]
+        and written.model_dump()
+        == parse_params({**params, "sweep": {**params["sweep"], "storage": env["SWEEP_STORAGE"]}}).model_dump()
+    )
 
 
 def test_the_lock_has_what_its_packages_need_on_the_oldest_python_the_project_allows():
