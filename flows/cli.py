@@ -156,8 +156,10 @@ def sweep(
     """Search params.yaml's sweep.space with Optuna: each trial a DVC experiment (train and evaluate), pruned early
     when it trails; one MLflow run for the study with a child run per trial; prints the trials and the best params."""
     from flows.sweep import sweep as sweep_flow
+    from tasks import sweep as study_tools
 
-    load_params()  # a bad sweep section: one line before anything runs
+    params = load_params()  # a bad sweep section: one line before anything runs
+    study_tools.open_storage(study_tools.storage_url(params.sweep, Path.cwd()))  # so is a database out of reach
     server.start_local()
     sweep_flow(trials=trials, timeout_minutes=timeout_minutes, resume=resume, register_best=register_best)
 

@@ -54,6 +54,8 @@ def run_trial(number: int, overrides: dict[str, Any], additions: dict[str, str],
     ]
     for key, value in overrides.items():
         command += ["-S", f"{key}={json.dumps(value)}"]
+    for path in untracked_sources(Path(cwd), overrides):
+        command += ["--copy-paths", path]
     command.append(LAST_STAGE)
     env = pipeline.stage_env({SWEEP_TRIAL_ENV: additions["trial"]})
     lines: list[str] = []
@@ -68,6 +70,20 @@ def run_trial(number: int, overrides: dict[str, Any], additions: dict[str, str],
                 print(f"trial {number}: {lines[-1]}")
     status = pipeline.stage_status(lines, process.returncode) if process.returncode else 0
     return status, pipeline.failure_line(lines) if status else ""
+
+
+def untracked_sources(project: Path, overrides: dict[str, Any]) -> list[str]:
+    """The trial's corpus files that neither git nor DVC tracks: `dvc exp run --temp` copies only what they track,
+    so these are passed with --copy-paths (a `dvc add`-ed corpus comes from the DVC cache instead)."""
+    data = apply_overrides(read_raw(project / PARAMS_FILE), overrides)["data"]
+    names = [*data.get("sources", []), *data.get("validation_sources", [])]
+    found = study_tools.local_files(names, project)
+    if not found:
+        return []
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--", *found], cwd=project, capture_output=True, text=True, check=False
+    ).stdout.split("\0")
+    return [path for path in found if path not in listed and not study_tools.dvc_tracked(project, path)]
 
 
 @flow(name="sweep", log_prints=True)

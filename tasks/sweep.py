@@ -33,6 +33,7 @@ GRACE_SECONDS = 90  # a running trial silent this long belonged to a worker that
 SQLITE_WAIT_SECONDS = 60  # a worker waits this long for another's write to the SQLite study
 WORKER_ATTR = "worker"  # a trial's user attribute: host, pid and process group of the worker running it
 RETRY_OF_ATTR = "retry_of"  # a trial that runs again the params of one a dead worker left unfinished
+WORKERS_ATTR = "workers"  # a study's user attribute: how many workers have opened it (each seeds its sampler apart)
 
 
 def optuna_module():
@@ -51,8 +52,13 @@ def optuna_module():
 
 
 def storage_url(params: SweepParams, project: Path) -> str:
-    """sweep.storage, or the project's SQLite file."""
-    return params.storage or f"sqlite:///{(project / SWEEP_DB).resolve()}"
+    """sweep.storage, or the project's SQLite file.
+
+    A plain postgresql:// names psycopg2, the driver the project installs (and MLflow's server uses): SQLAlchemy 2.1
+    would take it as psycopg 3."""
+    url = params.storage or f"sqlite:///{(project / SWEEP_DB).resolve()}"
+    scheme, separator, rest = url.partition("://")
+    return f"postgresql+psycopg2://{rest}" if separator and scheme in ("postgresql", "postgres") else url
 
 
 def shown(url: str) -> str:
@@ -74,11 +80,14 @@ def open_storage(url: str):
         ) from None
 
 
-def _sampler(params: SweepParams):
+def _sampler(params: SweepParams, worker: int = 0):
+    """The sampler of the study's `worker`-th worker: sweep.seed for the first, the next seeds for the others, so
+    that workers starting together do not draw the same params."""
     optuna = optuna_module()
+    seed = None if params.seed is None else params.seed + worker
     if params.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=params.seed)
-    return optuna.samplers.TPESampler(seed=params.seed, n_startup_trials=max(params.startup_trials, 1))
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(params.startup_trials, 1))
 
 
 def _pruner(params: SweepParams):
@@ -96,20 +105,23 @@ def open_study(params: SweepParams, storage, resume: bool):
     """The study sweep.study names: a new one, or with --resume the existing one (or a new one where none is)."""
     optuna = optuna_module()
     url = storage.url if hasattr(storage, "url") else str(storage)
-    exists = params.study in optuna.get_all_study_names(storage)
-    if exists and not resume:
-        raise PipelineError(
-            f"sweep.study {params.study}: already in {shown(url)}; pass --resume to continue it (its finished trials "
-            "are kept), or name a new study in sweep.study"
+    with budget_lock(url, params.study):  # workers starting together: one makes the study, each has its number
+        exists = params.study in optuna.get_all_study_names(storage)
+        if exists and not resume:
+            raise PipelineError(
+                f"sweep.study {params.study}: already in {shown(url)}; pass --resume to continue it (its finished "
+                "trials are kept), or name a new study in sweep.study"
+            )
+        study = optuna.create_study(
+            study_name=params.study,
+            storage=storage,
+            pruner=_pruner(params),
+            direction=params.direction,
+            load_if_exists=True,
         )
-    study = optuna.create_study(
-        study_name=params.study,
-        storage=storage,
-        sampler=_sampler(params),
-        pruner=_pruner(params),
-        direction=params.direction,
-        load_if_exists=True,
-    )
+        worker = study.user_attrs.get(WORKERS_ATTR, 0)
+        study.set_user_attr(WORKERS_ATTR, worker + 1)
+    study.sampler = _sampler(params, worker)
     if study.direction.name.lower() != params.direction:
         raise PipelineError(
             f"sweep.direction: {params.direction}, but study {params.study} in {shown(url)} was made to "
@@ -344,3 +356,23 @@ def _shown_value(value: Any) -> str:
     if value is None:
         return ""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def local_files(names: list[str], project: Path) -> list[str]:
+    """The project-relative files that data.sources-style names (paths and globs; hf: ids left out) match."""
+    found: list[str] = []
+    for name in names:
+        if name.startswith("hf:") or Path(name).is_absolute():
+            continue
+        for path in sorted(project.glob(name)) if any(c in name for c in "*?[") else [project / name]:
+            if path.is_file():
+                found.append(path.relative_to(project).as_posix())
+    return found
+
+
+def dvc_tracked(project: Path, relative: str) -> bool:
+    """Whether a `.dvc` file tracks this path or a folder above it (`dvc add data/corpora/x`)."""
+    parts = Path(relative).parts
+    return any(
+        (project / Path(*parts[:end])).with_name(parts[end - 1] + ".dvc").is_file() for end in range(1, len(parts) + 1)
+    )

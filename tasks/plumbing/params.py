@@ -409,7 +409,9 @@ def _default_space() -> dict[str, Distribution]:
 class SweepParams(Section):
     study: str = Field("sweep", min_length=1, description="the Optuna study's name in its storage")
     storage: str | None = Field(
-        None, description="null: sweeps.db (SQLite) in the project; postgresql://... for workers on many machines"
+        None,
+        max_length=1024,
+        description="null: sweeps.db (SQLite) in the project; postgresql://... for workers on many machines",
     )
     space: dict[str, Distribution] = Field(
         default_factory=_default_space, description="params key (data, tokenizer, model, train) -> distribution"

@@ -228,19 +228,22 @@ def sweep_on_two_hosts(stack: Stack) -> None:
         params = yaml.safe_load((host / "params.yaml").read_text())
         params["sweep"].update(SWEEP, storage=stack.optuna_url)
         params["train"].update(max_steps=30, eval_steps=10)
+        if host == host_c:  # its best trial is registered: under a name of its own, gpt2-lm's aliases stay as they are
+            params["register"]["model_name"] = "gpt2-sweep"
         (host / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         commit(host, "sweep settings")
     flow_run = stack.trigger("sweep/worker", {})
     command, log = [str(BIN / "gpt2-pipeline"), "sweep", "--resume"], host_c / "sweep.log"
     with process(command, log, stack.env, cwd=host_c) as worker:
         deadline = time.monotonic() + 600
-        while not re.search(r"^trial \d+: (?!\{)", log.read_text(), re.M):  # a line of its trial's dvc exp run
+        while not re.search(r"Task run 'trial \d+' - trial \d+: ", log.read_text()):  # its trial's dvc exp run
             assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.5)
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait()
     seen["sweep killed log"] = log.read_text()
-    seen["sweep resumed"] = run(command, host_c, env=stack.env, check=False)
+    seen["sweep resumed"] = run([*command, "--register-best"], host_c, env=stack.env, check=False)
+    seen["sweep best file"] = yaml.safe_load((host_c / "params/shared-best.yaml").read_text())
     seen["sweep flow run"] = stack.wait_completed(flow_run, timeout=1200)
     import optuna
 
@@ -402,3 +405,19 @@ def test_two_sweep_workers_share_one_postgresql_study_through_a_kill(stack):
     experiments = [name for names in seen["sweep experiments"] for name in names]
     assert sorted(experiments) == sorted(f"shared-{n}" for n in finished)
     assert PG_PASSWORD not in seen["sweep killed log"] + seen["sweep resumed"].stdout
+
+
+def test_the_resumed_sweep_worker_registers_its_best_trial_through_the_pipeline(stack):
+    """--register-best: the best trial's params (printed, and written as a params file) go through the pipeline flow,
+    whose register stage makes the version: its run trained with those params."""
+    output = stack.outcomes["sweep resumed"].stdout
+    best = re.search(r"^best: trial (\d+), bits_per_byte ([\d.]+), params (\{.*\})$", output, re.M)
+    assert best, output[-3000:]
+    learning_rate = float(re.search(r"'train.learning_rate': ([\d.e-]+)", best.group(3)).group(1))
+    assert stack.outcomes["sweep best file"]["train"]["learning_rate"] == pytest.approx(learning_rate)
+    client = stack.mlflow()
+    (version,) = client.search_model_versions("name='gpt2-sweep'")
+    trained = client.get_run(version.run_id)
+    assert float(trained.data.params["train.learning_rate"]) == pytest.approx(learning_rate)
+    assert trained.info.status == "FINISHED" and version.description.startswith("# gpt2-sweep")
+    assert client.get_model_version_by_alias("gpt2-sweep", "challenger").version == version.version
