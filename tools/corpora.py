@@ -72,3 +72,18 @@ def held_out_tail(source: Path, folder: Path, fraction: float = 0.1) -> tuple[Pa
         if not path.is_file() or path.read_text(encoding="utf-8") != part:
             path.write_text(part, encoding="utf-8")
     return paths
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Corpora for the benchmarks and the recipe search.")
+    parser.add_argument(
+        "corpus",
+        choices=["shakespeare-tail"],
+        help="shakespeare-tail: the bundled Shakespeare's "
+        "first 90%% (train.txt) and last 10%% (validation.txt) in data/corpora/tinyshakespeare/",
+    )
+    parser.parse_args()
+    for written in held_out_tail(SAMPLES / "tinyshakespeare.txt", ROOT / "data/corpora/tinyshakespeare"):
+        print(f"{written.relative_to(ROOT)}: {written.stat().st_size:,} bytes")
