@@ -247,7 +247,8 @@ def sweep_on_two_hosts(stack: Stack) -> None:
     seen["sweep flow run"] = stack.wait_completed(flow_run, timeout=1200)
     import optuna
 
-    storage = stack.optuna_url.replace("postgresql://", "postgresql+psycopg2://")  # SQLAlchemy 2.1: psycopg 3
+    # This process has no PGPASSWORD: the password in the URL; psycopg2 named (SQLAlchemy 2.1 takes psycopg 3)
+    storage = stack.optuna_url.replace("postgresql://", "postgresql+psycopg2://").replace("@", f":{PG_PASSWORD}@")
     study = optuna.load_study(study_name=SWEEP["study"], storage=storage)
     seen["sweep trials"] = [(t.number, t.state.name, t.params, t.user_attrs.get("retry_of")) for t in study.trials]
     seen["sweep parent"] = study.user_attrs["mlflow_run_id"]
