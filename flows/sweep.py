@@ -114,7 +114,10 @@ def sweep(
     try:
         for trial in study_tools.fail_interrupted(study, url):
             print(f"trial {trial.number}: its worker is gone; marked failed, its params queued to run again")
-            _close_trial_runs(params, study.study_name, trial.number, "failed")
+            if _trial_runs(params, study.study_name, trial.number):
+                _close_trial_runs(params, study.study_name, trial.number, "failed")
+            else:  # stopped before its training made a run: MLflow still shows it, failed
+                _stand_in_run(params, study.study_name, trial.number, parent, trial.params, "its worker stopped")
         deadline = time.monotonic() + settings.timeout_minutes * 60 if settings.timeout_minutes else None
         while deadline is None or time.monotonic() < deadline:
             trial = study_tools.next_trial(study, settings, url)

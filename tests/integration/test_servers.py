@@ -406,14 +406,14 @@ def test_two_sweep_workers_share_one_postgresql_study_through_a_kill(stack):
     # Every finished trial is a DVC experiment on the host that ran it; the killed one left none.
     experiments = [name for names in seen["sweep experiments"] for name in names]
     assert sorted(experiments) == sorted(f"shared-{n}" for n in finished)
-    assert PG_PASSWORD not in seen["sweep killed log"] + seen["sweep resumed"].stdout
+    assert PG_PASSWORD not in seen["sweep killed log"] + seen["sweep resumed"].stdout + seen["sweep resumed"].stderr
 
 
 def test_the_resumed_sweep_worker_registers_its_best_trial_through_the_pipeline(stack):
     """--register-best: the best trial's params (printed, and written as a params file) go through the pipeline flow,
     whose register stage makes the version: its run trained with those params."""
-    output = stack.outcomes["sweep resumed"].stdout
-    best = re.search(r"^best: trial (\d+), bits_per_byte ([\d.]+), params (\{.*\})$", output, re.M)
+    output = stack.outcomes["sweep resumed"].stdout + stack.outcomes["sweep resumed"].stderr  # Prefect's log lines
+    best = re.search(r"best: trial (\d+), bits_per_byte ([\d.]+), params (\{.*\})$", output, re.M)
     assert best, output[-3000:]
     learning_rate = float(re.search(r"'train.learning_rate': ([\d.e-]+)", best.group(3)).group(1))
     assert stack.outcomes["sweep best file"]["train"]["learning_rate"] == pytest.approx(learning_rate)
