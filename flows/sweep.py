@@ -12,6 +12,7 @@ Run: gpt2-pipeline sweep [--trials N] [--resume] [--register-best], or a deploym
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows import pipeline
 from tasks import sweep as study_tools
+from tasks.data.sources import resolve_sources
 from tasks.plumbing.errors import PRUNED_EXIT, PipelineError
 from tasks.plumbing.params import PARAMS_FILE, Params, apply_overrides, load_params, read_raw
 from tasks.plumbing.redaction import redact
@@ -76,8 +78,14 @@ def untracked_sources(project: Path, overrides: dict[str, Any]) -> list[str]:
     """The trial's corpus files that neither git nor DVC tracks: `dvc exp run --temp` copies only what they track,
     so these are passed with --copy-paths (a `dvc add`-ed corpus comes from the DVC cache instead)."""
     data = apply_overrides(read_raw(project / PARAMS_FILE), overrides)["data"]
-    names = [*data.get("sources", []), *data.get("validation_sources", [])]
-    found = study_tools.local_files(names, project)
+    names = [
+        name for name in (*data.get("sources", []), *data.get("validation_sources", [])) if not Path(name).is_absolute()
+    ]
+    try:
+        with contextlib.chdir(project):  # the files ingest will read, matched as ingest matches them
+            found = [name for name in resolve_sources(names) if not name.startswith("hf:")]
+    except PipelineError:
+        return []  # a name that matches nothing: the trial's ingest says so in its one line
     if not found:
         return []
     listed = subprocess.run(
@@ -114,9 +122,8 @@ def sweep(
     try:
         for trial in study_tools.fail_interrupted(study, url):
             print(f"trial {trial.number}: its worker is gone; marked failed, its params queued to run again")
-            if _trial_runs(params, study.study_name, trial.number):
-                _close_trial_runs(params, study.study_name, trial.number, "failed")
-            else:  # stopped before its training made a run: MLflow still shows it, failed
+            if not _close_trial_runs(params, study.study_name, trial.number, "failed"):
+                # stopped before its training made a run: MLflow still shows it, failed
                 _stand_in_run(params, study.study_name, trial.number, parent, trial.params, "its worker stopped")
         deadline = time.monotonic() + settings.timeout_minutes * 60 if settings.timeout_minutes else None
         while deadline is None or time.monotonic() < deadline:
@@ -200,12 +207,15 @@ def _trial_run(params: Params, study: str, number: int):
     return runs[0] if runs else None
 
 
-def _close_trial_runs(params: Params, study: str, number: int, state: str) -> None:
-    """Tag the trial's runs with its state; one its stage left RUNNING (a worker killed under it) ends FAILED."""
-    for run in _trial_runs(params, study, number):
+def _close_trial_runs(params: Params, study: str, number: int, state: str) -> list:
+    """Tag the trial's runs with its state; one its stage left RUNNING (a worker killed under it) ends FAILED.
+    Returns the runs (none: the trial ended before its training made one)."""
+    runs = _trial_runs(params, study, number)
+    for run in runs:
         _tag(run.info.run_id, state)
         if run.info.status == "RUNNING":
             store.client().set_terminated(run.info.run_id, "FAILED")
+    return runs
 
 
 def _tag(run_id: str, state: str) -> None:

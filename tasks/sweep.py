@@ -358,18 +358,6 @@ def _shown_value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def local_files(names: list[str], project: Path) -> list[str]:
-    """The project-relative files that data.sources-style names (paths and globs; hf: ids left out) match."""
-    found: list[str] = []
-    for name in names:
-        if name.startswith("hf:") or Path(name).is_absolute():
-            continue
-        for path in sorted(project.glob(name)) if any(c in name for c in "*?[") else [project / name]:
-            if path.is_file():
-                found.append(path.relative_to(project).as_posix())
-    return found
-
-
 def dvc_tracked(project: Path, relative: str) -> bool:
     """Whether a `.dvc` file tracks this path or a folder above it (`dvc add data/corpora/x`)."""
     parts = Path(relative).parts
