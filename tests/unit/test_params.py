@@ -23,6 +23,8 @@ def test_the_shipped_params_files_are_valid():
     tang = load_params(ROOT / "params/tang-poetry.yaml")
     assert tang.data.text_field == ["title", "paragraphs"]
     assert load_params(ROOT / "params/tang-poetry-uer.yaml").tokenizer.kind == "pretrained"
+    recipe = load_params(ROOT / "params/recipe-search.yaml")
+    assert recipe.sweep.objective == "bits_per_char" and "train.lr_scheduler" in recipe.sweep.space
 
 
 def test_unknown_key_is_named():
