@@ -35,6 +35,7 @@ from tasks.tracking.lineage import SWEEP_TRIAL_ENV
 
 LAST_STAGE = "evaluate"  # a trial trains and evaluates; only the best is registered, through the pipeline flow
 STATE_TAG = "sweep_state"  # a trial's run: complete, pruned or failed
+FAILURES_IN_A_ROW = 3  # a worker stops after this many: the setting, not the params, is then what fails
 
 
 def experiment_name(study: str, number: int) -> str:
@@ -56,7 +57,7 @@ def run_trial(number: int, overrides: dict[str, Any], additions: dict[str, str],
     ]
     for key, value in overrides.items():
         command += ["-S", f"{key}={json.dumps(value)}"]
-    for path in untracked_sources(Path(cwd), overrides):
+    for path in copy_paths(Path(cwd), overrides):
         command += ["--copy-paths", path]
     command.append(LAST_STAGE)
     env = pipeline.stage_env({SWEEP_TRIAL_ENV: additions["trial"]})
@@ -74,9 +75,21 @@ def run_trial(number: int, overrides: dict[str, Any], additions: dict[str, str],
     return status, pipeline.failure_line(lines) if status else ""
 
 
+def copy_paths(project: Path, overrides: dict[str, Any]) -> list[str]:
+    """What a trial passes with --copy-paths: its corpus files that neither git nor DVC tracks (`dvc exp run --temp`
+    copies only what they track; a `dvc add`-ed corpus comes from the DVC cache).
+
+    DVC copies a file only into a folder the copy already has (one where git tracks a file), so a file in a folder
+    of its own is passed as that folder (copied whole, with the folders above it made)."""
+    files = untracked_sources(project, overrides)
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=project, capture_output=True, text=True, check=False)
+    present = {str(parent) for name in listed.stdout.split("\0") if name for parent in Path(name).parents}
+    picked = sorted({path if str(Path(path).parent) in present else str(Path(path).parent) for path in files})
+    return [path for path in picked if not any(Path(path).is_relative_to(other) for other in picked if other != path)]
+
+
 def untracked_sources(project: Path, overrides: dict[str, Any]) -> list[str]:
-    """The trial's corpus files that neither git nor DVC tracks: `dvc exp run --temp` copies only what they track,
-    so these are passed with --copy-paths (a `dvc add`-ed corpus comes from the DVC cache instead)."""
+    """The trial's corpus files that neither git nor DVC tracks."""
     data = apply_overrides(read_raw(project / PARAMS_FILE), overrides)["data"]
     names = [
         name for name in (*data.get("sources", []), *data.get("validation_sources", [])) if not Path(name).is_absolute()
@@ -125,12 +138,7 @@ def sweep(
             if not _close_trial_runs(params, study.study_name, trial.number, "failed"):
                 # stopped before its training made a run: MLflow still shows it, failed
                 _stand_in_run(params, study.study_name, trial.number, parent, trial.params, "its worker stopped")
-        deadline = time.monotonic() + settings.timeout_minutes * 60 if settings.timeout_minutes else None
-        while deadline is None or time.monotonic() < deadline:
-            trial = study_tools.next_trial(study, settings, url)
-            if trial is None:
-                break
-            _trial(study, trial, storage, settings, params, parent, project)
+        _run_trials(study, storage, settings, params, parent, project, url)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -153,8 +161,27 @@ def sweep(
     return result
 
 
-def _trial(study, trial, storage, settings, params: Params, parent: str, project: Path) -> None:
-    """Run one trial and tell the study how it went: complete (with its objective), pruned or failed."""
+def _run_trials(study, storage, settings, params: Params, parent: str, project: Path, url: str) -> None:
+    """Trials until the study holds its budget or the time is up; FAILURES_IN_A_ROW failed trials stop the worker
+    (a failed trial does not count toward the budget: a broken setting would otherwise fail trials forever)."""
+    deadline = time.monotonic() + settings.timeout_minutes * 60 if settings.timeout_minutes else None
+    failures = 0
+    while deadline is None or time.monotonic() < deadline:
+        trial = study_tools.next_trial(study, settings, url)
+        if trial is None:
+            return
+        failure = _trial(study, trial, storage, settings, params, parent, project)
+        failures = failures + 1 if failure else 0
+        if failures == FAILURES_IN_A_ROW:
+            raise PipelineError(
+                f"sweep {study.study_name}: {failures} trials in a row failed, the last with: {failure}; mend "
+                "that, then continue with gpt2-pipeline sweep --resume"
+            )
+
+
+def _trial(study, trial, storage, settings, params: Params, parent: str, project: Path) -> str:
+    """Run one trial and tell the study how it went: complete (with its objective), pruned or failed. Returns the
+    failure's line, or "" when it did not fail."""
     state = study_tools.optuna_module().trial.TrialState
     overrides = study_tools.overrides(trial)
     try:
@@ -163,11 +190,11 @@ def _trial(study, trial, storage, settings, params: Params, parent: str, project
         print(f"trial {trial.number}: failed: {exc}")
         study.tell(trial, state=state.FAIL)
         _stand_in_run(params, study.study_name, trial.number, parent, overrides, str(exc))
-        return
+        return str(exc)
     print(f"trial {trial.number}: {overrides}")
     additions = {"study": study.study_name, "trial": json.dumps({
         "study": study.study_name, "storage": storage.url, "trial_id": trial._trial_id, "number": trial.number,
-        "parent_run_id": parent})}  # fmt: skip
+        "parent_run_id": parent, "pruner": settings.pruner, "startup_trials": settings.startup_trials})}  # fmt: skip
     with study_tools.heartbeat(storage, trial):
         status, line = run_trial(
             trial.number, overrides, additions, str(project), lambda pgid: study_tools.record_group(trial, pgid)
@@ -180,19 +207,20 @@ def _trial(study, trial, storage, settings, params: Params, parent: str, project
             _tag(child.info.run_id, "complete")
             mlflow_runs.log_metrics(parent, {f"sweep/{settings.objective}": value}, step=trial.number)
             print(f"trial {trial.number}: complete, {settings.objective} {value:.4f}")
-            return
+            return ""
         line = f"its run {child.info.run_id} has no eval/{settings.objective}"
     if status == PRUNED_EXIT:
         study.tell(trial, state=state.PRUNED)
         print(f"trial {trial.number}: pruned")
         _close_trial_runs(params, study.study_name, trial.number, "pruned")
-        return
+        return ""
     study.tell(trial, state=state.FAIL)
     print(f"trial {trial.number}: failed (exit status {status}): {line}")
     if child is None:
         _stand_in_run(params, study.study_name, trial.number, parent, overrides, line)
     else:
         _close_trial_runs(params, study.study_name, trial.number, "failed")
+    return line or f"exit status {status}"
 
 
 def _trial_runs(params: Params, study: str, number: int) -> list:
@@ -250,7 +278,7 @@ def _study_run(study, params: Params, url: str) -> str:
 def _study_run_locked(study, params: Params, url: str) -> str:
     client = store.client()
     recorded = study.user_attrs.get("mlflow_run_id")  # read from the storage: another worker's, when it was first
-    if recorded and _exists(recorded):
+    if mlflow_runs.run_exists(recorded):
         client.update_run(recorded, status="RUNNING")
         return recorded
     run = client.create_run(
@@ -262,14 +290,6 @@ def _study_run_locked(study, params: Params, url: str) -> str:
         client.log_param(run.info.run_id, key, value)
     study.set_user_attr("mlflow_run_id", run.info.run_id)
     return run.info.run_id
-
-
-def _exists(run_id: str) -> bool:
-    try:
-        store.client().get_run(run_id)
-    except Exception:
-        return False
-    return True
 
 
 def _close_study_run(study, settings, parent: str, status: str) -> None:

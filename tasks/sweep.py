@@ -1,4 +1,5 @@
-"""The sweep's study: Optuna's storage, sampler and pruner from params.yaml's `sweep:`, the trial budget shared by
+"""The sweep's study: Optuna's storage and sampler from params.yaml's `sweep:` (its pruner acts in the trials'
+training: tasks.training.pruning), the trial budget shared by
 every worker, trials a dead worker left behind, and what a study shows at its end (a table, plots, the best params).
 
 `gpt2-pipeline sweep` (flows/sweep.py) runs each trial as a DVC experiment through the stages up to evaluate; this
@@ -90,17 +91,6 @@ def _sampler(params: SweepParams, worker: int = 0):
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(params.startup_trials, 1))
 
 
-def _pruner(params: SweepParams):
-    optuna = optuna_module()
-    kinds = {
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=params.startup_trials),
-        "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(),
-        "none": lambda: optuna.pruners.NopPruner(),
-    }
-    return kinds[params.pruner]()
-
-
 def open_study(params: SweepParams, storage, resume: bool):
     """The study sweep.study names: a new one, or with --resume the existing one (or a new one where none is)."""
     optuna = optuna_module()
@@ -115,7 +105,6 @@ def open_study(params: SweepParams, storage, resume: bool):
         study = optuna.create_study(
             study_name=params.study,
             storage=storage,
-            pruner=_pruner(params),
             direction=params.direction,
             load_if_exists=True,
         )

@@ -312,6 +312,66 @@ def lora_summary(f: dict) -> list:
     ]
 
 
+def pruning_table(f: dict) -> Table:
+    """One row a study: the reference without a pruner, then the pruner under test."""
+    head = [f"{f['trials']} trials of up to {f['steps']} steps, {f['startup']} before any is pruned", "wall time",
+            "complete / pruned / failed", "steps trained", "best bits per byte"]  # fmt: skip
+    names = {"none": "no pruner (every trial to the end)"}
+    rows = [
+        [
+            names.get(s["pruner"], f"{s['pruner']} pruner"),
+            f"{s['seconds']:,.0f} s",
+            f"{s['complete']} / {s['pruned']} / {s['failed']}",
+            f"{s['steps_trained']:,}",
+            f"{s['best']:.3f}",
+        ]
+        for s in f["studies"]
+    ]
+    return head, rows
+
+
+def pruning_summary(f: dict) -> list:
+    full, pruned = f["studies"]
+    time, best = pruned["seconds"] / full["seconds"], pruned["best"] / full["best"]
+    return [
+        ("a sweep's wall time with the pruner against without, same trials", "< 1 ×", x(time), time < 1),
+        ("the best value it finds against without (lower is better)", "≤ 1.01 ×", x(best), best <= 1.01),
+    ]
+
+
+def schedule(keys: dict) -> str:
+    return f"{keys['train.learning_rate']:g}, {keys['train.lr_scheduler']}, {keys['train.warmup_steps']}"
+
+
+def recipe_table(f: dict) -> Table:
+    """One row a recipe: the one before the search (the reference) and the default."""
+    names = {"previous": "the recipe before the search", "default": "the default (params.yaml)"}
+    head = ["recipe on Shakespeare's held-out last 10%", "steps", "learning rate, schedule, warmup",
+            "training time", "bits per character"]  # fmt: skip
+    rows = [
+        [
+            names[r["recipe"]],
+            f"{r['steps']:,}",
+            schedule(r["keys"]),
+            f"{r['train_seconds']:,.0f} s",
+            f"{r['bits_per_char']:.3f}",
+        ]
+        for r in f["recipes"]
+    ]
+    return head, rows
+
+
+def recipe_summary(f: dict) -> list:
+    default = next(r for r in f["recipes"] if r["recipe"] == "default")
+    bits, seconds = default["bits_per_char"], default["train_seconds"]
+    goal_bits, goal_seconds = f["goal_bits_per_char"], f["goal_seconds"]
+    return [
+        ("the default recipe on Shakespeare's held-out tail, bits per character", f"≤ {goal_bits:.2f}",
+         f"{bits:.3f}", bits <= goal_bits),
+        ("its training time", f"≤ {goal_seconds} s", f"{seconds:,.0f} s", seconds <= goal_seconds),
+    ]  # fmt: skip
+
+
 GPT2_124M = "--layers 12 --width 768 --heads 12 --block 1024 --vocab 50257"
 CASES = {
     "train-cpu": Case("python bench/train_throughput.py --save train-cpu", "cpu", train_table, train_summary),
@@ -339,6 +399,8 @@ CASES = {
         compressed_summary,
     ),
     "lora": Case("python bench/lora.py --save lora", "cpu", lora_table, lora_summary),
+    "pruning": Case("python bench/pruning.py --save pruning", "cpu", pruning_table, pruning_summary),
+    "recipe": Case("python bench/recipe.py --save recipe", "cpu", recipe_table, recipe_summary),
     "train-gpu-124m": Case(
         f"python bench/train_throughput.py {GPT2_124M} --batch 32 --precision bf16 --compile --device cuda "
         "--save train-gpu-124m",

@@ -96,7 +96,8 @@ def read_record(folder: Path) -> str | None:
         return None
 
 
-def _exists(run_id: str | None) -> bool:
+def run_exists(run_id: str | None) -> bool:
+    """Whether the store holds this run (not deleted, not recorded in another store)."""
     if not run_id:
         return False
     try:
@@ -113,7 +114,7 @@ def training_run(params: Params, checkpoint_dir: Path, resuming: bool, figures: 
     tokenize/*) from the start."""
     store.require_tracking_server()
     recorded = read_record(checkpoint_dir) if resuming else None
-    if _exists(recorded):
+    if run_exists(recorded):
         return recorded
     run_id = create_run(params)
     set_tags(run_id, figures)  # what the data is (records, blocks, vocabulary): one value each, so tags
@@ -128,7 +129,7 @@ def model_run(params: Params, model_dir: Path) -> str:
     for it, tagged trained_in_run, which its later stages find."""
     store.require_tracking_server()
     recorded = read_record(model_dir) or "unknown"
-    if _exists(recorded):
+    if run_exists(recorded):
         return recorded
     stand_ins = store.client().search_runs(
         [experiment_id(params.mlflow.experiment)], filter_string=f"tags.trained_in_run = '{recorded}'", max_results=1

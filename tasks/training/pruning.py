@@ -1,7 +1,8 @@
 """A sweep trial's training reports its validation loss to the Optuna trial, which may stop it early (pruning).
 
-Used only when `gpt2-pipeline sweep` runs the stage (tasks.tracking.lineage.SWEEP_TRIAL_ENV names the trial); a
-pruned training raises TrialPruned, so the stage exits with PRUNED_EXIT and writes no model.
+Used only when `gpt2-pipeline sweep` runs the stage (tasks.tracking.lineage.SWEEP_TRIAL_ENV names the trial, its
+storage and sweep.pruner); a pruned training raises TrialPruned, so the stage exits with PRUNED_EXIT and writes no
+model. The pruner is built here, where it acts: the sweep's own process only samples and records.
 """
 
 from __future__ import annotations
@@ -40,5 +41,20 @@ def trial_reporter() -> ReportToTrial | None:
     except ImportError:
         raise PipelineError("train: a sweep trial needs Optuna: pip install 'gpt2-pipeline[sweep]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=trial["study"], storage=trial["storage"])
+    # Without its pruner, load_study gives Optuna's default (a median pruner after 5 trials), not sweep.pruner.
+    pruner = study_pruner(trial["pruner"], trial["startup_trials"])
+    study = optuna.load_study(study_name=trial["study"], storage=trial["storage"], pruner=pruner)
     return ReportToTrial(optuna.trial.Trial(study, trial["trial_id"]), trial["study"])
+
+
+def study_pruner(kind: str, startup_trials: int):
+    """Optuna's pruner that sweep.pruner names."""
+    import optuna
+
+    kinds = {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=startup_trials),
+        "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(),
+        "none": lambda: optuna.pruners.NopPruner(),
+    }
+    return kinds[kind]()

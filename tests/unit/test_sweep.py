@@ -3,6 +3,7 @@ again once, a study that exists refused without --resume, and a trial's training
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -60,21 +61,34 @@ def test_a_study_that_exists_is_continued_only_with_resume(storage):
         sweep.open_study(settings(direction="maximize"), opened, resume=True)
 
 
-def test_a_training_that_trails_the_finished_trials_is_pruned(storage):
-    from tasks.training.pruning import ReportToTrial
+def reporter(monkeypatch, url: str, trial, pruner: str):
+    """The train stage's callback for this trial, as a sweep's trial environment names it."""
+    from tasks.tracking.lineage import SWEEP_TRIAL_ENV
+    from tasks.training.pruning import trial_reporter
 
+    spec = {"study": "unit", "storage": url, "trial_id": trial._trial_id, "pruner": pruner, "startup_trials": 1}
+    monkeypatch.setenv(SWEEP_TRIAL_ENV, json.dumps(spec))
+    return trial_reporter()
+
+
+@pytest.mark.parametrize("pruner", ["median", "none"])
+def test_a_training_that_trails_the_finished_trials_is_pruned_by_sweep_pruner(storage, monkeypatch, pruner):
+    """The training's pruner is sweep.pruner with sweep.startup_trials (Optuna's default would wait for 5 trials)."""
     url, opened = storage
     study = sweep.open_study(settings(startup_trials=1), opened, resume=False)
     first = sweep.next_trial(study, settings(startup_trials=1), url)
     first.report(3.0, 20)
     study.tell(first, 2.0)
     second = sweep.next_trial(study, settings(startup_trials=1), url)
-    callback = ReportToTrial(second, "unit")
     state = SimpleNamespace(global_step=20, is_world_process_zero=True)
+    callback = reporter(monkeypatch, url, second, pruner)
+    if pruner == "none":
+        callback.on_evaluate(None, state, None, metrics={"eval_loss": 5.0})  # trails, and goes on
+        return
     with pytest.raises(TrialPruned, match="pruned at step 20 by sweep unit"):
         callback.on_evaluate(None, state, None, metrics={"eval_loss": 5.0})
     third = sweep.next_trial(study, settings(startup_trials=1), url)
-    ReportToTrial(third, "unit").on_evaluate(None, state, None, metrics={"eval_loss": 2.5})  # ahead: goes on
+    reporter(monkeypatch, url, third, pruner).on_evaluate(None, state, None, metrics={"eval_loss": 2.5})  # ahead
 
 
 def test_a_postgresql_storage_uses_the_installed_driver(tmp_path):
@@ -103,21 +117,32 @@ def test_workers_of_one_study_draw_different_params_and_the_first_keeps_the_seed
 
 
 def test_a_trial_copies_the_corpus_files_that_neither_git_nor_dvc_tracks(tmp_path):
-    """dvc exp run --temp copies what git and DVC track: an untracked corpus is passed with --copy-paths, a
-    committed or `dvc add`-ed one is not (DVC brings it), and a trial's own data.sources override counts."""
+    """dvc exp run --temp copies what git and DVC track: an untracked corpus is passed with --copy-paths (as its
+    folder where the copy lacks that folder: DVC copies a file only into one it has), a committed or `dvc add`-ed
+    one is not (DVC brings it), and a trial's own data.sources override counts. A real `dvc exp run --temp` with
+    those paths then reads them."""
     import yaml
 
-    from flows.sweep import untracked_sources
+    from flows.sweep import copy_paths
     from tests.helpers import ROOT
+    from tools.project import BIN, tool_env
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["data"].update(sources=["data/corpora/mine/*.txt", "data/kept.txt"], validation_sources=["held.txt"])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for name in ("data/corpora/mine/a.txt", "data/corpora/mine/b.txt", "data/kept.txt", "held.txt", "big/x.txt"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("text\n")
+        (tmp_path / name).write_text(f"{name}\n")
     (tmp_path / "big.dvc").write_text("outs:\n- path: big\n")
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    subprocess.run(["git", "add", "data/kept.txt"], cwd=tmp_path, check=True)
-    assert untracked_sources(tmp_path, {}) == ["data/corpora/mine/a.txt", "data/corpora/mine/b.txt", "held.txt"]
-    assert untracked_sources(tmp_path, {"data.sources": ["big/x.txt"], "data.validation_sources": []}) == []
+    stage = {"cmd": "cat data/corpora/mine/a.txt data/corpora/mine/b.txt held.txt > read.txt", "outs": ["read.txt"]}
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"read": stage}}))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], ["git", "add", "data/kept.txt", "dvc.yaml",
+                    "params.yaml", ".dvc"], [*git, "commit", "-qm", "project"]):  # fmt: skip
+        subprocess.run(command, cwd=tmp_path, check=True, env=tool_env())
+    paths = copy_paths(tmp_path, {})
+    assert paths == ["data/corpora/mine", "held.txt"]
+    assert copy_paths(tmp_path, {"data.sources": ["big/x.txt"], "data.validation_sources": []}) == []
+    run = [str(BIN / "dvc"), "exp", "run", "--temp", *(f"--copy-paths={path}" for path in paths)]
+    ran = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, env=tool_env())
+    assert ran.returncode == 0, ran.stdout + ran.stderr
