@@ -58,6 +58,7 @@ def main() -> None:
     same exit status; the traceback only with --verbose. In a log (not a terminal) no progress bars, as in the
     stages."""
     console_output()
+    server.one_line_errors()
     try:
         app()
     except Exception as exc:

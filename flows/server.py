@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from tasks.plumbing.errors import DEBUG_ENV, PipelineError
 
 START_LOCK = "gpt2-pipeline-server.lock"
 # A first start makes the database's tables: about 13 s on an idle 2-core machine, past Prefect's default budget of
@@ -85,3 +89,21 @@ def _ensure_limit(name: str) -> None:
         except ObjectNotFound:
             with contextlib.suppress(ObjectAlreadyExists):  # another host made it first: the same limit
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+
+
+class _NoTracebackForBadInput(logging.Filter):
+    """Prefect logs a failed flow or task run's exception with its traceback. For a PipelineError (bad input, a
+    failed stage) the command ends with that error's one line, so the traceback is left out (kept with --verbose);
+    any other exception keeps it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, PipelineError) and not os.environ.get(DEBUG_ENV):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def one_line_errors() -> None:
+    """The flows' and tasks' run loggers in this process log bad input without a traceback."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_NoTracebackForBadInput())

@@ -174,7 +174,8 @@ def _run_trials(study, storage, settings, params: Params, parent: str, project: 
         failures = failures + 1 if failure else 0
         if failures == FAILURES_IN_A_ROW:
             raise PipelineError(
-                f"sweep {study.study_name}: {failures} trials in a row failed, the last with: {failure}; mend "
+                f"sweep {study.study_name}: {failures} trials in a row failed, the last with: "
+                f"{failure.removeprefix('error: ')}; mend "
                 "that, then continue with gpt2-pipeline sweep --resume"
             )
 

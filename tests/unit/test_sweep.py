@@ -146,3 +146,29 @@ def test_a_trial_copies_the_corpus_files_that_neither_git_nor_dvc_tracks(tmp_pat
     run = [str(BIN / "dvc"), "exp", "run", "--temp", *(f"--copy-paths={path}" for path in paths)]
     ran = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, env=tool_env())
     assert ran.returncode == 0, ran.stdout + ran.stderr
+
+
+def test_a_sweep_whose_trials_all_fail_stops_with_one_line(tmp_path):
+    """A setting that fails every trial (a field the corpus lacks) would fail trial after trial, since failed ones do
+    not count toward the budget: the worker stops after three in a row, with the last trial's error on one line and
+    no traceback (Prefect's logs included)."""
+    from tests.helpers import BIN, copy_project, default_params, tool_env, write_params
+
+    project = copy_project(tmp_path)
+    params = default_params()
+    params["data"].update(sources=["data/samples/tang300.json"], text_field="body")
+    params["sweep"].update(trials=5, study="broken")
+    write_params(project, params)
+    env = tool_env()
+    subprocess.run(["git", "commit", "-qam", "broken"], cwd=project, env=env, check=True)
+    ran = subprocess.run([str(BIN / "gpt2-pipeline"), "sweep"], cwd=project, env=env, capture_output=True, text=True)
+    output = ran.stdout + ran.stderr
+    assert ran.returncode == 2 and "Traceback" not in output, output[-3000:]
+    errors = [line for line in ran.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output[-3000:]
+    assert errors[0].startswith(
+        "error: sweep broken: 3 trials in a row failed, the last with: data/samples/tang300.json: record 0: record "
+        "has no field 'body'"
+    ), errors
+    trials = optuna.load_study(study_name="broken", storage=f"sqlite:///{project / 'sweeps.db'}").trials
+    assert [trial.state.name for trial in trials] == ["FAIL"] * 3
