@@ -94,11 +94,12 @@ def _ensure_limit(name: str) -> None:
 class _NoTracebackForBadInput(logging.Filter):
     """Prefect logs a failed flow or task run's exception with its traceback. For a PipelineError (bad input, a
     failed stage) the command ends with that error's one line, so the traceback is left out (kept with --verbose);
-    any other exception keeps it."""
+    any other exception keeps it. On the logger, not the console's handler: Prefect may set its handlers up again,
+    which drops a handler's filters but not a logger's (so the run's log on the server has no traceback either)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, PipelineError) and not os.environ.get(DEBUG_ENV):
+        if isinstance(error, PipelineError) and os.environ.get(DEBUG_ENV) != "1":
             record.exc_info, record.exc_text = None, None
         return True
 

@@ -82,7 +82,7 @@ def copy_paths(project: Path, overrides: dict[str, Any]) -> list[str]:
     DVC copies a file only into a folder the copy already has (one where git tracks a file), so a file in a folder
     of its own is passed as that folder (copied whole, with the folders above it made)."""
     files = untracked_sources(project, overrides)
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=project, capture_output=True, text=True, check=False)
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=project, capture_output=True, text=True, check=True)
     present = {str(parent) for name in listed.stdout.split("\0") if name for parent in Path(name).parents}
     picked = sorted({path if str(Path(path).parent) in present else str(Path(path).parent) for path in files})
     return [path for path in picked if not any(Path(path).is_relative_to(other) for other in picked if other != path)]
@@ -182,7 +182,8 @@ def _run_trials(study, storage, settings, params: Params, parent: str, project: 
 
 def _trial(study, trial, storage, settings, params: Params, parent: str, project: Path) -> str:
     """Run one trial and tell the study how it went: complete (with its objective), pruned or failed. Returns the
-    failure's line, or "" when it did not fail."""
+    failure's line, or "" when it did not fail (params the pipeline refuses count: a space of mostly refused
+    combinations would otherwise draw forever)."""
     state = study_tools.optuna_module().trial.TrialState
     overrides = study_tools.overrides(trial)
     try:

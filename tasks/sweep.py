@@ -1,6 +1,6 @@
-"""The sweep's study: Optuna's storage and sampler from params.yaml's `sweep:` (its pruner acts in the trials'
-training: tasks.training.pruning), the trial budget shared by
-every worker, trials a dead worker left behind, and what a study shows at its end (a table, plots, the best params).
+"""The sweep's study: Optuna's storage, sampler and pruner from params.yaml's `sweep:` (the pruner stops the trials'
+training: tasks.training.pruning), the trial budget shared by every worker, trials a dead worker left behind, and
+what a study shows at its end (a table, plots, the best params).
 
 `gpt2-pipeline sweep` (flows/sweep.py) runs each trial as a DVC experiment through the stages up to evaluate; this
 module holds what is Optuna's. The study lives in SQLite in the project (sweeps.db) unless sweep.storage names a
@@ -28,6 +28,7 @@ from tasks.plumbing.errors import PipelineError
 from tasks.plumbing.params import Params, SweepParams
 from tasks.plumbing.paths import SWEEP_DB
 from tasks.plumbing.redaction import redact
+from tasks.training.pruners import study_pruner
 
 HEARTBEAT_SECONDS = 20  # a worker's running trial says it is alive this often
 GRACE_SECONDS = 90  # a running trial silent this long belonged to a worker that died: failed, and run again
@@ -105,6 +106,7 @@ def open_study(params: SweepParams, storage, resume: bool):
         study = optuna.create_study(
             study_name=params.study,
             storage=storage,
+            pruner=study_pruner(params.pruner, params.startup_trials),
             direction=params.direction,
             load_if_exists=True,
         )

@@ -2,7 +2,7 @@
 
 Used only when `gpt2-pipeline sweep` runs the stage (tasks.tracking.lineage.SWEEP_TRIAL_ENV names the trial, its
 storage and sweep.pruner); a pruned training raises TrialPruned, so the stage exits with PRUNED_EXIT and writes no
-model. The pruner is built here, where it acts: the sweep's own process only samples and records.
+model.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 
 from tasks.plumbing.errors import PipelineError, TrialPruned
 from tasks.tracking.lineage import sweep_trial
+from tasks.training.pruners import study_pruner
 
 
 class ReportToTrial(TrainerCallback):
@@ -45,16 +46,3 @@ def trial_reporter() -> ReportToTrial | None:
     pruner = study_pruner(trial["pruner"], trial["startup_trials"])
     study = optuna.load_study(study_name=trial["study"], storage=trial["storage"], pruner=pruner)
     return ReportToTrial(optuna.trial.Trial(study, trial["trial_id"]), trial["study"])
-
-
-def study_pruner(kind: str, startup_trials: int):
-    """Optuna's pruner that sweep.pruner names."""
-    import optuna
-
-    kinds = {
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=startup_trials),
-        "successive_halving": lambda: optuna.pruners.SuccessiveHalvingPruner(),
-        "hyperband": lambda: optuna.pruners.HyperbandPruner(),
-        "none": lambda: optuna.pruners.NopPruner(),
-    }
-    return kinds[kind]()
