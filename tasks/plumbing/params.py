@@ -127,7 +127,15 @@ class TokenizerParams(Section):
 
 
 # model.config's defaults: the small model params.yaml ships, trained in minutes on a CPU (not GPT2Config's 124M)
-SCRATCH_DEFAULTS = {"n_layer": 4, "n_head": 4, "n_embd": 128, "n_positions": 128, "dropout": 0.0}
+# and initializer_range, which the study in params/recipe-search.yaml chose with train's schedule (docs/training.md)
+SCRATCH_DEFAULTS = {
+    "n_layer": 4,
+    "n_head": 4,
+    "n_embd": 128,
+    "n_positions": 128,
+    "dropout": 0.0,
+    "initializer_range": 0.038,
+}
 
 
 class GPT2ConfigParams(Section):
@@ -154,7 +162,9 @@ class GPT2ConfigParams(Section):
         SCRATCH_DEFAULTS["dropout"], ge=0, lt=1, description="the three dropout rates at once (0 for pretraining)"
     )
     layer_norm_epsilon: float | None = Field(None, gt=0, le=1, description="null: GPT2Config's (1e-5)")
-    initializer_range: float | None = Field(None, gt=0, le=1, description="weights' init std; null: 0.02")
+    initializer_range: float | None = Field(
+        SCRATCH_DEFAULTS["initializer_range"], gt=0, le=1, description="weights' init std; null: GPT2Config's (0.02)"
+    )
     scale_attn_weights: bool | None = Field(None, description="divide attention scores by sqrt(head width)")
     scale_attn_by_inverse_layer_idx: bool | None = Field(None, description="also by 1 / (layer index + 1)")
     reorder_and_upcast_attn: bool | None = Field(None, description="attention scores in fp32 under autocast")
@@ -235,26 +245,26 @@ class TrainParams(Section):
         "full",
         description="full: every weight trains; lora: adapters (train.lora) on frozen weights, merged at the end",
     )
-    max_steps: int = Field(1000, le=MAX_STEPS, description="optimizer steps; -1 trains for `epochs` instead")
+    max_steps: int = Field(800, le=MAX_STEPS, description="optimizer steps; -1 trains for `epochs` instead")
     epochs: float = Field(1.0, gt=0, description="passes over the data when max_steps is -1")
     batch_size: int = Field(16, gt=0, le=MAX_BATCH, description="sequences a step, per process")
     grad_accum: int = Field(1, gt=0, le=MAX_BATCH, description="micro-batches accumulated into one step")
-    learning_rate: float = Field(2e-3, gt=0, description="AdamW's peak learning rate")
+    learning_rate: float = Field(3e-3, gt=0, description="AdamW's peak learning rate")
     lr_scheduler: Literal["cosine", "linear", "constant_with_warmup"] = Field(
         "cosine", description="the learning rate after warmup"
     )
-    warmup_steps: int = Field(50, ge=0, le=MAX_STEPS, description="steps of linear warmup from 0")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW's decoupled weight decay")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradients clipped to this norm")
+    warmup_steps: int = Field(150, ge=0, le=MAX_STEPS, description="steps of linear warmup from 0")
+    weight_decay: float = Field(0.12, ge=0, description="AdamW's decoupled weight decay")
+    max_grad_norm: float = Field(2.0, gt=0, description="gradients clipped to this norm")
     seed: int = Field(42, description="seeds initialization, data order and dropout")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else the CPU")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on a GPU that has it; on the CPU bf16 with native bf16 and n_embd >= 256"
     )
     logging_steps: int = Field(20, gt=0, le=MAX_STEPS, description="steps between logged training losses")
-    eval_steps: int = Field(250, gt=0, le=MAX_STEPS, description="steps between validation losses")
+    eval_steps: int = Field(200, gt=0, le=MAX_STEPS, description="steps between validation losses")
     checkpoint_every: int = Field(
-        250, gt=0, le=MAX_STEPS, description="steps between resumable checkpoints; a multiple of eval_steps"
+        200, gt=0, le=MAX_STEPS, description="steps between resumable checkpoints; a multiple of eval_steps"
     )
     keep_checkpoints: int = Field(2, gt=0, le=1000, description="checkpoints kept in checkpoints/train")
     early_stopping_patience: int | None = Field(None, gt=0, description="evaluations without improvement; null: never")

@@ -98,7 +98,7 @@ def test_impossible_values_are_refused(overrides, expected):
 def test_exponent_floats_are_floats(tmp_path):
     raw = default_params()
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw).replace("learning_rate: 0.002", "learning_rate: 1e-3"))
+    path.write_text(yaml.safe_dump(raw).replace("learning_rate: 0.003", "learning_rate: 1e-3"))
     assert load_params(path).train.learning_rate == pytest.approx(1e-3)
 
 
@@ -111,7 +111,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
 
 def test_flatten_gives_dotted_mlflow_params():
     flat = flatten(load_params(ROOT / "params.yaml"))
-    assert flat["train.learning_rate"] == "0.002"
+    assert flat["train.learning_rate"] == "0.003"
     assert flat["model.config.n_embd"] == "128"
     assert flat["data.sources"] == "['data/samples/tinyshakespeare.txt']"
 
@@ -128,7 +128,7 @@ def test_overrides_change_a_copy_and_are_validated():
     raw = default_params()
     changed = apply_overrides(raw, {"train.max_steps": 7, "model.config.n_layer": 1})
     assert (changed["train"]["max_steps"], changed["model"]["config"]["n_layer"]) == (7, 1)
-    assert raw["train"]["max_steps"] == 1000
+    assert raw["train"]["max_steps"] == 800
     with pytest.raises(PipelineError) as unknown:
         apply_overrides(raw, {"train.max_step": 7})
     assert str(unknown.value).startswith("override train.max_step: unknown key; keys there: batch_size, ")
@@ -145,10 +145,10 @@ def test_model_config_keeps_only_the_keys_set_and_every_activation_exists():
 
     params = parse_params(merge(default_params(), {"model": {"config": {"n_layer": 3, "dropout": 0}}}))
     assert params.model.config.overrides() == {"n_layer": 3, "n_head": 4, "n_embd": 128, "n_positions": 128,
-                                               "dropout": 0.0}  # fmt: skip
+                                               "dropout": 0.0, "initializer_range": 0.038}  # fmt: skip
     assert sorted(k for k in flatten(params) if k.startswith("model.config.")) == [
-        "model.config.dropout", "model.config.n_embd", "model.config.n_head", "model.config.n_layer",
-        "model.config.n_positions",
+        "model.config.dropout", "model.config.initializer_range", "model.config.n_embd", "model.config.n_head",
+        "model.config.n_layer", "model.config.n_positions",
     ]  # fmt: skip
     assert set(ACTIVATIONS) <= set(ACT2FN)
 

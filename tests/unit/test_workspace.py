@@ -103,7 +103,7 @@ def test_run_params_never_replaces_edits_kept_nowhere_else(tmp_path, monkeypatch
     Committed, or a recipe that --params put there earlier, it is replaced."""
     project = copy_project(tmp_path)
     monkeypatch.chdir(project)
-    edited = (project / "params.yaml").read_text().replace("max_steps: 1000", "max_steps: 1234")
+    edited = (project / "params.yaml").read_text().replace("max_steps: 800 ", "max_steps: 1234")
     assert "max_steps: 1234" in edited
     (project / "params.yaml").write_text(edited)
     with pytest.raises(PipelineError, match=r"^params\.yaml: holds edits that are neither committed nor in params/"):
