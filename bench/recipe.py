@@ -11,6 +11,7 @@ Run: python bench/recipe.py
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import yaml
 
 from bench.measure import add_save_option, machine, run_measured, save
+from tasks.plumbing.params import apply_overrides
 from tools.project import BIN, copy_project, tool_env
 
 SPLIT = {
@@ -40,26 +42,16 @@ PREVIOUS = {
 }
 
 
-def with_keys(params: dict, keys: dict) -> dict:
-    for dotted, value in keys.items():
-        *parents, last = dotted.split(".")
-        node = params
-        for name in parents:
-            node = node[name]
-        node[last] = value
-    return params
-
-
 def run_recipe(project: Path, name: str, keys: dict, committed: dict) -> dict:
     """One recipe through `dvc repro evaluate` in the copy; its steps, training time and score from its metrics."""
-    params = with_keys(json.loads(json.dumps(committed)), {**SPLIT, **keys})
+    params = apply_overrides(committed, {**SPLIT, **keys})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     run_measured([str(BIN / "dvc"), "repro", "evaluate"], project, tool_env())  # a failure ends the bench
     trained = json.loads((project / "metrics/train.json").read_text())
     scored = json.loads((project / "metrics/eval.json").read_text())
     figures = {
         "recipe": name,
-        "keys": {key: params_value(params, key) for key in PREVIOUS},
+        "keys": {key: functools.reduce(dict.__getitem__, key.split("."), params) for key in PREVIOUS},
         "steps": trained["steps"],
         "train_seconds": trained["seconds"],
         "bits_per_char": scored["bits_per_char"],
@@ -67,12 +59,6 @@ def run_recipe(project: Path, name: str, keys: dict, committed: dict) -> dict:
     }
     print(f"{name}: {figures}", flush=True)
     return figures
-
-
-def params_value(params: dict, dotted: str):
-    for name in dotted.split("."):
-        params = params[name]
-    return params
 
 
 def main() -> None:

@@ -81,15 +81,16 @@ def copy_paths(project: Path, overrides: dict[str, Any]) -> list[str]:
 
     DVC copies a file only into a folder the copy already has (one where git tracks a file), so a file in a folder
     of its own is passed as that folder (copied whole, with the folders above it made)."""
-    files = untracked_sources(project, overrides)
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=project, capture_output=True, text=True, check=True)
-    present = {str(parent) for name in listed.stdout.split("\0") if name for parent in Path(name).parents}
+    tracked = {name for name in listed.stdout.split("\0") if name}
+    files = untracked_sources(project, overrides, tracked)
+    present = {str(parent) for name in tracked for parent in Path(name).parents}
     picked = sorted({path if str(Path(path).parent) in present else str(Path(path).parent) for path in files})
     return [path for path in picked if not any(Path(path).is_relative_to(other) for other in picked if other != path)]
 
 
-def untracked_sources(project: Path, overrides: dict[str, Any]) -> list[str]:
-    """The trial's corpus files that neither git nor DVC tracks."""
+def untracked_sources(project: Path, overrides: dict[str, Any], tracked: set[str]) -> list[str]:
+    """The trial's corpus files that neither git (tracked: the files it lists) nor DVC tracks."""
     data = apply_overrides(read_raw(project / PARAMS_FILE), overrides)["data"]
     names = [
         name for name in (*data.get("sources", []), *data.get("validation_sources", [])) if not Path(name).is_absolute()
@@ -99,12 +100,7 @@ def untracked_sources(project: Path, overrides: dict[str, Any]) -> list[str]:
             found = [name for name in resolve_sources(names) if not name.startswith("hf:")]
     except PipelineError:
         return []  # a name that matches nothing: the trial's ingest says so in its one line
-    if not found:
-        return []
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--", *found], cwd=project, capture_output=True, text=True, check=False
-    ).stdout.split("\0")
-    return [path for path in found if path not in listed and not study_tools.dvc_tracked(project, path)]
+    return [path for path in found if path not in tracked and not study_tools.dvc_tracked(project, path)]
 
 
 @flow(name="sweep", log_prints=True)
