@@ -251,8 +251,8 @@ def compare(
 ):
     """Write the promotion report for any two models.
 
-    Bits per byte on the promotion text, training curves, evaluation metrics, samples for the same prompts and seed,
-    what differs, and what promotion would decide."""
+    Bits per byte on the promotion text (and the gate's tasks), training curves, evaluation metrics, samples for the
+    same prompts and seed, what differs, and what promote.gate would decide, rule by rule."""
     from tasks.promote import compare as compare_models
     from tasks.promote import text_path
 
@@ -264,7 +264,9 @@ def compare(
     with atomic_output(output) as scratch:
         scratch.write_text(page, encoding="utf-8")
     verdict = "would be promoted" if decision["promoted"] else "would not be promoted"
-    typer.echo(f"{output}: B {verdict} over A: {decision['reason']}")
+    typer.echo(f"{output}: B {verdict} over A")
+    for rule in decision["gate"]:
+        typer.echo(f"  {rule['text']}")
 
 
 def refuse_to_replace(output: Path, force: bool) -> None:

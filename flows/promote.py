@@ -15,7 +15,7 @@ from tasks.plumbing.params import PARAMS_FILE, load_params
 
 @flow(name="promote-model", log_prints=True)
 def promote_model(workdir: str = ".", version: str | None = None) -> dict:
-    """Promote the challenger when it is better by promote.min_improvement; returns the decision.
+    """Promote the challenger when it meets every rule of promote.gate; returns the decision.
 
     Args:
         workdir: the project (or run workspace) whose params.yaml and validation text to use.
@@ -24,16 +24,11 @@ def promote_model(workdir: str = ".", version: str | None = None) -> dict:
     root = inside_project(workdir, "workdir")  # a deployment's parameter: the worker's project and nothing else
     params = load_params(root / PARAMS_FILE)
     with server.promotion_slot(params.register.model_name):  # one promotion at a time on a shared server
-        decision = promotion.promote(
-            params.register.model_name,
-            params.promote.min_improvement,
-            promotion.text_path(params, root),
-            params.tokenizer.block_size,
-            params.evaluate,
-            version,
-        )
+        decision = promotion.promote(params, promotion.text_path(params, root), version, root)
     verb = "promoted to @champion" if decision["promoted"] else "not promoted"
-    print(f"version {decision['challenger_version']} {verb}: {decision['reason']}")
+    print(f"version {decision['challenger_version']} {verb}")
+    for rule in decision.get("gate") or [{"text": decision["reason"]}]:
+        print(f"  {rule['text']}")
     if decision.get("report"):
         print(f"report: {decision['report']} (the challenger's run, in the MLflow UI)")
     return decision

@@ -1,10 +1,12 @@
-"""Stage `evaluate`: validation perplexity and bits per byte of the trained model.
+"""Stage `evaluate`: validation perplexity and bits per byte of the trained model, and its benchmark tasks.
 
 Perplexity is exp(total NLL / total predicted tokens) over the whole validation split, never a mean of
 batch means, scored in windows of block_size tokens that advance by evaluate.stride (each token scored
 once). Bits per byte divides the same NLL (in bits) by the UTF-8 bytes of the predicted tokens, so models
-with different tokenizers compare. Writes metrics/eval.json and reports/samples.json; logs both to the model's
-MLflow run (recorded in models/gpt2), each evaluation one more step of eval/*.
+with different tokenizers compare. The tasks evaluate.tasks lists (hellaswag, xcopa_zh, ...) are scored by
+lm-evaluation-harness (tasks/evaluation/harness.py), first, so a task without its data stops the stage before the
+rest. Writes metrics/eval.json and reports/samples.json; logs both to the model's MLflow run (recorded in
+models/gpt2), each evaluation one more step of eval/*.
 Run: python -m tasks.evaluate
 """
 
@@ -20,12 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from tasks.data.framing import prompt_prefix
+from tasks.evaluation import harness
 from tasks.plumbing.errors import PipelineError
-from tasks.plumbing.outputs import write_json
+from tasks.plumbing.outputs import read_json, write_json
 from tasks.plumbing.params import GenerationParams, load_params
-from tasks.plumbing.paths import EVAL_METRICS, MODEL_DIR, SAMPLES_FILE, TOKENIZED_DIR
+from tasks.plumbing.paths import DATA_STATS, EVAL_METRICS, MODEL_DIR, SAMPLES_FILE, TOKENIZED_DIR
 from tasks.plumbing.stage import run_cli
-from tasks.tracking import mlflow_runs, store
+from tasks.tracking import inputs, mlflow_runs, store
 from tasks.tracking.loading import load_pretrained, resolve_device
 
 COLUMNS = ("input_ids", "token_bytes", "token_chars")
@@ -174,9 +177,16 @@ def main() -> None:
     run_id = mlflow_runs.model_run(params, MODEL_DIR)
     with mlflow_runs.active(run_id):
         evaluation = params.evaluate
-        metrics = evaluate(
-            model, batch_size=evaluation.batch_size, device=params.train.device, stride=evaluation.stride
+        device = resolve_device(params.train.device)
+        tasks = harness.evaluate(model.to(device), tokenizer, evaluation.tasks, evaluation.batch_size).metrics
+        metrics = evaluate(model, batch_size=evaluation.batch_size, device=device, stride=evaluation.stride)
+        metrics.update(tasks)
+        judged = inputs.split_inputs(
+            read_json(TOKENIZED_DIR / DATA_STATS.name, "tokenize"), {"validation": "evaluation"}
         )
+        judged += [inputs.task_input(task.name, task.folder, int(tasks[f"{task.name}/examples"]), task.num_fewshot)
+                   for task in evaluation.tasks]  # fmt: skip
+        inputs.log(run_id, judged)
         samples = sample(model, tokenizer, evaluation.prompts, evaluation.generation)
         step = mlflow_runs.next_step(run_id, "eval/perplexity")  # a re-evaluation appends a step
         mlflow_runs.log_metrics(run_id, {f"eval/{key}": value for key, value in metrics.items()}, step=step)
@@ -190,6 +200,10 @@ def main() -> None:
         f"evaluate: perplexity {metrics['perplexity']:.2f}, bits/byte {metrics['bits_per_byte']:.4f} "
         f"over {metrics['eval_tokens']} tokens (run {run_id}, evaluation {step}) -> {EVAL_METRICS}"
     )
+    for task in evaluation.tasks:
+        figures = ", ".join(f"{key.partition('/')[2]} {value:.4g}" for key, value in tasks.items()
+                            if key.startswith(f"{task.name}/") and not key.endswith("_stderr"))  # fmt: skip
+        print(f"evaluate: {task.name}: {figures}")
 
 
 if __name__ == "__main__":

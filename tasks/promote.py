@@ -1,8 +1,10 @@
-"""Promotion: `@champion` moves to `@challenger` only when the challenger is measurably better.
+"""Promotion: `@champion` moves to `@challenger` only when the challenger meets every rule of promote.gate.
 
 Both models are scored on the same frozen text (the challenger's validation split, or promote.eval_path), each
-with its own tokenizer, in bits per byte, which compares models across tokenizers. The decision, both scores
-and the threshold are recorded as tags on the challenger's version. A file lock serializes promotions from one
+with its own tokenizer, in bits per byte (which compares models across tokenizers) and perplexity, and on the
+benchmark tasks the gate's rules name (evaluate.tasks' settings, through lm-evaluation-harness). Each rule compares
+one metric of the two; the decision, both models' figures and each rule's verdict are recorded as tags on the
+challenger's version and in the report. A file lock serializes promotions from one
 workspace, and the champion is read again inside it, so two promotions at once never leave `@champion` on the
 model that lost. Rollback moves `@champion` back to `@previous-champion`.
 """
@@ -12,14 +14,16 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tasks.plumbing.errors import PipelineError
 from tasks.plumbing.outputs import inside_project
-from tasks.plumbing.params import EvaluateParams, Params
+from tasks.plumbing.params import TEXT_METRICS, BenchmarkTask, EvaluateParams, GateRule, Params
 from tasks.plumbing.paths import PREPARED_DIR, in_number_order
 from tasks.tracking import report, store
 from tasks.tracking.registry import (
@@ -58,17 +62,33 @@ def frozen_texts(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in lines if line.strip()]
 
 
-def measure(uri: str, texts: list[str], block_size: int, evaluation: EvaluateParams) -> tuple[float, list[dict]]:
-    """Bits per byte of a model on texts, and its samples.
+@dataclass
+class Measured:
+    """What promotion measured of one model: its figures by metric name, which way each is better, its samples."""
 
-    Bits per byte of a model on texts (tokenized with the model's own tokenizer), and its samples for the evaluation
-    prompts and seed: what the report shows of each model."""
+    figures: dict[str, float]
+    samples: list[dict[str, str]]
+    higher_is_better: dict[str, bool] = field(default_factory=dict)  # a task metric's; the text's are lower better
+
+
+def gate_tasks(params: Params) -> list[BenchmarkTask]:
+    """The evaluate.tasks that a gate rule names: the only ones promotion scores."""
+    named = {rule.metric.partition("/")[0] for rule in params.promote.gate if "/" in rule.metric}
+    return [task for task in params.evaluate.tasks if task.name in named]
+
+
+def measure(uri: str, texts: list[str], block_size: int, evaluation: EvaluateParams, root: Path = Path()) -> Measured:
+    """A model's figures on texts (tokenized with its own tokenizer) and on the gate's tasks, and its samples.
+
+    The text's bits per byte, perplexity..., the tasks' metrics (evaluation.tasks: those the gate names), and
+    samples for the evaluation prompts and seed: what the gate and the report read of each model."""
     # Here, not at the top: a rollback, or a challenger that is already champion, never loads a model, and
     # torch with transformers is most of what this module would otherwise cost to import.
     import torch
 
     from tasks.data.blocks import encode_and_group
     from tasks.evaluate import sample, score
+    from tasks.evaluation import harness
     from tasks.tracking.loading import load_pretrained
 
     model, tokenizer = load_pretrained(uri, key=uri)
@@ -76,29 +96,76 @@ def measure(uri: str, texts: list[str], block_size: int, evaluation: EvaluatePar
     blocks = {key: torch.tensor(value) for key, value in encode_and_group({"text": texts}, tokenizer, block).items()}
     if not len(blocks["input_ids"]):
         raise PipelineError(f"the promotion text is shorter than one block of {block} tokens for {uri}")
-    scored = score(model, blocks, block, block, evaluation.batch_size, "cpu").metrics()["bits_per_byte"]
-    return scored, sample(model, tokenizer, evaluation.prompts, evaluation.generation)
+    figures = score(model, blocks, block, block, evaluation.batch_size, "cpu").metrics()
+    tasks = harness.evaluate(model, tokenizer, evaluation.tasks, evaluation.batch_size, root)
+    samples = sample(model, tokenizer, evaluation.prompts, evaluation.generation)
+    return Measured({**figures, **tasks.metrics}, samples, tasks.higher_is_better)
 
 
-def decide(
-    challenger: float, champion: float | None, min_improvement: float, versus: str = "the champion"
-) -> tuple[bool, str]:
-    """Whether the challenger is promoted, and the reason in words.
+def check_metrics(gate: list[GateRule], measured: Measured) -> None:
+    """Every rule's metric is one the model was measured on; else one line, before anything moves."""
+    for index, rule in enumerate(gate):
+        if rule.metric not in measured.figures:
+            task = rule.metric.partition("/")[0]
+            has = sorted(key.partition("/")[2] for key in measured.higher_is_better if key.startswith(f"{task}/"))
+            raise PipelineError(
+                f"promote.gate.{index}.metric: {rule.metric}: the version has no such metric "
+                f"({task} gives {', '.join(has) or 'none'}); name one it has"
+            )
 
-    Promote when there is no champion, or when the challenger's bits per byte are lower by min_improvement (a
-    fraction of the champion's); the reason in words, naming the champion as `versus`."""
+
+def verdict(rule: GateRule, challenger: Measured, champion: Measured) -> dict[str, Any]:
+    """One rule applied: both values, the change in the rule's unit (positive: better) and whether it is met."""
+    new, old = challenger.figures[rule.metric], champion.figures[rule.metric]
+    higher = rule.metric not in TEXT_METRICS and challenger.higher_is_better.get(rule.metric, True)
+    gain = (new - old) if higher else (old - new)
+    if rule.unit == "fraction":
+        change = gain / abs(old) if old else math.copysign(math.inf, gain) if gain else 0.0
+    elif rule.unit == "stderr":  # the standard error of the difference of two independent estimates
+        error = math.hypot(*(m.figures.get(f"{rule.metric}_stderr", 0.0) for m in (challenger, champion)))
+        change = gain / error if error else math.copysign(math.inf, gain) if gain else 0.0
+    else:
+        change = gain
+    met = (change >= rule.margin and gain > 0) if rule.require == "improve" else (change >= -rule.margin)
+    return {"metric": rule.metric, "champion": old, "challenger": new, "change": change, "met": met,
+            "text": describe(rule, old, new, change, met)}  # fmt: skip
+
+
+def describe(rule: GateRule, old: float, new: float, change: float, met: bool) -> str:
+    """A verdict in words: "bits_per_byte 1.9571 → 1.92, 1.90% better (must improve by at least 1.00%): met"."""
+
+    def amount(value: float) -> str:
+        if rule.unit == "fraction":
+            return f"{value:.2%}"
+        return f"{value:.3g} standard errors" if rule.unit == "stderr" else f"{value:.4g}"
+
+    moved = "no change" if change == 0 else f"{amount(abs(change))} {'better' if change > 0 else 'worse'}"
+    need = "improve by more than 0" if rule.margin == 0 else f"improve by at least {amount(rule.margin)}"
+    if rule.require == "not_worse":
+        need = "not be worse" if rule.margin == 0 else f"be worse by at most {amount(rule.margin)}"
+    return f"{rule.metric} {old:.4g} → {new:.4g}, {moved} (must {need}): {'met' if met else 'NOT met'}"
+
+
+def decide(gate: list[GateRule], challenger: Measured, champion: Measured | None) -> tuple[bool, str, list[dict]]:
+    """Whether the challenger is promoted, the reason in words, and each rule's verdict.
+
+    Promoted when there is no champion, or when it meets every rule; the reason names the rules not met."""
     if champion is None:
-        return True, "no champion yet"
-    gain = (champion - challenger) / champion
-    needs = f"promotion needs {min_improvement:.2%} fewer"
-    if gain >= min_improvement:
-        return True, f"{gain:.2%} fewer bits per byte than {versus} ({needs})"
-    change = f"{gain:.2%} fewer" if gain >= 0 else f"{-gain:.2%} more"
-    return False, f"{change} bits per byte than {versus}; {needs}"
+        return True, "no champion yet", []
+    verdicts = [verdict(rule, challenger, champion) for rule in gate]
+    missed = [v["text"] for v in verdicts if not v["met"]]
+    if missed:
+        return False, "; ".join(missed), verdicts
+    return True, "; ".join(v["text"] for v in verdicts), verdicts
 
 
-def view(uri: str, role: str, texts: list[str], block_size: int, evaluation: EvaluateParams) -> report.ModelView:
-    return report.model_view(uri, role, *measure(uri, texts, block_size, evaluation))
+def view(
+    uri: str, role: str, texts: list[str], params: Params, root: Path = Path()
+) -> tuple[report.ModelView, Measured]:
+    evaluation = params.evaluate.model_copy(update={"tasks": gate_tasks(params)})
+    measured = measure(uri, texts, params.tokenizer.block_size, evaluation, root)
+    check_metrics(params.promote.gate, measured)
+    return report.model_view(uri, role, measured.figures, measured.samples), measured
 
 
 @contextmanager
@@ -111,18 +178,13 @@ def promotion_lock(path: Path = LOCK_FILE) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def promote(
-    name: str,
-    min_improvement: float,
-    text_path: Path,
-    block_size: int,
-    evaluation: EvaluateParams,
-    version: str | None = None,
-) -> dict[str, Any]:
-    """Compare a challenger with @champion and move @champion when the challenger wins.
+def promote(params: Params, text_path: Path, version: str | None = None, root: Path = Path()) -> dict[str, Any]:
+    """Compare a challenger with @champion and move @champion when the challenger meets promote.gate.
 
     The decision, with the report logged to the challenger's run. The challenger is `version` (a pipeline run's
-    promotion judges the version that run registered: @challenger may name another run's by then), else @challenger."""
+    promotion judges the version that run registered: @challenger may name another run's by then), else @challenger.
+    root: the project, whose data/tasks the gate's tasks read."""
+    name = params.register.model_name
     texts = frozen_texts(text_path)
     text_hash = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
     with promotion_lock():
@@ -137,9 +199,11 @@ def promote(
                 "challenger_version": challenger,
                 "champion_version": champion,
             }
-        new = view(f"models:/{name}/{challenger}", CHALLENGER, texts, block_size, evaluation)
-        old = view(f"models:/{name}/{champion}", CHAMPION, texts, block_size, evaluation) if champion else None
-        promoted, reason = decide(new.bits_per_byte, old.bits_per_byte if old else None, min_improvement)
+        new, new_measured = view(f"models:/{name}/{challenger}", CHALLENGER, texts, params, root)
+        old, old_measured = (
+            view(f"models:/{name}/{champion}", CHAMPION, texts, params, root) if champion else (None, None)
+        )
+        promoted, reason, verdicts = decide(params.promote.gate, new_measured, old_measured)
         if promoted:
             if champion:
                 set_alias(name, PREVIOUS, champion)
@@ -152,12 +216,19 @@ def promote(
             "champion_version": champion,
             "challenger_bits_per_byte": new.bits_per_byte,
             "champion_bits_per_byte": old.bits_per_byte if old else None,
-            "min_improvement": min_improvement,
             "eval_text_sha256": text_hash,
+            "gate": verdicts,
         }
         decision["report"] = log_report(new, old, decision)
-        tag_version(name, challenger, {f"promotion_{key}": value for key, value in decision.items()})
+        tag_version(name, challenger, version_tags(decision))
     return decision
+
+
+def version_tags(decision: dict[str, Any]) -> dict[str, object]:
+    """The decision as the challenger's version tags: promotion_<key>, and each rule's verdict as promotion_rule_<n>."""
+    tags = {f"promotion_{key}": value for key, value in decision.items() if key != "gate"}
+    tags.update({f"promotion_rule_{index}": v["text"] for index, v in enumerate(decision["gate"], 1)})
+    return tags
 
 
 def log_report(challenger: report.ModelView, champion: report.ModelView | None, decision: dict) -> str | None:
@@ -169,16 +240,17 @@ def log_report(challenger: report.ModelView, champion: report.ModelView | None, 
     return f"runs:/{challenger.run_id}/{path}"
 
 
-def compare(reference: str, candidate: str, params: Params, text_path: Path) -> tuple[str, dict]:
+def compare(reference: str, candidate: str, params: Params, text_path: Path, root: Path = Path()) -> tuple[str, dict]:
     """The promotion report for any two models, and its decision.
 
-    The promotion report for any two models, the candidate judged against the reference as promotion would judge a
-    challenger against the champion; (HTML, decision)."""
+    The promotion report for any two models, the candidate judged against the reference by promote.gate as
+    promotion would judge a challenger against the champion; (HTML, decision)."""
     texts = frozen_texts(text_path)
-    args = (texts, params.tokenizer.block_size, params.evaluate)
-    old, new = view(reference, "A", *args), view(candidate, "B", *args)
-    promoted, reason = decide(new.bits_per_byte, old.bits_per_byte, params.promote.min_improvement, versus="A")
-    decision = {"promoted": promoted, "reason": reason, "min_improvement": params.promote.min_improvement}
+    (old, old_measured), (new, new_measured) = (
+        view(uri, role, texts, params, root) for uri, role in ((reference, "A"), (candidate, "B"))
+    )
+    promoted, reason, verdicts = decide(params.promote.gate, new_measured, old_measured)
+    decision = {"promoted": promoted, "reason": reason, "gate": verdicts}
     return report.render(old, new, decision), decision
 
 

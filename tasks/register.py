@@ -23,7 +23,7 @@ from tasks.plumbing.params import GenerationParams, Params, flatten, load_params
 from tasks.plumbing.paths import EVAL_METRICS, INGEST_STATS, MODEL_DIR, REGISTERED_FILE, SAMPLES_FILE, TRAIN_METRICS
 from tasks.plumbing.redaction import redact
 from tasks.plumbing.stage import run_cli
-from tasks.tracking import flavor, lineage, mlflow_runs, registry, serving, store
+from tasks.tracking import flavor, inputs, lineage, mlflow_runs, registry, serving, store
 from tasks.tracking.registry import CHALLENGER
 
 SERVING_CODE = Path(serving.__file__)  # the served model's loader, shipped with each version
@@ -135,7 +135,8 @@ def register(params: Params, run_id: str, model_dir: Path = MODEL_DIR) -> dict[s
     store.client().log_text(run_id, card, "README.md")
     settings = {key: value for key, value in flatten(params).items() if key.startswith("evaluate.")}
     scores = {f"eval_{key.removeprefix('eval_')}": value for key, value in eval_metrics.items()}  # not eval_eval_loss
-    model_version = registry.new_version(model_name, model_id, run_id, card, {**tags, **scores, **settings})
+    seen = {"datasets": inputs.named(run_id)}  # the run's dataset inputs: what the version was trained and judged on
+    model_version = registry.new_version(model_name, model_id, run_id, card, {**tags, **scores, **settings, **seen})
     registry.set_alias(model_name, CHALLENGER, model_version)
     return {
         "name": model_name,

@@ -30,6 +30,7 @@ from tasks.plumbing.paths import (
     FRAMING_FIGURE,
     INGEST_STATS,
     PREPARED_DIR,
+    SOURCES_FIGURE,
     SPLITS,
     TOKENIZED_DIR,
     TOKENIZER_DIR,
@@ -240,7 +241,9 @@ def tokenize(
         (blocks_tmp / "dataset_dict.json").write_text(json.dumps({"splits": list(SPLITS)}), encoding="utf-8")
         shape = {"block_size": block_size, "shard_tokens": SHARD_TOKENS}
         write_json(blocks_tmp / MANIFEST, {**shape, "splits": manifest})
-        figures = data_figures(read_json(prepared_dir / INGEST_STATS.name, "ingest"), stats)
+        ingested = read_json(prepared_dir / INGEST_STATS.name, "ingest")
+        figures = data_figures(ingested, stats)
+        figures[SOURCES_FIGURE] = ingested.get("sources", [])  # what the run's dataset inputs name as their source
         figures[FRAMING_FIGURE] = chosen.name  # for train (the model's prompt prefix), the run and the card
         stats["framing"] = f"{chosen.name} ({chosen.shown})"
         (blocks_tmp / DATA_STATS.name).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")

@@ -372,6 +372,28 @@ def recipe_summary(f: dict) -> list:
     ]  # fmt: skip
 
 
+def tasks_tables(f: dict) -> list[Table]:
+    """The model's task scores beside the published GPT-2 rows; then examples/s of the harness and perplexity paths."""
+    scores = f["scores"]
+    rows = []
+    for key, value in scores.items():
+        task, _, metric = key.partition("/")
+        if metric in ("examples",) or metric.endswith("_stderr"):
+            continue
+        error = scores.get(f"{key}_stderr")
+        shown = "—" if error is None else f"{error:.3g}"
+        model = f"`{f['model']}` (data: `{f['data']}`)"
+        rows.append([model, task, metric, f"{value:.4g}", shown, str(scores[f"{task}/examples"]), "measured here"])
+    rows += [[r["model"], r["task"], r["metric"], f"{r['value']:.4g}", "", "", r["source"]] for r in f["references"]]
+    head = ["model", "task", "metric", "value", "standard error", "examples", "source"]
+    rates = [[r["path"], f"{r['examples']:,}", f"{r['seconds']:.1f} s", f"{r['examples_s']:,.1f}"] for r in f["rates"]]
+    return [(head, rows), (["path", "examples", "time", "examples/s"], rates)]
+
+
+def tasks_summary(f: dict) -> list:
+    return []  # what it measures has no target: the rows sit beside the published ones
+
+
 GPT2_124M = "--layers 12 --width 768 --heads 12 --block 1024 --vocab 50257"
 CASES = {
     "train-cpu": Case("python bench/train_throughput.py --save train-cpu", "cpu", train_table, train_summary),
@@ -401,6 +423,7 @@ CASES = {
     "lora": Case("python bench/lora.py --save lora", "cpu", lora_table, lora_summary),
     "pruning": Case("python bench/pruning.py --save pruning", "cpu", pruning_table, pruning_summary),
     "recipe": Case("python bench/recipe.py --save recipe", "cpu", recipe_table, recipe_summary),
+    "tasks": Case("python bench/tasks.py --data data/tasks/samples --save tasks", "cpu", tasks_tables, tasks_summary),
     "train-gpu-124m": Case(
         f"python bench/train_throughput.py {GPT2_124M} --batch 32 --precision bf16 --compile --device cuda "
         "--save train-gpu-124m",

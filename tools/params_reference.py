@@ -114,6 +114,9 @@ def section_lines(section: BaseModel, depth: int) -> list[str]:
             lines.append(commented(f"{indent}{name}:", field.description))  # sweep.space: a key's settings a line
             for key, item in value.items():
                 lines.append(f"{indent}  {key}: {flow_value(item.model_dump(exclude_defaults=True))}")
+        elif isinstance(value, list) and value and all(isinstance(item, BaseModel) for item in value):
+            lines.append(commented(f"{indent}{name}:", field.description))  # promote.gate: a rule a line, in full
+            lines += [f"{indent}  - {flow_value(item.model_dump())}" for item in value]
         else:
             lines.append(commented(f"{indent}{name}: {flow_value(value)}", field.description))
     return lines

@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from tasks.plumbing.errors import PipelineError
+from tasks.plumbing.paths import TASK_DATA_DIR
 from tasks.plumbing.specials import EOS, SEP, UNK
 
 PARAMS_FILE = Path("params.yaml")
@@ -312,6 +313,35 @@ class GenerationParams(Section):
     seed: int = Field(0, description="the same seed and settings give the same text")
 
 
+MAX_TASKS = 32
+TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class BenchmarkTask(Section):
+    """One lm-evaluation-harness task that evaluate scores the model on."""
+
+    name: str = Field(
+        ..., pattern=TASK_NAME, max_length=100, description="an lm-evaluation-harness task (`lm-eval ls tasks`)"
+    )
+    data: str | None = Field(
+        None, description="folder of its split files (<split>.jsonl, under data/tasks); null: data/tasks/<name>"
+    )
+    limit: int | None = Field(None, ge=1, le=1_000_000, description="examples scored, the split's first; null: all")
+    num_fewshot: int = Field(0, ge=0, le=32, description="solved examples shown before each one")
+
+    @field_validator("data")
+    @classmethod
+    def under_task_data(cls, value: str | None) -> str | None:
+        # The evaluate stage depends on data/tasks in dvc.yaml: data elsewhere would change unseen by dvc repro.
+        if value is not None and not posixpath.normpath(value).startswith(f"{TASK_DATA_DIR}/"):
+            raise ValueError(f"must be a folder under {TASK_DATA_DIR}/ (the evaluate stage's data), got {value!r}")
+        return value
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.data) if self.data else TASK_DATA_DIR / self.name
+
+
 class EvaluateParams(Section):
     batch_size: int = Field(32, gt=0, le=MAX_BATCH, description="sequences scored at once")
     prompts: list[str] = Field(
@@ -321,6 +351,20 @@ class EvaluateParams(Section):
         default_factory=GenerationParams, description="how samples are generated (and the served model's defaults)"
     )
     stride: int | None = Field(None, gt=0, description="sliding-window step; null: block_size (no overlap)")
+    tasks: list[BenchmarkTask] = Field(
+        default_factory=list,
+        max_length=MAX_TASKS,
+        description="benchmark tasks scored through lm-evaluation-harness (pip install 'gpt2-pipeline[eval]')",
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def distinct_tasks(cls, value: list[BenchmarkTask]) -> list[BenchmarkTask]:
+        names = [task.name for task in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed more than once")
+        return value
 
 
 # What MLflow's registry and tracking store accept (mlflow/utils/validation.py, the SQL stores' column sizes),
@@ -349,8 +393,57 @@ class RegisterParams(Section):
         return _printable_name(value, MAX_MODEL_NAME)
 
 
+# The figures promotion measures both models by on the same text (tasks/promote.py), lower better; a gate rule
+# may also name `<task>/<metric>` of a task evaluate.tasks lists (tasks/evaluation/harness.py).
+TEXT_METRICS = ("bits_per_byte", "bits_per_char", "perplexity", "eval_loss")
+MAX_RULES = 32
+
+
+class GateRule(Section):
+    """One condition the challenger must meet against @champion to be promoted."""
+
+    metric: str = Field(
+        ..., max_length=200, description="bits_per_byte, perplexity, ... or <task>/<metric> of evaluate.tasks"
+    )
+    require: Literal["improve", "not_worse"] = Field(
+        "improve", description="improve: better by more than margin; not_worse: worse by at most margin"
+    )
+    margin: float = Field(0.0, ge=0, le=1e6, description="in the unit below; improve also needs a change above 0")
+    unit: Literal["fraction", "absolute", "stderr"] = Field(
+        "fraction", description="of the champion's value; as is; standard errors of the difference (tasks)"
+    )
+
+    @model_validator(mode="after")
+    def known_metric(self) -> GateRule:
+        task, _, metric = self.metric.partition("/")
+        if not metric and self.metric not in TEXT_METRICS:
+            raise ValueError(f"metric {self.metric!r}: one of {', '.join(TEXT_METRICS)}, or <task>/<metric>")
+        if metric and not (re.fullmatch(TASK_NAME, task) and re.fullmatch(r"[A-Za-z0-9_]+", metric)):
+            raise ValueError(f"metric {self.metric!r}: a task's is <task>/<metric>, as hellaswag/acc_norm")
+        if self.unit == "stderr" and not metric:
+            raise ValueError(f"{self.metric}: unit stderr is for a task's metric (the harness gives its error)")
+        return self
+
+
 class PromoteParams(Section):
-    min_improvement: float = Field(0.01, ge=0, lt=1, description="fraction fewer bits per byte than the champion")
+    gate: list[GateRule] = Field(
+        default_factory=lambda: [GateRule(metric="bits_per_byte", require="improve", margin=0.01, unit="fraction")],
+        min_length=1,
+        max_length=MAX_RULES,
+        description="rules the challenger must all meet; by default 1% fewer bits per byte than @champion",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def former_threshold(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "min_improvement" in data:
+            margin = data["min_improvement"]
+            raise ValueError(
+                f"min_improvement is now a rule of promote.gate: write gate: [{{metric: bits_per_byte, "
+                f"require: improve, margin: {margin}}}]"
+            )
+        return data
+
     eval_path: str | None = Field(
         None, description="a prepared-style JSONL file, or a folder of them, to score on; null: the validation split"
     )
@@ -516,9 +609,22 @@ with warnings.catch_warnings():
                     f"tokenizer.vocab_size: {self.tokenizer.vocab_size} is too small for byte-level BPE; "
                     f"it needs at least {BYTE_ALPHABET + 2} (256 bytes, {EOS} and {SEP})"
                 )
+            _check_gate(self)
             if not (info.context or {}).get(TRIAL_CONTEXT):  # a trial's values, checked without a search of its own
                 _check_space(self)
             return self
+
+
+def _check_gate(params: Params) -> None:
+    """A gate rule on a task's metric names a task that evaluate.tasks scores: the models have nothing else."""
+    tasks = {task.name for task in params.evaluate.tasks}
+    for index, rule in enumerate(params.promote.gate):
+        task, _, metric = rule.metric.partition("/")
+        if metric and task not in tasks:
+            raise ValueError(
+                f"promote.gate.{index}.metric: {rule.metric} names task {task}, which evaluate.tasks does not list; "
+                f"add it there ({', '.join(sorted(tasks)) or 'none listed'})"
+            )
 
 
 def _check_space(params: Params) -> None:

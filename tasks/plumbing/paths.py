@@ -56,6 +56,7 @@ TOKENIZER_DIR = Path("models/tokenizer")
 TOKENIZED_DIR = Path("data/tokenized")
 # The figures of ingest and tokenize, carried with the blocks so that the training run can log them.
 DATA_STATS = TOKENIZED_DIR / "stats.json"
+SOURCES_FIGURE = "ingest/sources"  # in DATA_STATS: the files (or hf: names) ingest read, a list
 FRAMING_FIGURE = "tokenize/framing"  # in DATA_STATS: the framing tokenize used (tasks/data/framing.py)
 # train
 MODEL_DIR = Path("models/gpt2")
@@ -65,6 +66,9 @@ PLOTS_DIR = Path("plots")  # the train stage's: train_loss.csv, eval_loss.csv (t
 CHECKPOINT_DIR = Path("checkpoints/train")
 # evaluate
 EVAL_METRICS = Path("metrics/eval.json")
+# evaluate.tasks' data: one folder a task, its split files (<split>.jsonl) in the dataset's own fields; a
+# dependency of the evaluate stage in dvc.yaml. samples/ holds tiny ones in each task's format, to try the path.
+TASK_DATA_DIR = Path("data/tasks")
 SAMPLES_FILE = Path("reports/samples.json")
 # register
 REGISTERED_FILE = Path("registered.json")

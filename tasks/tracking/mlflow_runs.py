@@ -23,7 +23,7 @@ from tasks.plumbing.outputs import write_json
 from tasks.plumbing.params import Params, flatten
 from tasks.plumbing.paths import RUN_RECORD
 from tasks.plumbing.redaction import redact
-from tasks.tracking import lineage, store
+from tasks.tracking import inputs, lineage, store
 
 MAX_METRICS_PER_BATCH = 1000  # the most metrics MLflow's log_batch takes in one request
 RUN_ID_ENV = "GPT2_PIPELINE_RUN_ID"  # the run train's launcher opened, for its torchrun workers
@@ -117,7 +117,9 @@ def training_run(params: Params, checkpoint_dir: Path, resuming: bool, figures: 
     if run_exists(recorded):
         return recorded
     run_id = create_run(params)
-    set_tags(run_id, figures)  # what the data is (records, blocks, vocabulary): one value each, so tags
+    # What the data is (records, blocks, vocabulary): one value each, so tags; and the splits as dataset inputs.
+    set_tags(run_id, {key: value for key, value in figures.items() if not isinstance(value, list)})
+    inputs.log(run_id, inputs.split_inputs(figures, {"train": "training", "validation": "validation"}))
     write_record(checkpoint_dir, run_id)
     return run_id
 

@@ -3,10 +3,10 @@
 Two models side by side in one HTML page that needs nothing but itself (charts are inline SVG; no script, no
 stylesheet or font from elsewhere), so it opens offline and as an MLflow artifact.
 
-It shows what a person deciding a promotion asks: the decision in words, bits per byte of both against the
-threshold, the two training curves overlaid, the evaluation metrics, samples for the same prompts and seed, the
-params that differ and whether the data differs. tasks.promote measures the models; this module reads what
-MLflow recorded about them and draws the page.
+It shows what a person deciding a promotion asks: the decision in words, each rule of the gate with its verdict,
+what both models measured on the same text and tasks, the two training curves overlaid, the evaluation metrics,
+samples for the same prompts and seed, the params that differ and whether the data differs. tasks.promote measures
+the models; this module reads what MLflow recorded about them and draws the page.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class ModelView:
 
     uri: str
     role: str  # "champion", "challenger", or A/B for `gpt2-pipeline compare`
-    bits_per_byte: float
+    figures: dict[str, float]  # what promotion measured: bits_per_byte, perplexity... and the gate's task metrics
     samples: list[dict[str, str]]
     version: str | None = None
     run_id: str | None = None
@@ -38,6 +38,10 @@ class ModelView:
     metrics: dict[str, float] = field(default_factory=dict)
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.figures["bits_per_byte"]
 
     @property
     def name(self) -> str:
@@ -63,10 +67,10 @@ def recorded(uri: str) -> tuple[str | None, str | None, dict[str, str]]:
     return version.run_id, str(version.version), dict(version.tags)
 
 
-def model_view(uri: str, role: str, bits_per_byte: float, samples: list[dict[str, str]]) -> ModelView:
+def model_view(uri: str, role: str, figures: dict[str, float], samples: list[dict[str, str]]) -> ModelView:
     """The view of a measured model, with its run's curves, metrics and params where the store has them."""
     run_id, version, tags = recorded(uri)
-    view = ModelView(uri, role, bits_per_byte, samples, version, run_id, tags=tags)
+    view = ModelView(uri, role, figures, samples, version, run_id, tags=tags)
     if run_id is None:
         return view
     client = store.client()
@@ -83,14 +87,14 @@ def model_view(uri: str, role: str, bits_per_byte: float, samples: list[dict[str
 
 
 def render(reference: ModelView | None, candidate: ModelView, decision: dict) -> str:
-    """The report page. decision: promoted, reason, min_improvement (as tasks.promote.decide gives them)."""
+    """The report page. decision: promoted, reason and gate, the rules' verdicts (as tasks.promote.decide gives)."""
     views = [v for v in (reference, candidate) if v is not None]
     verdict = "Promoted" if decision["promoted"] else "Not promoted"
     title = f"{candidate.name} against " + (reference.name if reference else "no champion")
     body = [
         f"<h1>{_text(title)}</h1>",
         f'<p class="decision {verdict.lower().replace(" ", "-")}">{verdict}: {_text(decision["reason"])}.</p>',
-        _scores(reference, candidate, decision["min_improvement"]),
+        _gate(reference, candidate, decision["gate"]),
         "<h2>Training curves</h2>",
         '<div class="charts">' + "".join(_chart(label, key, views) for key, label in CURVES.items()) + "</div>",
         "<h2>Evaluation</h2>",
@@ -109,13 +113,13 @@ def _text(value: object) -> str:
     return html.escape(str(value))
 
 
-def _scores(reference: ModelView | None, candidate: ModelView, min_improvement: float) -> str:
-    rows = [[candidate.role, f"{candidate.bits_per_byte:.4f}"]]
-    if reference is not None:
-        needed = reference.bits_per_byte * (1 - min_improvement)
-        rows.insert(0, [reference.role, f"{reference.bits_per_byte:.4f}"])
-        rows.append([f"needed to promote ({min_improvement:.2%} fewer)", f"≤ {needed:.4f}"])
-    return "<h2>Bits per byte on the same text</h2>" + _table(["model", "bits per byte"], rows)
+def _gate(reference: ModelView | None, candidate: ModelView, verdicts: list[dict]) -> str:
+    """Each rule of the gate with its verdict, then every figure promotion measured of both models."""
+    views = [v for v in (reference, candidate) if v is not None]
+    rules = [[v["metric"], v["text"]] for v in verdicts]
+    gate = f"<h2>The gate: every rule must be met</h2>{_table(['metric', 'verdict'], rules)}" if reference else ""
+    figures = _table(["metric", *(v.role for v in views)], _rows(views, lambda v: v.figures, "{:.6g}"))
+    return f"{gate}<h2>Measured on the same text and tasks</h2>{figures}"
 
 
 def _rows(views: list[ModelView], values, spec: str) -> list[list[str]]:

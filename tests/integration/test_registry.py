@@ -14,6 +14,10 @@ from tests.browser import chromium, pixels_near
 from tests.helpers import BIN, merge, mlflow_on, run, store_client, tiny_params, trained_copy, write_params
 
 pytestmark = pytest.mark.slow
+# The default gate's one rule, as the decision, the report and the command say it.
+BPB_RULE = (
+    r"bits_per_byte \d\.\d+ → \d\.\d+, \d+\.\d\d% (better|worse) \(must improve by at least 1\.00%\): (met|NOT met)"
+)
 
 
 def train_and_register(project, max_steps: int) -> str:
@@ -179,17 +183,20 @@ def test_the_promotion_report_is_logged_and_draws_in_a_browser(scenario, tmp_pat
     with mlflow_on(f"sqlite:///{scenario.project}/mlflow.db") as mlflow:
         page = Path(mlflow.artifacts.download_artifacts(artifact_uri=promoted["report"], dst_path=str(tmp_path)))
     dom, png = chromium(page, tmp_path)
-    assert f"Promoted: {promoted['reason']}." in dom and "fewer bits per byte than the champion" in dom
+    assert f"Promoted: {promoted['reason']}." in dom and re.fullmatch(BPB_RULE, promoted["reason"])
+    assert "better (must improve by at least 1.00%): met" in promoted["reason"]
     assert dom.count("<polyline") == 4  # training and validation loss, champion and challenger
     assert pixels_near(png, COLORS[0]) > 300 and pixels_near(png, COLORS[1]) > 300, "a chart was not drawn"
     # The worse challenger's report says why it was kept out.
-    assert "more bits per byte than the champion; promotion needs 1.00% fewer" in scenario.outcomes["worse"]["reason"]
+    worse = scenario.outcomes["worse"]["reason"]
+    assert re.fullmatch(BPB_RULE, worse) and worse.endswith("worse (must improve by at least 1.00%): NOT met"), worse
 
 
 def test_compare_writes_the_same_report_for_any_two_models(scenario):
-    line = scenario.outcomes["compare"].stdout.strip()
-    reason = r"\d+\.\d\d% fewer bits per byte than A \(promotion needs 1\.00% fewer\)"
-    assert re.fullmatch(rf"\S+my-reports/compare\.html: B would be promoted over A: {reason}", line), line
+    line, rule = scenario.outcomes["compare"].stdout.strip().splitlines()
+    assert re.fullmatch(r"\S+my-reports/compare\.html: B would be promoted over A", line), line
+    assert re.fullmatch(BPB_RULE, rule.strip()) and rule.endswith("better (must improve by at least 1.00%): met"), rule
+    reason = re.escape(rule.strip())
     assert scenario.outcomes["compare kept"] == "mine"
     page = scenario.outcomes["compare report"]
     assert re.search(f'<p class="decision promoted">Promoted: {reason}.</p>', page)

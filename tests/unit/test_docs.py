@@ -153,6 +153,7 @@ def run_made() -> set[str]:
         "infra/.env",  # the user's copy of infra/.env.example
         "data/corpora/openwebtext",  # where the user puts params/gpt2-124m-openwebtext.yaml's corpus
         "data/corpora/tinyshakespeare/*",  # the held-out split python -m tools.corpora shakespeare-tail writes
+        "data/tasks/*",  # benchmark tasks' data python -m tools.task_data fetches (and dvc add's files beside it)
         "models/gpt2-chinese-like",  # what examples/bert_gpt2.py writes in docs/guides/chinese.md
         "data/big.json", "data/big.jsonl", "data/deep.jsonl",  # a user's files in reliability.md's messages
     }  # fmt: skip

@@ -264,9 +264,10 @@ def test_params_yaml_sets_every_key_the_model_accepts_at_its_default():
             inner = getattr(model, name)
             if hasattr(inner, "model_fields"):
                 flat.update(model_keys(inner, f"{prefix}{name}."))
-            else:  # sweep.space: its distributions as params.yaml writes them
-                shown = {k: v.model_dump(exclude_defaults=True) for k, v in inner.items()} if name == "space" else inner
-                flat[prefix + name] = shown
+            elif name == "space":  # sweep.space: its distributions as params.yaml writes them
+                flat[prefix + name] = {k: v.model_dump(exclude_defaults=True) for k, v in inner.items()}
+            else:  # promote.gate: its rules in full
+                flat[prefix + name] = [v.model_dump() for v in inner] if name == "gate" else inner
         return flat
 
     shipped = keys(default_params())
