@@ -14,11 +14,12 @@ export PATH := $(abspath $(BIN)):$(PATH)
 install: $(VENV)/.installed
 
 # Exactly the versions and files requirements.lock names (hashes checked), then the project itself: two installs
-# on two machines get the same set. The lock holds the CPU build of torch (`make lock` refreshes it).
+# on two machines get the same set. Then the page `dvc plots` draws into, Vega inside it (.dvc/config). The lock holds the CPU build of torch (`make lock` refreshes it).
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || (tools/system-packages venv $(PYTHON) && $(PYTHON) -m venv $(VENV))
 	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/python -m tools.plots_template
 	touch $@
 
 # Refresh requirements.lock after changing pyproject.toml's dependencies: pip-compile (in a venv of its own) pins

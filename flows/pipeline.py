@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,13 @@ from prefect import flow, task
 from prefect.runtime import flow_run
 from prefect.tasks import exponential_backoff
 
-from flows import server, workspace
+from flows import artifacts, server, workspace
 from flows.promote import promote_model
 from tasks.plumbing.console import tools_first
 from tasks.plumbing.errors import BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError
 from tasks.plumbing.outputs import read_json
-from tasks.plumbing.paths import REGISTERED_FILE
+from tasks.plumbing.params import PARAMS_FILE, RegisterParams, load_params
+from tasks.plumbing.paths import EVAL_METRICS, REGISTERED_FILE
 from tasks.plumbing.redaction import redact
 from tasks.tracking.lineage import FLOW_RUN_ENV
 
@@ -134,9 +136,12 @@ def sync_remote(action: str, remote: str, cwd: str, additions: dict[str, str]) -
 
 
 @task(name="dvc-stage", task_run_name="{stage}")
-def run_stage(stage: str, cwd: str, additions: dict[str, str]) -> None:
-    """Run one DVC stage (skipped by DVC when its inputs are unchanged), streaming its output to the log."""
+def run_stage(stage: str, cwd: str, additions: dict[str, str]) -> dict[str, Any]:
+    """Run one DVC stage (skipped by DVC when its inputs are unchanged), streaming its output to the log.
+
+    Whether DVC ran it, and the seconds it took: a row of the run's stage table."""
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    started = time.perf_counter()
     with subprocess.Popen(
         command, cwd=cwd, env=stage_env(additions), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as process:
@@ -147,6 +152,12 @@ def run_stage(stage: str, cwd: str, additions: dict[str, str]) -> None:
                 print(lines[-1])
     if process.returncode != 0:
         raise StageFailed(stage, stage_status(lines, process.returncode), failure_line(lines))
+    ran = any(line.startswith(f"Running stage '{stage}'") for line in lines)  # DVC's words before the command
+    return {
+        "stage": stage,
+        "ran": "ran" if ran else "skipped (unchanged)",
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 def failure_line(lines: list[str]) -> str:
@@ -177,30 +188,45 @@ def training_pipeline(overrides: dict[str, Any] | None = None, promote: bool = F
     """
     overrides = overrides or {}
     project = Path.cwd()
-    if not overrides:  # DVC's own lock keeps two runs in the project apart
-        return _run_stages(project, stage_additions(flow_run.get_id()), promote, remote)
-    stale = workspace.uncommitted(project)
-    if stale:
-        print(f"warning: the run uses the committed HEAD; uncommitted changes not included: {', '.join(stale)}")
-    with workspace.claimed(project, overrides) as cwd:  # no other run resets it under this one
-        print(f"overrides {overrides} run in {cwd.relative_to(project)}")
-        additions = stage_additions(flow_run.get_id(), workspace.environment(project, overrides))
-        return _run_stages(cwd, additions, promote, remote)
+    try:
+        if not overrides:  # DVC's own lock keeps two runs in the project apart
+            return _run_stages(project, stage_additions(flow_run.get_id()), promote, remote)
+        stale = workspace.uncommitted(project)
+        if stale:
+            print(f"warning: the run uses the committed HEAD; uncommitted changes not included: {', '.join(stale)}")
+        with workspace.claimed(project, overrides) as cwd:  # no other run resets it under this one
+            print(f"overrides {overrides} run in {cwd.relative_to(project)}")
+            additions = stage_additions(flow_run.get_id(), workspace.environment(project, overrides))
+            return _run_stages(cwd, additions, promote, remote)
+    except PipelineError as error:  # the run's one line, where the Prefect UI shows the run
+        artifacts.publish_failure(_model_name(project), str(error))
+        raise
+
+
+def _model_name(project: Path) -> str:
+    """register.model_name in the project's params, or the default where they cannot be read."""
+    try:
+        return load_params(project / PARAMS_FILE).register.model_name
+    except PipelineError:
+        return RegisterParams().model_name
 
 
 def _run_stages(cwd: Path, additions: dict[str, str], promote: bool, remote: str | None) -> str:
     """The stages in cwd (the project or a run workspace) in order, with the remote and promotion around them."""
     if remote:
         sync_remote("pull", remote, str(cwd), additions)
+    table = []
     for stage in stages(cwd):
         runner = run_train_stage if stage == "train" else run_stage
-        runner(stage, str(cwd), additions)
+        table.append(runner(stage, str(cwd), additions))
     if remote:
         sync_remote("push", remote, str(cwd), additions)
     registered = read_json(cwd / REGISTERED_FILE, "register")
     print(f"registered {registered['model_uri']} (@{registered['alias']})")
-    if promote:
-        promote_model(workdir=str(cwd), version=registered["version"])  # this run's model, whatever @challenger is
+    decision = None
+    if promote:  # this run's model, whatever @challenger names by now
+        decision = promote_model(workdir=str(cwd), version=registered["version"])
+    artifacts.publish_run(registered, read_json(cwd / EVAL_METRICS, "evaluate"), table, decision)
     return registered["model_uri"]
 
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows import server
+from flows import artifacts, server
 from tasks import promote as promotion
+from tasks.plumbing.errors import PipelineError
 from tasks.plumbing.outputs import inside_project
 from tasks.plumbing.params import PARAMS_FILE, load_params
 
@@ -23,8 +24,13 @@ def promote_model(workdir: str = ".", version: str | None = None) -> dict:
     """
     root = inside_project(workdir, "workdir")  # a deployment's parameter: the worker's project and nothing else
     params = load_params(root / PARAMS_FILE)
-    with server.promotion_slot(params.register.model_name):  # one promotion at a time on a shared server
-        decision = promotion.promote(params, promotion.text_path(params, root), version, root)
+    try:
+        with server.promotion_slot(params.register.model_name):  # one promotion at a time on a shared server
+            decision = promotion.promote(params, promotion.text_path(params, root), version, root)
+    except PipelineError as error:  # its one line, where the Prefect UI shows the run
+        artifacts.publish_failure(params.register.model_name, str(error))
+        raise
+    artifacts.publish_decision(params.register.model_name, decision)
     verb = "promoted to @champion" if decision["promoted"] else "not promoted"
     print(f"version {decision['challenger_version']} {verb}")
     for rule in decision.get("gate") or [{"text": decision["reason"]}]:

@@ -261,9 +261,10 @@ def _save(model, tokenizer, model_dir: Path, run_id: str) -> None:
 
 
 def write_plots(curve: list[tuple[int, float]], evals: list[tuple[int, float]], plots_dir: Path) -> None:
-    """The loss curves' points (train_loss.csv, eval_loss.csv) and both curves as an image (loss.svg), the DVC plot.
+    """The loss curves' points (train_loss.csv, eval_loss.csv) and both curves as an image (loss.svg).
 
-    `dvc plots show` draws it offline, where plots of the CSVs would load Vega from a CDN."""
+    The points are dvc.yaml's plot `loss`, which `dvc plots diff` overlays across experiments; the image is for a
+    page or a notebook without Vega."""
     for name, column, points in (("train_loss.csv", "loss", curve), ("eval_loss.csv", "eval_loss", evals)):
         with atomic_output(plots_dir / name) as tmp, tmp.open("w", newline="") as handle:
             writer = csv.writer(handle)

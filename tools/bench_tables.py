@@ -387,7 +387,7 @@ def tasks_tables(f: dict) -> list[Table]:
     rows += [[r["model"], r["task"], r["metric"], f"{r['value']:.4g}", "", "", r["source"]] for r in f["references"]]
     head = ["model", "task", "metric", "value", "standard error", "examples", "source"]
     rates = [[r["path"], f"{r['examples']:,}", f"{r['seconds']:.1f} s", f"{r['examples_s']:,.1f}"] for r in f["rates"]]
-    return [(head, rows), (["path", "examples", "time", "examples/s"], rates)]
+    return [(head, rows), (["path", "examples", "time", "examples a second"], rates)]
 
 
 def tasks_summary(f: dict) -> list:

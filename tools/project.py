@@ -12,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the project's interpreter's folder: dvc, prefect, mlflow, gpt2-pipeline
+PLOTS_TEMPLATE = ROOT / ".dvc/plots/offline.html"  # make install's page for `dvc plots` (tools/plots_template.py)
 
 
 def tool_env(**extra: str) -> dict[str, str]:
@@ -38,6 +39,9 @@ def copy_project(parent: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, dest / name)
     (dest / "dvc.lock").unlink(missing_ok=True)
+    if PLOTS_TEMPLATE.is_file():  # what make install wrote, as a clone has it after make install
+        (dest / PLOTS_TEMPLATE.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PLOTS_TEMPLATE, dest / PLOTS_TEMPLATE.relative_to(ROOT))
     for args in (
         ["git", "init", "-q"],
         ["git", "add", "-A"],

@@ -62,7 +62,7 @@ FRAMING_FIGURE = "tokenize/framing"  # in DATA_STATS: the framing tokenize used 
 MODEL_DIR = Path("models/gpt2")
 RUN_RECORD = "mlflow_run.json"  # in MODEL_DIR (and a checkpoint folder): the model's MLflow run
 TRAIN_METRICS = Path("metrics/train.json")
-PLOTS_DIR = Path("plots")  # the train stage's: train_loss.csv, eval_loss.csv (the points) and loss.svg (the DVC plot)
+PLOTS_DIR = Path("plots")  # the train stage's: train_loss.csv, eval_loss.csv (dvc.yaml's plot) and loss.svg (an image)
 CHECKPOINT_DIR = Path("checkpoints/train")
 # evaluate
 EVAL_METRICS = Path("metrics/eval.json")

@@ -1,6 +1,6 @@
 """Line charts as inline SVG.
 
-Drawn by the train stage (plots/loss.svg, an image plot `dvc plots show` shows offline) and by the promotion
+Drawn by the train stage (plots/loss.svg, the curves as an image beside their points) and by the promotion
 report. No plotting library: a few lines of SVG open in any browser."""
 
 from __future__ import annotations

@@ -25,13 +25,14 @@ DIGEST_LENGTH = 32  # MLflow keeps a dataset digest of at most 36 characters
 
 
 def _source(path: str):
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
     from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
 
     if path.startswith(HUB_PREFIX):
         name, _, config = path.removeprefix(HUB_PREFIX).partition(":")
         return HuggingFaceDatasetSource(path=name, config_name=config or None)
-    return resolve_dataset_source(str(Path(path).resolve()))
+    # By its type: resolving a bare path finds two (file: and no scheme), and MLflow warns that it picked one.
+    return get_dataset_source_from_json(json.dumps({"uri": str(Path(path).resolve())}), "local")
 
 
 def dataset(name: str, sources: list[str], digest: str, profile: dict[str, Any]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 import socket
@@ -59,16 +60,20 @@ def test_dvc_repro_registers_a_model_that_loads_and_generates(pipeline):
     assert text.startswith("ROMEO:") and len(text) > len("ROMEO:") + 5
 
 
-def test_dvc_plots_show_draws_offline_in_a_browser(pipeline, tmp_path):
-    """`dvc plots show` on a trained project writes a page that Chromium draws with the network off: both loss
-    curves, nothing loaded from a CDN."""
-    from tasks.tracking.charts import COLORS
-
-    run([str(BIN / "dvc"), "plots", "show", "-o", str(tmp_path / "plots")], pipeline)
-    page = tmp_path / "plots/index.html"
-    assert "<script src=" not in page.read_text() and "cdn." not in page.read_text()
-    _, png = chromium(page, tmp_path)
-    assert pixels_near(png, COLORS[0]) > 300 and pixels_near(png, COLORS[1]) > 100, "the curves were not drawn"
+def test_dvc_plots_diff_of_two_experiments_draws_offline_in_a_browser(trained_project, tmp_path):
+    """`dvc plots diff` of the trained revision and an experiment (a shorter training) writes a page that Chromium
+    draws with the network off: Vega is in the page (.dvc/config's template), and each revision's curves are drawn in
+    its own colour."""
+    project = trained_project
+    run([str(BIN / "dvc"), "exp", "run", "train", "--name", "short", "-S", "train.max_steps=100"], project)
+    run([str(BIN / "dvc"), "plots", "diff", "HEAD", "short", "-o", str(tmp_path / "plots")], project)
+    page = (tmp_path / "plots/index.html").read_text()
+    assert "<script src=" not in page and "cdn." not in page and "vegaEmbed(" in page
+    colours = json.loads(re.search(r'"range": (\["#[^]]+\])', page).group(1))  # DVC's colour for each revision
+    assert len(colours) == 2 and '"HEAD"' in page and '"short"' in page
+    _, png = chromium(tmp_path / "plots/index.html", tmp_path)
+    for colour in colours:
+        assert pixels_near(png, colour, tolerance=30) > 150, f"a revision's curves ({colour}) were not drawn"
 
 
 def test_generate_from_the_registry_and_from_the_folder(pipeline):
@@ -191,6 +196,35 @@ def test_prefect_flow_reruns_what_changed_and_registers_a_new_version(trained_pr
     assert client.get_metric_history(trained_in, "system/cpu_utilization_percentage")  # sampled while training
     every_run = client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
     assert {r.info.status for r in every_run} == {"FINISHED"}  # none left RUNNING
+    # The flow run's artifacts in Prefect: the version and its metrics, and which stages ran and which were skipped.
+    summary, stages_run = prefect_artifacts(prefect_env, "gpt2-lm-summary", "gpt2-lm-stages")
+    assert summary["flow_run_id"] == stages_run["flow_run_id"] == version.tags["prefect_flow_run_id"]
+    assert summary["data"].startswith(f"# gpt2-lm version {registered['version']}\n")
+    assert f"| perplexity | {perplexity:.6g} |" in summary["data"]
+    table = json.loads(stages_run["data"])
+    assert [(row["stage"], row["ran"]) for row in table] == [
+        ("ingest", "skipped (unchanged)"), ("tokenize", "skipped (unchanged)"), ("train", "skipped (unchanged)"),
+        ("evaluate", "ran"), ("register", "ran"),
+    ]  # fmt: skip
+    assert all(row["seconds"] > 0 for row in table)
+    listed = run([str(BIN / "prefect"), "artifact", "ls"], pipeline, env={**prefect_env, "COLUMNS": "250"}).stdout
+    assert "gpt2-lm-summary" in listed and "gpt2-lm-stages" in listed
+    # A run that fails publishes its one error line.
+    write_params(pipeline, merge(tiny_params(), {"data": {"sources": ["data/samples/missing.txt"]}}))
+    failed = run([str(BIN / "python"), "-m", "flows.pipeline"], pipeline, check=False, env=prefect_env)
+    assert failed.returncode != 0
+    (failure,) = prefect_artifacts(prefect_env, "gpt2-lm-failure")
+    assert failure["data"].startswith("# The run failed\n\n    stage ingest failed: error: ")
+    assert "data/samples/missing.txt" in failure["data"]
+
+
+def prefect_artifacts(env: dict[str, str], *keys: str) -> list[dict]:
+    """The latest artifact of each key, from the Prefect server's API."""
+    found = httpx.post(
+        f"{env['PREFECT_API_URL']}/artifacts/latest/filter", json={"artifacts": {"key": {"any_": list(keys)}}}
+    )
+    by_key = {artifact["key"]: artifact for artifact in found.raise_for_status().json()}
+    return [by_key[key] for key in keys]
 
 
 def test_a_new_run_workspace_starts_from_the_committed_outputs(trained_project):

@@ -150,6 +150,7 @@ def run_made() -> set[str]:
         ".runs/*",  # run workspaces and their locks (flows/workspace.py)
         "mlartifacts",  # the local MLflow store's artifacts
         ".dvc/cache",  # DVC's cache of the outputs
+        ".dvc/plots/offline.html",  # the page make install writes for `dvc plots` (tools/plots_template.py)
         "infra/.env",  # the user's copy of infra/.env.example
         "data/corpora/openwebtext",  # where the user puts params/gpt2-124m-openwebtext.yaml's corpus
         "data/corpora/tinyshakespeare/*",  # the held-out split python -m tools.corpora shakespeare-tail writes
