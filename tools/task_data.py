@@ -25,9 +25,13 @@ def fetch(name: str, out: Path, index) -> list[Path]:
         raise SystemExit(f"{name}: not a harness task with a hub dataset; `lm-eval ls tasks` lists them")
     config = entry.cfg
     written = []
+    # The harness's own pin where its task config has one; the bytes written are pinned by DVC's hash either way.
+    revision = (config.get("dataset_kwargs") or {}).get("revision")
     for split in sorted({config[key] for key in SPLIT_KEYS if config.get(key)}):
         try:
-            rows = datasets.load_dataset(config["dataset_path"], config.get("dataset_name"), split=split)
+            rows = datasets.load_dataset(
+                config["dataset_path"], config.get("dataset_name"), split=split, revision=revision
+            )
         except (ConnectionError, OSError, ValueError) as error:
             raise SystemExit(
                 f"{name}: {config['dataset_path']} split {split} could not be fetched ({type(error).__name__}: "
