@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -329,39 +330,81 @@ def _number(text: str | None, spec: str) -> str:
     return format(float(text), spec) if text else ""
 
 
-SERVING = Limits()  # serve-model's option defaults: the limits a served model has unless told otherwise
+SERVING = Limits()  # serve-model --api mlflow: the limits a served model has unless told otherwise
+# serve-model (OpenAI's API): rows (prompts x n) in one batch, requests waiting past them; measured in
+# docs/benchmarks.md (bench/serving.py)
+BATCHED = Limits(max_concurrent=32, max_queue=64)
+
+
+class Api(StrEnum):
+    openai = "openai"
+    mlflow = "mlflow"
 
 
 @command
 def serve_model(
     model: Annotated[
-        str | None, typer.Option(help="an MLflow model URI; default: models:/<register.model_name>@champion")
+        str | None,
+        typer.Option(
+            help="a registered model, models:/<name>@<alias> or models:/<name>/<version>; "
+            "default: models:/<register.model_name>@champion"
+        ),
     ] = None,
     port: Annotated[int, typer.Option(min=1, max=65535)] = 5001,
     host: Annotated[str, typer.Option(help="the address to listen on; 127.0.0.1 answers this machine only")] = (
         "127.0.0.1"
     ),
+    api: Annotated[
+        Api,
+        typer.Option(
+            help="openai: POST /v1/completions, batched by Ray Serve; mlflow: MLflow's "
+            "scoring server, POST /invocations"
+        ),
+    ] = Api.openai,
     max_body_bytes: Annotated[int, typer.Option(min=1024, help="a request's body; past it 413")] = (
         SERVING.max_body_bytes
     ),
     body_timeout: Annotated[float, typer.Option(min=0.001, help="seconds a request's body may take; past them 408")] = (
         SERVING.body_timeout_seconds
     ),
-    max_prompts: Annotated[int, typer.Option(min=1, help="prompts in one request")] = SERVING.max_prompts,
-    max_total_new_tokens: Annotated[int, typer.Option(min=1, help="prompts x max_new_tokens in one request")] = (
+    max_prompts: Annotated[int, typer.Option(min=1, help="prompts (x n) in one request")] = SERVING.max_prompts,
+    max_total_new_tokens: Annotated[int, typer.Option(min=1, help="prompts x max new tokens in one request")] = (
         SERVING.max_total_new_tokens
     ),
     timeout: Annotated[float, typer.Option(min=0.001, help="seconds a generation may take; past them 504")] = (
         SERVING.timeout_seconds
     ),
-    max_concurrent: Annotated[int, typer.Option(min=1, help="requests generating at once")] = SERVING.max_concurrent,
-    max_queue: Annotated[int, typer.Option(min=0, help="requests waiting for a turn; past them 503")] = (
-        SERVING.max_queue
-    ),
+    max_concurrent: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help=f"openai: rows (prompts x n) in one batch, default "
+            f"{BATCHED.max_concurrent}; mlflow: requests generating at once, default "
+            f"{SERVING.max_concurrent}",
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="requests waiting for a turn; past them 503; default "
+            f"{BATCHED.max_queue} (openai), {SERVING.max_queue} (mlflow)",
+        ),
+    ] = None,
+    batch_wait: Annotated[float, typer.Option(min=0.0, help="openai: seconds a batch waits for more requests")] = 0.01,
+    replicas: Annotated[int, typer.Option(min=1, help="openai: copies of the model, each batching its own")] = 1,
+    follow: Annotated[float, typer.Option(min=0.1, help="openai: seconds between looks at the alias")] = 10.0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="openai: a Ray cluster to run the replicas on (host:port "
+            "of its head); default: a Ray of this machine's own"
+        ),
+    ] = None,
 ):
-    """Serve a registered model over HTTP: MLflow's scoring server in this interpreter, every request bounded:
-    POST /invocations {"inputs": ["ROMEO:"], "params": {"max_new_tokens": 20, "temperature": 0.8}}."""
-    from flows.model_server import SERVE_ENV
+    """Serve a registered model over HTTP, every request bounded; by default @champion, followed when it moves:
+    POST /v1/completions {"model": "gpt2-lm", "prompt": "ROMEO:", "max_tokens": 20} (OpenAI's completions API;
+    --api mlflow: MLflow's POST /invocations {"inputs": ["ROMEO:"], "params": {"max_new_tokens": 20}})."""
     from tasks.tracking.registry import CHAMPION, alias_version
 
     uri = model or f"models:/{load_params().register.model_name}@{CHAMPION}"
@@ -369,20 +412,46 @@ def serve_model(
     name, _, alias = uri.removeprefix("models:/").partition("@")
     if uri.startswith("models:/") and alias and alias_version(name, alias) is None:
         fail(f"--model {uri}: no such alias at {store.shown_uri()}; `gpt2-pipeline models` lists the versions")
+    defaults = BATCHED if api is Api.openai else SERVING
     limits = Limits(
         max_body_bytes=max_body_bytes,
         body_timeout_seconds=body_timeout,
         max_prompts=max_prompts,
         max_total_new_tokens=max_total_new_tokens,
         timeout_seconds=timeout,
-        max_concurrent=max_concurrent,
-        max_queue=max_queue,
+        max_concurrent=defaults.max_concurrent if max_concurrent is None else max_concurrent,
+        max_queue=defaults.max_queue if max_queue is None else max_queue,
     )
+    if api is Api.mlflow:
+        serve_mlflow(uri, limits, host, port)
+    from flows.completions import EngineSettings, run_server
+
+    name, version = registered(uri)
+    settings = EngineSettings(name, alias or None, version, limits, batch_wait, follow)
+    run_server(settings, host, port, replicas, ray_address)
+
+
+def registered(uri: str) -> tuple[str, str | None]:
+    """(name, version) of models:/<name>@<alias> (version None) or models:/<name>/<version>, else one line."""
+    path = uri.removeprefix("models:/")
+    name, _, version = path.partition("/")
+    if not uri.startswith("models:/") or not name or ("@" not in name and not version.isdigit()):
+        fail(f"--model {uri}: serve-model serves a registered model, models:/<name>@<alias> or "
+             "models:/<name>/<version> (--api mlflow serves any MLflow model URI)")  # fmt: skip
+    return name.partition("@")[0], (version or None)
+
+
+def serve_mlflow(uri: str, limits: Limits, host: str, port: int) -> None:
+    """MLflow's scoring server for uri behind the limits (flows/model_server.py); replaces this process."""
+    from flows.model_server import SERVE_ENV
+
     uvicorn = Path(sys.executable).parent / "uvicorn"
     command = [
         str(uvicorn), "--factory", "flows.model_server:create_app", "--host", host, "--port", str(port),
         # SIGTERM: requests in progress get a few seconds, then the generations stop at their next token.
         "--timeout-graceful-shutdown", str(STOP_SECONDS),
+        # The loop and HTTP parser the limits are tested with, also where uvloop and httptools are installed.
+        "--loop", "asyncio", "--http", "h11",
     ]  # fmt: skip
     env = {
         **os.environ,

@@ -394,6 +394,55 @@ def tasks_summary(f: dict) -> list:
     return []  # what it measures has no target: the rows sit beside the published ones
 
 
+def serving_table(f: dict) -> Table:
+    """Each server at each level of closed-loop clients."""
+    head = [
+        "server",
+        "clients",
+        "answers/s",
+        "tokens/s",
+        "p50",
+        "p99",
+        "first token p50",
+        "refused (503)",
+        "other errors",
+    ]
+    rows = []
+    for r in f["rows"]:
+        first = "—" if r.get("first_token_p50") is None else f"{r['first_token_p50']:.3f} s"
+        rows.append(
+            [
+                r["server"],
+                str(r["clients"]),
+                f"{r['requests_s']:,.1f}",
+                f"{r['tokens_s']:,.0f}",
+                f"{r['p50']:.3f} s",
+                f"{r['p99']:.3f} s",
+                first,
+                f"{r['refused']:,}",
+                f"{r['errors']:,}",
+            ]
+        )
+    return head, rows
+
+
+def serving_summary(f: dict) -> list:
+    """The goals: at 32 clients 5 x the MLflow server's tokens/s; p99 at 8 no worse than the MLflow server's at 8."""
+    found = {(r["server"].split(" (")[0], r["clients"]): r for r in f["rows"]}
+    old, new = "serve-model --api mlflow", "serve-model"
+    if (old, 32) not in found or (new, 32) not in found:
+        return []
+    ratio = found[new, 32]["tokens_s"] / found[old, 32]["tokens_s"]
+    p99_new, p99_old = found[new, 8]["p99"], found[old, 8]["p99"]
+    errors = sum(r["errors"] for r in f["rows"] if r["server"].startswith(new))
+    return [
+        ("serve-model tokens/s at 32 clients against --api mlflow", "≥ 5 ×", x(ratio), ratio >= 5),
+        ("serve-model p99 at 8 clients against --api mlflow at 8", "no worse", f"{p99_new:.2f} s vs {p99_old:.2f} s",
+         p99_new <= p99_old),
+        ("serve-model errors other than 503 under load", "0", str(errors), errors == 0),
+    ]  # fmt: skip
+
+
 GPT2_124M = "--layers 12 --width 768 --heads 12 --block 1024 --vocab 50257"
 CASES = {
     "train-cpu": Case("python bench/train_throughput.py --save train-cpu", "cpu", train_table, train_summary),
@@ -424,6 +473,7 @@ CASES = {
     "pruning": Case("python bench/pruning.py --save pruning", "cpu", pruning_table, pruning_summary),
     "recipe": Case("python bench/recipe.py --save recipe", "cpu", recipe_table, recipe_summary),
     "tasks": Case("python bench/tasks.py --data data/tasks/samples --save tasks", "cpu", tasks_tables, tasks_summary),
+    "serving": Case("python bench/serving.py --save serving", "cpu", serving_table, serving_summary),
     "train-gpu-124m": Case(
         f"python bench/train_throughput.py {GPT2_124M} --batch 32 --precision bf16 --compile --device cuda "
         "--save train-gpu-124m",

@@ -329,7 +329,8 @@ def test_a_lora_fine_tune_registers_a_plain_gpt2_that_serves(trained_project, tm
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= adapter
 
     port = free_port()
-    command = [str(BIN / "gpt2-pipeline"), "serve-model", "--model", registered["model_uri"], "--port", str(port)]
+    command = [str(BIN / "gpt2-pipeline"), "serve-model", "--api", "mlflow", "--model", registered["model_uri"],
+               "--port", str(port)]  # fmt: skip
     with process(command, tmp_path / "serve.log", tool_env(), cwd=trained_project) as server:
         wait_http(f"http://{LOOPBACK}:{port}/ping", server, tmp_path / "serve.log")
         body = {"inputs": ["ROMEO:"], "params": {"do_sample": False, "max_new_tokens": 8}}
@@ -388,6 +389,8 @@ def test_the_served_model_honours_its_settings_and_bounds_every_request(pipeline
     command = [
         str(BIN / "gpt2-pipeline"),
         "serve-model",
+        "--api",
+        "mlflow",
         "--port",
         str(port),
         "--max-concurrent",

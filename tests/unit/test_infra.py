@@ -445,3 +445,31 @@ def test_make_installs_what_it_needs_or_names_the_packages_in_one_line(tmp_path)
     assert (root.returncode, root.stderr.count("\n")) == (2, 1)
     assert "python3-venv and this machine has no apt-get" in root.stderr
     assert system_packages(tmp_path, 1000, "venv", sys.executable).returncode == 0  # nothing missing: nothing to do
+
+
+def test_serving_pods_take_traffic_once_their_model_answers_and_scale_on_waiting_requests():
+    """serving.yaml: serve-model on every address at the port the probes, the Service and the network policy name;
+    ready when /health answers; the autoscaler on a series the server exports; the pods reach MLflow."""
+    from typer.main import get_command
+
+    from flows.cli import app
+    from flows.completions import Metrics
+
+    deployment, service, autoscaler = yaml.safe_load_all((INFRA / "k8s/serving.yaml").read_text())
+    pod = deployment["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    command = get_command(app).commands["serve-model"]
+    options = command.make_context("serve-model", container["command"][2:]).params
+    assert container["command"][:2] == ["gpt2-pipeline", "serve-model"] and options["host"] == "0.0.0.0"
+    assert container["ports"] == [{"name": "http", "containerPort": options["port"]}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert autoscaler["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    series = autoscaler["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    assert re.search(rf"^{series} ", Metrics().text().decode(), re.M), series
+    policies = list(yaml.safe_load_all((INFRA / "k8s/network-policy.yaml").read_text()))
+    labels = pod["metadata"]["labels"]
+    assert admits(policies, labels, {"app": "else"}, options["port"])
+    assert not admits(policies, labels, {"app": "else"}, options["port"] + 1)
+    assert admits(policies, {"app.kubernetes.io/name": "mlflow"}, labels, 5000)

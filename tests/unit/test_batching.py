@@ -1,0 +1,100 @@
+"""One generate over a batch of rows with their own settings (flows/batch_generation.py), on a small GPT-2 trained
+briefly here: each row's output is the one it gets alone; stops, deadlines and a caller gone end a row on its own."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from flows.batch_generation import Row, generate_rows
+from tasks.data.tokenizer import train_bpe
+from tasks.plumbing.params import TokenizerParams
+from tests.helpers import ROOT
+
+PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed any further, hear me speak.", "床前明月光", "K"]
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """A byte-level BPE and a GPT-2 fitted a few dozen steps to the same text: greedy output that is not one token
+    repeated, so rows that ran together but took each other's tokens would differ."""
+    folder = tmp_path_factory.mktemp("corpus")
+    text = (ROOT / "data/samples/tinyshakespeare.txt").read_text(encoding="utf-8")[:40_000] + "床前明月光，疑是地上霜。"
+    (folder / "train.jsonl").write_text(json.dumps({"text": text}, ensure_ascii=False) + "\n", encoding="utf-8")
+    tokenizer = train_bpe([folder / "train.jsonl"], TokenizerParams(vocab_size=300, block_size=64))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=64, n_positions=128))
+    ids = torch.tensor(tokenizer(text)["input_ids"][: 64 * 40]).view(40, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(30):
+        loss = model(input_ids=ids[step % 40 :][:8], labels=ids[step % 40 :][:8]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), tokenizer
+
+
+def run(lm, rows: list[Row], stopping: threading.Event | None = None) -> list[Row]:
+    model, tokenizer = lm
+    steps = []
+    generate_rows(model, tokenizer, rows, stopping or threading.Event(), lambda: steps.append(1))
+    assert steps, "no step was reported"
+    return rows
+
+
+def row(lm, prompt: str, new: int, **settings) -> Row:
+    return Row(lm[1](prompt)["input_ids"], new, **settings)
+
+
+def test_rows_of_different_lengths_in_one_batch_each_get_what_they_get_alone(lm):
+    """Left padding and the attention mask: greedy rows token for token as transformers gives each alone; sampling
+    rows with a seed draw the same tokens alone and in company, and different seeds differ."""
+    model, tokenizer = lm
+    asked = [(prompt, new) for prompt, new in zip(PROMPTS, (12, 5, 9, 20), strict=True)]
+    together = run(lm, [row(lm, prompt, new) for prompt, new in asked])
+    for (prompt, new), got in zip(asked, together, strict=True):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        alone = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )[0, ids.shape[1] :].tolist()
+        if tokenizer.eos_token_id in alone:
+            alone = alone[: alone.index(tokenizer.eos_token_id)]
+        assert got.tokens == alone and got.finish_reason == ("length" if len(alone) == new else "stop")
+        assert got.text == tokenizer.decode(alone, skip_special_tokens=True)
+    seeded = [row(lm, PROMPTS[0], 16, temperature=1.0, top_p=0.9, seed=seed) for seed in (7, 8)]
+    alone = run(lm, [row(lm, PROMPTS[0], 16, temperature=1.0, top_p=0.9, seed=7)])[0]
+    crowd = run(lm, [row(lm, PROMPTS[1], 10), *seeded, row(lm, PROMPTS[2], 3, temperature=0.7, seed=1)])
+    assert crowd[1].tokens == alone.tokens and crowd[2].tokens != alone.tokens
+
+
+def test_a_stop_string_ends_its_row_alone_and_is_never_streamed(lm):
+    greedy = run(lm, [row(lm, PROMPTS[0], 30)])[0]
+    stop = greedy.text[5:8]  # text the row would write, so it must stop there
+    rows = run(lm, [row(lm, PROMPTS[0], 30, stop=(stop, "never there")), row(lm, PROMPTS[1], 30)])
+    assert rows[0].finish_reason == "stop" and rows[0].text == greedy.text[: greedy.text.find(stop)]
+    assert rows[1].finish_reason in ("length", "stop") and len(rows[1].tokens) > len(rows[0].tokens)
+    streamed = Row(rows[0].prompt_ids, 30, stop=(stop,))
+    streamed.text, streamed.tokens = greedy.text[:7], [0]  # mid-way: what could still become the stop is held back
+    assert streamed.ready_text() == greedy.text[: 7 - (len(stop) - 1)]
+
+
+def test_a_row_past_its_deadline_or_cancelled_stops_and_the_others_go_on(lm):
+    past = row(lm, PROMPTS[0], 40, deadline=time.monotonic() - 1)
+    gone = row(lm, PROMPTS[1], 40)
+    gone.cancelled.set()
+    rows = run(lm, [past, gone, row(lm, PROMPTS[2], 12)])
+    assert past.finish_reason == "timeout" and len(past.tokens) <= 1
+    assert gone.finish_reason == "cancelled" and gone.tokens == []
+    assert rows[2].finish_reason in ("length", "stop") and len(rows[2].tokens) >= 1
+    stopping = threading.Event()
+    stopping.set()  # the server is stopping
+    assert run(lm, [row(lm, PROMPTS[0], 40)], stopping)[0].finish_reason == "timeout"
