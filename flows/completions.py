@@ -52,7 +52,7 @@ class EngineSettings:
     alias: str | None  # followed when set (champion); else version is served as is
     version: str | None
     limits: Limits
-    batch_wait_seconds: float = 0.01  # how long a batch waits for more requests once one is there
+    batch_wait_seconds: float = 0.05  # how long a batch waits for more requests once one is there
     follow_seconds: float = 10.0  # how often the alias is looked up
     threads: int = 0  # torch's compute threads in a replica; 0: its default
 
