@@ -12,6 +12,7 @@ Run: python -m tasks.evaluate
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from dataclasses import dataclass
@@ -24,9 +25,9 @@ import torch.nn.functional as F
 from tasks.data.framing import prompt_prefix
 from tasks.evaluation import harness
 from tasks.plumbing.errors import PipelineError
-from tasks.plumbing.outputs import read_json, write_json
+from tasks.plumbing.outputs import atomic_output, read_json, write_json
 from tasks.plumbing.params import GenerationParams, load_params
-from tasks.plumbing.paths import DATA_STATS, EVAL_METRICS, MODEL_DIR, SAMPLES_FILE, TOKENIZED_DIR
+from tasks.plumbing.paths import BENCHMARKS_PLOT, DATA_STATS, EVAL_METRICS, MODEL_DIR, SAMPLES_FILE, TOKENIZED_DIR
 from tasks.plumbing.stage import run_cli
 from tasks.tracking import inputs, mlflow_runs, store
 from tasks.tracking.loading import load_pretrained, resolve_device
@@ -171,6 +172,16 @@ def sample(model, tokenizer, prompts: list[str], settings: GenerationParams) -> 
     return samples
 
 
+def write_benchmarks(task_metrics: dict[str, float], path: Path) -> None:
+    """The tasks' scores as rows of (metric, value): dvc.yaml's plot `benchmarks`, which `dvc plots diff` draws side
+    by side for each revision and experiment it is given. Without evaluate.tasks, the header alone."""
+    with atomic_output(path) as tmp, tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["metric", "value"])
+        writer.writerows([key, value] for key, value in task_metrics.items()
+                         if not key.endswith(("_stderr", "/examples")))  # fmt: skip
+
+
 def main() -> None:
     params = load_params()
     model, tokenizer = load_model()
@@ -196,6 +207,7 @@ def main() -> None:
         client.log_text(run_id, json.dumps(record, indent=2, ensure_ascii=False), f"evaluations/{step}.json")
         write_json(EVAL_METRICS, metrics)
         write_json(SAMPLES_FILE, samples)
+        write_benchmarks(tasks, BENCHMARKS_PLOT)
     print(
         f"evaluate: perplexity {metrics['perplexity']:.2f}, bits/byte {metrics['bits_per_byte']:.4f} "
         f"over {metrics['eval_tokens']} tokens (run {run_id}, evaluation {step}) -> {EVAL_METRICS}"

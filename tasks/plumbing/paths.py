@@ -63,6 +63,7 @@ MODEL_DIR = Path("models/gpt2")
 RUN_RECORD = "mlflow_run.json"  # in MODEL_DIR (and a checkpoint folder): the model's MLflow run
 TRAIN_METRICS = Path("metrics/train.json")
 PLOTS_DIR = Path("plots")  # the train stage's: train_loss.csv, eval_loss.csv (dvc.yaml's plot) and loss.svg (an image)
+BENCHMARKS_PLOT = PLOTS_DIR / "benchmarks.csv"  # evaluate's: the tasks' scores, dvc.yaml's plot `benchmarks`
 CHECKPOINT_DIR = Path("checkpoints/train")
 # evaluate
 EVAL_METRICS = Path("metrics/eval.json")

@@ -4,6 +4,7 @@ model worse on a task and promotes one that is not."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -45,6 +46,13 @@ def test_tasks_reach_the_metrics_the_run_the_card_and_a_gate_that_judges_by_them
     # The harness's standard error of a mean: the sample's standard deviation over the root of the examples.
     assert scores["hellaswag/acc_norm_stderr"] == pytest.approx(math.sqrt(accuracy * (1 - accuracy) / 3))
     assert scores["lambada_openai/perplexity"] > 1 and "bits_per_byte" in scores
+    # The plot `benchmarks`: every task metric (no stderr, no count), as dvc plots draws it for each revision.
+    rows = list(csv.reader((project / "plots/benchmarks.csv").open()))
+    task_scores = {key: value for key, value in scores.items()
+                   if "/" in key and not key.endswith(("_stderr", "/examples"))}  # fmt: skip
+    assert rows[0] == ["metric", "value"] and {key: float(value) for key, value in rows[1:]} == task_scores
+    drawn = json.loads(run([str(BIN / "dvc"), "plots", "show", "--json"], project).stdout)
+    assert "hellaswag/acc_norm" in json.dumps(drawn["data"]["benchmarks"])
     registered = json.loads((project / "registered.json").read_text())
     client = store_client(project)
     logged = client.get_run(registered["run_id"]).data.metrics

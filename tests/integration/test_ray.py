@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -28,7 +29,13 @@ from tools.project import BIN, ROOT
 
 pytestmark = pytest.mark.servers
 
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}  # Ray would otherwise report usage to its makers
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",  # Ray would otherwise report usage to its makers
+    # No token authentication on this loopback-only cluster, for its nodes and the tests' driver alike: left unset,
+    # each would turn it on or not depending on whether ~/.ray/auth_token exists (a local ray.init(), as
+    # serve-model's, writes one), and a node that differs from its head cannot join.
+    "RAY_AUTH_MODE": "disabled",
+}
 NODE = ["--block", f"--node-ip-address={LOOPBACK}", "--num-cpus=1", "--object-store-memory=100000000"]
 
 
@@ -42,6 +49,7 @@ def ray_cluster() -> Iterator[str]:
             "--disable-usage-stats", f"--temp-dir={folder}", *NODE]  # fmt: skip
     try:
         with (
+            mock.patch.dict(os.environ, RAY_ENV),
             process(head, folder / "head.log", env),
             process([str(BIN / "ray"), "start", f"--address={address}", *NODE], folder / "node.log", env),
         ):
