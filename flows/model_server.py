@@ -54,18 +54,25 @@ def depth(value: Any, limit: int) -> int:
     return deepest
 
 
+def read_json(body: bytes, limits: Limits, example: str) -> Any:
+    """The body's JSON, or Refused (400) when it is not JSON or nests deeper than the limit; example: what to send."""
+    deeper = f"request body: JSON nested deeper than {limits.max_json_depth} levels"
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise Refused(400, deeper) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Refused(400, f"request body: not JSON ({exc}); send {example}") from None
+    if depth(value, limits.max_json_depth) > limits.max_json_depth:
+        raise Refused(400, deeper)
+    return value
+
+
 def parse_request(body: bytes, limits: Limits, settings: dict[str, Any]) -> None:
     """Refuse a body that is not `{"inputs": ..., "params": {...}}` within the limits.
 
     Settings: the model's generation settings and their defaults (its signature's params)."""
-    try:
-        request = json.loads(body)
-    except RecursionError:
-        raise Refused(400, f"request body: JSON nested deeper than {limits.max_json_depth} levels") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Refused(400, f'request body: not JSON ({exc}); send {{"inputs": [...], "params": {{...}}}}') from None
-    if depth(request, limits.max_json_depth) > limits.max_json_depth:
-        raise Refused(400, f"request body: JSON nested deeper than {limits.max_json_depth} levels")
+    request = read_json(body, limits, '{"inputs": [...], "params": {...}}')
     if not isinstance(request, dict) or "inputs" not in request or set(request) - {"inputs", "params"}:
         raise Refused(400, 'request body: must be {"inputs": [prompts], "params": {settings}} and nothing else')
     params = request.get("params")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flows.batch_generation import Row
-from flows.model_server import Refused, depth
+from flows.model_server import Refused, read_json
 from tasks.tracking.serving import Limits, finite, of_kind, shown
 
 COMPLETIONS = "/v1/completions"
@@ -88,13 +88,9 @@ class Completion:
 def parse(body: bytes, limits: Limits) -> Completion:
     """The request, or ApiError (400) naming the first field that is missing, of the wrong kind or out of range."""
     try:
-        request = json.loads(body)
-    except RecursionError:
-        raise ApiError(400, f"request body: JSON nested deeper than {limits.max_json_depth} levels") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f'request body: not JSON ({exc}); send {{"model": ..., "prompt": ...}}') from None
-    if depth(request, limits.max_json_depth) > limits.max_json_depth:
-        raise ApiError(400, f"request body: JSON nested deeper than {limits.max_json_depth} levels")
+        request = read_json(body, limits, '{"model": ..., "prompt": ...}')
+    except Refused as refused:
+        raise ApiError(refused.status, str(refused)) from None
     if not isinstance(request, dict):
         raise ApiError(400, 'request body: must be an object, as {"model": "gpt2-lm", "prompt": "ROMEO:"}')
     for name in request:
