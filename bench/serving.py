@@ -111,8 +111,13 @@ async def closed_loop(send, clients: int, seconds: float) -> dict:
 
     began = time.monotonic()
     await asyncio.gather(*(client(number) for number in range(clients)))
-    elapsed = time.monotonic() - began
-    refused = codes.get(503, 0)
+    return summary(clients, time.monotonic() - began, latencies, tokens, firsts, codes)
+
+
+def summary(
+    clients: int, elapsed: float, latencies: list[float], tokens: int, firsts: list[float], codes: dict
+) -> dict:
+    """One row of the table: what `clients` at once got in `elapsed` seconds (codes: HTTP status -> count)."""
     return {
         "clients": clients,
         "seconds": elapsed,
@@ -122,7 +127,7 @@ async def closed_loop(send, clients: int, seconds: float) -> dict:
         "p50": percentile(latencies, 0.5),
         "p99": percentile(latencies, 0.99),
         "first_token_p50": percentile(firsts, 0.5) if firsts else None,
-        "refused": refused,
+        "refused": codes.get(503, 0),
         "errors": sum(count for code, count in codes.items() if code not in (200, 503)),
     }
 
@@ -201,19 +206,7 @@ def bare(model_dir: Path, tokenizer_dir: Path, clients: int, seconds: float, new
         latencies += [time.monotonic() - started] * clients
         new_ids = out[:, inputs["input_ids"].shape[1] :]
         tokens += int((new_ids != tokenizer.eos_token_id).sum())
-    elapsed = time.monotonic() - began
-    return {
-        "clients": clients,
-        "seconds": elapsed,
-        "answers": len(latencies),
-        "requests_s": len(latencies) / elapsed,
-        "tokens_s": tokens / elapsed,
-        "p50": percentile(latencies, 0.5),
-        "p99": percentile(latencies, 0.99),
-        "first_token_p50": None,
-        "refused": 0,
-        "errors": 0,
-    }
+    return summary(clients, time.monotonic() - began, latencies, tokens, [], {200: len(latencies)})
 
 
 def main() -> None:
