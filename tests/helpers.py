@@ -215,3 +215,18 @@ IDLE_PREFECT_SERVICES = (
     "CANCELLATION_CLEANUP", "CLEANUP_RECONCILER", "FOREMAN", "LATE_RUNS", "PAUSE_EXPIRATIONS", "REPOSSESSOR",
     "SCHEDULER", "TRIGGERS",
 )  # fmt: skip
+
+
+def greedy_alone(model, tokenizer, prompt: str, new: int) -> list[int]:
+    """The tokens transformers' greedy generate writes after prompt alone (no padding), up to end-of-text."""
+    import torch
+
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        do_sample=False,
+        pad_token_id=tokenizer.eos_token_id,
+    )[0, ids.shape[1] :].tolist()
+    return out[: out.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in out else out

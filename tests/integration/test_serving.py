@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import BIN, mlflow_on, store_client, tool_env, trained_copy
+from tests.helpers import BIN, greedy_alone, mlflow_on, store_client, tool_env, trained_copy
 from tests.servers import LOOPBACK, free_port, process, wait_http
 
 BODY_TIMEOUT = 1.0
@@ -87,22 +87,10 @@ def server_tree(pid: int) -> list[psutil.Process]:
 
 def expected(project: Path, version: str, prompt: str, new: int) -> str:
     """What transformers' greedy generate writes after prompt alone, with the version's weights."""
-    import torch
-
     if version not in CACHE:
         CACHE[version] = loaded(project, version)
     model, tokenizer = CACHE[version]
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=new,
-        do_sample=False,
-        pad_token_id=tokenizer.eos_token_id,
-    )[0, ids.shape[1] :].tolist()
-    if tokenizer.eos_token_id in out:
-        out = out[: out.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(out, skip_special_tokens=True)
+    return tokenizer.decode(greedy_alone(model, tokenizer, prompt, new), skip_special_tokens=True)
 
 
 CACHE: dict[str, tuple] = {}  # version: (model, tokenizer)

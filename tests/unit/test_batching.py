@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from flows.batch_generation import Row, generate_rows
 from tasks.data.tokenizer import train_bpe
 from tasks.plumbing.params import TokenizerParams
-from tests.helpers import ROOT
+from tests.helpers import ROOT, greedy_alone
 
 PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed any further, hear me speak.", "床前明月光", "K"]
 
@@ -58,16 +58,7 @@ def test_rows_of_different_lengths_in_one_batch_each_get_what_they_get_alone(lm)
     asked = [(prompt, new) for prompt, new in zip(PROMPTS, (12, 5, 9, 20), strict=True)]
     together = run(lm, [row(lm, prompt, new) for prompt, new in asked])
     for (prompt, new), got in zip(asked, together, strict=True):
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-        alone = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new,
-            do_sample=False,
-            pad_token_id=tokenizer.eos_token_id,
-        )[0, ids.shape[1] :].tolist()
-        if tokenizer.eos_token_id in alone:
-            alone = alone[: alone.index(tokenizer.eos_token_id)]
+        alone = greedy_alone(model, tokenizer, prompt, new)
         assert got.tokens == alone and got.finish_reason == ("length" if len(alone) == new else "stop")
         assert got.text == tokenizer.decode(alone, skip_special_tokens=True)
     seeded = [row(lm, PROMPTS[0], 16, temperature=1.0, top_p=0.9, seed=seed) for seed in (7, 8)]
