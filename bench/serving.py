@@ -5,7 +5,9 @@ Each client sends a request, waits for its answer, sends the next, for --seconds
 are lines of the bundled corpus (different lengths), max_tokens --tokens, greedy. Reported: answers/s, generated
 tokens/s, p50 and p99 latency of the answered requests, the refusals (503 over the queue limit) and any other error;
 for the batched server also the time to the first streamed token (a second pass with "stream": true). Tokens: the
-OpenAI server's usage counts; MLflow's answers retokenized (it returns text); the bare loop's own counts.
+OpenAI server's usage counts; MLflow's answers retokenized (it returns text); the bare loop's own counts. Two more
+rows at the top level: the bare loop on one torch thread (a replica's share here) and the batched server asked for
+one token a request (what its HTTP path carries alone).
 Run: python bench/serving.py [--model models:/gpt2-lm/1] [--clients 1,8,32] [--seconds 20]
 """
 
@@ -185,11 +187,14 @@ async def against_openai(port: int, model: str, clients: int, seconds: float, ne
         return await closed_loop(send, clients, seconds)
 
 
-def bare(model_dir: Path, tokenizer_dir: Path, clients: int, seconds: float, new: int) -> dict:
+def bare(model_dir: Path, tokenizer_dir: Path, clients: int, seconds: float, new: int, threads: int = 0) -> dict:
     """transformers generate over batches of `clients` prompts (left-padded), one after another: the ceiling of a
-    server whose every batch is full, with nothing between the batches."""
+    server whose every batch is full, with nothing between the batches (on `threads` of torch's; 0: its default)."""
     import torch
     from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or default_threads)
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.eos_token
@@ -206,7 +211,9 @@ def bare(model_dir: Path, tokenizer_dir: Path, clients: int, seconds: float, new
         latencies += [time.monotonic() - started] * clients
         new_ids = out[:, inputs["input_ids"].shape[1] :]
         tokens += int((new_ids != tokenizer.eos_token_id).sum())
-    return summary(clients, time.monotonic() - began, latencies, tokens, [], {200: len(latencies)})
+    elapsed = time.monotonic() - began
+    torch.set_num_threads(default_threads)
+    return summary(clients, elapsed, latencies, tokens, [], {200: len(latencies)})
 
 
 def main() -> None:
@@ -232,6 +239,9 @@ def main() -> None:
         for clients in levels:
             found = bare(Path(source.model), Path(source.tokenizer), clients, args.seconds, args.tokens)
             rows.append({"server": "bare transformers generate, batches of that many prompts", **found})
+        # The replica's share on this machine: one thread of torch's (serve-model leaves a core to Ray's proxy).
+        found = bare(Path(source.model), Path(source.tokenizer), max(levels), args.seconds, args.tokens, threads=1)
+        rows.append({"server": "bare transformers generate, one torch thread (as a replica has here)", **found})
     with Server("mlflow", model, []) as server:
         for clients in levels:
             found = asyncio.run(against_mlflow(server.port, tokenizer, clients, args.seconds, args.tokens))
@@ -243,6 +253,9 @@ def main() -> None:
             found["first_token_p50"] = streamed["first_token_p50"]
             found["errors"] += streamed["errors"]
             rows.append({"server": "serve-model (OpenAI API, Ray Serve batching)", **found})
+        # What the HTTP path carries when generating costs next to nothing: one token a request.
+        found = asyncio.run(against_openai(server.port, name, max(levels), args.seconds, 1, False))
+        rows.append({"server": "serve-model, max_tokens 1 (its request path alone)", **found})
     for row in rows:
         print(
             f"{row['server']} x{row['clients']}: {row['tokens_s']:.0f} tokens/s, p99 {row['p99']:.2f} s, "

@@ -391,7 +391,9 @@ def serve_model(
             f"{BATCHED.max_queue} (openai), {SERVING.max_queue} (mlflow)",
         ),
     ] = None,
-    batch_wait: Annotated[float, typer.Option(min=0.0, help="openai: seconds a batch waits for more requests")] = 0.05,
+    batch_wait: Annotated[
+        float, typer.Option(min=0.0, help="openai: the longest a batch waits for more requests (while they come fast)")
+    ] = 0.25,
     replicas: Annotated[int, typer.Option(min=1, help="openai: copies of the model, each batching its own")] = 1,
     follow: Annotated[float, typer.Option(min=0.1, help="openai: seconds between looks at the alias")] = 10.0,
     ray_address: Annotated[

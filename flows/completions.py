@@ -14,6 +14,7 @@ request mixes versions; each answer names its version (the `model` field and the
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) as objects.
 
 import asyncio
+import collections
 import json
 import logging
 import sys
@@ -52,7 +53,7 @@ class EngineSettings:
     alias: str | None  # followed when set (champion); else version is served as is
     version: str | None
     limits: Limits
-    batch_wait_seconds: float = 0.05  # how long a batch waits for more requests once one is there
+    batch_wait_seconds: float = 0.25  # the longest a batch waits for more requests (Pace)
     follow_seconds: float = 10.0  # how often the alias is looked up
     threads: int = 0  # torch's compute threads in a replica; 0: its default
 
@@ -247,6 +248,44 @@ class Engine:
         return f"{self.settings.name}/{job.version}"
 
 
+class Pace:
+    """How long Ray Serve's batcher lets the next batch wait for more rows, and how many it waits for.
+
+    On the CPU a batch takes about as long whatever its rows (a step's cost is mostly per step, not per row), so it
+    pays to wait while rows come faster than a batch runs, and only then: the wait is the last batch's duration less
+    the time between two rows (from the last `window` seconds' arrivals), within [0, cap]; a lone client never
+    waits. A batch that forms while another runs also waits for that one to end (it could not start before), so
+    the requests of the batch that ends, back a moment later, join it. Once the generator is free, a batch starts
+    as soon as it has as many rows as the last two batches had (with the rows left waiting): no waiting for rows
+    that will not come."""
+
+    def __init__(self, cap: float, max_rows: int, window: float = 2.0):
+        self.cap, self.max_rows, self.window = cap, max_rows, window
+        self.arrivals: collections.deque[tuple[float, int]] = collections.deque()  # (when, rows)
+        self.batch_seconds = cap  # the last batch's duration; until one has run, the cap
+        self.sizes: collections.deque[int] = collections.deque([max_rows], maxlen=2)  # the last batches' rows
+        self.queued = 0  # rows arrived and not yet in a batch
+
+    def arrived(self, rows: int, now: float) -> None:
+        self.arrivals.append((now, rows))
+        self.queued += rows
+
+    def started(self, rows: int) -> None:
+        self.queued = max(self.queued - rows, 0)
+        self.sizes.append(rows + self.queued)
+
+    def rows(self) -> int:
+        """How many rows the batch that forms once the generator is free starts with, without waiting longer."""
+        return min(max(*self.sizes, 1), self.max_rows)
+
+    def wait(self, now: float, running: bool) -> float:
+        while self.arrivals and self.arrivals[0][0] < now - self.window:
+            self.arrivals.popleft()
+        rate = sum(rows for _, rows in self.arrivals) / self.window
+        worth = self.batch_seconds - 1 / rate if rate else 0.0
+        return min(max(worth, 0.0), self.cap) + (self.batch_seconds if running else 0.0)
+
+
 def refusal(error: ApiError):
     from starlette.responses import Response
 
@@ -280,21 +319,25 @@ def deployment(max_ongoing: int, max_batch_rows: int):
     class Deployment:
         def __init__(self, settings_json: str):
             self.engine = Engine(EngineSettings.from_json(settings_json))
-            self.wait, self.last_batch_seconds = self.engine.settings.batch_wait_seconds, 0.0
-            self.batched.set_batch_wait_timeout_s(self.wait)
+            self.pace = Pace(self.engine.settings.batch_wait_seconds, max_batch_rows)
+            self.batched.set_batch_wait_timeout_s(0.0)  # a lone first request does not wait
             self.following = asyncio.get_event_loop().create_task(self.engine.follow())
 
         @serve.batch(max_batch_size=max_batch_rows, batch_size_fn=lambda jobs: sum(len(job.rows) for job in jobs))
         async def batched(self, jobs: list[Job]) -> list[Job]:
-            # Ray Serve forms the next batch while this one runs: it waits about as long as this one takes, so the
-            # requests that come meanwhile go together, not as many small batches queued behind it.
+            # Ray Serve reads the size and the wait when the next batch's first request comes: while this one runs,
+            # a full batch and to its end; after it, the rows the last batches had.
             started = time.monotonic()
-            self.batched.set_batch_wait_timeout_s(max(self.wait, self.last_batch_seconds))
+            self.pace.started(sum(len(job.rows) for job in jobs))
+            self.batched.set_max_batch_size(self.pace.max_rows)
+            self.batched.set_batch_wait_timeout_s(self.pace.wait(started, running=True))
             try:
                 return await self.engine.run_batch(jobs)
             finally:
-                self.last_batch_seconds = time.monotonic() - started
-                self.batched.set_batch_wait_timeout_s(self.wait)
+                ended = time.monotonic()
+                self.pace.batch_seconds = ended - started
+                self.batched.set_max_batch_size(self.pace.rows())
+                self.batched.set_batch_wait_timeout_s(self.pace.wait(ended, running=False))
 
         @app.post(COMPLETIONS)
         async def completions(self, request: Request) -> Response:
@@ -307,6 +350,7 @@ def deployment(max_ongoing: int, max_batch_rows: int):
             try:
                 completion = await engine.read(request)
                 job = engine.job_of(completion, arrived)
+                self.pace.arrived(len(job.rows), time.monotonic())
                 engine.metrics.queue.inc()
                 running = asyncio.ensure_future(self.batched(job))
                 job.task = running  # kept: the batch goes on for the others if this caller leaves

@@ -89,3 +89,39 @@ def test_a_row_past_its_deadline_or_cancelled_stops_and_the_others_go_on(lm):
     stopping = threading.Event()
     stopping.set()  # the server is stopping
     assert run(lm, [row(lm, PROMPTS[0], 40)], stopping)[0].finish_reason == "timeout"
+
+
+def test_a_batch_waits_for_more_rows_only_while_they_come_faster_than_a_batch_runs():
+    """Pace (flows/completions.py) sets Ray Serve's batch wait and size: none for a lone client, up to the cap under
+    load, past the end of the batch running while one runs, and a size that starts a batch once the rows that
+    the batches before it had are there."""
+    from flows.completions import Pace
+
+    pace = Pace(cap=0.25, max_rows=32)
+    assert pace.wait(0.0, running=False) == 0.0  # nothing came yet: a first request does not wait
+    for at in range(4):  # a lone client, a request every half second, each batch 0.05 s
+        pace.arrived(1, at * 0.5)
+        pace.started(1)
+    pace.batch_seconds = 0.05
+    assert pace.wait(2.0, running=False) == 0.0 and pace.rows() == 1
+    for at in range(200):  # 100 rows a second, batches of 0.3 s: worth waiting, up to the cap
+        pace.arrived(1, 2.0 + at / 100)
+    pace.batch_seconds = 0.3
+    assert pace.wait(4.0, running=False) == pytest.approx(0.25)
+    assert pace.wait(4.0, running=True) == pytest.approx(0.3 + 0.25)
+    assert Pace(cap=1.0, max_rows=32).wait(0.0, running=False) == 0.0
+    slow = Pace(cap=1.0, max_rows=32)
+    slow.arrived(40, 0.0)
+    slow.batch_seconds = 0.3
+    assert slow.wait(1.0, running=False) == pytest.approx(0.3 - 2.0 / 40)  # batch time less the time between rows
+    sizes = Pace(cap=0.25, max_rows=32)
+    sizes.arrived(8, 0.0)
+    sizes.started(8)
+    sizes.started(8)
+    assert sizes.rows() == 8  # eight clients: a batch starts once the eight are back
+    sizes.arrived(30, 1.0)
+    sizes.started(8)  # 22 rows left waiting: the next batch waits for more
+    assert sizes.rows() == 30
+    sizes.arrived(100, 2.0)
+    sizes.started(32)
+    assert sizes.rows() == 32  # never past --max-concurrent
