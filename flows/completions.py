@@ -83,7 +83,8 @@ class Job:
     """One request's rows on their way through a batch."""
 
     rows: list[Row]
-    version: str | None = None  # the version whose batch ran it
+    served: Served  # the version its prompts were tokenized for, which runs them
+    version: str | None = None  # set once its batch starts
     started: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     finished: bool = False
@@ -166,13 +167,21 @@ class Engine:
                 if version != self.served.version:
                     loaded = await asyncio.to_thread(load_version, self.settings.name, version)
                     LOG.warning("serving version %s (was %s)", version, self.served.version)
-                    self.served = loaded  # taken by the next batch; the batch running keeps the old one
+                    self.served = loaded  # for requests from now on; those tokenized before run on the old one
             except Exception as exc:  # the registry down or the version unloadable: keep serving what is loaded
                 LOG.warning("following %s: %s", self.settings.alias, str(exc).splitlines()[0] if str(exc) else exc)
 
     async def run_batch(self, jobs: list[Job]) -> list[Job]:
-        """Generate every row of these jobs at once, on the version served when the batch starts."""
-        served = self.served
+        """Generate every row of these jobs, each on the version its prompts were tokenized for (its tokenizer may
+        differ from the next version's): one generate, two when the alias moved while the batch formed."""
+        versions: dict[str, list[Job]] = {}
+        for job in jobs:
+            versions.setdefault(job.served.version, []).append(job)
+        for same in versions.values():
+            await self.generate(same, same[0].served)
+        return jobs
+
+    async def generate(self, jobs: list[Job], served: Served) -> None:
         loop = asyncio.get_running_loop()
         for job in jobs:
             job.version = served.version
@@ -194,7 +203,6 @@ class Engine:
             for job in jobs:
                 job.finished = True
                 job.changed.set()
-        return jobs
 
     def admit(self) -> None:
         if self.admitted >= self.limits.max_concurrent + self.limits.max_queue:
@@ -242,7 +250,7 @@ class Engine:
     def job_of(self, completion: Completion, arrived: float) -> Job:
         served = self.served
         rows = rows_of(completion, served.tokenizer, served.positions, arrived + self.limits.timeout_seconds)
-        return Job(rows)
+        return Job(rows, served)
 
     def model_field(self, job: Job) -> str:
         return f"{self.settings.name}/{job.version}"

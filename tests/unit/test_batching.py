@@ -125,3 +125,28 @@ def test_a_batch_waits_for_more_rows_only_while_they_come_faster_than_a_batch_ru
     sizes.arrived(100, 2.0)
     sizes.started(32)
     assert sizes.rows() == 32  # never past --max-concurrent
+
+
+def test_requests_tokenized_before_the_alias_moved_run_on_the_version_they_were_tokenized_for(lm, tmp_path):
+    """Around an alias switch a batch can hold requests tokenized by the old version's tokenizer and by the new
+    one's (here a different vocabulary): each runs on its own version, as it would alone."""
+    import asyncio
+
+    from flows.completions import Engine, Job, Metrics, Served
+
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "to be or not to be, that is the question " * 50}) + "\n")
+    new_tokenizer = train_bpe([tmp_path / "train.jsonl"], TokenizerParams(vocab_size=280, block_size=64))
+    torch.manual_seed(1)
+    new_model = GPT2LMHeadModel(GPT2Config(vocab_size=len(new_tokenizer), n_layer=2, n_head=2, n_embd=64)).eval()
+    old, new = Served("1", *lm), Served("2", new_model, new_tokenizer)
+    engine = Engine.__new__(Engine)  # the batch path alone: no registry, no Ray
+    engine.metrics, engine.stopping = Metrics(), threading.Event()
+
+    async def batch() -> list[Job]:
+        jobs = [Job([Row(v.tokenizer(PROMPTS[0])["input_ids"], 8)], v) for v in (old, new, old)]
+        return await engine.run_batch(jobs)
+
+    for job in asyncio.run(batch()):
+        served = job.served
+        assert job.version == served.version and job.finished
+        assert job.rows[0].tokens == greedy_alone(served.model, served.tokenizer, PROMPTS[0], 8)
