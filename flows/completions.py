@@ -177,8 +177,16 @@ class Engine:
         versions: dict[str, list[Job]] = {}
         for job in jobs:
             versions.setdefault(job.served.version, []).append(job)
-        for same in versions.values():
-            await self.generate(same, same[0].served)
+        try:
+            for same in versions.values():
+                await self.generate(same, same[0].served)
+        finally:  # a generate that failed leaves the jobs after it finished, none waiting for good
+            for job in jobs:
+                if not job.finished:
+                    self.metrics.queue.dec()
+                    job.version, job.finished = job.served.version, True
+                    job.started.set()
+                    job.changed.set()
         return jobs
 
     async def generate(self, jobs: list[Job], served: Served) -> None:
@@ -257,41 +265,52 @@ class Engine:
 
 
 class Pace:
-    """How long Ray Serve's batcher lets the next batch wait for more rows, and how many it waits for.
+    """When Ray Serve's batcher starts the next batch: how long it waits for more rows, and how many make it full.
 
     On the CPU a batch takes about as long whatever its rows (a step's cost is mostly per step, not per row), so it
     pays to wait while rows come faster than a batch runs, and only then: the wait is the last batch's duration less
-    the time between two rows (from the last `window` seconds' arrivals), within [0, cap]; a lone client never
-    waits. A batch that forms while another runs also waits for that one to end (it could not start before), so
-    the requests of the batch that ends, back a moment later, join it. Once the generator is free, a batch starts
-    as soon as it has as many rows as the last two batches had (with the rows left waiting): no waiting for rows
-    that will not come."""
+    the time between two rows (from the last `window` seconds' arrivals), at most `cap`; a lone client does not wait.
+    A batch that forms while another runs also waits for that one to end (at most `cap` more), so the requests of the
+    batch that ends, back a moment later, join it. A batch counts as full, and starts, once it has as many rows as
+    the last two batches had with the rows left waiting: no waiting for rows that will not come."""
 
     def __init__(self, cap: float, max_rows: int, window: float = 2.0):
         self.cap, self.max_rows, self.window = cap, max_rows, window
         self.arrivals: collections.deque[tuple[float, int]] = collections.deque()  # (when, rows)
-        self.batch_seconds = cap  # the last batch's duration; until one has run, the cap
+        self.waiting: dict[int, int] = {}  # request: rows, handed to the batcher and not yet in a batch
         self.sizes: collections.deque[int] = collections.deque([max_rows], maxlen=2)  # the last batches' rows
-        self.queued = 0  # rows arrived and not yet in a batch
+        self.batch_seconds = cap  # the last batch's duration; until one has run, the cap
+        self.running_until: float | None = None  # when the batch running should end
 
-    def arrived(self, rows: int, now: float) -> None:
+    def queued(self, request: int, rows: int, now: float) -> None:
         self.arrivals.append((now, rows))
-        self.queued += rows
+        self.waiting[request] = rows
 
-    def started(self, rows: int) -> None:
-        self.queued = max(self.queued - rows, 0)
-        self.sizes.append(rows + self.queued)
+    def gone(self, request: int) -> None:
+        """The request left before a batch took it."""
+        self.waiting.pop(request, None)
 
-    def rows(self) -> int:
-        """How many rows the batch that forms once the generator is free starts with, without waiting longer."""
-        return min(max(*self.sizes, 1), self.max_rows)
+    def started(self, requests: list[int], now: float) -> None:
+        rows = sum(self.waiting.pop(request, 0) for request in requests)
+        self.sizes.append(rows + sum(self.waiting.values()))
+        self.running_until = now + self.batch_seconds
 
-    def wait(self, now: float, running: bool) -> float:
+    def ended(self, seconds: float) -> None:
+        self.batch_seconds, self.running_until = seconds, None
+
+    def size(self, rows: int) -> int:
+        """A batch's size for Ray Serve's batcher: its rows, or the most it takes once it has the rows expected."""
+        expected = min(max(*self.sizes, 1), self.max_rows)
+        return self.max_rows if expected <= rows <= self.max_rows else rows
+
+    def wait(self, now: float) -> float:
         while self.arrivals and self.arrivals[0][0] < now - self.window:
             self.arrivals.popleft()
         rate = sum(rows for _, rows in self.arrivals) / self.window
-        worth = self.batch_seconds - 1 / rate if rate else 0.0
-        return min(max(worth, 0.0), self.cap) + (self.batch_seconds if running else 0.0)
+        worth = min(max(self.batch_seconds - 1 / rate, 0.0), self.cap) if rate else 0.0
+        if self.running_until is None:
+            return worth
+        return worth + min(max(self.running_until - now, 0.0), self.cap)
 
 
 def refusal(error: ApiError):
@@ -301,6 +320,17 @@ def refusal(error: ApiError):
     if error.status == 408:  # the rest of a body that timed out may still come: close rather than read it
         headers["connection"] = "close"
     return Response(error.body(), error.status, headers, media_type="application/json")
+
+
+async def started(job: Job, running: asyncio.Future) -> None:
+    """Until the job's batch has started, or its batch failed before (its error raised here)."""
+    waiter = asyncio.ensure_future(job.started.wait())
+    try:
+        await asyncio.wait({waiter, running}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if not job.started.is_set():
+        await running
 
 
 def timed_out(job: Job, limits: Limits) -> ApiError | None:
@@ -314,38 +344,49 @@ def timed_out(job: Job, limits: Limits) -> ApiError | None:
     return None
 
 
-def deployment(max_ongoing: int, max_batch_rows: int):
+def deployment(max_ongoing: int, max_batch_rows: int, batch_wait: float):
     """The Ray Serve deployment class (Ray and FastAPI imported only by the server)."""
     from fastapi import FastAPI, Request
     from ray import serve
     from starlette.responses import JSONResponse, Response, StreamingResponse
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    pace = Pace(batch_wait, max_batch_rows)  # each replica has its copy (the class is pickled with it)
 
     @serve.deployment(max_ongoing_requests=max_ongoing, health_check_period_s=5)
     @serve.ingress(app)
     class Deployment:
         def __init__(self, settings_json: str):
             self.engine = Engine(EngineSettings.from_json(settings_json))
-            self.pace = Pace(self.engine.settings.batch_wait_seconds, max_batch_rows)
-            self.batched.set_batch_wait_timeout_s(0.0)  # a lone first request does not wait
+            self.pace = pace
             self.following = asyncio.get_event_loop().create_task(self.engine.follow())
 
-        @serve.batch(max_batch_size=max_batch_rows, batch_size_fn=lambda jobs: sum(len(job.rows) for job in jobs))
+        @serve.batch(
+            max_batch_size=max_batch_rows,
+            batch_wait_timeout_s=0.0,
+            batch_size_fn=lambda jobs: pace.size(sum(len(job.rows) for job in jobs)),
+        )
         async def batched(self, jobs: list[Job]) -> list[Job]:
-            # Ray Serve reads the size and the wait when the next batch's first request comes: while this one runs,
-            # a full batch and to its end; after it, the rows the last batches had.
             started = time.monotonic()
-            self.pace.started(sum(len(job.rows) for job in jobs))
-            self.batched.set_max_batch_size(self.pace.max_rows)
-            self.batched.set_batch_wait_timeout_s(self.pace.wait(started, running=True))
+            self.pace.started([id(job) for job in jobs], started)
             try:
                 return await self.engine.run_batch(jobs)
             finally:
-                ended = time.monotonic()
-                self.pace.batch_seconds = ended - started
-                self.batched.set_max_batch_size(self.pace.rows())
-                self.batched.set_batch_wait_timeout_s(self.pace.wait(ended, running=False))
+                self.pace.ended(time.monotonic() - started)
+
+        def enqueue(self, job: Job) -> asyncio.Future:
+            """Hand the job to Ray Serve's batcher, which reads the wait when a batch's first request comes."""
+            self.pace.queued(id(job), len(job.rows), time.monotonic())
+            self.batched.set_batch_wait_timeout_s(self.pace.wait(time.monotonic()))
+            self.engine.metrics.queue.inc()
+            return asyncio.ensure_future(self.batched(job))
+
+        def left(self, job: Job | None) -> None:
+            """The caller is done: a job that never reached a batch leaves the queue."""
+            if job is not None and job.version is None:
+                self.pace.gone(id(job))
+                self.engine.metrics.queue.dec()
+            self.engine.release(job)
 
         @app.post(COMPLETIONS)
         async def completions(self, request: Request) -> Response:
@@ -358,12 +399,10 @@ def deployment(max_ongoing: int, max_batch_rows: int):
             try:
                 completion = await engine.read(request)
                 job = engine.job_of(completion, arrived)
-                self.pace.arrived(len(job.rows), time.monotonic())
-                engine.metrics.queue.inc()
-                running = asyncio.ensure_future(self.batched(job))
+                running = self.enqueue(job)
                 job.task = running  # kept: the batch goes on for the others if this caller leaves
                 if completion.stream:
-                    await job.started.wait()  # the version is known: it goes in the headers
+                    await started(job, running)  # the version is known: it goes in the headers
                     streaming = True  # the stream releases the job when it ends
                     return StreamingResponse(
                         self._stream(job, completion, arrived),
@@ -380,7 +419,7 @@ def deployment(max_ongoing: int, max_batch_rows: int):
                 return self._answered(refusal(refused), arrived)
             finally:
                 if not streaming:
-                    engine.release(job)
+                    self.left(job)
 
         async def _stream(self, job: Job, completion: Completion, arrived: float):
             engine, request_id = self.engine, new_id()
@@ -494,7 +533,7 @@ def run_server(settings: EngineSettings, host: str, port: int, replicas: int, ra
         quiet = {"log_level": "WARNING", "enable_access_log": False}  # no access log: a path may hold a secret
         serve.start(http_options={"host": host, "port": port}, logging_config=quiet)
         rows = settings.limits.max_concurrent
-        app = deployment(max_ongoing=rows + settings.limits.max_queue + 1, max_batch_rows=rows)
+        app = deployment(rows + settings.limits.max_queue + 1, rows, settings.batch_wait_seconds)
         served = app.options(num_replicas=replicas, ray_actor_options={"num_cpus": per_replica}, logging_config=quiet)
         serve.run(served.bind(settings.as_json()), name=APP, route_prefix="/", blocking=False)
         where = f"models:/{settings.name}" + (f"@{settings.alias}" if settings.alias else f"/{settings.version}")

@@ -92,39 +92,45 @@ def test_a_row_past_its_deadline_or_cancelled_stops_and_the_others_go_on(lm):
 
 
 def test_a_batch_waits_for_more_rows_only_while_they_come_faster_than_a_batch_runs():
-    """Pace (flows/completions.py) sets Ray Serve's batch wait and size: none for a lone client, up to the cap under
-    load, past the end of the batch running while one runs, and a size that starts a batch once the rows that
-    the batches before it had are there."""
+    """Pace (flows/completions.py) sets Ray Serve's batch wait and when a batch counts as full: no wait for a lone
+    client, up to the cap under load, up to the cap more while a batch runs, and a batch full once it has the rows
+    the batches before it had (never less than a request's rows: Ray Serve refuses a request past the size)."""
     from flows.completions import Pace
 
     pace = Pace(cap=0.25, max_rows=32)
-    assert pace.wait(0.0, running=False) == 0.0  # nothing came yet: a first request does not wait
+    assert pace.wait(0.0) == 0.0  # nothing came yet: a first request does not wait
     for at in range(4):  # a lone client, a request every half second, each batch 0.05 s
-        pace.arrived(1, at * 0.5)
-        pace.started(1)
-    pace.batch_seconds = 0.05
-    assert pace.wait(2.0, running=False) == 0.0 and pace.rows() == 1
+        pace.queued(at, 1, at * 0.5)
+        pace.started([at], at * 0.5)
+        pace.ended(0.05)
+    assert pace.wait(2.0) == 0.0 and pace.size(1) == 32  # one row is all that comes: full
     for at in range(200):  # 100 rows a second, batches of 0.3 s: worth waiting, up to the cap
-        pace.arrived(1, 2.0 + at / 100)
-    pace.batch_seconds = 0.3
-    assert pace.wait(4.0, running=False) == pytest.approx(0.25)
-    assert pace.wait(4.0, running=True) == pytest.approx(0.3 + 0.25)
-    assert Pace(cap=1.0, max_rows=32).wait(0.0, running=False) == 0.0
+        pace.queued(100 + at, 1, 2.0 + at / 100)
+    pace.ended(0.3)
+    assert pace.wait(4.0) == pytest.approx(0.25)
+    pace.started([100 + at for at in range(8)], 4.0)  # 8 rows start, 192 left waiting
+    assert pace.wait(4.1) == pytest.approx(0.25 + 0.2)  # and until the batch running ends (0.3 s after 4.0)
+    assert pace.wait(5.0) == pytest.approx(0.25)  # it should have ended: no more than the wait
     slow = Pace(cap=1.0, max_rows=32)
-    slow.arrived(40, 0.0)
-    slow.batch_seconds = 0.3
-    assert slow.wait(1.0, running=False) == pytest.approx(0.3 - 2.0 / 40)  # batch time less the time between rows
+    slow.queued(0, 40, 0.0)
+    slow.ended(0.3)
+    assert slow.wait(1.0) == pytest.approx(0.3 - 2.0 / 40)  # batch time less the time between rows
+    assert Pace(cap=0.0, max_rows=32).wait(0.0) == 0.0  # --batch-wait 0: never waits
+    long = Pace(cap=0.25, max_rows=32)
+    long.ended(20.0)  # a batch of many tokens ran 20 s: the next one running waits no more than the cap for it
+    long.started([], 0.0)
+    assert long.wait(0.1) == pytest.approx(0.25)
     sizes = Pace(cap=0.25, max_rows=32)
-    sizes.arrived(8, 0.0)
-    sizes.started(8)
-    sizes.started(8)
-    assert sizes.rows() == 8  # eight clients: a batch starts once the eight are back
-    sizes.arrived(30, 1.0)
-    sizes.started(8)  # 22 rows left waiting: the next batch waits for more
-    assert sizes.rows() == 30
-    sizes.arrived(100, 2.0)
-    sizes.started(32)
-    assert sizes.rows() == 32  # never past --max-concurrent
+    for batch in range(2):  # eight clients: each batch takes the eight
+        for client in range(8):
+            sizes.queued(batch * 8 + client, 1, batch)
+        sizes.started([batch * 8 + client for client in range(8)], batch)
+    assert sizes.size(7) == 7 and sizes.size(8) == 32 and sizes.size(33) == 33  # 33: over, Ray defers the last
+    for client in range(30):
+        sizes.queued(100 + client, 1, 3.0)
+    sizes.gone(100)  # a caller gone before its batch: not waited for
+    sizes.started(list(range(101, 109)), 3.0)  # 21 rows left waiting: the next batch waits for more
+    assert sizes.size(28) == 28 and sizes.size(29) == 32
 
 
 def test_requests_tokenized_before_the_alias_moved_run_on_the_version_they_were_tokenized_for(lm, tmp_path):
