@@ -271,8 +271,8 @@ class Pace:
     pays to wait while rows come faster than a batch runs, and only then: the wait is the last batch's duration less
     the time between two rows (from the last `window` seconds' arrivals), at most `cap`; a lone client does not wait.
     A batch that forms while another runs also waits for that one to end (at most `cap` more), so the requests of the
-    batch that ends, back a moment later, join it. A batch counts as full, and starts, once it has as many rows as
-    the last two batches had with the rows left waiting: no waiting for rows that will not come."""
+    batch that ends, back a moment later, join it. Once no batch runs, a batch counts as full, and starts, when it
+    has as many rows as the last two batches had with the rows left waiting: no waiting for rows that will not come."""
 
     def __init__(self, cap: float, max_rows: int, window: float = 2.0):
         self.cap, self.max_rows, self.window = cap, max_rows, window
@@ -299,9 +299,11 @@ class Pace:
         self.batch_seconds, self.running_until = seconds, None
 
     def size(self, rows: int) -> int:
-        """A batch's size for Ray Serve's batcher: its rows, or the most it takes once it has the rows expected."""
+        """A batch's size for Ray Serve's batcher: its rows, or the most it takes once it has the rows expected and
+        no batch runs (while one runs, a batch sealed early could not start anyway: it keeps taking rows)."""
         expected = min(max(*self.sizes, 1), self.max_rows)
-        return self.max_rows if expected <= rows <= self.max_rows else rows
+        idle = self.running_until is None
+        return self.max_rows if idle and expected <= rows <= self.max_rows else rows
 
     def wait(self, now: float) -> float:
         while self.arrivals and self.arrivals[0][0] < now - self.window:
@@ -495,6 +497,10 @@ def deployment(max_ongoing: int, max_batch_rows: int, batch_wait: float):
     return Deployment
 
 
+def interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_server(settings: EngineSettings, host: str, port: int, replicas: int, ray_address: str | None) -> None:
     """Serve until SIGTERM or Ctrl-C: Ray Serve on a Ray of this machine's own, or on the cluster at ray_address."""
     import os
@@ -527,8 +533,9 @@ def run_server(settings: EngineSettings, host: str, port: int, replicas: int, ra
         logging_level=logging.WARNING,
         runtime_env=runtime_env,
     )
-    stop = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGTERM, stop)  # a supervisor's SIGTERM ends it as Ctrl-C does
+    # A supervisor's SIGTERM ends it as Ctrl-C does, also when started in the background (`&`, nohup), where SIGINT
+    # comes ignored and Python's own handler is not there to copy.
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         quiet = {"log_level": "WARNING", "enable_access_log": False}  # no access log: a path may hold a secret
         serve.start(http_options={"host": host, "port": port}, logging_config=quiet)

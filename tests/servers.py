@@ -105,10 +105,17 @@ def _check(args: list[str], env: dict[str, str] | None = None) -> None:
 
 
 @contextlib.contextmanager
-def process(args: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> Iterator[subprocess.Popen]:
-    """A long-running program in its own process group, its output in log; the group is stopped on exit."""
+def process(
+    args: list[str], log: Path, env: dict[str, str], cwd: Path | None = None, background: bool = False
+) -> Iterator[subprocess.Popen]:
+    """A long-running program in its own process group, its output in log; the group is stopped on exit.
+
+    background: started as a shell's `&` starts it, SIGINT ignored."""
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None
     with log.open("ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True, preexec_fn=ignore
+        )
     try:
         yield proc
     finally:

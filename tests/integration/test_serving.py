@@ -69,7 +69,7 @@ def served(golden, tmp_path_factory):
         "0.5",
     ]
     log = folder / "serve.log"
-    with process(command, log, tool_env(), cwd=project) as server:
+    with process(command, log, tool_env(), cwd=project, background=True) as server:  # SIGTERM must still stop it
         base = f"http://{LOOPBACK}:{port}"
         wait_http(f"{base}/health", server, log, timeout=180)
         children = server_tree(server.pid)

@@ -93,8 +93,9 @@ def test_a_row_past_its_deadline_or_cancelled_stops_and_the_others_go_on(lm):
 
 def test_a_batch_waits_for_more_rows_only_while_they_come_faster_than_a_batch_runs():
     """Pace (flows/completions.py) sets Ray Serve's batch wait and when a batch counts as full: no wait for a lone
-    client, up to the cap under load, up to the cap more while a batch runs, and a batch full once it has the rows
-    the batches before it had (never less than a request's rows: Ray Serve refuses a request past the size)."""
+    client, up to the cap under load, up to the cap more while a batch runs, and, once none runs, a batch full when
+    it has the rows the batches before it had (never less than a request's rows: Ray Serve refuses a request past
+    the size)."""
     from flows.completions import Pace
 
     pace = Pace(cap=0.25, max_rows=32)
@@ -125,11 +126,14 @@ def test_a_batch_waits_for_more_rows_only_while_they_come_faster_than_a_batch_ru
         for client in range(8):
             sizes.queued(batch * 8 + client, 1, batch)
         sizes.started([batch * 8 + client for client in range(8)], batch)
+        assert sizes.size(8) == 8  # while a batch runs, the next one keeps taking rows
+        sizes.ended(0.2)
     assert sizes.size(7) == 7 and sizes.size(8) == 32 and sizes.size(33) == 33  # 33: over, Ray defers the last
     for client in range(30):
         sizes.queued(100 + client, 1, 3.0)
     sizes.gone(100)  # a caller gone before its batch: not waited for
     sizes.started(list(range(101, 109)), 3.0)  # 21 rows left waiting: the next batch waits for more
+    sizes.ended(0.2)
     assert sizes.size(28) == 28 and sizes.size(29) == 32
 
 
