@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from tasks.tracking.lineage import DVC_LOCK
 
 HUB_PREFIX = "hf:"
 DIGEST_LENGTH = 32  # MLflow keeps a dataset digest of at most 36 characters
+RACE_ATTEMPTS = 4  # log_inputs tries when another run creates the same dataset at the same moment
 
 
 def _source(path: str):
@@ -110,6 +112,7 @@ def task_input(name: str, folder: Path, examples: int, num_fewshot: int) -> tupl
 def log(run_id: str, inputs: list[tuple[Any, str, str]]) -> None:
     """Log (dataset, context, split) inputs to a run: one call, so a run gets all of them or none."""
     from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     entries = [
@@ -118,7 +121,16 @@ def log(run_id: str, inputs: list[tuple[Any, str, str]]) -> None:
         )
         for described, context, split in inputs
     ]
-    store.client().log_inputs(run_id, datasets=entries)
+    for attempt in range(RACE_ATTEMPTS):
+        try:
+            return store.client().log_inputs(run_id, datasets=entries)
+        except MlflowException as exc:
+            # Two runs logging the same dataset at once (two workspaces, one server) race on the store's unique
+            # (experiment, name, digest): the loser's transaction is rolled back, and again it finds the dataset.
+            raced = "UNIQUE constraint" in str(exc) or "duplicate key" in str(exc)  # SQLite's, PostgreSQL's words
+            if not raced or attempt == RACE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def named(run_id: str) -> str:
