@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,10 +34,35 @@ BIN = Path(sys.executable).parent
 LOOPBACK = "127.0.0.1"
 
 
-def prompts(count: int = 64) -> list[str]:
-    """Opening lines of the corpus's speeches: prompts of a few to a few dozen tokens."""
+@dataclass(frozen=True)
+class Load:
+    """What every client sends: these prompts in turn, greedily, `new` tokens a request, for `seconds` a level."""
+
+    texts: list[str]
+    new: int
+    seconds: float
+
+
+def prompts(model_dir: Path, tokenizer_dir: Path, new: int, count: int = 64) -> list[str]:
+    """Opening lines of the corpus's speeches (a few to a few dozen tokens) that the model continues greedily for
+    `new` tokens before any end-of-text, so that every answer carries `new` tokens whichever server writes it."""
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
     speeches = (ROOT / "data/samples/tinyshakespeare.txt").read_text(encoding="utf-8").split("\n\n")
-    return [speech[: 20 + (index * 37) % 120] for index, speech in enumerate(speeches[:count])]
+    chosen = []
+    for index, speech in enumerate(speeches):
+        text = speech[: 20 + (index * 37) % 120]
+        inputs = tokenizer(text, return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        if tokenizer.eos_token_id not in out[0, inputs["input_ids"].shape[1] :].tolist():
+            chosen.append(text)
+        if len(chosen) == count:
+            return chosen
+    raise SystemExit(f"only {len(chosen)} lines of the corpus run {new} tokens without end-of-text: ask fewer --tokens")
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -92,10 +118,10 @@ class Server:
             self.log.close()
 
 
-async def closed_loop(send, clients: int, seconds: float) -> dict:
-    """`clients` loops of send(prompt) -> (status, tokens, first_token_seconds | None) for `seconds`."""
-    texts, latencies, firsts, tokens, codes = prompts(), [], [], 0, {}
-    stop_at = time.monotonic() + seconds
+async def closed_loop(send, load: Load, clients: int) -> dict:
+    """`clients` loops of send(prompt) -> (status, tokens, first_token_seconds | None) for the load's seconds."""
+    texts, latencies, firsts, tokens, codes = load.texts, [], [], 0, {}
+    stop_at = time.monotonic() + load.seconds
 
     async def client(number: int) -> None:
         nonlocal tokens
@@ -134,24 +160,24 @@ def summary(
     }
 
 
-async def against_mlflow(port: int, tokenizer, clients: int, seconds: float, new: int) -> dict:
+async def against_mlflow(port: int, tokenizer, load: Load, clients: int) -> dict:
     import httpx
 
     url = f"http://{LOOPBACK}:{port}/invocations"
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as http:
 
         async def send(prompt: str):
-            body = {"inputs": [prompt], "params": {"max_new_tokens": new, "do_sample": False}}
+            body = {"inputs": [prompt], "params": {"max_new_tokens": load.new, "do_sample": False}}
             response = await http.post(url, json=body)
             if response.status_code != 200:
                 return response.status_code, 0, None
             text = response.json()["predictions"][0]
             return 200, max(len(tokenizer(text)["input_ids"]) - len(tokenizer(prompt)["input_ids"]), 0), None
 
-        return await closed_loop(send, clients, seconds)
+        return await closed_loop(send, load, clients)
 
 
-async def against_openai(port: int, model: str, clients: int, seconds: float, new: int, stream: bool) -> dict:
+async def against_openai(port: int, model: str, load: Load, clients: int, stream: bool = False) -> dict:
     import httpx
 
     url = f"http://{LOOPBACK}:{port}/v1/completions"
@@ -161,7 +187,7 @@ async def against_openai(port: int, model: str, clients: int, seconds: float, ne
             body = {
                 "model": model,
                 "prompt": prompt,
-                "max_tokens": new,
+                "max_tokens": load.new,
                 "temperature": 0,
                 "stream": stream,
                 "stream_options": {"include_usage": True} if stream else None,
@@ -184,10 +210,10 @@ async def against_openai(port: int, model: str, clients: int, seconds: float, ne
                     count = event.get("usage", {}).get("completion_tokens", count)
             return 200, count, first
 
-        return await closed_loop(send, clients, seconds)
+        return await closed_loop(send, load, clients)
 
 
-def bare(model_dir: Path, tokenizer_dir: Path, clients: int, seconds: float, new: int, threads: int = 0) -> dict:
+def bare(model_dir: Path, tokenizer_dir: Path, load: Load, clients: int, threads: int = 0) -> dict:
     """transformers generate over batches of `clients` prompts (left-padded), one after another: the ceiling of a
     server whose every batch is full, with nothing between the batches (on `threads` of torch's; 0: its default)."""
     import torch
@@ -199,15 +225,17 @@ def bare(model_dir: Path, tokenizer_dir: Path, clients: int, seconds: float, new
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.padding_side, tokenizer.pad_token = "left", tokenizer.eos_token
     model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
-    texts, latencies, tokens, turn = prompts(), [], 0, 0
+    texts, latencies, tokens, turn = load.texts, [], 0, 0
     began = time.monotonic()
-    while time.monotonic() - began < seconds:
+    while time.monotonic() - began < load.seconds:
         batch = [texts[(turn + index) % len(texts)] for index in range(clients)]
         turn += clients
         inputs = tokenizer(batch, return_tensors="pt", padding=True)
         started = time.monotonic()
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            out = model.generate(
+                **inputs, max_new_tokens=load.new, do_sample=False, pad_token_id=tokenizer.eos_token_id
+            )
         latencies += [time.monotonic() - started] * clients
         new_ids = out[:, inputs["input_ids"].shape[1] :]
         tokens += int((new_ids != tokenizer.eos_token_id).sum())
@@ -236,25 +264,28 @@ def main() -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
+        load = Load(prompts(Path(source.model), Path(source.tokenizer), args.tokens), args.tokens, args.seconds)
         for clients in levels:
-            found = bare(Path(source.model), Path(source.tokenizer), clients, args.seconds, args.tokens)
+            found = bare(Path(source.model), Path(source.tokenizer), load, clients)
             rows.append({"server": "bare transformers generate, batches of that many prompts", **found})
         # The replica's share on this machine: one thread of torch's (serve-model leaves a core to Ray's proxy).
-        found = bare(Path(source.model), Path(source.tokenizer), max(levels), args.seconds, args.tokens, threads=1)
+        found = bare(Path(source.model), Path(source.tokenizer), load, max(levels), threads=1)
         rows.append({"server": "bare transformers generate, one torch thread (as a replica has here)", **found})
     with Server("mlflow", model, []) as server:
         for clients in levels:
-            found = asyncio.run(against_mlflow(server.port, tokenizer, clients, args.seconds, args.tokens))
+            found = asyncio.run(against_mlflow(server.port, tokenizer, load, clients))
             rows.append({"server": "serve-model --api mlflow (MLflow scoring server)", **found})
     with Server("openai", model, []) as server:
         for clients in levels:
-            found = asyncio.run(against_openai(server.port, name, clients, args.seconds, args.tokens, False))
-            streamed = asyncio.run(against_openai(server.port, name, clients, args.seconds / 2, args.tokens, True))
+            found = asyncio.run(against_openai(server.port, name, load, clients))
+            streamed = asyncio.run(
+                against_openai(server.port, name, replace(load, seconds=load.seconds / 2), clients, True)
+            )
             found["first_token_p50"] = streamed["first_token_p50"]
             found["errors"] += streamed["errors"]
             rows.append({"server": "serve-model (OpenAI API, Ray Serve batching)", **found})
         # What the HTTP path carries when generating costs next to nothing: one token a request.
-        found = asyncio.run(against_openai(server.port, name, max(levels), args.seconds, 1, False))
+        found = asyncio.run(against_openai(server.port, name, replace(load, new=1), max(levels)))
         rows.append({"server": "serve-model, max_tokens 1 (its request path alone)", **found})
     for row in rows:
         print(

@@ -324,7 +324,7 @@ def refusal(error: ApiError):
     return Response(error.body(), error.status, headers, media_type="application/json")
 
 
-async def started(job: Job, running: asyncio.Future) -> None:
+async def batch_started(job: Job, running: asyncio.Future) -> None:
     """Until the job's batch has started, or its batch failed before (its error raised here)."""
     waiter = asyncio.ensure_future(job.started.wait())
     try:
@@ -369,12 +369,12 @@ def deployment(max_ongoing: int, max_batch_rows: int, batch_wait: float):
             batch_size_fn=lambda jobs: pace.size(sum(len(job.rows) for job in jobs)),
         )
         async def batched(self, jobs: list[Job]) -> list[Job]:
-            started = time.monotonic()
-            self.pace.started([id(job) for job in jobs], started)
+            began = time.monotonic()
+            self.pace.started([id(job) for job in jobs], began)
             try:
                 return await self.engine.run_batch(jobs)
             finally:
-                self.pace.ended(time.monotonic() - started)
+                self.pace.ended(time.monotonic() - began)
 
         def enqueue(self, job: Job) -> asyncio.Future:
             """Hand the job to Ray Serve's batcher, which reads the wait when a batch's first request comes."""
@@ -404,7 +404,7 @@ def deployment(max_ongoing: int, max_batch_rows: int, batch_wait: float):
                 running = self.enqueue(job)
                 job.task = running  # kept: the batch goes on for the others if this caller leaves
                 if completion.stream:
-                    await started(job, running)  # the version is known: it goes in the headers
+                    await batch_started(job, running)  # the version is known: it goes in the headers
                     streaming = True  # the stream releases the job when it ends
                     return StreamingResponse(
                         self._stream(job, completion, arrived),
