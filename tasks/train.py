@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from tasks.plumbing.errors import PipelineError, Stopped
+from tasks.plumbing.errors import PipelineError, Stopped, TrialPruned
 from tasks.plumbing.outputs import atomic_output, read_json, write_json
 from tasks.plumbing.params import Params, TrainParams, load_params
 from tasks.plumbing.paths import (
@@ -221,6 +221,8 @@ def train(
             f"{kept(model_dir)}",
             stop.signum,
         )
+    if reporter is not None and reporter.verdict:  # under torchrun: every process stopped at the same step
+        raise TrialPruned(reporter.verdict)
     curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     curve = curve or [(result.global_step, result.training_loss)]  # fewer steps than logging_steps
     if not math.isfinite(curve[-1][1]):
@@ -305,6 +307,17 @@ def main() -> None:
     device = resolve_device(params.train.device)
     check_memory(params, device)  # before a run, a checkpoint or a model exists
     me = launch.role(params.train, os.environ)
+    try:
+        run_role(params, me)
+    except TrialPruned:
+        if me not in (Role.WORKER, Role.GLOBAL_RANK_0):
+            raise
+        # Every process stopped at the same step. A torchrun worker ends as finished (torchrun calls any other exit a
+        # failure); its launcher reads the verdict from the trial and exits as pruned.
+
+
+def run_role(params: Params, me: Role) -> None:
+    """This process's part of the stage."""
     if me is Role.NODE_LAUNCHER:
         launch.train_on_nodes(params)
         return

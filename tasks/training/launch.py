@@ -18,7 +18,7 @@ from tasks.plumbing.paths import (
     TOKENIZED_DIR,
 )
 from tasks.tracking import mlflow_runs
-from tasks.training import checkpoints
+from tasks.training import checkpoints, pruning
 
 
 class Role(StrEnum):
@@ -51,7 +51,10 @@ def launch_processes(params: Params, run_id: str | None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if run_id is not None:
         env[mlflow_runs.RUN_ID_ENV] = run_id
-    return subprocess.run(torchrun_command(params), env=env, check=False).returncode
+    code = subprocess.run(torchrun_command(params), env=env, check=False).returncode
+    if code == 0:
+        pruning.raise_if_pruned()  # the workers stopped together for a sweep's pruner and ended as finished
+    return code
 
 
 def torchrun_command(params: Params) -> list[str]:

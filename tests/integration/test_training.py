@@ -141,6 +141,40 @@ def test_two_processes_train_like_one_process_with_twice_the_batch(golden, tmp_p
     assert sorted(p.name for p in (project / "models").iterdir()) == ["gpt2", "tokenizer"]
 
 
+def test_a_sweep_trial_pruned_under_torchrun_stops_both_processes_and_exits_as_pruned(golden, tmp_path):
+    """A sweep trial trained by 2 torchrun processes trails a finished trial at its first evaluation: the first
+    process decides, both stop at that step, and the stage exits as pruned with its one line, no traceback and
+    the model untouched (the first process stopping alone made torchrun report a failed worker)."""
+    from tasks import sweep
+    from tasks.plumbing.errors import PRUNED_EXIT
+    from tasks.plumbing.params import parse_params
+    from tasks.tracking.lineage import SWEEP_TRIAL_ENV
+
+    project = trained_copy(golden, tmp_path)
+    train = {**DATA_PARALLEL, "eval_steps": 2, "num_processes": 2, "batch_size": 8}
+    write_params(project, merge(tiny_params(), {"train": train}))
+    url = f"sqlite:///{tmp_path / 'sweeps.db'}"
+    settings = parse_params({"sweep": {"study": "unit", "trials": 2, "startup_trials": 1}}).sweep
+    study = sweep.open_study(settings, sweep.open_storage(url), resume=False)
+    leader = sweep.next_trial(study, settings, url)
+    for step in (2, 4, 6):
+        leader.report(0.01, step)
+    study.tell(leader, 0.01)
+    trial = sweep.next_trial(study, settings, url)
+    spec = {"study": "unit", "storage": url, "trial_id": trial._trial_id, "number": trial.number,
+            "parent_run_id": "0" * 32, "pruner": "median", "startup_trials": 1}  # fmt: skip
+    model = (project / "models/gpt2/model.safetensors").read_bytes()
+
+    result = run([str(BIN / "python"), "-m", "tasks.train"], project, check=False,
+                 env=tool_env(**{SWEEP_TRIAL_ENV: json.dumps(spec)}))  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == PRUNED_EXIT, output[-3000:]
+    assert "x 2 process(es)" in output and "train: pruned at step 2 by sweep unit" in output
+    assert "Traceback" not in output and "ChildFailedError" not in output
+    assert (project / "models/gpt2/model.safetensors").read_bytes() == model
+    assert study.trials[trial.number].intermediate_values.keys() == {2}  # reported once: it stopped there
+
+
 def test_two_nodes_train_as_one_node_with_two_processes(golden, tmp_path, monkeypatch, empty_store):
     """train.nodes: 2 runs each node's share under torchrun, meeting at a c10d rendezvous: here two "nodes" on this
     machine (two copies of the project, one process each, meeting on the loopback) logging to one team store.

@@ -80,15 +80,15 @@ def test_a_training_that_trails_the_finished_trials_is_pruned_by_sweep_pruner(st
     first.report(3.0, 20)
     study.tell(first, 2.0)
     second = sweep.next_trial(study, settings(startup_trials=1), url)
-    state = SimpleNamespace(global_step=20, is_world_process_zero=True)
+    state, args = SimpleNamespace(global_step=20, is_world_process_zero=True), SimpleNamespace(world_size=1)
     callback = reporter(monkeypatch, url, second, pruner)
     if pruner == "none":
-        callback.on_evaluate(None, state, None, metrics={"eval_loss": 5.0})  # trails, and goes on
+        callback.on_evaluate(args, state, None, metrics={"eval_loss": 5.0})  # trails, and goes on
         return
     with pytest.raises(TrialPruned, match="pruned at step 20 by sweep unit"):
-        callback.on_evaluate(None, state, None, metrics={"eval_loss": 5.0})
+        callback.on_evaluate(args, state, None, metrics={"eval_loss": 5.0})
     third = sweep.next_trial(study, settings(startup_trials=1), url)
-    reporter(monkeypatch, url, third, pruner).on_evaluate(None, state, None, metrics={"eval_loss": 2.5})  # ahead
+    reporter(monkeypatch, url, third, pruner).on_evaluate(args, state, None, metrics={"eval_loss": 2.5})  # ahead
 
 
 def test_a_postgresql_storage_uses_the_installed_driver(tmp_path):
