@@ -152,7 +152,11 @@ def sweep(
         ),
     ] = False,
     register_best: Annotated[
-        bool, typer.Option(help="then run the pipeline with the best trial's params, registering its model")
+        bool,
+        typer.Option(
+            help="then run the pipeline with the best trial's params, registering its model (once the trials of other "
+            "workers have ended)"
+        ),
     ] = False,
 ):
     """Search params.yaml's sweep.space with Optuna: each trial a DVC experiment (train and evaluate), pruned early

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from tasks.tracking.lineage import SWEEP_TRIAL_ENV
 LAST_STAGE = "evaluate"  # a trial trains and evaluates; only the best is registered, through the pipeline flow
 STATE_TAG = "sweep_state"  # a trial's run: complete, pruned or failed
 FAILURES_IN_A_ROW = 3  # a worker stops after this many: the setting, not the params, is then what fails
+OTHERS_POLL_SECONDS = 5.0  # how often --register-best looks whether other workers' trials have ended
 
 
 def experiment_name(study: str, number: int) -> str:
@@ -113,7 +115,8 @@ def sweep(
         trials: how many trials the study holds when done (all workers together); default sweep.trials.
         timeout_minutes: start no trial after this long; default sweep.timeout_minutes.
         resume: continue the study sweep.study names, with its finished trials (a new one where none is).
-        register_best: put the best trial's params through the pipeline flow, which registers its model.
+        register_best: put the study's best trial's params through the pipeline flow, which registers its model
+            (once the trials other workers run have ended).
     """
     params = load_params()
     update = {key: value for key, value in (("trials", trials), ("timeout_minutes", timeout_minutes)) if value}
@@ -128,13 +131,17 @@ def sweep(
     )
     parent = _study_run(study, params, url)
     status = "FAILED"
+
+    deadline = time.monotonic() + settings.timeout_minutes * 60 if settings.timeout_minutes else None
+
+    def work() -> None:  # this worker's share: the trials of workers found gone again, then new ones to the budget
+        _fail_interrupted(study, params, parent, url)
+        _run_trials(study, storage, settings, params, parent, project, url, deadline)
+
     try:
-        for trial in study_tools.fail_interrupted(study, url):
-            print(f"trial {trial.number}: its worker is gone; marked failed, its params queued to run again")
-            if not _close_trial_runs(params, study.study_name, trial.number, "failed"):
-                # stopped before its training made a run: MLflow still shows it, failed
-                _stand_in_run(params, study.study_name, trial.number, parent, trial.params, "its worker stopped")
-        _run_trials(study, storage, settings, params, parent, project, url)
+        work()
+        if register_best:  # the study's best, not this worker's best so far
+            await_other_workers(study, work)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -157,10 +164,35 @@ def sweep(
     return result
 
 
-def _run_trials(study, storage, settings, params: Params, parent: str, project: Path, url: str) -> None:
-    """Trials until the study holds its budget or the time is up; FAILURES_IN_A_ROW failed trials stop the worker
-    (a failed trial does not count toward the budget: a broken setting would otherwise fail trials forever)."""
-    deadline = time.monotonic() + settings.timeout_minutes * 60 if settings.timeout_minutes else None
+def _fail_interrupted(study, params: Params, parent: str, url: str) -> None:
+    """Fail the trials whose worker is gone (their params queued to run again), in Optuna and MLflow."""
+    for trial in study_tools.fail_interrupted(study, url):
+        print(f"trial {trial.number}: its worker is gone; marked failed, its params queued to run again")
+        if not _close_trial_runs(params, study.study_name, trial.number, "failed"):
+            # stopped before its training made a run: MLflow still shows it, failed
+            _stand_in_run(params, study.study_name, trial.number, parent, trial.params, "its worker stopped")
+
+
+def await_other_workers(study, work: Callable[[], None], pause: Callable[[], None] | None = None) -> None:
+    """Until no trial of another worker runs; after each pause, `work` fails those whose worker is gone and runs
+    their retries."""
+    state = study_tools.optuna_module().trial.TrialState
+    told = ""
+    while running := study.get_trials(deepcopy=False, states=(state.RUNNING,)):
+        numbers = ", ".join(str(trial.number) for trial in running)
+        if numbers != told:
+            print(f"trials {numbers}: other workers still run them; the best is registered once they end")
+            told = numbers
+        (pause or (lambda: time.sleep(OTHERS_POLL_SECONDS)))()
+        work()
+
+
+def _run_trials(
+    study, storage, settings, params: Params, parent: str, project: Path, url: str, deadline: float | None
+) -> None:
+    """Trials until the study holds its budget or the deadline (time.monotonic()) passes; FAILURES_IN_A_ROW failed
+    trials stop the worker (a failed trial does not count toward the budget: a broken setting would otherwise fail
+    trials forever)."""
     failures = 0
     while deadline is None or time.monotonic() < deadline:
         trial = study_tools.next_trial(study, settings, url)

@@ -91,6 +91,29 @@ def test_a_training_that_trails_the_finished_trials_is_pruned_by_sweep_pruner(st
     reporter(monkeypatch, url, third, pruner).on_evaluate(args, state, None, metrics={"eval_loss": 2.5})  # ahead
 
 
+def test_register_best_waits_for_the_trials_other_workers_still_run(storage, capsys):
+    """--register-best registers the study's best: a worker whose budget is spent waits while another worker's trial
+    runs, doing its share (failing gone workers' trials, running retries) after each pause, then sees that value."""
+    from flows.sweep import await_other_workers
+
+    url, opened = storage
+    study = sweep.open_study(settings(trials=2), opened, resume=False)
+    mine = sweep.next_trial(study, settings(trials=2), url)
+    study.tell(mine, 3.0)
+    theirs = sweep.next_trial(study, settings(trials=2), url)  # another worker's: running, its process alive
+    pauses, shares = [], []
+
+    def pause():
+        pauses.append(len(shares))
+        if len(pauses) == 2:
+            study.tell(theirs, 1.0)
+
+    await_other_workers(study, lambda: shares.append(1), pause)
+    assert pauses == [0, 1] and len(shares) == 2
+    assert sweep.best(study).number == theirs.number
+    assert capsys.readouterr().out.count(f"trials {theirs.number}: other workers still run them") == 1
+
+
 def test_a_postgresql_storage_uses_the_installed_driver(tmp_path):
     """SQLAlchemy 2.1 reads postgresql:// as psycopg 3, which is not installed: the URL names psycopg2."""
     url = sweep.storage_url(settings(storage="postgresql://optuna@db:5432/optuna"), tmp_path)
