@@ -135,6 +135,11 @@ def sync_remote(action: str, remote: str, cwd: str, additions: dict[str, str]) -
         raise StageFailed(f"dvc {action}", result.returncode, f"{detail} (remote {remote!r}; see `dvc remote list`)")
 
 
+def for_the_log(line: str) -> bool:
+    """A stage's output line for the flow's log: not DVC's hints for a terminal, nor the blank lines around them."""
+    return bool(line.strip()) and not DVC_GIT_HINT.match(line)
+
+
 @task(name="dvc-stage", task_run_name="{stage}")
 def run_stage(stage: str, cwd: str, additions: dict[str, str]) -> dict[str, Any]:
     """Run one DVC stage (skipped by DVC when its inputs are unchanged), streaming its output to the log.
@@ -148,7 +153,7 @@ def run_stage(stage: str, cwd: str, additions: dict[str, str]) -> dict[str, Any]
         lines = []
         for line in process.stdout or []:
             lines.append(redact(line.rstrip()))  # DVC's and MLflow's own lines too, before Prefect's log has them
-            if not DVC_GIT_HINT.match(lines[-1]):
+            if for_the_log(lines[-1]):
                 print(lines[-1])
     if process.returncode != 0:
         raise StageFailed(stage, stage_status(lines, process.returncode), failure_line(lines))
