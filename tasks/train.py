@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 import math
 import os
 import time
@@ -196,6 +197,8 @@ def train(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # MlflowLogger prints one readable line per logging step
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        logging.getLogger("transformers.trainer").addFilter(tied_head_is_not_missing)
     if args.process_index == 0:
         trains = f" ({adapters:,} of them in LoRA adapters, the rest frozen)" if adapters is not None else ""
         print(
@@ -252,6 +255,12 @@ def train(
         "device": device,
         "precision": precision,
     }
+
+
+def tied_head_is_not_missing(record: logging.LogRecord) -> bool:
+    """Drops the Trainer's warning that the best checkpoint it loads back lacks lm_head.weight: the head is the
+    embedding's weight (GPT-2 ties them), saved and loaded once under the embedding's name."""
+    return "missing keys in the checkpoint model loaded: ['lm_head.weight']" not in record.getMessage()
 
 
 def _save(model, tokenizer, model_dir: Path, run_id: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import re
@@ -183,12 +184,20 @@ def test_early_stopping_keeps_the_best_model(tokenized, tmp_path, mlflow_run):
         "early_stopping_patience": 2,
     }
     params = parse_params(merge(tiny_params(), {"train": unstable}))
-    metrics = train_here(params, mlflow_run, tokenized, tmp_path)
+    warnings_seen, warned, trainer_log = [], logging.Handler(), logging.getLogger("transformers.trainer")
+    warned.emit = lambda record: warnings_seen.append(record.getMessage())
+    trainer_log.addHandler(warned)
+    try:
+        metrics = train_here(params, mlflow_run, tokenized, tmp_path)
+    finally:
+        trainer_log.removeHandler(warned)
     evals = [m.value for m in store.client().get_metric_history(mlflow_run, "train/eval_loss")]
     assert metrics["steps"] < 300 and len(evals) == metrics["steps"] // 10
     assert min(evals[-2:]) > min(evals) == metrics["best_eval_loss"]  # stopped after two evaluations no better
     kept = evaluate(load_model(tmp_path / "model")[0], tokenized / "tokenized", batch_size=8, device="cpu")
     assert kept["eval_loss"] == pytest.approx(metrics["best_eval_loss"], rel=1e-4)
+    # The tied head came back with the embedding: no warning that the best checkpoint lacked lm_head.weight.
+    assert not [message for message in warnings_seen if "missing keys" in message]
 
 
 def test_samples_fit_in_the_model_positions(tokenized):
