@@ -191,6 +191,7 @@ def training_pipeline(overrides: dict[str, Any] | None = None, promote: bool = F
         promote: run the promote-model flow once the new version is registered.
         remote: a DVC remote to pull existing outputs from first and push the new ones to afterwards.
     """
+    server.one_line_errors()
     overrides = overrides or {}
     project = Path.cwd()
     try:

@@ -22,6 +22,7 @@ def promote_model(workdir: str = ".", version: str | None = None) -> dict:
         workdir: the project (or run workspace) whose params.yaml and validation text to use.
         version: the registered version to judge; default: the one @challenger names.
     """
+    server.one_line_errors()
     root = inside_project(workdir, "workdir")  # a deployment's parameter: the worker's project and nothing else
     params = load_params(root / PARAMS_FILE)
     try:

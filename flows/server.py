@@ -104,7 +104,11 @@ class _NoTracebackForBadInput(logging.Filter):
         return True
 
 
+_ONE_LINE = _NoTracebackForBadInput()
+
+
 def one_line_errors() -> None:
-    """The flows' and tasks' run loggers in this process log bad input without a traceback."""
+    """The flows' and tasks' run loggers in this process log bad input without a traceback. Called by the CLI and
+    by each flow as it starts (a deployment's worker runs the flow in a process of its own); once is enough."""
     for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(_NoTracebackForBadInput())
+        logging.getLogger(name).addFilter(_ONE_LINE)  # a filter already there is not added twice

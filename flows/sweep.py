@@ -25,7 +25,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import pipeline
+from flows import pipeline, server
 from tasks import sweep as study_tools
 from tasks.data.sources import resolve_sources
 from tasks.plumbing.errors import PRUNED_EXIT, PipelineError
@@ -118,6 +118,7 @@ def sweep(
         register_best: put the study's best trial's params through the pipeline flow, which registers its model
             (once the trials other workers run have ended).
     """
+    server.one_line_errors()
     params = load_params()
     update = {key: value for key, value in (("trials", trials), ("timeout_minutes", timeout_minutes)) if value}
     settings = params.sweep.model_copy(update=update)

@@ -139,6 +139,23 @@ def test_bad_params_stop_with_one_line_and_keep_outputs(trained_project):
     assert (trained_project / "models/gpt2/model.safetensors").read_bytes() == model_before
 
 
+def test_a_flow_run_as_a_worker_runs_it_logs_bad_input_in_one_line(trained_project, prefect_env):
+    """The flow run in a process of its own, no CLI around it (as a deployment's worker runs it): a stage's bad
+    input ends the run with its one line, in the process's output and in the run's log on the Prefect server (what
+    its UI shows), without Prefect's traceback."""
+    write_params(trained_project, merge(tiny_params(), {"train": {"learning_rate": 0}}))
+    code = "from flows.pipeline import training_pipeline as f; print(f(return_state=True).state_details.flow_run_id)"
+    result = run([str(BIN / "python"), "-c", code], trained_project, env=prefect_env)
+    flow_run_id = result.stdout.strip().splitlines()[-1]
+    logged = httpx.post(f"{prefect_env['PREFECT_API_URL']}/logs/filter", timeout=30,
+                        json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}).json()  # fmt: skip
+    messages = "\n".join(entry["message"] for entry in logged)
+    line = "params.yaml: train.learning_rate: input should be greater than 0 (got 0)"
+    assert line in messages and line in result.stdout + result.stderr, messages[-3000:]
+    assert "Traceback" not in messages, messages[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+
+
 def assert_no_secret_in_prefect(env: dict[str, str], secrets) -> None:
     """No secret of the flow's environment in what Prefect keeps (its database) or shows (its API: flow runs, task
     runs, logs, events): the tasks take their environment from the process, not as parameters."""
