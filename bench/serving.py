@@ -44,8 +44,9 @@ class Load:
 
 
 def prompts(model_dir: Path, tokenizer_dir: Path, new: int, count: int = 64) -> list[str]:
-    """Opening lines of the corpus's speeches (a few to a few dozen tokens) that the model continues greedily for
-    `new` tokens before any end-of-text, so that every answer carries `new` tokens whichever server writes it."""
+    """Opening lines of the corpus's speeches (a few to a few dozen tokens) that the model, given each alone,
+    continues greedily for `new` tokens before any end-of-text: every answer then carries `new` tokens whichever
+    server writes it (in a batch a near tie may rarely flip a token; the table's tokens/s counts what was written)."""
     import torch
     from transformers import AutoTokenizer, GPT2LMHeadModel
 

@@ -15,6 +15,8 @@ request mixes versions; each answer names its version (the `model` field and the
 
 import asyncio
 import collections
+import contextlib
+import functools
 import json
 import logging
 import sys
@@ -346,11 +348,28 @@ def timed_out(job: Job, limits: Limits) -> ApiError | None:
     return None
 
 
+@functools.cache
+def event_stream() -> type:
+    """The streaming response of a completion (Starlette's, Ray and Starlette imported only by the server)."""
+    from ray.exceptions import TaskCancelledError
+    from starlette.responses import StreamingResponse
+
+    class EventStream(StreamingResponse):
+        """Ends when the caller leaves, also when Ray Serve tells so with an error from receive (its call to the
+        proxy was cancelled) instead of a disconnect message: raised, the error became a traceback in the log."""
+
+        async def listen_for_disconnect(self, receive) -> None:
+            with contextlib.suppress(TaskCancelledError):
+                await super().listen_for_disconnect(receive)
+
+    return EventStream
+
+
 def deployment(max_ongoing: int, max_batch_rows: int, batch_wait: float):
     """The Ray Serve deployment class (Ray and FastAPI imported only by the server)."""
     from fastapi import FastAPI, Request
     from ray import serve
-    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.responses import JSONResponse, Response
 
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     pace = Pace(batch_wait, max_batch_rows)  # each replica has its copy (the class is pickled with it)
@@ -406,7 +425,7 @@ def deployment(max_ongoing: int, max_batch_rows: int, batch_wait: float):
                 if completion.stream:
                     await batch_started(job, running)  # the version is known: it goes in the headers
                     streaming = True  # the stream releases the job when it ends
-                    return StreamingResponse(
+                    return event_stream()(
                         self._stream(job, completion, arrived),
                         media_type="text/event-stream",
                         headers={VERSION_HEADER: job.version},

@@ -37,7 +37,7 @@ from tasks.tracking.lineage import SWEEP_TRIAL_ENV
 LAST_STAGE = "evaluate"  # a trial trains and evaluates; only the best is registered, through the pipeline flow
 STATE_TAG = "sweep_state"  # a trial's run: complete, pruned or failed
 FAILURES_IN_A_ROW = 3  # a worker stops after this many: the setting, not the params, is then what fails
-OTHERS_POLL_SECONDS = 5.0  # how often --register-best looks whether other workers' trials have ended
+POLL = 5.0  # seconds: how often --register-best looks whether other workers' trials have ended
 
 
 def experiment_name(study: str, number: int) -> str:
@@ -132,17 +132,16 @@ def sweep(
     )
     parent = _study_run(study, params, url)
     status = "FAILED"
-
     deadline = time.monotonic() + settings.timeout_minutes * 60 if settings.timeout_minutes else None
 
-    def work() -> None:  # this worker's share: the trials of workers found gone again, then new ones to the budget
+    def work() -> None:  # fail the trials of workers that are gone (queued again), then run trials to the budget
         _fail_interrupted(study, params, parent, url)
         _run_trials(study, storage, settings, params, parent, project, url, deadline)
 
     try:
         work()
         if register_best:  # the study's best, not this worker's best so far
-            await_other_workers(study, work)
+            await_other_workers(study, work, deadline)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -174,17 +173,22 @@ def _fail_interrupted(study, params: Params, parent: str, url: str) -> None:
             _stand_in_run(params, study.study_name, trial.number, parent, trial.params, "its worker stopped")
 
 
-def await_other_workers(study, work: Callable[[], None], pause: Callable[[], None] | None = None) -> None:
-    """Until no trial of another worker runs; after each pause, `work` fails those whose worker is gone and runs
-    their retries."""
+def await_other_workers(
+    study, work: Callable[[], None], deadline: float | None, pause: Callable[[], None] = lambda: time.sleep(POLL)
+) -> None:
+    """Until no trial of another worker runs, or the deadline (time.monotonic()) passes; after each pause, `work`
+    fails those whose worker is gone and runs their retries."""
     state = study_tools.optuna_module().trial.TrialState
     told = ""
     while running := study.get_trials(deepcopy=False, states=(state.RUNNING,)):
         numbers = ", ".join(str(trial.number) for trial in running)
+        if deadline is not None and time.monotonic() >= deadline:
+            print(f"trials {numbers}: still running at sweep.timeout_minutes; the best so far is registered")
+            return
         if numbers != told:
             print(f"trials {numbers}: other workers still run them; the best is registered once they end")
             told = numbers
-        (pause or (lambda: time.sleep(OTHERS_POLL_SECONDS)))()
+        pause()
         work()
 
 

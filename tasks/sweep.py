@@ -179,6 +179,9 @@ def next_trial(study, params: SweepParams, url: str):
             )
         trial = study.ask(distributions(params))
         trial.set_user_attr(WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(), "pgid": None})
+        # Beat once now: Optuna finds a trial stale only once it has a heartbeat, and its worker may die before the
+        # heartbeat thread starts (its trial would then stay running, and --register-best wait for it).
+        trial.storage.record_heartbeat(trial._trial_id)
         return trial
 
 

@@ -185,7 +185,7 @@ def train(
     callbacks = [stop, logger]  # the logger sees the stop's checkpoint request and flushes before it
     if params.train.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.train.early_stopping_patience))
-    reporter = pruning.trial_reporter()  # a sweep trial: its validation losses go to the study, which may prune it
+    reporter = pruning.trial_reporter(args)  # a sweep trial: its validation losses go to the study, which may prune it
     if reporter is not None:
         callbacks.append(reporter)
     trainer = Trainer(
@@ -197,8 +197,6 @@ def train(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # MlflowLogger prints one readable line per logging step
-    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
-        logging.getLogger("transformers.trainer").addFilter(tied_head_is_not_missing)
     if args.process_index == 0:
         trains = f" ({adapters:,} of them in LoRA adapters, the rest frozen)" if adapters is not None else ""
         print(
@@ -209,6 +207,9 @@ def train(
         )
         mlflow_runs.log_params_once(run_id, {"train.precision_chosen": precision, "train.precision_reason": why})
     started = time.perf_counter()
+    trainer_log = logging.getLogger("transformers.trainer")
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        trainer_log.addFilter(tied_head_is_not_missing)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except BaseException:
@@ -217,6 +218,7 @@ def train(
         raise
     finally:
         stop.release()
+        trainer_log.removeFilter(tied_head_is_not_missing)
     seconds = time.perf_counter() - started
     if stop.signum is not None:
         raise Stopped(
@@ -224,7 +226,7 @@ def train(
             f"{kept(model_dir)}",
             stop.signum,
         )
-    if reporter is not None and reporter.verdict:  # under torchrun: every process stopped at the same step
+    if reporter is not None and reporter.verdict:  # the sweep's pruner stopped it (every process at one step)
         raise TrialPruned(reporter.verdict)
     curve = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     curve = curve or [(result.global_step, result.training_loss)]  # fewer steps than logging_steps

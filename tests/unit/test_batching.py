@@ -160,3 +160,26 @@ def test_requests_tokenized_before_the_alias_moved_run_on_the_version_they_were_
         served = job.served
         assert job.version == served.version and job.finished
         assert job.rows[0].tokens == greedy_alone(served.model, served.tokenizer, PROMPTS[0], 8)
+
+
+def test_a_stream_ends_quietly_when_ray_serve_says_its_caller_left_with_an_error():
+    """Ray Serve may tell a replica that the caller left by raising from receive (its call to the proxy cancelled)
+    rather than with a disconnect message: the stream's listener ends as for a disconnect, nothing raised."""
+    import asyncio
+
+    from ray.exceptions import TaskCancelledError
+
+    from flows.completions import event_stream
+
+    async def nothing():
+        yield b""
+
+    async def cancelled():
+        raise TaskCancelledError()
+
+    async def disconnect():
+        return {"type": "http.disconnect"}
+
+    stream = event_stream()(nothing(), media_type="text/event-stream")
+    for receive in (cancelled, disconnect):
+        asyncio.run(stream.listen_for_disconnect(receive))

@@ -9,9 +9,10 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from transformers import TrainerControl
 
 from tasks import sweep
-from tasks.plumbing.errors import PipelineError, TrialPruned
+from tasks.plumbing.errors import PipelineError
 from tasks.plumbing.params import parse_params
 
 optuna = pytest.importorskip("optuna")
@@ -68,7 +69,7 @@ def reporter(monkeypatch, url: str, trial, pruner: str):
 
     spec = {"study": "unit", "storage": url, "trial_id": trial._trial_id, "pruner": pruner, "startup_trials": 1}
     monkeypatch.setenv(SWEEP_TRIAL_ENV, json.dumps(spec))
-    return trial_reporter()
+    return trial_reporter(SimpleNamespace(world_size=1, process_index=0))
 
 
 @pytest.mark.parametrize("pruner", ["median", "none"])
@@ -80,15 +81,18 @@ def test_a_training_that_trails_the_finished_trials_is_pruned_by_sweep_pruner(st
     first.report(3.0, 20)
     study.tell(first, 2.0)
     second = sweep.next_trial(study, settings(startup_trials=1), url)
-    state, args = SimpleNamespace(global_step=20, is_world_process_zero=True), SimpleNamespace(world_size=1)
-    callback = reporter(monkeypatch, url, second, pruner)
+    state, args = SimpleNamespace(global_step=20), SimpleNamespace(world_size=1)
+    callback, control = reporter(monkeypatch, url, second, pruner), TrainerControl()
+    callback.on_evaluate(args, state, control, metrics={"eval_loss": 5.0})  # trails
     if pruner == "none":
-        callback.on_evaluate(args, state, None, metrics={"eval_loss": 5.0})  # trails, and goes on
+        assert not control.should_training_stop and callback.verdict is None  # and goes on
         return
-    with pytest.raises(TrialPruned, match="pruned at step 20 by sweep unit"):
-        callback.on_evaluate(args, state, None, metrics={"eval_loss": 5.0})
-    third = sweep.next_trial(study, settings(startup_trials=1), url)
-    reporter(monkeypatch, url, third, pruner).on_evaluate(args, state, None, metrics={"eval_loss": 2.5})  # ahead
+    assert control.should_training_stop and not control.should_save
+    assert callback.verdict.startswith("train: pruned at step 20 by sweep unit")
+    assert study.trials[second.number].user_attrs["pruned"] == callback.verdict  # what a torchrun launcher reads
+    third, control = sweep.next_trial(study, settings(startup_trials=1), url), TrainerControl()
+    reporter(monkeypatch, url, third, pruner).on_evaluate(args, state, control, metrics={"eval_loss": 2.5})  # ahead
+    assert not control.should_training_stop
 
 
 def test_register_best_waits_for_the_trials_other_workers_still_run(storage, capsys):
@@ -108,7 +112,7 @@ def test_register_best_waits_for_the_trials_other_workers_still_run(storage, cap
         if len(pauses) == 2:
             study.tell(theirs, 1.0)
 
-    await_other_workers(study, lambda: shares.append(1), pause)
+    await_other_workers(study, lambda: shares.append(1), None, pause)
     assert pauses == [0, 1] and len(shares) == 2
     assert sweep.best(study).number == theirs.number
     assert capsys.readouterr().out.count(f"trials {theirs.number}: other workers still run them") == 1
