@@ -88,7 +88,8 @@ def start_watchdog() -> Callable[[], None]:
     """A stage stopped by a signal ends within STOP_GRACE_SECONDS, whatever its main thread is doing.
 
     Returns what disarms it (a stage run in-process, by a test, returns to its caller)."""
-    import subprocess  # nosec B404: this interpreter, a fixed program, no shell
+    # This interpreter running a fixed program, no shell.
+    import subprocess  # nosec B404
 
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)

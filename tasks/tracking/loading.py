@@ -5,7 +5,8 @@ train's pretrained path, tokenize's pretrained tokenizer, evaluate, promotion an
 
 from __future__ import annotations
 
-import pickle  # nosec B403: only to catch the refusal of torch's weights_only loader
+# Only to catch the refusal of torch's weights_only loader, never to load.
+import pickle  # nosec B403
 import re
 import tempfile
 from collections.abc import Iterator
