@@ -26,7 +26,7 @@ from prefect.tasks import exponential_backoff
 from flows import artifacts, server, workspace
 from flows.promote import promote_model
 from tasks.plumbing.console import tools_first
-from tasks.plumbing.errors import BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PipelineError
+from tasks.plumbing.errors import BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PRUNED_EXIT, PipelineError
 from tasks.plumbing.outputs import read_json
 from tasks.plumbing.params import PARAMS_FILE, RegisterParams, load_params
 from tasks.plumbing.paths import EVAL_METRICS, REGISTERED_FILE
@@ -115,9 +115,10 @@ def stage_status(lines: list[str], dvc_status: int) -> int:
 def worth_retrying(task, task_run, state) -> bool:
     """Whether a failed stage is worth retrying.
 
-    Retry crashes and faults, not bad input (the same params would fail the same way) nor a node whose part of a
-    multi-node training is done (rerun alone, it would wait at the rendezvous for nodes that have finished)."""
-    final = (BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT)
+    Retry crashes and faults, not bad input (the same params would fail the same way), a node whose part of a
+    multi-node training is done (rerun alone, it would wait at the rendezvous for nodes that have finished) nor a
+    training the sweep's pruner stopped (its verdict would stand)."""
+    final = (BAD_INPUT_EXIT, OUTPUTS_ELSEWHERE_EXIT, PRUNED_EXIT)
     return not (isinstance(state.data, StageFailed) and state.data.exit_status in final)
 
 

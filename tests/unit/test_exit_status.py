@@ -3,6 +3,7 @@ the CLI and the flow's retry condition alike."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 
@@ -15,11 +16,12 @@ from tasks.plumbing.errors import (
     BAD_INPUT_EXIT,
     FAULT_EXIT,
     OUTPUTS_ELSEWHERE_EXIT,
+    PRUNED_EXIT,
     PipelineError,
     Stopped,
     report_error,
 )
-from tests.helpers import BIN, copy_project, tool_env
+from tests.helpers import BIN, ROOT, copy_project, tool_env
 
 
 def test_report_error_prints_one_line_and_names_the_status(capsys):
@@ -50,6 +52,17 @@ def test_the_flow_retries_by_the_same_contract():
     assert worth_retrying(None, None, Failed(data=StageFailed("train", FAULT_EXIT, "crash"))) is True
     assert worth_retrying(None, None, Failed(data=StageFailed("train", BAD_INPUT_EXIT, "bad"))) is False
     assert worth_retrying(None, None, Failed(data=StageFailed("train", OUTPUTS_ELSEWHERE_EXIT, "elsewhere"))) is False
+    assert worth_retrying(None, None, Failed(data=StageFailed("train", PRUNED_EXIT, "pruned"))) is False
+
+
+def test_the_readme_lists_every_exit_status_the_code_gives():
+    """The README's table of exit statuses has a row for each status of tasks.plumbing.errors, and no other."""
+    from tasks.plumbing import errors
+
+    table = (ROOT / "README.md").read_text().split("| status | meaning |", 1)[1].split("\n\n", 1)[0]
+    listed = re.findall(r"^\| ([^|]+?) \|", table, re.M)[1:]  # after the header's rule
+    given = sorted(value for name, value in vars(errors).items() if name.endswith("_EXIT"))
+    assert listed == ["0", *map(str, given), "128 + n"]
 
 
 def test_a_stage_and_the_cli_report_bad_input_alike(tmp_path, monkeypatch):
