@@ -83,7 +83,8 @@ def report_error(exc: BaseException) -> int:
     if os.environ.get(DEBUG_ENV) == "1":
         traceback.print_exception(exc)
     if isinstance(exc, PipelineError):
-        print(f"error: {exc}", file=sys.stderr)
+        label = "" if isinstance(exc, TrialPruned) else "error: "  # a pruned trial is the sweep at work, no fault
+        print(f"{label}{exc}", file=sys.stderr)
         return exc.exit_status
     if disk_full(exc):  # outside atomic_output, e.g. a training checkpoint (skipped on resume when partial)
         print(

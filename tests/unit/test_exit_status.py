@@ -19,6 +19,7 @@ from tasks.plumbing.errors import (
     PRUNED_EXIT,
     PipelineError,
     Stopped,
+    TrialPruned,
     report_error,
 )
 from tests.helpers import BIN, ROOT, copy_project, tool_env
@@ -36,6 +37,9 @@ def test_report_error_prints_one_line_and_names_the_status(capsys):
     assert lines[0] == "error: params.yaml: train.seed: bad"
     assert lines[1].startswith("error: ValueError: boom (set GPT2_PIPELINE_DEBUG=1")
     assert all(line.startswith("error: ") for line in lines) and len(lines) == 5
+    # A trial the sweep's pruner stopped: its own status and its line, not called an error.
+    assert report_error(TrialPruned("train: pruned at step 20 by sweep s")) == PRUNED_EXIT
+    assert capsys.readouterr().err == "train: pruned at step 20 by sweep s\n"
 
 
 def test_the_flow_reads_the_stage_s_status_through_dvc():
