@@ -7,9 +7,11 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -173,6 +175,52 @@ def test_a_sweep_trial_pruned_under_torchrun_stops_both_processes_and_exits_as_p
     assert "Traceback" not in output and "ChildFailedError" not in output
     assert (project / "models/gpt2/model.safetensors").read_bytes() == model
     assert study.trials[trial.number].intermediate_values.keys() == {2}  # reported once: it stopped there
+
+
+def test_a_sweep_prunes_the_trial_that_trails_and_records_the_study_where_users_look(golden, tmp_path):
+    """`gpt2-pipeline sweep` on the project's SQLite study: the random sampler (seeded) draws a working learning rate
+    first and a hopeless one second, which the median pruner stops at its first evaluation. The table and the best
+    are printed; Optuna, MLflow (the study's run, its plots and a child run a trial) and DVC (the finished trial's
+    experiment, the pruned one none) agree."""
+    project = trained_copy(golden, tmp_path)
+    sweep = {"study": "prune", "trials": 2, "startup_trials": 1, "sampler": "random", "seed": 0, "pruner": "median"}
+    params = merge(tiny_params(), {"train": {"max_steps": 40, "eval_steps": 20}, "sweep": sweep})
+    params["sweep"]["space"] = {"train.learning_rate": {"type": "categorical", "choices": [1.0e-6, 3.0e-3]}}
+    write_params(project, params)
+    run(["git", "commit", "-qam", "sweep"], project)
+    result = run([str(BIN / "gpt2-pipeline"), "sweep"], project)
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output and "error:" not in output, output[-3000:]
+    assert re.search(r"│ 0 +│ complete +│ \d\.\d{4} +│", output) and re.search(r"│ 1 +│ pruned +│ +│", output), output
+    assert "best: trial 0, bits_per_byte " in output and "{'train.learning_rate': 0.003}" in output
+    assert yaml.safe_load((project / "params/prune-best.yaml").read_text())["train"]["learning_rate"] == 3.0e-3
+
+    import optuna
+
+    study = optuna.load_study(study_name="prune", storage=f"sqlite:///{project / 'sweeps.db'}")
+    assert [(t.state.name, t.params["train.learning_rate"]) for t in study.trials] == [
+        ("COMPLETE", 3.0e-3), ("PRUNED", 1.0e-6)]  # fmt: skip
+    assert list(study.trials[1].intermediate_values) == [20]  # stopped at its first evaluation
+    client, runs = mlflow_runs(project)
+    (parent,) = [
+        r for r in runs if r.data.tags.get("sweep_study") == "prune" and "mlflow.parentRunId" not in r.data.tags
+    ]
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep_best_trial"] == "0"
+    assert parent.data.metrics["sweep/best_bits_per_byte"] == pytest.approx(study.best_value)
+    children = {
+        r.data.tags["sweep_trial"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert {n: (r.info.status, r.data.tags["sweep_state"]) for n, r in children.items()} == {
+        "0": ("FINISHED", "complete"), "1": ("KILLED", "pruned")}  # fmt: skip
+    # The study's plots, drawn offline: SVG files on its run that name nothing outside themselves.
+    drawn = Path(client.download_artifacts(parent.info.run_id, "", str(tmp_path / "study")))
+    plots = sorted(path.name for path in (drawn / "plots").iterdir())
+    assert {"optimization_history.svg", "intermediate_values.svg", "slice.svg"} <= set(plots), plots
+    for name in plots:
+        text = (drawn / "plots" / name).read_text()
+        assert "<svg" in text[:500] and not re.search(r'(href|src)="https?:', text), name
+    assert re.search(r"│ 1 +│ pruned", (drawn / "trials.txt").read_text())
+    assert run([str(BIN / "dvc"), "exp", "ls", "--name-only"], project).stdout.split() == ["prune-0"]
 
 
 def test_two_nodes_train_as_one_node_with_two_processes(golden, tmp_path, monkeypatch, empty_store):
