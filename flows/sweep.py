@@ -71,10 +71,17 @@ def run_trial(number: int, overrides: dict[str, Any], additions: dict[str, str],
         started(process.pid)
         for line in process.stdout or []:
             lines.append(redact(line.rstrip()))
-            if not pipeline.DVC_GIT_HINT.match(lines[-1]):
+            if not (pipeline.DVC_GIT_HINT.match(lines[-1]) or _pruned_by_dvc(lines[-1])):
                 print(f"trial {number}: {lines[-1]}")
     status = pipeline.stage_status(lines, process.returncode) if process.returncode else 0
     return status, pipeline.failure_line(lines) if status else ""
+
+
+def _pruned_by_dvc(line: str) -> bool:
+    """DVC's 'ERROR: failed to reproduce' for a training the pruner stopped: no failure, so not in the log (the
+    stage's own line says it was pruned, the flow's that the trial is)."""
+    found = pipeline.DVC_STAGE_EXIT.match(line)
+    return found is not None and int(found.group(1)) == PRUNED_EXIT
 
 
 def copy_paths(project: Path, overrides: dict[str, Any]) -> list[str]:
