@@ -80,8 +80,7 @@ def run_trial(number: int, overrides: dict[str, Any], additions: dict[str, str],
 def _pruned_by_dvc(line: str) -> bool:
     """DVC's 'ERROR: failed to reproduce' for a training the pruner stopped: no failure, so not in the log (the
     stage's own line says it was pruned, the flow's that the trial is)."""
-    found = pipeline.DVC_STAGE_EXIT.match(line)
-    return found is not None and int(found.group(1)) == PRUNED_EXIT
+    return pipeline.stage_status([line], 0) == PRUNED_EXIT
 
 
 def copy_paths(project: Path, overrides: dict[str, Any]) -> list[str]:

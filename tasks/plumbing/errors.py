@@ -34,15 +34,17 @@ def interrupted_exit(signum: int) -> int:
 
 
 class PipelineError(Exception):
-    """A problem the user can fix; its message is the one line they see."""
+    """A problem the user can fix; its message is the one line they see, after its label."""
 
     exit_status = BAD_INPUT_EXIT
+    label = "error: "
 
 
 class TrialPruned(PipelineError):
     """The sweep's pruner stopped this trial's training: its validation loss trailed the other trials' at a step."""
 
     exit_status = PRUNED_EXIT
+    label = ""  # the sweep at work, no fault
 
 
 class Stopped(BaseException):
@@ -83,8 +85,7 @@ def report_error(exc: BaseException) -> int:
     if os.environ.get(DEBUG_ENV) == "1":
         traceback.print_exception(exc)
     if isinstance(exc, PipelineError):
-        label = "" if isinstance(exc, TrialPruned) else "error: "  # a pruned trial is the sweep at work, no fault
-        print(f"{label}{exc}", file=sys.stderr)
+        print(f"{exc.label}{exc}", file=sys.stderr)
         return exc.exit_status
     if disk_full(exc):  # outside atomic_output, e.g. a training checkpoint (skipped on resume when partial)
         print(

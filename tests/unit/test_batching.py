@@ -168,18 +168,27 @@ def test_a_stream_ends_quietly_when_ray_serve_says_its_caller_left_with_an_error
     import asyncio
 
     from ray.exceptions import TaskCancelledError
+    from starlette.responses import StreamingResponse
 
     from flows.completions import event_stream
 
     async def nothing():
         yield b""
 
+    heard = []
+
     async def cancelled():
+        heard.append("cancelled")
         raise TaskCancelledError()
 
     async def disconnect():
+        heard.append("disconnect")
         return {"type": "http.disconnect"}
 
     stream = event_stream()(nothing(), media_type="text/event-stream")
     for receive in (cancelled, disconnect):
-        asyncio.run(stream.listen_for_disconnect(receive))
+        assert asyncio.run(stream.listen_for_disconnect(receive)) is None  # ended, nothing raised
+    assert heard == ["cancelled", "disconnect"]
+    # Starlette's own response lets the error out: the traceback the log showed.
+    with pytest.raises(TaskCancelledError):
+        asyncio.run(StreamingResponse(nothing()).listen_for_disconnect(cancelled))
